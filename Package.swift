@@ -1,0 +1,36 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked", "-wmo"], .when(configuration: .release))]
+
+let package = Package(
+    name: "squeezetrain",
+    platforms: [.macOS(.v13)],
+    products: [
+        .executable(name: "squeezetrain", targets: ["squeezetrain"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+    ],
+    targets: [
+        // System libraries from Debian (installed by scripts/bootstrap).
+        .systemLibrary(name: "CDNNL", path: "Sources/CDNNL", providers: [.apt(["libdnnl-dev"])]),
+        .systemLibrary(name: "CZeroMQ", path: "Sources/CZeroMQ", pkgConfig: "libzmq", providers: [.apt(["libzmq3-dev"])]),
+
+        // Tensors, kernels (forward/backward pairs), layers, models, optimizer, safetensors.
+        .target(name: "SqueezeEngine", dependencies: ["CDNNL"], swiftSettings: optimize),
+        // CIFAR-10 reader, augmentation, sharded sampler.
+        .target(name: "SqueezeData", swiftSettings: optimize),
+
+        .executableTarget(
+            name: "squeezetrain",
+            dependencies: [
+                "SqueezeEngine", "SqueezeData",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ],
+            swiftSettings: optimize),
+
+        .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
+        .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
+    ]
+)

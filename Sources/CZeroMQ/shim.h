@@ -1,0 +1,2 @@
+// ZeroMQ 4.3 (libzmq3-dev).
+#include <zmq.h>
