@@ -1,7 +1,10 @@
 /// A small, fast, seedable generator (xoshiro256**, seeded through SplitMix64) whose whole state
 /// is four words, so checkpoints can save and restore it exactly.
-public struct SeededRNG: RandomNumberGenerator, Sendable, Equatable, Codable {
-    public var state: [UInt64]
+public struct SeededRNG: RandomNumberGenerator, Sendable, Equatable {
+    private var s0: UInt64, s1: UInt64, s2: UInt64, s3: UInt64
+
+    /// The whole state, four words (for checkpoints).
+    public var state: [UInt64] { [s0, s1, s2, s3] }
 
     public init(seed: UInt64) {
         var z = seed
@@ -13,13 +16,13 @@ public struct SeededRNG: RandomNumberGenerator, Sendable, Equatable, Codable {
             x = (x ^ (x >> 27)) &* 0x94D0_49BB_1331_11EB
             words.append(x ^ (x >> 31))
         }
-        state = words
+        (s0, s1, s2, s3) = (words[0], words[1], words[2], words[3])
     }
 
     /// Restores a generator from a saved `state` (four words).
     public init(state: [UInt64]) {
         precondition(state.count == 4, "SeededRNG state has four words")
-        self.state = state
+        (s0, s1, s2, s3) = (state[0], state[1], state[2], state[3])
     }
 
     /// An independent stream for a purpose and rank (e.g. dropout on rank 3), derived from one seed.
@@ -29,14 +32,14 @@ public struct SeededRNG: RandomNumberGenerator, Sendable, Equatable, Codable {
 
     @inline(__always)
     public mutating func next() -> UInt64 {
-        let result = rotl(state[1] &* 5, 7) &* 9
-        let t = state[1] << 17
-        state[2] ^= state[0]
-        state[3] ^= state[1]
-        state[1] ^= state[2]
-        state[0] ^= state[3]
-        state[2] ^= t
-        state[3] = rotl(state[3], 45)
+        let result = rotl(s1 &* 5, 7) &* 9
+        let t = s1 << 17
+        s2 ^= s0
+        s3 ^= s1
+        s1 ^= s2
+        s0 ^= s3
+        s2 ^= t
+        s3 = rotl(s3, 45)
         return result
     }
 
