@@ -1,0 +1,166 @@
+import CDNNL
+
+/// Compute threads for oneDNN's GEMM (OpenMP). Call before training; 1 by default in our tools.
+public enum ComputeThreads {
+    public static func set(_ n: Int) { omp_set_num_threads(Int32(max(1, n))) }
+    public static var current: Int { Int(omp_get_max_threads()) }
+}
+
+/// Row-major single-precision GEMM through oneDNN:
+/// C (m×n) = alpha · op(A) (m×k) · op(B) (k×n) + beta · C.
+@inline(__always)
+func gemm(transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int,
+          alpha: Float = 1, a: UnsafePointer<Float>, lda: Int,
+          b: UnsafePointer<Float>, ldb: Int,
+          beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+    let status = dnnl_sgemm(transA ? 84 : 78, transB ? 84 : 78, Int64(m), Int64(n), Int64(k),
+                            alpha, a, Int64(lda), b, Int64(ldb), beta, c, Int64(ldc))
+    precondition(status == dnnl_success, "dnnl_sgemm failed with status \(status.rawValue) (m \(m) n \(n) k \(k))")
+}
+
+/// Fast kernels on channel-major data. Each has a plain reference in `Reference` that tests compare against.
+enum Kernels {
+    /// Output size of a convolution or (ceil-mode, PyTorch rule) pooling window along one axis.
+    static func outputSize(_ input: Int, kernel: Int, stride: Int, padding: Int, ceilMode: Bool = false) -> Int {
+        let span = input + 2 * padding - kernel
+        precondition(span >= 0, "window \(kernel) larger than padded input \(input + 2 * padding)")
+        var out = (ceilMode ? (span + stride - 1) / stride : span / stride) + 1
+        // PyTorch: the last window must start inside the input or the left padding.
+        if ceilMode && (out - 1) * stride >= input + padding { out -= 1 }
+        return out
+    }
+
+    /// im2col: x (Cin, N, H, W) → col (Cin·k·k, N·Ho·Wo), row (ci·k + i)·k + j holding
+    /// x[ci][n][oh·s + i − p][ow·s + j − p] (0 outside the image).
+    static func im2col(_ x: Tensor, kernel k: Int, stride s: Int, padding p: Int, ho: Int, wo: Int,
+                       col: UnsafeMutablePointer<Float>) {
+        let (cin, n, h, w) = (x.shape.c, x.shape.n, x.shape.h, x.shape.w)
+        let cols = n * ho * wo
+        for ci in 0..<cin {
+            for i in 0..<k {
+                for j in 0..<k {
+                    var dst = col + ((ci * k + i) * k + j) * cols
+                    // valid ow range: 0 ≤ ow·s + j − p < w
+                    let owLo = j >= p ? 0 : (p - j + s - 1) / s
+                    let owHi = min(wo, (w - 1 + p - j) / s + 1)  // exclusive
+                    for b in 0..<n {
+                        let plane = x.data + (ci * n + b) * h * w
+                        for oh in 0..<ho {
+                            let ih = oh * s + i - p
+                            if ih < 0 || ih >= h || owHi <= owLo {
+                                dst.update(repeating: 0, count: wo)
+                            } else {
+                                let row = plane + ih * w + (j - p)
+                                if owLo > 0 { dst.update(repeating: 0, count: owLo) }
+                                if s == 1 {
+                                    (dst + owLo).update(from: row + owLo, count: owHi - owLo)
+                                } else {
+                                    for ow in owLo..<owHi { dst[ow] = row[ow * s] }
+                                }
+                                if owHi < wo { (dst + owHi).update(repeating: 0, count: wo - owHi) }
+                            }
+                            dst += wo
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// col2im: the adjoint of `im2col`; adds col (Cin·k·k, N·Ho·Wo) into dx (Cin, N, H, W).
+    static func col2im(_ col: UnsafePointer<Float>, kernel k: Int, stride s: Int, padding p: Int, ho: Int, wo: Int,
+                       into dx: Tensor) {
+        let (cin, n, h, w) = (dx.shape.c, dx.shape.n, dx.shape.h, dx.shape.w)
+        let cols = n * ho * wo
+        for ci in 0..<cin {
+            for i in 0..<k {
+                for j in 0..<k {
+                    var src = col + ((ci * k + i) * k + j) * cols
+                    let owLo = j >= p ? 0 : (p - j + s - 1) / s
+                    let owHi = min(wo, (w - 1 + p - j) / s + 1)
+                    for b in 0..<n {
+                        let plane = dx.data + (ci * n + b) * h * w
+                        for oh in 0..<ho {
+                            let ih = oh * s + i - p
+                            if ih >= 0 && ih < h && owLo < owHi {
+                                let row = plane + ih * w + (j - p)
+                                if s == 1 {
+                                    for ow in owLo..<owHi { row[ow] += src[ow] }
+                                } else {
+                                    for ow in owLo..<owHi { row[ow * s] += src[ow] }
+                                }
+                            }
+                            src += wo
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// y[c][·] = max(0, y[c][·] + bias[c]) (or without the ReLU), in place, rows of length `columns`.
+    static func addBias(_ y: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>, rows: Int, columns: Int, relu: Bool) {
+        for r in 0..<rows {
+            let row = y + r * columns
+            let b = bias[r]
+            if relu {
+                for i in 0..<columns { row[i] = max(row[i] + b, 0) }
+            } else {
+                for i in 0..<columns { row[i] += b }
+            }
+        }
+    }
+
+    /// ReLU backward fused with the bias gradient: dy ← dy · [y > 0] (when `relu`), db[r] = Σ dy[r][·].
+    static func reluBackwardBiasGrad(_ dy: UnsafeMutablePointer<Float>, y: UnsafePointer<Float>, rows: Int, columns: Int,
+                                     relu: Bool, biasGrad: UnsafeMutablePointer<Float>) {
+        for r in 0..<rows {
+            let g = dy + r * columns, o = y + r * columns
+            var sum: Float = 0
+            if relu {
+                for i in 0..<columns {
+                    let v = o[i] > 0 ? g[i] : 0
+                    g[i] = v
+                    sum += v
+                }
+            } else {
+                for i in 0..<columns { sum += g[i] }
+            }
+            biasGrad[r] = sum
+        }
+    }
+
+    /// Max pooling over each (c, n) plane; `argmax` records the winning offset within the input plane.
+    static func maxPoolForward(_ x: Tensor, kernel k: Int, stride s: Int, ho: Int, wo: Int,
+                               y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>) {
+        let (h, w) = (x.shape.h, x.shape.w)
+        let planes = x.shape.c * x.shape.n
+        for pl in 0..<planes {
+            let src = x.data + pl * h * w
+            let dst = y + pl * ho * wo, idx = argmax + pl * ho * wo
+            for oh in 0..<ho {
+                let h0 = oh * s, h1 = min(h0 + k, h)
+                for ow in 0..<wo {
+                    let w0 = ow * s, w1 = min(w0 + k, w)
+                    var best = -Float.infinity, at = h0 * w + w0
+                    for ih in h0..<h1 {
+                        for iw in w0..<w1 where src[ih * w + iw] > best || src[ih * w + iw].isNaN {
+                            best = src[ih * w + iw]; at = ih * w + iw
+                        }
+                    }
+                    dst[oh * wo + ow] = best
+                    idx[oh * wo + ow] = Int32(at)
+                }
+            }
+        }
+    }
+
+    static func maxPoolBackward(_ dy: UnsafePointer<Float>, argmax: UnsafePointer<Int32>, planes: Int, outPlane: Int,
+                                dx: UnsafeMutablePointer<Float>, inPlane: Int) {
+        dx.update(repeating: 0, count: planes * inPlane)
+        for pl in 0..<planes {
+            let g = dy + pl * outPlane, idx = argmax + pl * outPlane, d = dx + pl * inPlane
+            for o in 0..<outPlane { d[Int(idx[o])] += g[o] }
+        }
+    }
+}

@@ -1,0 +1,375 @@
+/// A layer: a forward/backward pair over channel-major tensors (see `Shape`).
+///
+/// Layers own their outputs and input gradients (workspaces reused across steps) and keep what the
+/// backward pass needs from the last forward pass. Parameters are views into the network's
+/// `ParameterStore`, bound once.
+public protocol Layer: AnyObject {
+    var name: String { get }
+    /// Trained parameters, in state_dict order, with PyTorch shapes.
+    var parameterSpecs: [ParameterSpec] { get }
+    /// Non-trained state saved with the weights (BatchNorm running statistics).
+    var bufferSpecs: [ParameterSpec] { get }
+    func bind(parameters: ParameterStore, buffers: ParameterStore)
+    func outputShape(_ input: Shape) -> Shape
+    func forward(_ x: Tensor, training: Bool) -> Tensor
+    /// Writes this layer's parameter gradients (overwriting) and returns the input gradient when asked.
+    /// May modify `dy` in place.
+    func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor?
+}
+
+extension Layer {
+    public var parameterSpecs: [ParameterSpec] { [] }
+    public var bufferSpecs: [ParameterSpec] { [] }
+    public func bind(parameters: ParameterStore, buffers: ParameterStore) {}
+}
+
+/// Scratch memory shared by all layers of a network for values that live only inside one call.
+final class Workspace {
+    let scratch = FloatBuffer()
+}
+
+/// Conv2d, optionally followed by BatchNorm2d, optionally followed by ReLU (fused).
+///
+/// Forward: col = im2col(x) (Cin·k·k, N·Ho·Wo) — skipped for 1×1/stride 1/pad 0, where col is x itself;
+/// z = W (Cout, Cin·k·k) · col + b; y = relu(bn(z)).
+/// Backward: dz = dy ⊙ [y > 0] (through BN when present); db = Σ_cols dz; dW = dz · colᵀ;
+/// dx = col2im(Wᵀ · dz).
+public final class Conv2d: Layer {
+    public let name: String
+    public let cin: Int, cout: Int, kernel: Int, stride: Int, padding: Int
+    public let relu: Bool
+    let bn: BatchNorm?
+    private let workspace: Workspace
+    private var w: UnsafeMutablePointer<Float>!, b: UnsafeMutablePointer<Float>!
+    private var dw: UnsafeMutablePointer<Float>!, db: UnsafeMutablePointer<Float>!
+    private let col = FloatBuffer()
+    private let pre = FloatBuffer()  // z, kept for BatchNorm's backward
+    private let out = Slot(), dxSlot = Slot()
+    private var x: Tensor?, y: Tensor?
+
+    init(name: String, cin: Int, cout: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
+         relu: Bool, batchNorm: Bool, workspace: Workspace) {
+        self.name = name
+        (self.cin, self.cout, self.kernel, self.stride, self.padding) = (cin, cout, kernel, stride, padding)
+        self.relu = relu
+        self.bn = batchNorm ? BatchNorm(name: name + "_bn", channels: cout) : nil
+        self.workspace = workspace
+    }
+
+    var isPointwise: Bool { kernel == 1 && stride == 1 && padding == 0 }
+    var weightSpec: ParameterSpec { ParameterSpec(name: name + ".weight", shape: [cout, cin, kernel, kernel]) }
+    public var parameterSpecs: [ParameterSpec] {
+        [weightSpec, ParameterSpec(name: name + ".bias", shape: [cout])] + (bn?.parameterSpecs ?? [])
+    }
+    public var bufferSpecs: [ParameterSpec] { bn?.bufferSpecs ?? [] }
+
+    public func bind(parameters: ParameterStore, buffers: ParameterStore) {
+        w = parameters.value(name + ".weight"); dw = parameters.gradient(name + ".weight")
+        b = parameters.value(name + ".bias"); db = parameters.gradient(name + ".bias")
+        bn?.bind(parameters: parameters, buffers: buffers)
+    }
+
+    public func outputShape(_ s: Shape) -> Shape {
+        precondition(s.c == cin, "\(name): expected \(cin) input channels, got \(s.c)")
+        return Shape(c: cout, n: s.n,
+                     h: Kernels.outputSize(s.h, kernel: kernel, stride: stride, padding: padding),
+                     w: Kernels.outputSize(s.w, kernel: kernel, stride: stride, padding: padding))
+    }
+
+    public func forward(_ x: Tensor, training: Bool) -> Tensor {
+        forward(x, into: out.tensor(outputShape(x.shape)).data, training: training)
+    }
+
+    /// Writes y into `destination` (room for the output shape), e.g. a channel range of a concatenation.
+    @discardableResult
+    func forward(_ x: Tensor, into destination: UnsafeMutablePointer<Float>, training: Bool) -> Tensor {
+        let ys = outputShape(x.shape)
+        let cols = ys.columns, depth = cin * kernel * kernel
+        var source = UnsafePointer(x.data)
+        if !isPointwise {
+            let c = col.reserve(depth * cols)
+            Kernels.im2col(x, kernel: kernel, stride: stride, padding: padding, ho: ys.h, wo: ys.w, col: c)
+            source = UnsafePointer(c)
+        }
+        let z = bn == nil ? destination : pre.reserve(cout * cols)
+        gemm(m: cout, n: cols, k: depth, a: w, lda: depth, b: source, ldb: cols, beta: 0, c: z, ldc: cols)
+        if let bn {
+            Kernels.addBias(z, bias: b, rows: cout, columns: cols, relu: false)
+            bn.forward(z, into: destination, columns: cols, training: training, relu: relu)
+        } else {
+            Kernels.addBias(z, bias: b, rows: cout, columns: cols, relu: relu)
+        }
+        self.x = x
+        let y = Tensor(data: destination, shape: ys)
+        self.y = y
+        return y
+    }
+
+    public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
+        guard let x else { preconditionFailure("\(name): backward before forward") }
+        let dx = needInputGradient ? dxSlot.tensor(x.shape) : nil
+        backward(dy, into: dx, accumulate: false)
+        return dx
+    }
+
+    /// Input gradient written into `dx` (or added to it when `accumulate`), if given.
+    func backward(_ dy: Tensor, into dx: Tensor?, accumulate: Bool) {
+        guard let x, let y else { preconditionFailure("\(name): backward before forward") }
+        let cols = y.shape.columns, depth = cin * kernel * kernel
+        if let bn {
+            Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: relu, biasGrad: db)
+            bn.backward(dy.data, z: pre.pointer, columns: cols)  // dy ← dz
+            Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: false, biasGrad: db)
+        } else {
+            Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: relu, biasGrad: db)
+        }
+        let source = isPointwise ? UnsafePointer(x.data) : UnsafePointer(col.pointer)
+        gemm(transB: true, m: cout, n: depth, k: cols, a: dy.data, lda: cols, b: source, ldb: cols,
+             beta: 0, c: dw, ldc: depth)
+        guard let dx else { return }
+        if isPointwise {
+            gemm(transA: true, m: cin, n: cols, k: cout, a: w, lda: depth, b: dy.data, ldb: cols,
+                 beta: accumulate ? 1 : 0, c: dx.data, ldc: cols)
+        } else {
+            let dcol = workspace.scratch.reserve(depth * cols)
+            gemm(transA: true, m: depth, n: cols, k: cout, a: w, lda: depth, b: dy.data, ldb: cols,
+                 beta: 0, c: dcol, ldc: cols)
+            if !accumulate { dx.data.update(repeating: 0, count: dx.shape.count) }
+            Kernels.col2im(dcol, kernel: kernel, stride: stride, padding: padding, ho: y.shape.h, wo: y.shape.w, into: dx)
+        }
+    }
+}
+
+/// BatchNorm2d over each channel row of a channel-major tensor (statistics over N·H·W), then ReLU.
+/// Train: y = γ·(z − μ)/√(σ² + ε) + β with batch statistics (σ² biased); running statistics move by
+/// `momentum` (running variance uses the unbiased σ²), as PyTorch. Eval: running statistics.
+final class BatchNorm {
+    let name: String, channels: Int
+    let eps: Float = 1e-5, momentum: Float = 0.1
+    private var gamma: UnsafeMutablePointer<Float>!, beta: UnsafeMutablePointer<Float>!
+    private var dgamma: UnsafeMutablePointer<Float>!, dbeta: UnsafeMutablePointer<Float>!
+    private var runningMean: UnsafeMutablePointer<Float>!, runningVar: UnsafeMutablePointer<Float>!
+    private var mean = [Float](), invStd = [Float]()
+
+    init(name: String, channels: Int) { self.name = name; self.channels = channels }
+
+    var parameterSpecs: [ParameterSpec] {
+        [ParameterSpec(name: name + ".weight", shape: [channels]), ParameterSpec(name: name + ".bias", shape: [channels])]
+    }
+    var bufferSpecs: [ParameterSpec] {
+        [ParameterSpec(name: name + ".running_mean", shape: [channels]), ParameterSpec(name: name + ".running_var", shape: [channels])]
+    }
+
+    func bind(parameters: ParameterStore, buffers: ParameterStore) {
+        gamma = parameters.value(name + ".weight"); dgamma = parameters.gradient(name + ".weight")
+        beta = parameters.value(name + ".bias"); dbeta = parameters.gradient(name + ".bias")
+        runningMean = buffers.value(name + ".running_mean"); runningVar = buffers.value(name + ".running_var")
+    }
+
+    func forward(_ z: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, columns m: Int, training: Bool, relu: Bool) {
+        mean = [Float](repeating: 0, count: channels); invStd = mean
+        for c in 0..<channels {
+            let row = z + c * m
+            var mu: Float, variance: Float
+            if training {
+                var s: Double = 0
+                for i in 0..<m { s += Double(row[i]) }
+                mu = Float(s / Double(m))
+                var q: Double = 0
+                for i in 0..<m { let d = Double(row[i] - mu); q += d * d }
+                variance = Float(q / Double(m))
+                runningMean[c] = (1 - momentum) * runningMean[c] + momentum * mu
+                runningVar[c] = (1 - momentum) * runningVar[c] + momentum * Float(q / Double(max(m - 1, 1)))
+            } else {
+                mu = runningMean[c]; variance = runningVar[c]
+            }
+            let inv = 1 / (variance + eps).squareRoot()
+            mean[c] = mu; invStd[c] = inv
+            let scale = gamma[c] * inv, shift = beta[c] - mu * scale
+            let out = y + c * m
+            if relu {
+                for i in 0..<m { out[i] = max(row[i] * scale + shift, 0) }
+            } else {
+                for i in 0..<m { out[i] = row[i] * scale + shift }
+            }
+        }
+    }
+
+    /// g holds dL/dy (after the ReLU mask) and is overwritten with dL/dz (training-mode statistics).
+    func backward(_ g: UnsafeMutablePointer<Float>, z: UnsafePointer<Float>, columns m: Int) {
+        for c in 0..<channels {
+            let row = g + c * m, zr = z + c * m
+            let mu = mean[c], inv = invStd[c]
+            var sumG: Float = 0, sumGX: Float = 0
+            for i in 0..<m { sumG += row[i]; sumGX += row[i] * (zr[i] - mu) * inv }
+            dbeta[c] = sumG; dgamma[c] = sumGX
+            let k = gamma[c] * inv / Float(m)
+            for i in 0..<m {
+                let xhat = (zr[i] - mu) * inv
+                row[i] = k * (Float(m) * row[i] - sumG - xhat * sumGX)
+            }
+        }
+    }
+}
+
+/// Fire module (SqueezeNet): squeeze 1×1 conv + ReLU, then expand 1×1 and expand 3×3 (pad 1), each
+/// + ReLU, concatenated along channels: y = [relu(e1(s)); relu(e3(s))], s = relu(squeeze(x)).
+/// With a simple bypass (the paper's Table 3), y += x.
+/// The expands write straight into their channel ranges of y, so the concat costs nothing.
+public final class Fire: Layer {
+    public let name: String
+    let squeeze: Conv2d, expand1x1: Conv2d, expand3x3: Conv2d
+    let bypass: Bool
+    private let sOut = Slot(), out = Slot(), sum = Slot(), dS = Slot(), dX = Slot()
+
+    init(name: String, input: Int, squeeze s: Int, expand1x1 e1: Int, expand3x3 e3: Int,
+         bypass: Bool, batchNorm: Bool, workspace: Workspace) {
+        self.name = name
+        squeeze = Conv2d(name: name + ".squeeze", cin: input, cout: s, kernel: 1, relu: true, batchNorm: batchNorm, workspace: workspace)
+        expand1x1 = Conv2d(name: name + ".expand1x1", cin: s, cout: e1, kernel: 1, relu: true, batchNorm: batchNorm, workspace: workspace)
+        expand3x3 = Conv2d(name: name + ".expand3x3", cin: s, cout: e3, kernel: 3, padding: 1, relu: true, batchNorm: batchNorm, workspace: workspace)
+        precondition(!bypass || input == e1 + e3, "\(name): a simple bypass needs input channels == output channels")
+        self.bypass = bypass
+    }
+
+    var outputChannels: Int { expand1x1.cout + expand3x3.cout }
+    public var parameterSpecs: [ParameterSpec] { squeeze.parameterSpecs + expand1x1.parameterSpecs + expand3x3.parameterSpecs }
+    public var bufferSpecs: [ParameterSpec] { squeeze.bufferSpecs + expand1x1.bufferSpecs + expand3x3.bufferSpecs }
+    public func bind(parameters: ParameterStore, buffers: ParameterStore) {
+        for c in [squeeze, expand1x1, expand3x3] { c.bind(parameters: parameters, buffers: buffers) }
+    }
+    public func outputShape(_ s: Shape) -> Shape { Shape(c: outputChannels, n: s.n, h: s.h, w: s.w) }
+
+    public func forward(_ x: Tensor, training: Bool) -> Tensor {
+        let s = squeeze.forward(x, into: sOut.tensor(squeeze.outputShape(x.shape)).data, training: training)
+        let y = out.tensor(outputShape(x.shape))
+        expand1x1.forward(s, into: y.data, training: training)
+        expand3x3.forward(s, into: y.channel(expand1x1.cout), training: training)
+        guard bypass else { return y }
+        // A separate buffer: the expands' ReLU masks in backward need their own outputs.
+        let total = sum.tensor(y.shape)
+        for i in 0..<y.shape.count { total.data[i] = y.data[i] + x.data[i] }
+        return total
+    }
+
+    public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
+        let inShape = Shape(c: squeeze.cin, n: dy.shape.n, h: dy.shape.h, w: dy.shape.w)
+        let dx = needInputGradient ? dX.tensor(inShape) : nil
+        if let dx, bypass { dx.data.update(from: dy.data, count: dy.shape.count) }  // before the masks below
+        let ds = dS.tensor(Shape(c: squeeze.cout, n: dy.shape.n, h: dy.shape.h, w: dy.shape.w))
+        var dy1 = dy; dy1.shape.c = expand1x1.cout
+        var dy3 = Tensor(data: dy.channel(expand1x1.cout), shape: dy.shape); dy3.shape.c = expand3x3.cout
+        expand1x1.backward(dy1, into: ds, accumulate: false)
+        expand3x3.backward(dy3, into: ds, accumulate: true)
+        squeeze.backward(ds, into: dx, accumulate: bypass)
+        return dx
+    }
+}
+
+/// MaxPool2d with PyTorch's ceil_mode=True output size and window clipping (no padding).
+public final class MaxPool: Layer {
+    public let name: String
+    let kernel: Int, stride: Int
+    private let out = Slot(), dX = Slot()
+    private var argmax = [Int32]()
+    private var inShape: Shape?
+
+    init(name: String, kernel: Int = 3, stride: Int = 2) { self.name = name; self.kernel = kernel; self.stride = stride }
+
+    public func outputShape(_ s: Shape) -> Shape {
+        Shape(c: s.c, n: s.n, h: Kernels.outputSize(s.h, kernel: kernel, stride: stride, padding: 0, ceilMode: true),
+              w: Kernels.outputSize(s.w, kernel: kernel, stride: stride, padding: 0, ceilMode: true))
+    }
+
+    public func forward(_ x: Tensor, training: Bool) -> Tensor {
+        let ys = outputShape(x.shape)
+        let y = out.tensor(ys)
+        if argmax.count < ys.count { argmax = [Int32](repeating: 0, count: ys.count) }
+        argmax.withUnsafeMutableBufferPointer {
+            Kernels.maxPoolForward(x, kernel: kernel, stride: stride, ho: ys.h, wo: ys.w, y: y.data, argmax: $0.baseAddress!)
+        }
+        inShape = x.shape
+        return y
+    }
+
+    public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
+        guard needInputGradient, let inShape else { return nil }
+        let dx = dX.tensor(inShape)
+        argmax.withUnsafeBufferPointer {
+            Kernels.maxPoolBackward(dy.data, argmax: $0.baseAddress!, planes: inShape.c * inShape.n,
+                                    outPlane: dy.shape.plane, dx: dx.data, inPlane: inShape.plane)
+        }
+        return dx
+    }
+}
+
+/// Dropout (inverted): in training y = x · m with m = 1/(1−p) with probability 1−p, else 0; identity in eval.
+/// Works in place on its input. The mask comes from the layer's own seeded generator (`rng`, checkpointed).
+public final class Dropout: Layer {
+    public let name: String
+    public let p: Float
+    public var rng: SeededRNG
+    private let mask = FloatBuffer()
+    private var active = false
+
+    init(name: String, p: Float, rng: SeededRNG) { self.name = name; self.p = p; self.rng = rng }
+
+    public func outputShape(_ s: Shape) -> Shape { s }
+
+    public func forward(_ x: Tensor, training: Bool) -> Tensor {
+        active = training && p > 0
+        guard active else { return x }
+        let n = x.shape.count
+        let m = mask.reserve(n)
+        let scale = 1 / (1 - p)
+        for i in 0..<n {
+            let keep = rng.uniformFloat() >= p
+            m[i] = keep ? scale : 0
+            x.data[i] *= m[i]
+        }
+        return x
+    }
+
+    public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
+        guard needInputGradient else { return nil }
+        if active {
+            let m = mask.pointer
+            for i in 0..<dy.shape.count { dy.data[i] *= m[i] }
+        }
+        return dy
+    }
+}
+
+/// Global average pooling: y[c][n] = mean over the H×W plane of x[c][n]. Output (C, N, 1, 1).
+public final class GlobalAvgPool: Layer {
+    public let name: String
+    private let out = Slot(), dX = Slot()
+    private var inShape: Shape?
+
+    init(name: String) { self.name = name }
+
+    public func outputShape(_ s: Shape) -> Shape { Shape(c: s.c, n: s.n, h: 1, w: 1) }
+
+    public func forward(_ x: Tensor, training: Bool) -> Tensor {
+        let y = out.tensor(outputShape(x.shape))
+        let plane = x.shape.plane
+        for i in 0..<(x.shape.c * x.shape.n) {
+            var s: Float = 0
+            let src = x.data + i * plane
+            for j in 0..<plane { s += src[j] }
+            y.data[i] = s / Float(plane)
+        }
+        inShape = x.shape
+        return y
+    }
+
+    public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
+        guard needInputGradient, let inShape else { return nil }
+        let dx = dX.tensor(inShape)
+        let plane = inShape.plane
+        for i in 0..<(inShape.c * inShape.n) {
+            (dx.data + i * plane).update(repeating: dy.data[i] / Float(plane), count: plane)
+        }
+        return dx
+    }
+}

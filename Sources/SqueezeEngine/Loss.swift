@@ -1,0 +1,30 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Mean softmax cross-entropy over a batch. `logits` is (K, N) channel-major: logits[k][n] at k·N + n.
+/// Returns the loss, the number of correct argmax predictions, and writes
+/// dL/dlogits[k][n] = (softmax[k][n] − [k = label n]) / N into `gradient` when given.
+public func softmaxCrossEntropy(logits: UnsafePointer<Float>, classes k: Int, batch n: Int, labels: [Int32],
+                                gradient: UnsafeMutablePointer<Float>?) -> (loss: Float, correct: Int) {
+    precondition(labels.count == n, "\(labels.count) labels for a batch of \(n)")
+    var total: Double = 0
+    var correct = 0
+    for j in 0..<n {
+        var top: Float = -.infinity, arg = 0
+        for c in 0..<k where logits[c * n + j] > top { top = logits[c * n + j]; arg = c }
+        var sum: Double = 0
+        for c in 0..<k { sum += exp(Double(logits[c * n + j] - top)) }
+        let label = Int(labels[j])
+        precondition(label >= 0 && label < k, "label \(label) out of range 0..<\(k)")
+        total += log(sum) - Double(logits[label * n + j] - top)
+        if arg == label { correct += 1 }
+        if let gradient {
+            for c in 0..<k {
+                let p = exp(Double(logits[c * n + j] - top)) / sum
+                gradient[c * n + j] = Float((p - (c == label ? 1 : 0)) / Double(n))
+            }
+        }
+    }
+    return (Float(total / Double(n)), correct)
+}

@@ -1,0 +1,94 @@
+/// A model: an ordered list of layers whose parameters live in one `ParameterStore`.
+public final class Network {
+    public let config: ModelConfig
+    public let layers: [any Layer]
+    public let parameters: ParameterStore
+    /// Non-trained state (BatchNorm running statistics), saved with the weights.
+    public let buffers: ParameterStore
+    /// The flat range of `parameters` owned by each layer (contiguous, in layer order).
+    public let layerRanges: [Range<Int>]
+    private let workspace = Workspace()
+    private let lossGradient = Slot()
+
+    /// Builds the model and initialises it as torchvision does: kaiming-uniform convolutions
+    /// (bound √(6 / fan_in)), normal(0, 0.01) for the final classifier convolution, zero biases;
+    /// BatchNorm γ = 1, β = 0, running mean 0, variance 1. `seed` makes it reproducible.
+    public init(config: ModelConfig, seed: UInt64 = 0) {
+        self.config = config
+        layers = Network.squeezeNetLayers(config, workspace: workspace, dropoutRNG: SeededRNG(seed: seed, stream: 0xD0))
+        parameters = ParameterStore(layers.flatMap(\.parameterSpecs))
+        buffers = ParameterStore(layers.flatMap(\.bufferSpecs))
+        var ranges = [Range<Int>](), offset = 0
+        for layer in layers {
+            let n = layer.parameterSpecs.reduce(0) { $0 + $1.count }
+            ranges.append(offset..<(offset + n))
+            offset += n
+        }
+        layerRanges = ranges
+        for layer in layers { layer.bind(parameters: parameters, buffers: buffers) }
+        initialize(seed: seed)
+    }
+
+    public func initialize(seed: UInt64) {
+        var rng = SeededRNG(seed: seed, stream: 0x1417)
+        for spec in parameters.specs {
+            let p = parameters.values.pointer + spec.offset
+            if spec.shape.count == 4 {
+                let fanIn = spec.shape[1] * spec.shape[2] * spec.shape[3]
+                if spec.name == "classifier.1.weight" {
+                    for i in 0..<spec.count { p[i] = 0.01 * rng.normal() }
+                } else {
+                    let bound = Float((6.0 / Double(fanIn)).squareRoot())
+                    for i in 0..<spec.count { p[i] = rng.uniform(-bound, bound) }
+                }
+            } else {
+                let one = spec.name.hasSuffix("_bn.weight")
+                p.update(repeating: one ? 1 : 0, count: spec.count)
+            }
+        }
+        for spec in buffers.specs {
+            (buffers.values.pointer + spec.offset).update(repeating: spec.name.hasSuffix("running_var") ? 1 : 0, count: spec.count)
+        }
+    }
+
+    public var dropout: Dropout? { layers.lazy.compactMap { $0 as? Dropout }.first }
+
+    public func outputShape(batch: Int, height: Int, width: Int) -> Shape {
+        layers.reduce(Shape(c: 3, n: batch, h: height, w: width)) { $1.outputShape($0) }
+    }
+
+    /// x is (3, N, H, W) channel-major. Returns the logits as (classes, N, 1, 1). The input is not modified.
+    public func forward(_ x: Tensor, training: Bool) -> Tensor {
+        layers.reduce(x) { $1.forward($0, training: training) }
+    }
+
+    /// Backward from dL/dlogits (modified in place). Parameter gradients are overwritten.
+    /// `gradientsReady` is called with each layer's flat parameter range as soon as its gradients
+    /// are final, in reverse layer order (for overlapping the all-reduce with the rest of backward).
+    public func backward(_ dLogits: Tensor, gradientsReady: ((Range<Int>) -> Void)? = nil) {
+        var g: Tensor? = dLogits
+        for i in layers.indices.reversed() {
+            g = layers[i].backward(g!, needInputGradient: i > 0)
+            if let gradientsReady, !layerRanges[i].isEmpty { gradientsReady(layerRanges[i]) }
+        }
+    }
+
+    /// Forward, mean softmax cross-entropy and backward in one call (training mode).
+    public func forwardBackward(_ x: Tensor, labels: [Int32], gradientsReady: ((Range<Int>) -> Void)? = nil)
+        -> (loss: Float, correct: Int) {
+        let logits = forward(x, training: true)
+        let dl = lossGradient.tensor(logits.shape)
+        let result = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: logits.shape.n,
+                                         labels: labels, gradient: dl.data)
+        backward(dl, gradientsReady: gradientsReady)
+        return result
+    }
+
+    /// Loss and correct count in eval mode (no gradients).
+    public func evaluate(_ x: Tensor, labels: [Int32]) -> (loss: Float, correct: Int, logits: [Float]) {
+        let logits = forward(x, training: false)
+        let r = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: logits.shape.n,
+                                    labels: labels, gradient: nil)
+        return (r.loss, r.correct, Array(UnsafeBufferPointer(start: logits.data, count: logits.shape.count)))
+    }
+}

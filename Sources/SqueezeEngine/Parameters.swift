@@ -1,0 +1,48 @@
+/// One named tensor inside a flat parameter buffer. `shape` is PyTorch's (e.g. [Cout, Cin, kh, kw]).
+public struct ParameterSpec: Equatable, Sendable {
+    public var name: String
+    public var shape: [Int]
+    public var offset: Int
+    public var count: Int { shape.reduce(1, *) }
+    public var range: Range<Int> { offset..<(offset + count) }
+    public init(name: String, shape: [Int], offset: Int = 0) { self.name = name; self.shape = shape; self.offset = offset }
+}
+
+/// All parameters of a model in ONE contiguous buffer and their gradients in another, with named views
+/// in state_dict order. An optimizer step is one loop over `values`/`gradients`; an all-reduce bucket
+/// is a slice of `gradients`; a checkpoint is a header plus these blobs.
+public final class ParameterStore: @unchecked Sendable {
+    public let specs: [ParameterSpec]
+    public let count: Int
+    public let values: FloatBuffer
+    public let gradients: FloatBuffer
+    private let index: [String: Int]
+
+    /// `specs` offsets are assigned here, in order.
+    public init(_ declared: [ParameterSpec]) {
+        var offset = 0
+        var specs = [ParameterSpec]()
+        for var s in declared {
+            s.offset = offset
+            offset += s.count
+            specs.append(s)
+        }
+        self.specs = specs
+        count = offset
+        values = FloatBuffer(count: offset)
+        gradients = FloatBuffer(count: offset)
+        index = Dictionary(uniqueKeysWithValues: specs.enumerated().map { ($1.name, $0) })
+    }
+
+    public func spec(_ name: String) -> ParameterSpec? { index[name].map { specs[$0] } }
+    public func value(_ name: String) -> UnsafeMutablePointer<Float> { values.pointer + specs[index[name]!].offset }
+    public func gradient(_ name: String) -> UnsafeMutablePointer<Float> { gradients.pointer + specs[index[name]!].offset }
+    public var valueBuffer: UnsafeMutableBufferPointer<Float> { UnsafeMutableBufferPointer(start: values.pointer, count: count) }
+    public var gradientBuffer: UnsafeMutableBufferPointer<Float> { UnsafeMutableBufferPointer(start: gradients.pointer, count: count) }
+    public func copyValues() -> [Float] { Array(UnsafeBufferPointer(valueBuffer)) }
+    public func copyGradients() -> [Float] { Array(UnsafeBufferPointer(gradientBuffer)) }
+    public func load(_ values: [Float]) {
+        precondition(values.count == count, "parameter count \(values.count) != \(count)")
+        values.withUnsafeBufferPointer { self.values.pointer.update(from: $0.baseAddress!, count: count) }
+    }
+}

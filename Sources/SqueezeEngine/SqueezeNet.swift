@@ -1,0 +1,79 @@
+/// The SqueezeNet family with torchvision's topology and state_dict names.
+public struct ModelConfig: Equatable, Sendable, Codable {
+    public enum Architecture: String, Sendable, Codable, CaseIterable { case squeezenet1_0, squeezenet1_1 }
+    /// `imagenet`: torchvision's conv1 (7×7/2, 96 channels for 1.0; 3×3/2, 64 channels for 1.1).
+    /// `cifar`: conv1 becomes 3×3, stride 1, padding 1 (same channels), for 32×32 inputs.
+    public enum Stem: String, Sendable, Codable, CaseIterable { case imagenet, cifar }
+    public enum Bypass: String, Sendable, Codable, CaseIterable { case none, simple }
+
+    /// The paper's Section 5 meta-parameters generating the Fire stack. Fire module i (0-based, 8 of them)
+    /// has e_i = baseE + incrE·⌊i / freq⌋ expand filters, of which pct3x3 are 3×3, and SR·e_i squeeze filters.
+    /// The defaults reproduce SqueezeNet 1.0 (and 1.1, which has the same Fire modules).
+    public struct FireMeta: Equatable, Sendable, Codable {
+        public var baseE = 128, incrE = 128, freq = 2
+        public var pct3x3: Double = 0.5, squeezeRatio: Double = 0.125
+        public init() {}
+        public func fire(_ i: Int) -> (squeeze: Int, expand1x1: Int, expand3x3: Int) {
+            let e = baseE + incrE * (i / freq)
+            let e3 = Int((Double(e) * pct3x3).rounded())
+            return (max(1, Int((Double(e) * squeezeRatio).rounded())), e - e3, e3)
+        }
+    }
+
+    public var architecture: Architecture = .squeezenet1_1
+    public var classes = 10
+    public var stem: Stem = .cifar
+    /// Drop the first max-pool (the paper's strategy 3: downsample late).
+    public var lateDownsample = false
+    public var batchNorm = false
+    public var bypass: Bypass = .none
+    public var fire = FireMeta()
+    /// Dropout probability before the classifier (torchvision: 0.5).
+    public var dropout: Float = 0.5
+
+    public init() {}
+
+    /// Spatial size of the inputs this model is meant for.
+    public var inputSize: Int { stem == .cifar ? 32 : 224 }
+}
+
+extension Network {
+    /// Builds the layers of a SqueezeNet. Names follow torchvision's `features.K` / `classifier.1`
+    /// indices, including the positions of ReLUs and pools (so a dropped pool keeps the others' names).
+    static func squeezeNetLayers(_ config: ModelConfig, workspace: Workspace, dropoutRNG: SeededRNG) -> [any Layer] {
+        let v10 = config.architecture == .squeezenet1_0
+        let stemChannels = v10 ? 96 : 64
+        var layers = [any Layer]()
+        switch config.stem {
+        case .imagenet:
+            layers.append(Conv2d(name: "features.0", cin: 3, cout: stemChannels, kernel: v10 ? 7 : 3, stride: 2,
+                                 relu: true, batchNorm: config.batchNorm, workspace: workspace))
+        case .cifar:
+            layers.append(Conv2d(name: "features.0", cin: 3, cout: stemChannels, kernel: 3, stride: 1, padding: 1,
+                                 relu: true, batchNorm: config.batchNorm, workspace: workspace))
+        }
+        // torchvision feature indices: 1 is the stem's ReLU, 2 the first pool.
+        if !config.lateDownsample { layers.append(MaxPool(name: "features.2")) }
+        let poolsAfterFire: Set<Int> = v10 ? [2, 6] : [1, 3]  // Fire indices (0-based) followed by a pool
+        var index = 3, channels = stemChannels
+        for i in 0..<8 {
+            let f = config.fire.fire(i)
+            let out = f.expand1x1 + f.expand3x3
+            layers.append(Fire(name: "features.\(index)", input: channels, squeeze: f.squeeze,
+                               expand1x1: f.expand1x1, expand3x3: f.expand3x3,
+                               bypass: config.bypass == .simple && channels == out,
+                               batchNorm: config.batchNorm, workspace: workspace))
+            channels = out
+            index += 1
+            if poolsAfterFire.contains(i) {
+                layers.append(MaxPool(name: "features.\(index)"))
+                index += 1
+            }
+        }
+        layers.append(Dropout(name: "classifier.0", p: config.dropout, rng: dropoutRNG))
+        layers.append(Conv2d(name: "classifier.1", cin: channels, cout: config.classes, kernel: 1,
+                             relu: true, batchNorm: false, workspace: workspace))
+        layers.append(GlobalAvgPool(name: "classifier.3"))
+        return layers
+    }
+}
