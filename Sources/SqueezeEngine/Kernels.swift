@@ -21,7 +21,7 @@ func gemm(transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int,
 /// Fast kernels on channel-major data. Each has a plain reference in `Reference` that tests compare against.
 enum Kernels {
     /// Output size of a convolution or (ceil-mode, PyTorch rule) pooling window along one axis.
-    static func outputSize(_ input: Int, kernel: Int, stride: Int, padding: Int, ceilMode: Bool = false) -> Int {
+    @inline(never) static func outputSize(_ input: Int, kernel: Int, stride: Int, padding: Int, ceilMode: Bool = false) -> Int {
         let span = input + 2 * padding - kernel
         precondition(span >= 0, "window \(kernel) larger than padded input \(input + 2 * padding)")
         var out = (ceilMode ? (span + stride - 1) / stride : span / stride) + 1
@@ -32,7 +32,7 @@ enum Kernels {
 
     /// im2col: x (Cin, N, H, W) → col (Cin·k·k, N·Ho·Wo), row (ci·k + i)·k + j holding
     /// x[ci][n][oh·s + i − p][ow·s + j − p] (0 outside the image).
-    static func im2col(_ x: Tensor, kernel k: Int, stride s: Int, padding p: Int, ho: Int, wo: Int,
+    @inline(never) static func im2col(_ x: Tensor, kernel k: Int, stride s: Int, padding p: Int, ho: Int, wo: Int,
                        col: UnsafeMutablePointer<Float>) {
         let (cin, n, h, w) = (x.shape.c, x.shape.n, x.shape.h, x.shape.w)
         let cols = n * ho * wo
@@ -68,7 +68,7 @@ enum Kernels {
     }
 
     /// col2im: the adjoint of `im2col`; adds col (Cin·k·k, N·Ho·Wo) into dx (Cin, N, H, W).
-    static func col2im(_ col: UnsafePointer<Float>, kernel k: Int, stride s: Int, padding p: Int, ho: Int, wo: Int,
+    @inline(never) static func col2im(_ col: UnsafePointer<Float>, kernel k: Int, stride s: Int, padding p: Int, ho: Int, wo: Int,
                        into dx: Tensor) {
         let (cin, n, h, w) = (dx.shape.c, dx.shape.n, dx.shape.h, dx.shape.w)
         let cols = n * ho * wo
@@ -99,7 +99,7 @@ enum Kernels {
     }
 
     /// y[c][·] = max(0, y[c][·] + bias[c]) (or without the ReLU), in place, rows of length `columns`.
-    static func addBias(_ y: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>, rows: Int, columns: Int, relu: Bool) {
+    @inline(never) static func addBias(_ y: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>, rows: Int, columns: Int, relu: Bool) {
         for r in 0..<rows {
             let row = y + r * columns
             let b = bias[r]
@@ -112,26 +112,36 @@ enum Kernels {
     }
 
     /// ReLU backward fused with the bias gradient: dy ← dy · [y > 0] (when `relu`), db[r] = Σ dy[r][·].
-    static func reluBackwardBiasGrad(_ dy: UnsafeMutablePointer<Float>, y: UnsafePointer<Float>, rows: Int, columns: Int,
+    /// Sixteen partial sums per row (SIMD), so the reduction vectorises.
+    @inline(never) static func reluBackwardBiasGrad(_ dy: UnsafeMutablePointer<Float>, y: UnsafePointer<Float>, rows: Int, columns: Int,
                                      relu: Bool, biasGrad: UnsafeMutablePointer<Float>) {
+        typealias V = SIMD16<Float>
+        let lanes = V.scalarCount
         for r in 0..<rows {
             let g = dy + r * columns, o = y + r * columns
-            var sum: Float = 0
-            if relu {
-                for i in 0..<columns {
-                    let v = o[i] > 0 ? g[i] : 0
-                    g[i] = v
-                    sum += v
+            var acc = V(), i = 0
+            while i + lanes <= columns {
+                var v = UnsafeRawPointer(g + i).loadUnaligned(as: V.self)
+                if relu {
+                    v.replace(with: 0, where: UnsafeRawPointer(o + i).loadUnaligned(as: V.self) .<= 0)
+                    UnsafeMutableRawPointer(g + i).storeBytes(of: v, as: V.self)
                 }
-            } else {
-                for i in 0..<columns { sum += g[i] }
+                acc += v
+                i += lanes
+            }
+            var sum = acc.sum()
+            while i < columns {
+                if relu && o[i] <= 0 { g[i] = 0 }
+                sum += g[i]
+                i += 1
             }
             biasGrad[r] = sum
         }
     }
 
     /// Max pooling over each (c, n) plane; `argmax` records the winning offset within the input plane.
-    static func maxPoolForward(_ x: Tensor, kernel k: Int, stride s: Int, ho: Int, wo: Int,
+    /// Ties go to the first maximum in scan order (as PyTorch). Windows are clipped at the far edges (ceil mode).
+    @inline(never) static func maxPoolForward(_ x: Tensor, kernel k: Int, stride s: Int, ho: Int, wo: Int,
                                y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>) {
         let (h, w) = (x.shape.h, x.shape.w)
         let planes = x.shape.c * x.shape.n
@@ -139,13 +149,25 @@ enum Kernels {
             let src = x.data + pl * h * w
             let dst = y + pl * ho * wo, idx = argmax + pl * ho * wo
             for oh in 0..<ho {
-                let h0 = oh * s, h1 = min(h0 + k, h)
+                let h0 = oh * s, rows = min(k, h - h0)
                 for ow in 0..<wo {
-                    let w0 = ow * s, w1 = min(w0 + k, w)
-                    var best = -Float.infinity, at = h0 * w + w0
-                    for ih in h0..<h1 {
-                        for iw in w0..<w1 where src[ih * w + iw] > best || src[ih * w + iw].isNaN {
-                            best = src[ih * w + iw]; at = ih * w + iw
+                    let w0 = ow * s, cols = min(k, w - w0)
+                    var at = h0 * w + w0
+                    var best = src[at]
+                    if rows == 3 && cols == 3 {
+                        // unrolled 3×3 window, branch-free selects in scan order
+                        for o in [1, 2, w, w + 1, w + 2, 2 * w, 2 * w + 1, 2 * w + 2] {
+                            let p = h0 * w + w0 + o, v = src[p]
+                            at = v > best ? p : at
+                            best = v > best ? v : best
+                        }
+                    } else {
+                        for i in 0..<rows {
+                            for j in 0..<cols {
+                                let p = (h0 + i) * w + w0 + j, v = src[p]
+                                at = v > best ? p : at
+                                best = v > best ? v : best
+                            }
                         }
                     }
                     dst[oh * wo + ow] = best
@@ -155,7 +177,7 @@ enum Kernels {
         }
     }
 
-    static func maxPoolBackward(_ dy: UnsafePointer<Float>, argmax: UnsafePointer<Int32>, planes: Int, outPlane: Int,
+    @inline(never) static func maxPoolBackward(_ dy: UnsafePointer<Float>, argmax: UnsafePointer<Int32>, planes: Int, outPlane: Int,
                                 dx: UnsafeMutablePointer<Float>, inPlane: Int) {
         dx.update(repeating: 0, count: planes * inPlane)
         for pl in 0..<planes {

@@ -92,3 +92,37 @@ public final class Network {
         return (r.loss, r.correct, Array(UnsafeBufferPointer(start: logits.data, count: logits.shape.count)))
     }
 }
+
+/// One row of a parameter table (the paper's Table 1): a convolution with its weight shape,
+/// its parameter count (weight, bias and BatchNorm γ/β) and its output size (C, H, W).
+public struct LayerSummary: Sendable {
+    public var name: String
+    public var weightShape: [Int]
+    public var parameters: Int
+    public var output: [Int]
+}
+
+extension Network {
+    /// Per-convolution summary for inputs of `inputSize`×`inputSize`.
+    public func summary(inputSize: Int) -> [LayerSummary] {
+        var rows = [LayerSummary]()
+        var shape = Shape(c: 3, n: 1, h: inputSize, w: inputSize)
+        func add(_ conv: Conv2d, _ input: Shape) {
+            let out = conv.outputShape(input)
+            rows.append(LayerSummary(name: conv.name, weightShape: conv.weightSpec.shape,
+                                     parameters: conv.parameterSpecs.reduce(0) { $0 + $1.count },
+                                     output: [out.c, out.h, out.w]))
+        }
+        for layer in layers {
+            if let conv = layer as? Conv2d { add(conv, shape) }
+            if let fire = layer as? Fire {
+                add(fire.squeeze, shape)
+                let s = fire.squeeze.outputShape(shape)
+                add(fire.expand1x1, s)
+                add(fire.expand3x3, s)
+            }
+            shape = layer.outputShape(shape)
+        }
+        return rows
+    }
+}
