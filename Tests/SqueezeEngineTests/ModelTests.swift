@@ -119,23 +119,24 @@ struct ModelTests {
     }
 
     @Test func smallModelOverfitsATinyBatch() {
+        // With torchvision's initialisation SqueezeNet (and PyTorch's alike) learns slowly and erratically
+        // at first: the classifier's ReLU leaves few logits alive. The BatchNorm variant trains at once.
         var c = ModelConfig()
         c.dropout = 0
+        c.batchNorm = true
         let net = Network(config: c, seed: 1)
         let s = Shape(c: 3, n: 8, h: 32, w: 32)
         let x = HostTensor(randomArray(s.count, seed: 40), s)
         let labels: [Int32] = [0, 1, 2, 3, 4, 5, 6, 7]
         let sgd = SGD(parameterCount: net.parameters.count, momentum: 0.9, weightDecay: 0)
-        let first = net.forwardBackward(x.tensor, labels: labels).loss
-        sgd.step(net.parameters, learningRate: 0.02)
-        var last = first
-        for _ in 0..<60 {
-            last = net.forwardBackward(x.tensor, labels: labels).loss
-            print("overfit", last)
-            sgd.step(net.parameters, learningRate: 0.02)
+        var losses = [Float]()
+        for _ in 0..<30 {
+            losses.append(net.forwardBackward(x.tensor, labels: labels).loss)
+            sgd.step(net.parameters, learningRate: 0.05)
         }
-        // ln 10 ≈ 2.30 at the start; memorising 8 images must bring it well below.
-        #expect(first > 2.0)
-        #expect(last < 0.2, "loss after 60 steps: \(last)")
+        // ln 10 ≈ 2.30 at the start; memorising 8 images must bring it below 0.05.
+        #expect(losses[0] > 2.0)
+        #expect(losses.last! < 0.05, "losses: \(losses)")
+        #expect(net.forwardBackward(x.tensor, labels: labels).correct == 8)  // batch statistics, as trained
     }
 }

@@ -32,14 +32,6 @@ private final class TemporaryDirectory {
     }
 }
 
-/// The golden files written by PyTorch, in `shared/` beside the package checkout.
-private let goldenDirectory = URL(fileURLWithPath: #filePath)
-    .deletingLastPathComponent()  // SqueezeEngineTests
-    .deletingLastPathComponent()  // Tests
-    .deletingLastPathComponent()  // package root
-    .deletingLastPathComponent()  // the directory holding the checkout and shared/
-    .appendingPathComponent("shared/reference/squeezenet_cifar_golden").path
-
 /// The error `body` throws, if it is a SafetensorsError.
 private func safetensorsError(_ body: () throws -> Void) -> SafetensorsError? {
     do {

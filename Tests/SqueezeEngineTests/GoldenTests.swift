@@ -1,0 +1,104 @@
+import Foundation
+import Testing
+@testable import SqueezeEngine
+
+/// The golden files written by PyTorch, in `shared/` beside the package checkout.
+let goldenDirectory = URL(fileURLWithPath: #filePath)
+    .deletingLastPathComponent()  // SqueezeEngineTests
+    .deletingLastPathComponent()  // Tests
+    .deletingLastPathComponent()  // package root
+    .deletingLastPathComponent()  // the directory holding the checkout and shared/
+    .appendingPathComponent("shared/reference/squeezenet_cifar_golden").path
+
+/// Relative error against the largest magnitude of the expected tensor.
+func relativeError(_ a: [Float], _ b: [Float]) -> Float { maxAbsDiff(a, b) / max(maxAbs(b), 1e-12) }
+
+@Suite("PyTorch golden reference (squeezenet1_1, CIFAR stem, batch 8)")
+struct GoldenTests {
+    let expected: [String: SafetensorsTensor]
+    let x: HostTensor
+    let labels: [Int32]
+
+    init() throws {
+        expected = try Safetensors.read(path: goldenDirectory + "/expected.safetensors").tensors
+        let batch = try Safetensors.read(path: goldenDirectory + "/batch.safetensors").tensors
+        let nchw = try batch["x"]!.floats()
+        let (n, c, hw) = (8, 3, 32 * 32)
+        // NCHW → channel-major (C, N, H, W)
+        var cnhw = [Float](repeating: 0, count: nchw.count)
+        for i in 0..<n { for ch in 0..<c { for p in 0..<hw { cnhw[(ch * n + i) * hw + p] = nchw[(i * c + ch) * hw + p] } } }
+        x = HostTensor(cnhw, Shape(c: c, n: n, h: 32, w: 32))
+        labels = try batch["y"]!.int64s().map { Int32($0) }
+    }
+
+    func model() throws -> Network {
+        var config = ModelConfig()
+        config.dropout = 0  // the reference ran in eval mode
+        let net = Network(config: config)
+        try net.loadWeights(from: goldenDirectory + "/init.safetensors")
+        return net
+    }
+
+    @Test func logitsLossAndEveryGradient() throws {
+        let net = try model()
+        let logits = net.evaluate(x.tensor, labels: labels).logits  // (10, 8)
+        let expectedLogits = try expected["logits"]!.floats()       // (8, 10)
+        let transposed = (0..<80).map { expectedLogits[($0 % 8) * 10 + $0 / 8] }
+        #expect(relativeError(logits, transposed) < 1e-5)
+
+        let (loss, _) = net.forwardBackward(x.tensor, labels: labels)
+        let expectedLoss = try expected["loss"]!.floats()[0]
+        #expect(abs(loss - expectedLoss) / expectedLoss < 1e-5)
+
+        let grads = net.parameters.copyGradients()
+        for spec in net.parameters.specs {
+            let err = relativeError(Array(grads[spec.range]), try expected["grad." + spec.name]!.floats())
+            #expect(err < 1e-4, "grad.\(spec.name): relative error \(err)")
+        }
+    }
+
+    @Test func threeSGDSteps() throws {
+        let net = try model()
+        let sgd = SGD(parameterCount: net.parameters.count, momentum: 0.9, weightDecay: 5e-4)
+        let expectedLosses = try expected["sgd_losses"]!.floats()
+        for step in 0..<3 {
+            let (loss, _) = net.forwardBackward(x.tensor, labels: labels)
+            #expect(abs(loss - expectedLosses[step]) / expectedLosses[step] < 1e-5, "loss before step \(step)")
+            sgd.step(net.parameters, learningRate: 0.002)
+        }
+        let values = net.parameters.copyValues()
+        for spec in net.parameters.specs {
+            let err = relativeError(Array(values[spec.range]), try expected["after_sgd." + spec.name]!.floats())
+            #expect(err < 1e-5, "after_sgd.\(spec.name): relative error \(err)")
+        }
+    }
+
+    @Test func weightsRoundTripAndMismatchesAreListed() throws {
+        let net = try model()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("squeezetrain-weights-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("w.safetensors").path
+        try net.saveWeights(to: path)
+        let other = Network(config: net.config, seed: 99)
+        try other.loadWeights(from: path)
+        #expect(other.parameters.copyValues() == net.parameters.copyValues())
+
+        // A 1000-class torchvision-shaped model cannot take the 10-class file: one error names the tensors.
+        var wide = ModelConfig()
+        wide.classes = 1000
+        wide.architecture = .squeezenet1_0
+        let wrong = Network(config: wide)
+        let before = wrong.parameters.copyValues()
+        do {
+            try wrong.loadWeights(from: path)
+            Issue.record("a mismatched file loaded")
+        } catch {
+            let message = String(describing: error)
+            #expect(message.contains("classifier.1.weight"))
+            #expect(message.contains("features.5.squeeze.weight"))  // 1.0 has a Fire module at 5, 1.1 a pool
+            #expect(message.contains(path))
+        }
+        #expect(wrong.parameters.copyValues() == before)
+    }
+}
