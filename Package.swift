@@ -20,7 +20,7 @@ let package = Package(
         // Tensors, kernels (forward/backward pairs), layers, models, optimizer, safetensors.
         .target(name: "SqueezeEngine", dependencies: ["CDNNL"], swiftSettings: optimize),
         // CIFAR-10 reader, augmentation, sharded sampler.
-        .target(name: "SqueezeData", swiftSettings: optimize),
+        .target(name: "SqueezeData", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
 
         .executableTarget(
             name: "squeezetrain",
