@@ -22,15 +22,19 @@ let package = Package(
         // CIFAR-10 reader, augmentation, sharded sampler.
         .target(name: "SqueezeData", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
 
+        // Single-process training: trainer, checkpoints, metrics, progress.
+        .target(name: "SqueezeTraining", dependencies: ["SqueezeEngine", "SqueezeData"], swiftSettings: optimize),
+
         .executableTarget(
             name: "squeezetrain",
             dependencies: [
-                "SqueezeEngine", "SqueezeData",
+                "SqueezeEngine", "SqueezeData", "SqueezeTraining",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize),
 
         .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
+        .testTarget(name: "SqueezeTrainingTests", dependencies: ["SqueezeTraining"], exclude: ["Fixtures"]),
     ]
 )

@@ -10,7 +10,9 @@ extension Network {
     /// The model configuration goes into the metadata as JSON under "squeezetrain.model".
     public func saveWeights(to path: String, metadata: [String: String] = [:]) throws {
         var meta = metadata
-        meta["squeezetrain.model"] = String(decoding: try JSONEncoder().encode(config), as: UTF8.self)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys  // the same weights always make the same file
+        meta["squeezetrain.model"] = String(decoding: try encoder.encode(config), as: UTF8.self)
         func views(_ store: ParameterStore) -> [(name: String, shape: [Int], data: UnsafeBufferPointer<Float>)] {
             store.specs.map { ($0.name, $0.shape, UnsafeBufferPointer(start: store.values.pointer + $0.offset, count: $0.count)) }
         }

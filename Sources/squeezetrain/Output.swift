@@ -38,3 +38,7 @@ func peakResidentBytes() -> Int {
     getrusage(RUSAGE_SELF.rawValue, &usage)
     return usage.ru_maxrss * 1024
 }
+
+enum FileHandleOutput {
+    static func standardError(_ text: String) { FileHandle.standardError.write(Data(text.utf8)) }
+}

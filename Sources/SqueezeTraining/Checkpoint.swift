@@ -1,0 +1,227 @@
+import Foundation
+import SqueezeEngine
+
+/// A checkpoint: one safetensors file holding everything needed to continue a run exactly.
+///
+/// Tensors: the parameters and buffers under torchvision's names, and the SGD momentum buffers as
+/// `optimizer.momentum.<name>`. Metadata (strings): `format` = "squeezetrain-checkpoint",
+/// `format_version`, `step` (steps completed; with the configuration it fixes the epoch, the position
+/// inside the epoch and the learning-rate schedule), `world_size`, `config` (the `TrainingConfig` as
+/// JSON, which includes the model and the sampler/augmentation seed), `rng` (JSON: the dropout
+/// generator state of every rank; augmentation and sampling are pure functions of seed, epoch and
+/// record), and `checksum` (FNV-1a-64 over the tensors in name order and the other metadata).
+///
+/// Files are `checkpoint-<step, 9 digits>.safetensors` in the checkpoint directory, written
+/// atomically (temporary file, fsync, rename, directory fsync); then `latest` (the file name) is
+/// replaced the same way. See docs/checkpoint-format.md.
+public struct Checkpoint {
+    public static let formatVersion = 1
+    public static let format = "squeezetrain-checkpoint"
+
+    public var config: TrainingConfig
+    public var step: Int
+    public var worldSize: Int
+    /// Dropout generator state of each rank (index = rank).
+    public var dropoutStates: [[UInt64]]
+    /// name → values, for parameters, buffers and `optimizer.momentum.*`.
+    public var tensors: [String: [Float]]
+    public var path: String?
+
+    /// Captures a trainer's state. `dropoutStates` are all ranks' generators (one for a single process).
+    public init(trainer: Trainer, worldSize: Int = 1, dropoutStates: [[UInt64]]? = nil) {
+        config = trainer.config
+        step = trainer.step
+        self.worldSize = worldSize
+        self.dropoutStates = dropoutStates ?? [trainer.network.dropout?.rng.state ?? []]
+        var t = [String: [Float]]()
+        let net = trainer.network
+        for (store, prefix) in [(net.parameters, ""), (net.buffers, "")] {
+            for s in store.specs { t[prefix + s.name] = Array(UnsafeBufferPointer(start: store.values.pointer + s.offset, count: s.count)) }
+        }
+        for s in net.parameters.specs {
+            t["optimizer.momentum." + s.name] = Array(UnsafeBufferPointer(start: trainer.optimizer.velocity.pointer + s.offset, count: s.count))
+        }
+        tensors = t
+    }
+
+    static func fileName(step: Int) -> String { String(format: "checkpoint-%09d.safetensors", step) }
+
+    /// Writes the checkpoint into `directory` (created if needed), then points `latest` at it and
+    /// removes all but the newest `keep` checkpoints. Returns the file's path.
+    @discardableResult
+    public func save(directory: String, keep: Int = 3) throws -> String {
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        let name = Checkpoint.fileName(step: step)
+        let path = (directory as NSString).appendingPathComponent(name)
+        var meta = try metadata()
+        meta["checksum"] = Checkpoint.checksum(tensors: tensors, metadata: meta)
+        let shapes = shapeTable()
+        let names = tensors.keys.sorted()
+        try withFloatViews(names) { views in
+            try Safetensors.write(path: path, tensors: zip(names, views).map { ($0, shapes[$0] ?? [$1.count], $1) }, metadata: meta)
+        }
+        try writeAtomically(Data((name + "\n").utf8), to: (directory as NSString).appendingPathComponent("latest"))
+        try prune(directory: directory, keep: max(keep, 1))
+        return path
+    }
+
+    private func metadata() throws -> [String: String] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        return [
+            "format": Checkpoint.format,
+            "format_version": String(Checkpoint.formatVersion),
+            "step": String(step),
+            "world_size": String(worldSize),
+            "config": String(decoding: try encoder.encode(config), as: UTF8.self),
+            "rng": String(decoding: try encoder.encode(["dropout": dropoutStates]), as: UTF8.self),
+        ]
+    }
+
+    /// PyTorch shapes for the model's tensors (momentum buffers share their parameter's shape).
+    private func shapeTable() -> [String: [Int]] {
+        let net = Network(config: config.model)
+        var shapes = [String: [Int]]()
+        for s in net.parameters.specs + net.buffers.specs { shapes[s.name] = s.shape }
+        for s in net.parameters.specs { shapes["optimizer.momentum." + s.name] = s.shape }
+        return shapes
+    }
+
+    private func withFloatViews<R>(_ names: [String], _ body: ([UnsafeBufferPointer<Float>]) throws -> R) rethrows -> R {
+        var views = [UnsafeBufferPointer<Float>]()
+        func go(_ i: Int) throws -> R {
+            if i == names.count { return try body(views) }
+            return try tensors[names[i]]!.withUnsafeBufferPointer { views.append($0); return try go(i + 1) }
+        }
+        return try go(0)
+    }
+
+    /// Reads and verifies a checkpoint file: format, version, checksum and every metadata field.
+    public static func load(path: String) throws -> Checkpoint {
+        let (raw, meta) = try Safetensors.read(path: path)
+        func field(_ key: String) throws -> String {
+            guard let v = meta[key] else { throw TrainingError.checkpoint("\(path): not a squeezetrain checkpoint (no '\(key)' in its metadata)") }
+            return v
+        }
+        guard try field("format") == format else { throw TrainingError.checkpoint("\(path): not a squeezetrain checkpoint") }
+        guard let version = Int(try field("format_version")), version == formatVersion else {
+            throw TrainingError.checkpoint("\(path): checkpoint format version \(meta["format_version"] ?? "?") is not supported (this build reads \(formatVersion))")
+        }
+        var tensors = [String: [Float]]()
+        for (name, t) in raw { tensors[name] = try t.floats() }
+        var unsigned = meta
+        let stored = unsigned.removeValue(forKey: "checksum")
+        guard let stored, stored == checksum(tensors: tensors, metadata: unsigned) else {
+            throw TrainingError.checkpoint("\(path): checksum mismatch (the file is corrupt or was modified)")
+        }
+        guard let step = Int(try field("step")), let world = Int(try field("world_size")) else {
+            throw TrainingError.checkpoint("\(path): bad step or world_size in metadata")
+        }
+        let decoder = JSONDecoder()
+        let config = try decoder.decode(TrainingConfig.self, from: Data(try field("config").utf8))
+        let rng = try decoder.decode([String: [[UInt64]]].self, from: Data(try field("rng").utf8))
+        return Checkpoint(config: config, step: step, worldSize: world, dropoutStates: rng["dropout"] ?? [],
+                          tensors: tensors, path: path)
+    }
+
+    private init(config: TrainingConfig, step: Int, worldSize: Int, dropoutStates: [[UInt64]], tensors: [String: [Float]], path: String?) {
+        self.config = config; self.step = step; self.worldSize = worldSize
+        self.dropoutStates = dropoutStates; self.tensors = tensors; self.path = path
+    }
+
+    /// The newest checkpoint in `directory` that verifies, trying `latest` first and then the others
+    /// from newest to oldest. `skipped` lists each file passed over and why.
+    public static func newestValid(in directory: String) -> (checkpoint: Checkpoint?, skipped: [(path: String, reason: String)]) {
+        var candidates = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
+            .filter { $0.hasPrefix("checkpoint-") && $0.hasSuffix(".safetensors") }.sorted(by: >)
+        if let latest = try? String(contentsOfFile: (directory as NSString).appendingPathComponent("latest"), encoding: .utf8)
+            .trimmingCharacters(in: .whitespacesAndNewlines), let i = candidates.firstIndex(of: latest) {
+            candidates.insert(candidates.remove(at: i), at: 0)
+        }
+        var skipped = [(path: String, reason: String)]()
+        for name in candidates {
+            let path = (directory as NSString).appendingPathComponent(name)
+            do { return (try load(path: path), skipped) } catch { skipped.append((path, String(describing: error))) }
+        }
+        return (nil, skipped)
+    }
+
+    /// Puts this state into `trainer` (model, buffers, momentum, step, this rank's dropout generator).
+    /// The trainer's configuration must equal the checkpoint's, except the run length.
+    public func restore(into trainer: Trainer) throws {
+        var mine = trainer.config, theirs = config
+        mine.totalSteps = 0; theirs.totalSteps = 0
+        if mine.model != theirs.model {
+            throw TrainingError.checkpoint("\(path ?? "checkpoint"): its model (\(Checkpoint.describe(theirs.model))) differs from this run's (\(Checkpoint.describe(mine.model)))")
+        }
+        if mine != theirs {
+            throw TrainingError.checkpoint("\(path ?? "checkpoint"): its training configuration differs from this run's: \(Checkpoint.differences(theirs, mine)); resume with the original options")
+        }
+        let net = trainer.network
+        for (store, prefix, destination) in [(net.parameters, "", net.parameters.values.pointer), (net.buffers, "", net.buffers.values.pointer),
+                                             (net.parameters, "optimizer.momentum.", trainer.optimizer.velocity.pointer)] {
+            for s in store.specs {
+                guard let v = tensors[prefix + s.name], v.count == s.count else {
+                    throw TrainingError.checkpoint("\(path ?? "checkpoint"): tensor \(prefix + s.name) is missing or mis-sized")
+                }
+                (destination + s.offset).update(from: v, count: v.count)
+            }
+        }
+        trainer.step = step
+        if trainer.rank < dropoutStates.count, dropoutStates[trainer.rank].count == 4 {
+            trainer.network.dropout?.rng = SeededRNG(state: dropoutStates[trainer.rank])
+        }
+    }
+
+    static func describe(_ m: ModelConfig) -> String {
+        "\(m.architecture.rawValue), \(m.classes) classes, \(m.stem.rawValue) stem" + (m.lateDownsample ? ", late downsample" : "")
+            + (m.batchNorm ? ", batch norm" : "") + (m.bypass == .simple ? ", simple bypass" : "") + ", dropout \(m.dropout)"
+    }
+
+    static func differences(_ a: TrainingConfig, _ b: TrainingConfig) -> String {
+        func fields(_ c: TrainingConfig) -> [String: String] {
+            let data = (try? JSONEncoder().encode(c)) ?? Data()
+            let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] ?? [:]
+            return object.mapValues { String(describing: $0) }
+        }
+        let fa = fields(a), fb = fields(b)
+        return fa.keys.sorted().filter { fa[$0] != fb[$0] }.map { "\($0) was \(fa[$0]!), now \(fb[$0] ?? "?")" }.joined(separator: "; ")
+    }
+
+    /// FNV-1a (64-bit) over each tensor's name and bytes in name order, then the metadata in key order.
+    static func checksum(tensors: [String: [Float]], metadata: [String: String]) -> String {
+        var h: UInt64 = 0xCBF2_9CE4_8422_2325
+        func mix<C: Collection>(_ bytes: C) where C.Element == UInt8 { for b in bytes { h = (h ^ UInt64(b)) &* 0x100_0000_01B3 } }
+        func mixWords(_ floats: [Float]) {
+            floats.withUnsafeBufferPointer { f in
+                for v in f { h = (h ^ UInt64(v.bitPattern)) &* 0x100_0000_01B3 }
+            }
+        }
+        for name in tensors.keys.sorted() { mix(name.utf8); mixWords(tensors[name]!) }
+        for key in metadata.keys.sorted() { mix(key.utf8); mix(metadata[key]!.utf8) }
+        return String(h, radix: 16)
+    }
+
+    private func prune(directory: String, keep: Int) throws {
+        let files = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
+            .filter { $0.hasPrefix("checkpoint-") && $0.hasSuffix(".safetensors") }.sorted(by: >)
+        for old in files.dropFirst(keep) { try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old)) }
+    }
+}
+
+/// Writes `data` to `path` through a temporary file in the same directory: write, fsync, rename,
+/// fsync the directory. A crash leaves either the old file or the new one, never a torn one.
+func writeAtomically(_ data: Data, to path: String) throws {
+    let dir = (path as NSString).deletingLastPathComponent
+    let tmp = (dir as NSString).appendingPathComponent(".\((path as NSString).lastPathComponent).tmp-\(getpid())")
+    let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard fd >= 0 else { throw TrainingError.checkpoint("cannot create \(tmp): \(String(cString: strerror(errno)))") }
+    let ok = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) == $0.count } && fsync(fd) == 0
+    close(fd)
+    guard ok, rename(tmp, path) == 0 else {
+        unlink(tmp)
+        throw TrainingError.checkpoint("cannot write \(path): \(String(cString: strerror(errno)))")
+    }
+    let dfd = open(dir.isEmpty ? "." : dir, O_RDONLY)
+    if dfd >= 0 { fsync(dfd); close(dfd) }
+}

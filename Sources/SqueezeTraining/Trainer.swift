@@ -1,0 +1,162 @@
+import Foundation
+import SqueezeData
+import SqueezeEngine
+
+/// Averages gradients across data-parallel workers. The trainer calls `gradientsReady` for each
+/// layer's flat gradient range as soon as backward has finished it (in reverse layer order), then
+/// `finish` before the optimizer step; after `finish` every worker must hold the average.
+public protocol GradientReducer: AnyObject {
+    func gradientsReady(_ range: Range<Int>, of gradients: UnsafeMutableBufferPointer<Float>)
+    func finish(_ gradients: UnsafeMutableBufferPointer<Float>) throws
+}
+
+/// What one training step did.
+public struct StepResult: Sendable {
+    public var step: Int
+    public var epoch: Int
+    public var loss: Float
+    public var correct: Int
+    public var images: Int
+    public var learningRate: Float
+    /// Forward + backward + optimizer, without waiting for data or the gradient exchange's tail.
+    public var computeSeconds: Double
+    /// Time spent in `GradientReducer.finish` (the part of communication not hidden behind backward).
+    public var reduceSeconds: Double
+}
+
+/// Test-set evaluation: accuracy, mean loss and the confusion matrix (rows: true class, columns: predicted).
+public struct Evaluation: Sendable, Codable {
+    public var images: Int
+    public var loss: Double
+    public var accuracy: Double
+    public var confusion: [[Int]]
+    public var perClassAccuracy: [Double] {
+        confusion.indices.map { i in
+            let n = confusion[i].reduce(0, +)
+            return n == 0 ? 0 : Double(confusion[i][i]) / Double(n)
+        }
+    }
+}
+
+/// One process's share of a training run: the model, the optimizer, this rank's sampler and the
+/// step counter. With one worker it is the whole single-process trainer.
+public final class Trainer {
+    public let config: TrainingConfig
+    public let network: Network
+    public let optimizer: SGD
+    public let sampler: ShardedSampler
+    public let schedule: LearningRateSchedule
+    public let trainSet: CIFAR10
+    public let rank: Int, worldSize: Int
+    /// Steps completed (global, counting steps before a resume).
+    public var step = 0
+    private let lossGradient = FloatBuffer()
+
+    public init(config: TrainingConfig, trainSet: CIFAR10, rank: Int = 0, worldSize: Int = 1) throws {
+        guard config.batchSize % worldSize == 0 else {
+            throw TrainingError.invalidConfiguration("--batch-size \(config.batchSize) does not divide evenly over \(worldSize) workers")
+        }
+        self.config = config
+        self.trainSet = trainSet
+        self.rank = rank; self.worldSize = worldSize
+        network = Network(config: config.model, seed: config.seed)
+        // Each rank draws its own dropout masks (as DDP ranks do); the stream is part of the checkpoint.
+        network.dropout?.rng = SeededRNG(seed: config.seed, stream: 0xD000 + UInt64(rank))
+        optimizer = SGD(parameterCount: network.parameters.count, momentum: config.momentum,
+                        weightDecay: config.weightDecay, nesterov: config.nesterov)
+        do {
+            sampler = try ShardedSampler(count: trainSet.count, numShards: worldSize, rank: rank,
+                                         globalBatchSize: config.batchSize, shuffle: config.shuffle, seed: config.seed)
+        } catch {
+            throw TrainingError.invalidConfiguration(String(describing: error))
+        }
+        schedule = config.learningRateSchedule(stepsPerEpoch: sampler.batchesPerEpoch)
+    }
+
+    public var stepsPerEpoch: Int { sampler.batchesPerEpoch }
+    public var epoch: Int { step / stepsPerEpoch }
+    public var position: BatchPosition { BatchPosition(epoch: step / stepsPerEpoch, batch: step % stepsPerEpoch) }
+    public var isFinished: Bool { step >= config.totalSteps }
+
+    /// A loader producing this rank's batches from the current step to the end of the run.
+    public func makeLoader() -> BatchLoader {
+        let end = BatchPosition(epoch: config.totalSteps / stepsPerEpoch, batch: config.totalSteps % stepsPerEpoch)
+        return BatchLoader(dataset: trainSet, sampler: sampler, augmentSeed: config.augment ? config.seed : nil,
+                           start: position, end: end, imageSize: config.imageSize)
+    }
+
+    /// Forward, backward (handing finished gradient ranges to `reducer`), gradient average, SGD step.
+    public func trainStep(_ batch: BatchLoader.Batch, reducer: GradientReducer? = nil) throws -> StepResult {
+        precondition(batch.position == position, "batch for \(batch.position) at \(position)")
+        let t0 = DispatchTime.now().uptimeNanoseconds
+        let x = Tensor(data: UnsafeMutablePointer(mutating: batch.images),
+                       shape: Shape(c: 3, n: batch.count, h: batch.imageSize, w: batch.imageSize))
+        let grads = network.parameters.gradientBuffer
+        let logits = network.forward(x, training: true)
+        let dl = Tensor(data: lossGradient.reserve(logits.shape.count), shape: logits.shape)
+        let (loss, correct) = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: logits.shape.n,
+                                                  labels: batch.labels, gradient: dl.data)
+        if let reducer {
+            network.backward(dl) { reducer.gradientsReady($0, of: grads) }
+        } else {
+            network.backward(dl)
+        }
+        let t1 = DispatchTime.now().uptimeNanoseconds
+        try reducer?.finish(grads)
+        let t2 = DispatchTime.now().uptimeNanoseconds
+        let lr = schedule.rate(at: step)
+        optimizer.step(network.parameters, learningRate: lr)
+        let t3 = DispatchTime.now().uptimeNanoseconds
+        let result = StepResult(step: step, epoch: epoch, loss: loss, correct: correct, images: batch.count,
+                                learningRate: lr, computeSeconds: Double(t1 - t0 + t3 - t2) * 1e-9,
+                                reduceSeconds: Double(t2 - t1) * 1e-9)
+        step += 1
+        return result
+    }
+
+    /// Eval-mode accuracy on `dataset` (no augmentation), in batches of `batchSize`.
+    public func evaluate(_ dataset: CIFAR10, batchSize: Int = 500) -> Evaluation {
+        Trainer.evaluate(network, dataset, batchSize: batchSize, imageSize: config.imageSize)
+    }
+
+    public static func evaluate(_ network: Network, _ dataset: CIFAR10, batchSize: Int = 500, imageSize: Int = 32) -> Evaluation {
+        let classes = network.config.classes
+        var confusion = [[Int]](repeating: [Int](repeating: 0, count: classes), count: classes)
+        var lossSum = 0.0
+        let raw = FloatBuffer(count: 3 * batchSize * 32 * 32)
+        let sized = FloatBuffer(count: imageSize == 32 ? 0 : 3 * batchSize * imageSize * imageSize)
+        for start in stride(from: 0, to: dataset.count, by: batchSize) {
+            let indices = Array(start..<min(start + batchSize, dataset.count))
+            let labels = dataset.fillBatch(indices: indices, into: raw.pointer)
+            var input = raw.pointer
+            if imageSize != 32 {
+                upsampleBilinear(raw.pointer, planes: 3 * indices.count, from: 32, to: imageSize, into: sized.pointer)
+                input = sized.pointer
+            }
+            let x = Tensor(data: input, shape: Shape(c: 3, n: indices.count, h: imageSize, w: imageSize))
+            let r = network.evaluate(x, labels: labels)
+            lossSum += Double(r.loss) * Double(indices.count)
+            let n = indices.count
+            for j in 0..<n {
+                var best = 0
+                for c in 1..<classes where r.logits[c * n + j] > r.logits[best * n + j] { best = c }
+                confusion[Int(labels[j])][best] += 1
+            }
+        }
+        let correct = (0..<classes).reduce(0) { $0 + confusion[$1][$1] }
+        return Evaluation(images: dataset.count, loss: lossSum / Double(max(dataset.count, 1)),
+                          accuracy: Double(correct) / Double(max(dataset.count, 1)), confusion: confusion)
+    }
+}
+
+public enum TrainingError: Error, CustomStringConvertible {
+    case invalidConfiguration(String)
+    case checkpoint(String)
+
+    public var description: String {
+        switch self {
+        case .invalidConfiguration(let m): return m
+        case .checkpoint(let m): return m
+        }
+    }
+}

@@ -1,0 +1,35 @@
+import SqueezeEngine
+
+/// Everything that defines a training run's arithmetic (not where it runs): saved in checkpoints,
+/// sent by the coordinator to every worker, and compared on resume.
+public struct TrainingConfig: Codable, Equatable, Sendable {
+    public var model = ModelConfig()
+    /// Global batch per step (split evenly over workers in a cluster).
+    public var batchSize = 128
+    /// Length of the run in steps, counting steps before any resume. Set from --epochs or --steps.
+    public var totalSteps = 0
+    public var learningRate: Float = 0.05
+    public var momentum: Float = 0.9
+    public var nesterov = false
+    public var weightDecay: Float = 5e-4
+    public var schedule: LearningRateSchedule.Kind = .cosine
+    public var warmupEpochs: Double = 0
+    public var seed: UInt64 = 0
+    public var augment = true
+    public var shuffle = true
+    /// Side of the (square) training images; 32 is CIFAR-10's own, larger sizes are upsampled.
+    public var imageSize = 32
+
+    public init() {}
+
+    /// Number of optimizer steps in one epoch of `trainingRecords` records at this global batch.
+    public func stepsPerEpoch(trainingRecords: Int, workers: Int = 1) -> Int {
+        let padded = (trainingRecords + workers - 1) / workers * workers
+        return max(padded / batchSize, 1)
+    }
+
+    public func learningRateSchedule(stepsPerEpoch: Int) -> LearningRateSchedule {
+        LearningRateSchedule(kind: schedule, baseRate: learningRate, totalSteps: totalSteps,
+                             warmupSteps: Int((warmupEpochs * Double(stepsPerEpoch)).rounded()))
+    }
+}

@@ -1,0 +1,128 @@
+import ArgumentParser
+import Foundation
+import SqueezeData
+import SqueezeEngine
+import SqueezeTraining
+
+struct Train: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Train on CIFAR-10 in this process (the cluster's worker loop with one worker).")
+
+    @OptionGroup var training: TrainingOptions
+    @Option(help: "Compute threads (oneDNN/OpenMP); data loading runs on one more thread.")
+    var threads = 1
+    @Option(help: "Start from these weights (safetensors, torchvision names) instead of a fresh initialisation.")
+    var initWeights: String?
+    @Option(help: "Write the final weights here (safetensors, torchvision names).")
+    var saveWeights: String?
+    @Option(help: "Append JSON lines here: one per step, one per epoch with test_accuracy.")
+    var metrics: String?
+    @Option(help: "Save checkpoints here at every epoch end, the end of the run and on SIGINT/SIGTERM.")
+    var checkpointDir: String?
+    @Option(help: "Also checkpoint every K steps (0: only at epoch ends).")
+    var checkpointEvery = 0
+    @Option(help: "Checkpoints to keep.")
+    var keepCheckpoints = 3
+    @Flag(help: "Continue from the newest valid checkpoint in --checkpoint-dir (a corrupt one is skipped).")
+    var resume = false
+    @Flag(help: "Skip the test-set evaluation after each epoch.")
+    var noEval = false
+
+    func validate() throws {
+        guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+        guard checkpointEvery >= 0, keepCheckpoints >= 1 else { throw ValidationError("--checkpoint-every must be ≥ 0 and --keep-checkpoints ≥ 1") }
+        if resume && checkpointDir == nil { throw ValidationError("--resume needs --checkpoint-dir") }
+    }
+
+    func run() throws {
+        ComputeThreads.set(threads)
+        do {
+            let dir = try training.dataDirectory()
+            let trainSet = try CIFAR10(directory: dir, split: .train)
+            let testSet = noEval ? nil : try CIFAR10(directory: dir, split: .test)
+            let config = training.config(trainingRecords: trainSet.count)
+            let trainer = try Trainer(config: config, trainSet: trainSet)
+            if let initWeights { try trainer.network.loadWeights(from: initWeights) }
+            if resume, let checkpointDir {
+                let (found, skipped) = Checkpoint.newestValid(in: checkpointDir)
+                for s in skipped { emit("skipping checkpoint \(s.path): \(s.reason)\n") }
+                if let found {
+                    try found.restore(into: trainer)
+                    emit("resuming from \(found.path!) at step \(found.step) (epoch \(trainer.epoch + 1), batch \(trainer.position.batch))\n")
+                } else {
+                    emit("no valid checkpoint in \(checkpointDir); starting from step 0\n")
+                }
+            }
+            emit("training \(config.model.architecture.rawValue) (\(grouped(trainer.network.parameters.count)) parameters) on \(dir): "
+                 + "\(trainSet.count) images, \(trainer.stepsPerEpoch) steps of \(config.batchSize) per epoch, "
+                 + "\(config.totalSteps) steps, \(threads) thread(s)\n")
+            StopSignals.install()
+            var options = RunOptions()
+            options.checkpointDirectory = checkpointDir
+            options.checkpointEvery = checkpointEvery
+            options.keepCheckpoints = keepCheckpoints
+            options.metricsPath = metrics
+            options.evaluateEachEpoch = !noEval
+            let summary = try runTraining(trainer, testSet: testSet, options: options)
+            if let saveWeights {
+                try trainer.network.saveWeights(to: saveWeights)
+                emit("weights written to \(saveWeights)\n")
+            }
+            if let sig = summary.interruptedBy {
+                emit("stopped by signal \(sig) at step \(summary.finalStep)" + (checkpointDir != nil ? "; resume with --resume\n" : "\n"))
+                throw ExitCode(128 + sig)
+            }
+            var line = "done: \(summary.stepsRun) steps in \(ProgressDisplay.duration(summary.seconds))"
+            if let e = summary.lastEvaluation { line += String(format: ", test accuracy %.2f%%", 100 * e.accuracy) }
+            emit(line + "\n")
+        } catch let e as ExitCode {
+            throw e
+        } catch {
+            throw fail(String(describing: error))
+        }
+    }
+}
+
+struct Eval: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Test-set accuracy of saved weights: overall, per class, and the confusion matrix.")
+
+    @OptionGroup var model: ModelOptions
+    @Option(help: "Weights to evaluate (safetensors with torchvision names, e.g. from --save-weights or export).")
+    var weights: String
+    @Option(help: "CIFAR-10 directory (see train --help).")
+    var data: String?
+    @Option(help: "Compute threads.")
+    var threads = 1
+    @Option(help: "Images per forward pass.")
+    var batchSize = 500
+    @Flag(help: "Print a JSON object (with `accuracy`).")
+    var json = false
+
+    struct Report: Encodable {
+        var weights: String, images: Int, accuracy: Double, loss: Double
+        var classes: [String], perClassAccuracy: [Double], confusionMatrix: [[Int]]
+    }
+
+    func run() throws {
+        ComputeThreads.set(threads)
+        do {
+            let testSet = try CIFAR10(directory: try CIFAR10.resolveDirectory(explicit: data), split: .test)
+            let net = Network(config: model.config)
+            try net.loadWeights(from: weights)
+            let e = Trainer.evaluate(net, testSet, batchSize: batchSize)
+            let names = model.classes == 10 ? CIFAR10.classNames : (0..<model.classes).map { "class \($0)" }
+            let report = Report(weights: weights, images: e.images, accuracy: e.accuracy, loss: e.loss, classes: names,
+                                perClassAccuracy: e.perClassAccuracy, confusionMatrix: e.confusion)
+            if json { return try printJSON(report) }
+            print(String(format: "test accuracy %.2f%% on %d images (loss %.4f)", 100 * e.accuracy, e.images, e.loss))
+            print("\nper class:")
+            for (i, n) in names.enumerated() { print(pad(n, 12) + String(format: "%6.2f%%", 100 * e.perClassAccuracy[i])) }
+            print("\nconfusion matrix (rows: true class, columns: predicted):")
+            print(pad("", 12) + names.map { pad(String($0.prefix(5)), 6, right: true) }.joined())
+            for (i, row) in e.confusion.enumerated() { print(pad(names[i], 12) + row.map { pad(String($0), 6, right: true) }.joined()) }
+        } catch {
+            throw fail(String(describing: error))
+        }
+    }
+}

@@ -1,0 +1,74 @@
+import ArgumentParser
+import SqueezeData
+import SqueezeEngine
+import SqueezeTraining
+
+extension LearningRateSchedule.Kind: ExpressibleByArgument {}
+
+/// Options defining a training run; shared by `train`, `coordinator` and `launch`.
+struct TrainingOptions: ParsableArguments {
+    @OptionGroup var model: ModelOptions
+
+    @Option(help: "CIFAR-10 directory (binary version). Default: $CIFAR10_DIR, ./data/cifar-10-batches-bin, ../shared/data/cifar-10-batches-bin.")
+    var data: String?
+
+    @Option(help: "Length of the run in epochs (counting epochs before a resume).")
+    var epochs: Int?
+    @Option(help: "Length of the run in steps (counting steps before a resume); overrides --epochs.")
+    var steps: Int?
+
+    @Option(help: "Global batch size per step.")
+    var batchSize = 128
+    @Option(help: "Peak learning rate.")
+    var lr: Float = 0.05
+    @Option(help: "SGD momentum.")
+    var momentum: Float = 0.9
+    @Flag(help: "Nesterov momentum.")
+    var nesterov = false
+    @Option(help: "L2 weight decay (applied to every parameter, as torch.optim.SGD).")
+    var weightDecay: Float = 5e-4
+    @Option(help: "Learning-rate schedule: constant, step (×0.1 at 50% and 75% of the run) or cosine.")
+    var schedule: LearningRateSchedule.Kind = .cosine
+    @Option(help: "Linear learning-rate warm-up, in epochs.")
+    var warmupEpochs: Double = 0
+    @Option(help: "Seed for initialisation, data order, augmentation and dropout.")
+    var seed: UInt64 = 0
+    @Option(help: "Dropout probability before the classifier.")
+    var dropout: Float = 0.5
+    @Flag(help: "No random crop and flip.")
+    var noAugment = false
+    @Flag(help: "Take records in file order instead of a seeded shuffle per epoch.")
+    var noShuffle = false
+
+    func validate() throws {
+        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1 (got \(batchSize))") }
+        if let epochs, epochs < 1 { throw ValidationError("--epochs must be at least 1 (got \(epochs))") }
+        if let steps, steps < 1 { throw ValidationError("--steps must be at least 1 (got \(steps))") }
+        guard lr > 0, lr.isFinite else { throw ValidationError("--lr must be a positive number (got \(lr))") }
+        guard momentum >= 0, momentum < 1 else { throw ValidationError("--momentum must be in [0, 1) (got \(momentum))") }
+        guard weightDecay >= 0 else { throw ValidationError("--weight-decay must not be negative") }
+        guard warmupEpochs >= 0 else { throw ValidationError("--warmup-epochs must not be negative") }
+        guard dropout >= 0, dropout < 1 else { throw ValidationError("--dropout must be in [0, 1) (got \(dropout))") }
+    }
+
+    /// The run's configuration; `trainingRecords` sizes an epoch (for --epochs and warm-up).
+    func config(trainingRecords: Int, workers: Int = 1) -> TrainingConfig {
+        var c = TrainingConfig()
+        c.model = model.config
+        c.model.dropout = dropout
+        c.batchSize = batchSize; c.learningRate = lr; c.momentum = momentum; c.nesterov = nesterov
+        c.weightDecay = weightDecay; c.schedule = schedule; c.warmupEpochs = warmupEpochs; c.seed = seed
+        c.augment = !noAugment; c.shuffle = !noShuffle
+        let perEpoch = c.stepsPerEpoch(trainingRecords: trainingRecords, workers: workers)
+        c.totalSteps = steps ?? (epochs ?? 30) * perEpoch
+        return c
+    }
+
+    func dataDirectory() throws -> String { try CIFAR10.resolveDirectory(explicit: data) }
+}
+
+/// Prints an error for people and exits non-zero (no stack trace for expected failures).
+func fail(_ message: String, code: Int32 = 1) -> ExitCode {
+    FileHandleOutput.standardError("squeezetrain: error: \(message)\n")
+    return ExitCode(code)
+}

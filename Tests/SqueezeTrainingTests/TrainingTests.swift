@@ -1,0 +1,134 @@
+import Foundation
+import Testing
+import SqueezeData
+import SqueezeEngine
+@testable import SqueezeTraining
+
+let testsDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+/// `shared/` beside the package checkout.
+let sharedDirectory = testsDirectory.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+    .appendingPathComponent("shared").path
+let cifarDirectory = sharedDirectory + "/data/cifar-10-batches-bin"
+
+/// One CIFAR-10 training file (10,000 records), loaded once for all tests.
+let firstTrainingFile: CIFAR10 = try! CIFAR10(directory: cifarDirectory, files: ["data_batch_1.bin"])
+
+func temporaryDirectory(_ name: String) throws -> String {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("squeezetrain-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    return dir.path
+}
+
+/// The deterministic configuration of the trainer issue: no augmentation, no shuffle, no dropout, constant rate.
+func deterministicConfig(steps: Int, batch: Int = 32) -> TrainingConfig {
+    var c = TrainingConfig()
+    c.model.dropout = 0
+    c.augment = false
+    c.shuffle = false
+    c.schedule = .constant
+    c.learningRate = 0.01
+    c.momentum = 0.9
+    c.weightDecay = 5e-4
+    c.batchSize = batch
+    c.totalSteps = steps
+    return c
+}
+
+func train(_ trainer: Trainer, steps: Int) throws -> [Float] {
+    let loader = trainer.makeLoader()
+    defer { loader.stop() }
+    var losses = [Float]()
+    for _ in 0..<steps {
+        guard let batch = loader.next() else { break }
+        losses.append(try trainer.trainStep(batch).loss)
+    }
+    return losses
+}
+
+@Suite("Single-process training")
+struct TrainingTests {
+    let golden = sharedDirectory + "/reference/squeezenet_cifar_golden/init.safetensors"
+
+    @Test func matchesPyTorchOnTheSameRecords() throws {
+        // Tests/SqueezeTrainingTests/Fixtures/pytorch-4-steps.safetensors, from scripts/make-training-fixture.py
+        let expected = try Safetensors.read(path: testsDirectory.path + "/Fixtures/pytorch-4-steps.safetensors").tensors
+        let trainer = try Trainer(config: deterministicConfig(steps: 4), trainSet: firstTrainingFile)
+        try trainer.network.loadWeights(from: golden)
+        let losses = try train(trainer, steps: 4)
+        let expectedLosses = try expected["losses"]!.floats()
+        for (a, b) in zip(losses, expectedLosses) { #expect(abs(a - b) / b < 1e-4, "loss \(a) vs PyTorch \(b)") }
+        let values = trainer.network.parameters.copyValues()
+        for spec in trainer.network.parameters.specs {
+            let want = try expected["after." + spec.name]!.floats()
+            let got = Array(values[spec.range])
+            let scale = want.reduce(Float(0)) { max($0, abs($1)) }
+            let err = zip(got, want).reduce(Float(0)) { max($0, abs($1.0 - $1.1)) } / scale
+            // Float summation order differs (and compounds over 4 steps); biases start at 0, so their scale is the change.
+            #expect(err < 1e-3, "\(spec.name): relative error \(err)")
+        }
+    }
+
+    @Test func sameRunTwiceWritesIdenticalWeights() throws {
+        let dir = try temporaryDirectory("twice")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        var files = [Data]()
+        for run in 0..<2 {
+            let trainer = try Trainer(config: deterministicConfig(steps: 3), trainSet: firstTrainingFile)
+            try trainer.network.loadWeights(from: golden)
+            _ = try train(trainer, steps: 3)
+            let path = dir + "/w\(run).safetensors"
+            try trainer.network.saveWeights(to: path)
+            files.append(try Data(contentsOf: URL(fileURLWithPath: path)))
+        }
+        #expect(files[0] == files[1])
+    }
+
+    @Test func checkpointResumeIsBitExactMidEpoch() throws {
+        // Full features: shuffle, augmentation and dropout on; stop after 3 of 6 steps, resume, compare.
+        var c = TrainingConfig()
+        c.batchSize = 32
+        c.totalSteps = 6
+        c.learningRate = 0.02
+        c.warmupEpochs = 0.001
+        let straight = try Trainer(config: c, trainSet: firstTrainingFile)
+        _ = try train(straight, steps: 6)
+
+        let dir = try temporaryDirectory("resume")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let first = try Trainer(config: c, trainSet: firstTrainingFile)
+        _ = try train(first, steps: 3)
+        try Checkpoint(trainer: first).save(directory: dir)
+        let (found, skipped) = Checkpoint.newestValid(in: dir)
+        #expect(skipped.isEmpty)
+        let resumed = try Trainer(config: c, trainSet: firstTrainingFile)
+        try #require(found).restore(into: resumed)
+        #expect(resumed.step == 3)
+        _ = try train(resumed, steps: 3)
+        #expect(resumed.network.parameters.copyValues() == straight.network.parameters.copyValues())
+        #expect(Array(UnsafeBufferPointer(start: resumed.optimizer.velocity.pointer, count: resumed.optimizer.count))
+                == Array(UnsafeBufferPointer(start: straight.optimizer.velocity.pointer, count: straight.optimizer.count)))
+    }
+
+    @Test func corruptLatestIsSkippedAndMismatchRefused() throws {
+        let dir = try temporaryDirectory("corrupt")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let trainer = try Trainer(config: deterministicConfig(steps: 4), trainSet: firstTrainingFile)
+        _ = try train(trainer, steps: 1)
+        try Checkpoint(trainer: trainer).save(directory: dir)
+        _ = try train(trainer, steps: 1)
+        let newest = try Checkpoint(trainer: trainer).save(directory: dir)
+        // flip one byte in the middle of the newest file's data
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: newest))
+        bytes[bytes.count / 2] ^= 0xFF
+        try bytes.write(to: URL(fileURLWithPath: newest))
+        let (found, skipped) = Checkpoint.newestValid(in: dir)
+        #expect(found?.step == 1)
+        #expect(skipped.count == 1 && skipped[0].path == newest && skipped[0].reason.contains("checksum"))
+
+        var other = deterministicConfig(steps: 4)
+        other.model.batchNorm = true
+        let different = try Trainer(config: other, trainSet: firstTrainingFile)
+        #expect(throws: TrainingError.self) { try found!.restore(into: different) }
+        do { try found!.restore(into: different) } catch { #expect(String(describing: error).contains("batch norm")) }
+    }
+}
