@@ -1,9 +1,38 @@
 import CDNNL
 
-/// Compute threads for oneDNN's GEMM (OpenMP). Call before training; 1 by default in our tools.
+/// Compute threads (OpenMP): oneDNN's GEMMs and the element-wise kernels share them.
+/// Call before training; our tools default to 1.
 public enum ComputeThreads {
-    public static func set(_ n: Int) { omp_set_num_threads(Int32(max(1, n))) }
+    public static func set(_ n: Int) {
+        omp_set_num_threads(Int32(max(1, n)))
+        count = max(1, n)
+    }
     public static var current: Int { Int(omp_get_max_threads()) }
+    nonisolated(unsafe) fileprivate static var count = Int(omp_get_max_threads())
+}
+
+/// Runs body over 0..<n split into one contiguous range per compute thread (OpenMP's team).
+/// Work items must be independent; results then do not depend on the thread count.
+@inline(__always)
+func parallelFor(_ n: Int, minimumPerThread: Int = 1, _ body: (Range<Int>) -> Void) {
+    let threads = min(ComputeThreads.count, n / max(minimumPerThread, 1))
+    if threads <= 1 { body(0..<n); return }
+    withoutActuallyEscaping(body) { body in
+        var job = ParallelJob(count: n, body: body)
+        withUnsafeMutablePointer(to: &job) { pointer in
+            GOMP_parallel({ raw in
+                let job = raw!.assumingMemoryBound(to: ParallelJob.self).pointee
+                let t = Int(omp_get_thread_num()), team = Int(omp_get_num_threads())
+                let lo = job.count * t / team, hi = job.count * (t + 1) / team
+                if lo < hi { job.body(lo..<hi) }
+            }, pointer, UInt32(threads), 0)
+        }
+    }
+}
+
+private struct ParallelJob {
+    let count: Int
+    let body: (Range<Int>) -> Void
 }
 
 /// Row-major single-precision GEMM through oneDNN:
@@ -36,7 +65,8 @@ enum Kernels {
                        col: UnsafeMutablePointer<Float>) {
         let (cin, n, h, w) = (x.shape.c, x.shape.n, x.shape.h, x.shape.w)
         let cols = n * ho * wo
-        for ci in 0..<cin {
+        parallelFor(cin) { channels in
+        for ci in channels {
             for i in 0..<k {
                 for j in 0..<k {
                     var dst = col + ((ci * k + i) * k + j) * cols
@@ -65,6 +95,7 @@ enum Kernels {
                 }
             }
         }
+        }
     }
 
     /// col2im: the adjoint of `im2col`; adds col (Cin·k·k, N·Ho·Wo) into dx (Cin, N, H, W).
@@ -72,7 +103,8 @@ enum Kernels {
                        into dx: Tensor) {
         let (cin, n, h, w) = (dx.shape.c, dx.shape.n, dx.shape.h, dx.shape.w)
         let cols = n * ho * wo
-        for ci in 0..<cin {
+        parallelFor(cin) { channels in
+        for ci in channels {
             for i in 0..<k {
                 for j in 0..<k {
                     var src = col + ((ci * k + i) * k + j) * cols
@@ -96,11 +128,13 @@ enum Kernels {
                 }
             }
         }
+        }
     }
 
     /// y[c][·] = max(0, y[c][·] + bias[c]) (or without the ReLU), in place, rows of length `columns`.
     @inline(never) static func addBias(_ y: UnsafeMutablePointer<Float>, bias: UnsafePointer<Float>, rows: Int, columns: Int, relu: Bool) {
-        for r in 0..<rows {
+        parallelFor(rows, minimumPerThread: max(1, 4096 / max(columns, 1))) { range in
+        for r in range {
             let row = y + r * columns
             let b = bias[r]
             if relu {
@@ -109,6 +143,42 @@ enum Kernels {
                 for i in 0..<columns { row[i] += b }
             }
         }
+        }
+    }
+
+    /// Σ p[0..<n], with sixteen partial sums (SIMD) so that the reduction vectorises.
+    @inline(__always) static func sum(_ p: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = SIMD16<Float>(), i = 0
+        while i + 16 <= n { acc += UnsafeRawPointer(p + i).loadUnaligned(as: SIMD16<Float>.self); i += 16 }
+        var s = acc.sum()
+        while i < n { s += p[i]; i += 1 }
+        return s
+    }
+
+    /// Σ a[i]·b[i] over 0..<n (SIMD partial sums).
+    @inline(__always) static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
+        var acc = SIMD16<Float>(), i = 0
+        while i + 16 <= n {
+            acc += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD16<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD16<Float>.self)
+            i += 16
+        }
+        var s = acc.sum()
+        while i < n { s += a[i] * b[i]; i += 1 }
+        return s
+    }
+
+    /// Σ (p[i] − c)² over 0..<n (SIMD partial sums).
+    @inline(__always) static func sumSquaredDeviation(_ p: UnsafePointer<Float>, _ n: Int, from c: Float) -> Float {
+        var acc = SIMD16<Float>(), i = 0
+        let cv = SIMD16<Float>(repeating: c)
+        while i + 16 <= n {
+            let d = UnsafeRawPointer(p + i).loadUnaligned(as: SIMD16<Float>.self) - cv
+            acc += d * d
+            i += 16
+        }
+        var s = acc.sum()
+        while i < n { s += (p[i] - c) * (p[i] - c); i += 1 }
+        return s
     }
 
     /// ReLU backward fused with the bias gradient: dy ← dy · [y > 0] (when `relu`), db[r] = Σ dy[r][·].
@@ -117,7 +187,8 @@ enum Kernels {
                                      relu: Bool, biasGrad: UnsafeMutablePointer<Float>) {
         typealias V = SIMD16<Float>
         let lanes = V.scalarCount
-        for r in 0..<rows {
+        parallelFor(rows, minimumPerThread: max(1, 4096 / max(columns, 1))) { range in
+        for r in range {
             let g = dy + r * columns, o = y + r * columns
             var acc = V(), i = 0
             while i + lanes <= columns {
@@ -137,6 +208,7 @@ enum Kernels {
             }
             biasGrad[r] = sum
         }
+        }
     }
 
     /// Max pooling over each (c, n) plane; `argmax` records the winning offset within the input plane.
@@ -145,7 +217,8 @@ enum Kernels {
                                y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>) {
         let (h, w) = (x.shape.h, x.shape.w)
         let planes = x.shape.c * x.shape.n
-        for pl in 0..<planes {
+        parallelFor(planes, minimumPerThread: 16) { range in
+        for pl in range {
             let src = x.data + pl * h * w
             let dst = y + pl * ho * wo, idx = argmax + pl * ho * wo
             for oh in 0..<ho {
@@ -175,14 +248,17 @@ enum Kernels {
                 }
             }
         }
+        }
     }
 
     @inline(never) static func maxPoolBackward(_ dy: UnsafePointer<Float>, argmax: UnsafePointer<Int32>, planes: Int, outPlane: Int,
                                 dx: UnsafeMutablePointer<Float>, inPlane: Int) {
-        dx.update(repeating: 0, count: planes * inPlane)
-        for pl in 0..<planes {
-            let g = dy + pl * outPlane, idx = argmax + pl * outPlane, d = dx + pl * inPlane
-            for o in 0..<outPlane { d[Int(idx[o])] += g[o] }
+        parallelFor(planes, minimumPerThread: 16) { range in
+            (dx + range.lowerBound * inPlane).update(repeating: 0, count: range.count * inPlane)
+            for pl in range {
+                let g = dy + pl * outPlane, idx = argmax + pl * outPlane, d = dx + pl * inPlane
+                for o in 0..<outPlane { d[Int(idx[o])] += g[o] }
+            }
         }
     }
 }

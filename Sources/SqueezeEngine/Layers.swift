@@ -149,7 +149,7 @@ final class BatchNorm {
     private var gamma: UnsafeMutablePointer<Float>!, beta: UnsafeMutablePointer<Float>!
     private var dgamma: UnsafeMutablePointer<Float>!, dbeta: UnsafeMutablePointer<Float>!
     private var runningMean: UnsafeMutablePointer<Float>!, runningVar: UnsafeMutablePointer<Float>!
-    private var mean = [Float](), invStd = [Float]()
+    private let mean = FloatBuffer(), invStd = FloatBuffer()
 
     init(name: String, channels: Int) { self.name = name; self.channels = channels }
 
@@ -167,24 +167,22 @@ final class BatchNorm {
     }
 
     func forward(_ z: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, columns m: Int, training: Bool, relu: Bool) {
-        mean = [Float](repeating: 0, count: channels); invStd = mean
-        for c in 0..<channels {
+        let means = mean.reserve(channels), invStds = invStd.reserve(channels)
+        parallelFor(channels) { range in
+        for c in range {
             let row = z + c * m
             var mu: Float, variance: Float
             if training {
-                var s: Double = 0
-                for i in 0..<m { s += Double(row[i]) }
-                mu = Float(s / Double(m))
-                var q: Double = 0
-                for i in 0..<m { let d = Double(row[i] - mu); q += d * d }
-                variance = Float(q / Double(m))
+                mu = Kernels.sum(row, m) / Float(m)
+                let q = Kernels.sumSquaredDeviation(row, m, from: mu)
+                variance = q / Float(m)
                 runningMean[c] = (1 - momentum) * runningMean[c] + momentum * mu
-                runningVar[c] = (1 - momentum) * runningVar[c] + momentum * Float(q / Double(max(m - 1, 1)))
+                runningVar[c] = (1 - momentum) * runningVar[c] + momentum * q / Float(max(m - 1, 1))
             } else {
                 mu = runningMean[c]; variance = runningVar[c]
             }
             let inv = 1 / (variance + eps).squareRoot()
-            mean[c] = mu; invStd[c] = inv
+            means[c] = mu; invStds[c] = inv
             let scale = gamma[c] * inv, shift = beta[c] - mu * scale
             let out = y + c * m
             if relu {
@@ -193,21 +191,25 @@ final class BatchNorm {
                 for i in 0..<m { out[i] = row[i] * scale + shift }
             }
         }
+        }
     }
 
     /// g holds dL/dy (after the ReLU mask) and is overwritten with dL/dz (training-mode statistics).
     func backward(_ g: UnsafeMutablePointer<Float>, z: UnsafePointer<Float>, columns m: Int) {
-        for c in 0..<channels {
+        let means = mean.pointer, invStds = invStd.pointer
+        parallelFor(channels) { range in
+        for c in range {
             let row = g + c * m, zr = z + c * m
-            let mu = mean[c], inv = invStd[c]
-            var sumG: Float = 0, sumGX: Float = 0
-            for i in 0..<m { sumG += row[i]; sumGX += row[i] * (zr[i] - mu) * inv }
+            let mu = means[c], inv = invStds[c]
+            let sumG = Kernels.sum(row, m)
+            let sumGX = (Kernels.dot(row, zr, m) - mu * sumG) * inv  // Σ g·x̂
             dbeta[c] = sumG; dgamma[c] = sumGX
             let k = gamma[c] * inv / Float(m)
             for i in 0..<m {
                 let xhat = (zr[i] - mu) * inv
                 row[i] = k * (Float(m) * row[i] - sumG - xhat * sumGX)
             }
+        }
         }
     }
 }
