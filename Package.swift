@@ -25,10 +25,13 @@ let package = Package(
         // Single-process training: trainer, checkpoints, metrics, progress.
         .target(name: "SqueezeTraining", dependencies: ["SqueezeEngine", "SqueezeData"], swiftSettings: optimize),
 
+        // Coordinator, worker loop, launcher, cluster checkpoints.
+        .target(name: "SqueezeCluster", dependencies: ["SqueezeEngine", "SqueezeData", "SqueezeTraining"], swiftSettings: optimize),
+
         .executableTarget(
             name: "squeezetrain",
             dependencies: [
-                "SqueezeEngine", "SqueezeData", "SqueezeTraining",
+                "SqueezeEngine", "SqueezeData", "SqueezeTraining", "SqueezeCluster",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize),
@@ -36,5 +39,6 @@ let package = Package(
         .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
         .testTarget(name: "SqueezeTrainingTests", dependencies: ["SqueezeTraining"], exclude: ["Fixtures"]),
+        .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeCluster"]),
     ]
 )

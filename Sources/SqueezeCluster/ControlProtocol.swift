@@ -1,0 +1,207 @@
+import Foundation
+import SqueezeEngine
+import SqueezeTraining
+
+/// The control plane between the coordinator (a ROUTER socket) and the workers (one DEALER each).
+///
+/// Every message is one ZeroMQ frame: a 12-byte header, then a JSON body.
+///
+///     offset size field
+///          0    4 magic     "SQZC"
+///          4    2 version   ControlMessage.version (little-endian)
+///          6    2 kind      ControlKind (little-endian)
+///          8    4 length    body bytes that follow (little-endian); must equal the frame's rest
+///         12    … body      JSON of the kind's payload type
+///
+/// A wrong magic or version, an unknown kind, a length that disagrees with the frame (truncated or
+/// padded), or a body that does not decode is rejected with `ControlError`, naming the peer.
+/// Gradients never travel here: they go over the data plane (SqueezeComm's transport).
+public enum ControlKind: UInt16, Sendable, CaseIterable {
+    case hello = 1, welcome, ready, start, stepReport, heartbeat, stop, abort, reject, failure
+}
+
+public enum ControlMessage: Sendable {
+    case hello(Hello)
+    case welcome(Welcome)
+    case ready(Ready)
+    case start(Start)
+    case stepReport(StepReport)
+    case heartbeat(Heartbeat)
+    case stop(Stop)
+    case abort(Abort)
+    case reject(Reject)
+    case failure(Failure)
+
+    public static let version: UInt16 = 1
+    static let magic: [UInt8] = Array("SQZC".utf8)
+    static let headerSize = 12
+
+    public var kind: ControlKind {
+        switch self {
+        case .hello: .hello
+        case .welcome: .welcome
+        case .ready: .ready
+        case .start: .start
+        case .stepReport: .stepReport
+        case .heartbeat: .heartbeat
+        case .stop: .stop
+        case .abort: .abort
+        case .reject: .reject
+        case .failure: .failure
+        }
+    }
+
+    public func encoded() -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        let body: Data
+        do {
+            switch self {
+            case .hello(let m): body = try encoder.encode(m)
+            case .welcome(let m): body = try encoder.encode(m)
+            case .ready(let m): body = try encoder.encode(m)
+            case .start(let m): body = try encoder.encode(m)
+            case .stepReport(let m): body = try encoder.encode(m)
+            case .heartbeat(let m): body = try encoder.encode(m)
+            case .stop(let m): body = try encoder.encode(m)
+            case .abort(let m): body = try encoder.encode(m)
+            case .reject(let m): body = try encoder.encode(m)
+            case .failure(let m): body = try encoder.encode(m)
+            }
+        } catch {
+            preconditionFailure("control message \(kind) does not encode: \(error)")
+        }
+        var out = ControlMessage.magic
+        withUnsafeBytes(of: ControlMessage.version.littleEndian) { out += $0 }
+        withUnsafeBytes(of: kind.rawValue.littleEndian) { out += $0 }
+        withUnsafeBytes(of: UInt32(body.count).littleEndian) { out += $0 }
+        return out + body
+    }
+
+    /// Parses and validates one frame from `peer` (used in error messages).
+    public static func decode(_ frame: UnsafeRawBufferPointer, from peer: String) throws -> ControlMessage {
+        guard frame.count >= headerSize else {
+            throw ControlError(peer: peer, problem: "truncated message: \(frame.count) bytes, shorter than the \(headerSize)-byte header")
+        }
+        guard Array(frame[0..<4]) == magic else { throw ControlError(peer: peer, problem: "not a squeezetrain control message (bad magic)") }
+        let version = UInt16(frame[4]) | UInt16(frame[5]) << 8
+        guard version == ControlMessage.version else {
+            throw ControlError(peer: peer, problem: "protocol version \(version), this build speaks version \(ControlMessage.version)")
+        }
+        let rawKind = UInt16(frame[6]) | UInt16(frame[7]) << 8
+        guard let kind = ControlKind(rawValue: rawKind) else { throw ControlError(peer: peer, problem: "unknown message kind \(rawKind)") }
+        let length = Int(UInt32(frame[8]) | UInt32(frame[9]) << 8 | UInt32(frame[10]) << 16 | UInt32(frame[11]) << 24)
+        guard length == frame.count - headerSize else {
+            throw ControlError(peer: peer, problem: "\(kind) message says \(length) body bytes but carries \(frame.count - headerSize) (truncated or corrupt)")
+        }
+        let body = Data(frame[headerSize...])
+        let d = JSONDecoder()
+        do {
+            switch kind {
+            case .hello: return .hello(try d.decode(Hello.self, from: body))
+            case .welcome: return .welcome(try d.decode(Welcome.self, from: body))
+            case .ready: return .ready(try d.decode(Ready.self, from: body))
+            case .start: return .start(try d.decode(Start.self, from: body))
+            case .stepReport: return .stepReport(try d.decode(StepReport.self, from: body))
+            case .heartbeat: return .heartbeat(try d.decode(Heartbeat.self, from: body))
+            case .stop: return .stop(try d.decode(Stop.self, from: body))
+            case .abort: return .abort(try d.decode(Abort.self, from: body))
+            case .reject: return .reject(try d.decode(Reject.self, from: body))
+            case .failure: return .failure(try d.decode(Failure.self, from: body))
+            }
+        } catch {
+            throw ControlError(peer: peer, problem: "\(kind) message body does not decode: \(error)")
+        }
+    }
+}
+
+public struct ControlError: Error, CustomStringConvertible, Sendable {
+    public var peer: String
+    public var problem: String
+    public var description: String { "message from \(peer) rejected: \(problem)" }
+}
+
+/// Which all-reduce the workers use.
+public enum AllReduceAlgorithm: String, Codable, Sendable, CaseIterable {
+    /// Reduce-scatter then all-gather around a ring of workers (bandwidth-optimal).
+    case ring
+    /// Every worker sends its gradient to the coordinator, which averages and sends it back.
+    case star
+}
+
+/// Worker → coordinator, first message.
+public struct Hello: Codable, Sendable {
+    public var protocolVersion: UInt16
+    public var host: String
+    public var pid: Int32
+    /// The rank this worker asks for (e.g. from a launcher), or nil for any.
+    public var requestedRank: Int?
+    /// Where this worker's data-plane socket listens (reachable by the other workers).
+    public var dataEndpoint: String
+    public var threads: Int
+}
+
+/// Coordinator → worker: the rank and everything needed to train.
+public struct Welcome: Codable, Sendable {
+    public var rank: Int
+    public var worldSize: Int
+    public var config: TrainingConfig
+    public var algorithm: AllReduceAlgorithm
+    /// Data-plane endpoints of every rank (index = rank); for star, the coordinator's hub endpoint last.
+    public var endpoints: [String]
+    public var bucketBytes: Int
+    public var timeoutSeconds: Double
+    /// Checksum (FNV-1a-64 of the initial parameters) every rank must reproduce from the seed.
+    public var parametersChecksum: String
+}
+
+/// Worker → coordinator: model built and verified, data plane bound.
+public struct Ready: Codable, Sendable {
+    public var rank: Int
+    public var model: ModelConfig
+    public var parameterCount: Int
+    public var parametersChecksum: String
+}
+
+public struct Start: Codable, Sendable { public var step: Int }
+
+/// Worker → coordinator after every step: the metrics of the step.
+public struct StepReport: Codable, Sendable {
+    public var step: Int
+    public var epoch: Int
+    public var rank: Int
+    public var loss: Float
+    public var correct: Int
+    public var images: Int
+    public var learningRate: Float
+    public var allreduceBytesSent: Int
+    public var allreduceBytesReceived: Int
+    public var controlBytes: Int
+    public var allreduceSeconds: Double
+    public var computeSeconds: Double
+    public var stepSeconds: Double
+    public var dataWaitSeconds: Double
+}
+
+public struct Heartbeat: Codable, Sendable {
+    public var rank: Int
+    public var step: Int
+}
+
+public struct Stop: Codable, Sendable { public var reason: String }
+public struct Abort: Codable, Sendable { public var reason: String }
+/// Coordinator → a peer whose message it refused (it keeps running).
+public struct Reject: Codable, Sendable { public var reason: String }
+/// Worker → coordinator: this worker cannot go on.
+public struct Failure: Codable, Sendable {
+    public var rank: Int
+    public var step: Int
+    public var message: String
+}
+
+/// FNV-1a-64 over the bit patterns of `values`, as hex.
+public func parametersChecksum(_ values: UnsafeBufferPointer<Float>) -> String {
+    var h: UInt64 = 0xCBF2_9CE4_8422_2325
+    for v in values { h = (h ^ UInt64(v.bitPattern)) &* 0x100_0000_01B3 }
+    return String(h, radix: 16)
+}
