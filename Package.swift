@@ -21,6 +21,8 @@ let package = Package(
         .target(name: "SqueezeEngine", dependencies: ["CDNNL"], swiftSettings: optimize),
         // CIFAR-10 reader, augmentation, sharded sampler.
         .target(name: "SqueezeData", swiftSettings: optimize),
+        // ZeroMQ wrapper, transports, wire protocol, all-reduce algorithms, byte counters.
+        .target(name: "SqueezeComm", dependencies: ["CZeroMQ"], swiftSettings: optimize),
 
         .executableTarget(
             name: "squeezetrain",
@@ -32,5 +34,6 @@ let package = Package(
 
         .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
+        .testTarget(name: "SqueezeCommTests", dependencies: ["SqueezeComm"]),
     ]
 )
