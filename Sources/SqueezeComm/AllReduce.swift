@@ -3,12 +3,15 @@
 /// Settings shared by the collectives. Every rank of a group must use the same chunk size.
 public struct CollectiveOptions: Sendable {
     /// Payload bytes per message; segments are cut into chunks of this size so that
-    /// receiving, reducing and forwarding overlap.
+    /// receiving, reducing and forwarding overlap. The 1 MiB default was the fastest of
+    /// 64 KiB…4 MiB for 727,626 Floats over tcp loopback with 2 and 4 processes on a
+    /// 2-core machine: each message costs syscalls and thread wake-ups, which outweigh
+    /// finer pipelining there.
     public var chunkBytes: Int
     /// How long a receive waits for a peer before throwing `CommError.timeout`.
     public var timeout: Duration
 
-    public init(chunkBytes: Int = 256 << 10, timeout: Duration = .seconds(60)) {
+    public init(chunkBytes: Int = 1 << 20, timeout: Duration = .seconds(60)) {
         self.chunkBytes = chunkBytes
         self.timeout = timeout
     }

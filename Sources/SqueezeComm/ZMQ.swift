@@ -292,7 +292,7 @@ public final class ZMQSocket: @unchecked Sendable {
     public var isClosed: Bool { handle == nil }
 
     func raw() throws(ZMQError) -> UnsafeMutableRawPointer {
-        guard let h = handle else { throw ZMQError(code: ENOTSOCK, function: "closed socket") }
+        guard let h = handle else { throw ZMQError(code: ENOTSOCK, function: "ZMQSocket (already closed)") }
         return h
     }
 
@@ -347,6 +347,11 @@ public final class ZMQSocket: @unchecked Sendable {
     public func setTCPKeepAlive(_ on: Bool, idleSeconds: Int? = nil) throws(ZMQError) {
         try setOption(ZMQ_TCP_KEEPALIVE, Int32(on ? 1 : 0))
         if let idleSeconds { try setOption(ZMQ_TCP_KEEPALIVE_IDLE, Int32(idleSeconds)) }
+    }
+    /// ZMQ_SNDBUF and ZMQ_RCVBUF: kernel socket buffer sizes in bytes (-1 = OS default).
+    public func setKernelBuffers(_ bytes: Int) throws(ZMQError) {
+        try setOption(ZMQ_SNDBUF, Int32(bytes))
+        try setOption(ZMQ_RCVBUF, Int32(bytes))
     }
     /// ZMQ_MAXMSGSIZE: larger inbound frames disconnect the peer; -1 = no limit.
     public func setMaxMessageSize(_ bytes: Int) throws(ZMQError) { try setOption(ZMQ_MAXMSGSIZE, int64: Int64(bytes)) }

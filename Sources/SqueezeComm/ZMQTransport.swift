@@ -40,6 +40,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         public var tcpKeepAlive = true
         /// Inbound frames larger than this disconnect the sender; -1 = no limit.
         public var maxMessageBytes = -1
+        /// Kernel socket buffer size (ZMQ_SNDBUF / ZMQ_RCVBUF) in bytes; nil keeps the OS default.
+        public var kernelBufferBytes: Int? = nil
         /// I/O threads, when the transport creates its own context.
         public var ioThreads = 1
         /// Upper bound on waiting for libzmq to release lent buffers after `abandonSends`.
@@ -93,6 +95,7 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         try router.setRouterHandover(true)  // a restarted peer may reuse its routing id
         if options.tcpKeepAlive { try router.setTCPKeepAlive(true) }
         if options.maxMessageBytes >= 0 { try router.setMaxMessageSize(options.maxMessageBytes) }
+        if let bytes = options.kernelBufferBytes { try router.setKernelBuffers(bytes) }
         try router.bind(endpoint)
         self.inbound = router
         self.boundEndpoint = try router.lastEndpoint
@@ -176,6 +179,7 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         try dealer.setSendHighWaterMark(0)  // collectives bound the queue; never block in send
         try dealer.setRoutingID(Self.routingID(rank: rank))
         if options.tcpKeepAlive { try dealer.setTCPKeepAlive(true) }
+        if let bytes = options.kernelBufferBytes { try dealer.setKernelBuffers(bytes) }
         try dealer.connect(endpoint)
         return dealer
     }
