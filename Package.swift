@@ -21,23 +21,27 @@ let package = Package(
         .target(name: "SqueezeEngine", dependencies: ["CDNNL"], swiftSettings: optimize),
         // CIFAR-10 reader, augmentation, sharded sampler.
         .target(name: "SqueezeData", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
+        // ZeroMQ wrapper, transports, wire protocol, all-reduce algorithms, byte counters.
+        .target(name: "SqueezeComm", dependencies: ["CZeroMQ"], swiftSettings: optimize),
 
         // Single-process training: trainer, checkpoints, metrics, progress.
         .target(name: "SqueezeTraining", dependencies: ["SqueezeEngine", "SqueezeData"], swiftSettings: optimize),
 
-        // Coordinator, worker loop, launcher, cluster checkpoints.
-        .target(name: "SqueezeCluster", dependencies: ["SqueezeEngine", "SqueezeData", "SqueezeTraining"], swiftSettings: optimize),
+        // Coordinator, worker loop, launcher.
+        .target(name: "SqueezeCluster", dependencies: ["SqueezeEngine", "SqueezeData", "SqueezeTraining", "SqueezeComm"],
+                swiftSettings: optimize),
 
         .executableTarget(
             name: "squeezetrain",
             dependencies: [
-                "SqueezeEngine", "SqueezeData", "SqueezeTraining", "SqueezeCluster",
+                "SqueezeEngine", "SqueezeData", "SqueezeComm", "SqueezeTraining", "SqueezeCluster",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize),
 
         .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
+        .testTarget(name: "SqueezeCommTests", dependencies: ["SqueezeComm"]),
         .testTarget(name: "SqueezeTrainingTests", dependencies: ["SqueezeTraining"], exclude: ["Fixtures"]),
         .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeCluster"]),
     ]

@@ -1,0 +1,104 @@
+import Foundation
+@testable import SqueezeComm
+
+/// Collects one result per rank from threads (results are written once each, under a lock).
+final class RankResults<R: Sendable>: @unchecked Sendable {
+    // @unchecked Sendable: `slots` is only accessed with `lock` held.
+    private let lock = NSLock()
+    private var slots: [Result<R, any Error>?]
+
+    init(count: Int) { slots = Array(repeating: nil, count: count) }
+
+    func set(_ i: Int, _ r: Result<R, any Error>) { lock.withLock { slots[i] = r } }
+    var all: [Result<R, any Error>] { lock.withLock { slots.map { $0! } } }
+}
+
+/// Runs `body(rank)` for every rank on its own OS thread (blocking collectives must not run
+/// on the few threads of Swift's cooperative pool) and returns each rank's result.
+func runRanks<R: Sendable>(_ count: Int, _ body: @escaping @Sendable (Int) throws -> R) -> [Result<R, any Error>] {
+    let results = RankResults<R>(count: count)
+    let done = DispatchSemaphore(value: 0)
+    for rank in 0..<count {
+        let thread = Thread {
+            results.set(rank, Result { try body(rank) })
+            done.signal()
+        }
+        thread.stackSize = 4 << 20
+        thread.start()
+    }
+    for _ in 0..<count { done.wait() }
+    return results.all
+}
+
+/// Deterministic, rank-specific test data in [-2, 2) with full mantissas (an LCG), so that
+/// sums round differently depending on their order.
+func rankData(rank: Int, count: Int, salt: UInt64 = 0) -> [Float] {
+    var state = 0x9E37_79B9_7F4A_7C15 &* UInt64(rank + 1) &+ salt &* 0xD1B5_4A32_D192_ED03
+    return (0..<count).map { _ in
+        state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
+        return Float(Double(state >> 40) / Double(1 << 24) * 4 - 2)
+    }
+}
+
+/// The exact average in Double.
+func doubleAverage(_ inputs: [[Float]]) -> [Double] {
+    let n = inputs.count
+    return (0..<inputs[0].count).map { i in inputs.reduce(0.0) { $0 + Double($1[i]) } / Double(n) }
+}
+
+/// Checks |result − exact| against a bound for Float summation of N terms plus the division.
+func maxToleranceViolation(_ result: [Float], exact: [Double], inputs: [[Float]]) -> Double {
+    let n = Double(inputs.count)
+    var worst = 0.0
+    for i in result.indices {
+        let magnitude = inputs.reduce(0.0) { $0 + abs(Double($1[i])) } / n
+        let bound = 2 * n * Double(Float.ulpOfOne) * magnitude + Double(Float.ulpOfOne) * abs(exact[i]) + 1e-30
+        worst = max(worst, abs(Double(result[i]) - exact[i]) / bound)
+    }
+    return worst  // ≤ 1 means within tolerance
+}
+
+/// Naive reference for the ring: segment k is summed as x_k + x_{k+1} + … (ranks mod N)
+/// in Float, then divided by N. The ring must match it bit for bit.
+func ringReference(_ inputs: [[Float]]) -> [Float] {
+    let n = inputs.count, count = inputs[0].count
+    guard n > 1 else { return inputs[0] }
+    var out = [Float](repeating: 0, count: count)
+    for k in 0..<n {
+        for i in evenSegment(k, of: n, count: count) {
+            var acc = inputs[k][i]
+            for j in 1..<n { acc += inputs[(k + j) % n][i] }
+            out[i] = acc / Float(n)
+        }
+    }
+    return out
+}
+
+/// Naive reference for the star: sum in worker order in Float, then divide.
+func starReference(_ inputs: [[Float]]) -> [Float] {
+    let n = inputs.count
+    return (0..<inputs[0].count).map { i in
+        var acc = inputs[0][i]
+        for r in 1..<n { acc += inputs[r][i] }
+        return acc / Float(n)
+    }
+}
+
+/// nil if `a` and `b` are bit-identical, else a short description of the first difference
+/// (keeps failure messages readable for arrays of 727,626 elements).
+func firstMismatch(_ a: [Float], _ b: [Float]) -> String? {
+    guard a.count == b.count else { return "counts \(a.count) vs \(b.count)" }
+    guard let i = a.indices.first(where: { a[$0].bitPattern != b[$0].bitPattern }) else { return nil }
+    return "element \(i): \(a[i]) vs \(b[i])"
+}
+
+/// The outcome of one rank in a collective test.
+struct RankOutcome: Sendable {
+    var result: [Float]
+    var counters: ByteCounters
+}
+
+/// A unique ipc:// endpoint in the temp directory.
+func uniqueIPCEndpoint(_ name: String) -> String {
+    "ipc://\(NSTemporaryDirectory())squeezecomm-\(getpid())-\(name)-\(UInt32.random(in: 0...UInt32.max))"
+}

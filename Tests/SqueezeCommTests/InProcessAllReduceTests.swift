@@ -1,0 +1,290 @@
+import Testing
+@testable import SqueezeComm
+
+/// Chunk size per test count: small chunks for small buffers so segments span many chunks
+/// (with a ragged last one); the default for the SqueezeNet-sized buffer.
+private func chunkBytes(for count: Int) -> Int { count >= 100_000 ? 256 << 10 : 40 }
+
+/// Runs one ring all-reduce over a fresh in-process group; rank r contributes `inputs[r]`.
+private func inProcessRing(_ inputs: [[Float]], chunkBytes: Int) throws -> [RankOutcome] {
+    let group = InProcessGroup(worldSize: inputs.count)
+    let options = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120))
+    return try runRanks(inputs.count) { rank in
+        let transport = group[rank]
+        let ring = RingAllReduce(transport: transport, options: options)
+        var buffer = inputs[rank]
+        try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: 7, bucket: 3))
+        return RankOutcome(result: buffer, counters: transport.counters)
+    }.map { try $0.get() }
+}
+
+/// Runs one star all-reduce: ranks 0..<N are workers, rank N is the hub.
+private func inProcessStar(_ inputs: [[Float]], chunkBytes: Int) throws -> (workers: [RankOutcome], hub: ByteCounters) {
+    let n = inputs.count, count = inputs[0].count
+    let group = InProcessGroup(worldSize: n + 1)
+    let options = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120))
+    let outcomes = try runRanks(n + 1) { rank in
+        let transport = group[rank]
+        if rank == n {
+            let hub = StarAllReduceHub(transport: transport, options: options)
+            #expect(hub.workers == Array(0..<n))
+            try hub.reduce(count: count, tag: CollectiveTag(step: 1))
+            return RankOutcome(result: [], counters: transport.counters)
+        }
+        let worker = StarAllReduceWorker(transport: transport, hub: n, options: options)
+        var buffer = inputs[rank]
+        try worker.allReduceAverage(&buffer, tag: CollectiveTag(step: 1))
+        return RankOutcome(result: buffer, counters: transport.counters)
+    }.map { try $0.get() }
+    return (Array(outcomes[..<n]), outcomes[n].counters)
+}
+
+@Suite("All-reduce over InProcessTransport")
+struct InProcessAllReduceTests {
+    @Test("ring: average, identical on every rank, deterministic, exact byte counts",
+          arguments: 1...5, [1, 7, 1000, 727_626])
+    func ring(worldSize n: Int, count: Int) throws {
+        let inputs = (0..<n).map { rankData(rank: $0, count: count) }
+        let chunk = chunkBytes(for: count)
+        let first = try inProcessRing(inputs, chunkBytes: chunk)
+        let second = try inProcessRing(inputs, chunkBytes: chunk)
+
+        let exact = doubleAverage(inputs)
+        #expect(maxToleranceViolation(first[0].result, exact: exact, inputs: inputs) <= 1)
+        // Bit-identical on every rank, equal to the naive fixed-order reference, and repeatable.
+        let reference = ringReference(inputs)
+        for r in 0..<n {
+            #expect(firstMismatch(first[r].result, first[0].result) == nil, "rank \(r) differs from rank 0")
+            #expect(firstMismatch(second[r].result, first[r].result) == nil, "rank \(r) differs between runs")
+        }
+        #expect(firstMismatch(first[0].result, reference) == nil)
+
+        // Byte counters: payload exactly as the formula, headers counted apart.
+        let messagesPerSegment = { (k: Int) in (evenSegment(k, of: n, count: count).count + chunk / 4 - 1) / (chunk / 4) }
+        for r in 0..<n {
+            let c = first[r].counters
+            let expected = RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: count, worldSize: n, rank: r)
+            #expect(c.payloadBytesSent == expected.sent)
+            #expect(c.payloadBytesReceived == expected.received)
+            // Independent check of the formula: all segments but r+1, then all but r+2.
+            let size = { (k: Int) in evenSegment(k % n, of: n, count: count).count }
+            #expect(expected.sent == (n == 1 ? 0 : 4 * (2 * count - size(r + 1) - size(r + 2))))
+            if count % n == 0 {
+                #expect(c.payloadBytesSent == 2 * (n - 1) * 4 * count / n)
+                #expect(c.payloadBytesReceived == 2 * (n - 1) * 4 * count / n)
+            }
+            let messages = RingAllReduce<InProcessTransport>.expectedMessages(
+                count: count, worldSize: n, rank: r, chunkBytes: chunk)
+            let allChunks = (0..<n).reduce(0) { $0 + messagesPerSegment($1) }
+            #expect(messages.sent == (n == 1 ? 0 : 2 * allChunks - messagesPerSegment((r + 1) % n) - messagesPerSegment((r + 2) % n)))
+            #expect(c.messagesSent == messages.sent)
+            #expect(c.messagesReceived == messages.received)
+            #expect(c.controlBytesSent == WireHeader.size * messages.sent)
+            #expect(c.controlBytesReceived == WireHeader.size * messages.received)
+            #expect(c.framingBytesSent == 0)
+        }
+        if n == 1 {
+            #expect(first[0].counters == ByteCounters())
+            #expect(firstMismatch(first[0].result, inputs[0]) == nil)
+        }
+    }
+
+    @Test("ring: the result does not depend on the chunk size")
+    func ringChunkSizeIndependent() throws {
+        let inputs = (0..<3).map { rankData(rank: $0, count: 10_001, salt: 5) }
+        let a = try inProcessRing(inputs, chunkBytes: 4)
+        let b = try inProcessRing(inputs, chunkBytes: 1 << 20)
+        let c = try inProcessRing(inputs, chunkBytes: 1234)
+        #expect(firstMismatch(a[2].result, b[2].result) == nil)
+        #expect(firstMismatch(a[1].result, c[1].result) == nil)
+        #expect(a[0].counters.payloadBytesSent == b[0].counters.payloadBytesSent)
+        #expect(a[0].counters.messagesSent > b[0].counters.messagesSent)
+    }
+
+    @Test("star: hub sums in worker order; exact byte counts", arguments: 1...5, [1, 7, 1000, 727_626])
+    func star(workers n: Int, count: Int) throws {
+        let inputs = (0..<n).map { rankData(rank: $0, count: count, salt: 1) }
+        let chunk = chunkBytes(for: count)
+        let first = try inProcessStar(inputs, chunkBytes: chunk)
+        let second = try inProcessStar(inputs, chunkBytes: chunk)
+
+        let exact = doubleAverage(inputs)
+        #expect(maxToleranceViolation(first.workers[0].result, exact: exact, inputs: inputs) <= 1)
+        let reference = starReference(inputs)
+        #expect(firstMismatch(first.workers[0].result, reference) == nil)
+        for r in 0..<n {
+            #expect(firstMismatch(first.workers[r].result, first.workers[0].result) == nil, "worker \(r) differs")
+            #expect(firstMismatch(second.workers[r].result, first.workers[r].result) == nil, "worker \(r) differs between runs")
+            let c = first.workers[r].counters
+            #expect(c.payloadBytesSent == 4 * count)
+            #expect(c.payloadBytesReceived == 4 * count)
+            let chunks = (count + chunk / 4 - 1) / (chunk / 4)
+            #expect(c.controlBytesSent == WireHeader.size * chunks)
+        }
+        #expect(first.hub.payloadBytesReceived == 4 * count * n)
+        #expect(first.hub.payloadBytesSent == 4 * count * n)
+    }
+
+    @Test("bucketed use: sub-ranges of one buffer, other elements untouched")
+    func buckets() throws {
+        let n = 3, count = 5000
+        let inputs = (0..<n).map { rankData(rank: $0, count: count, salt: 2) }
+        let buckets = [0..<1200, 1200..<1201, 3000..<4999]
+        let group = InProcessGroup(worldSize: n)
+        let results = try runRanks(n) { rank in
+            let ring = RingAllReduce(transport: group[rank], options: CollectiveOptions(chunkBytes: 256))
+            var buffer = inputs[rank]
+            try buffer.withUnsafeMutableBufferPointer { b in
+                for (i, range) in buckets.enumerated() {
+                    try ring.allReduceAverage(b, range: range, tag: CollectiveTag(step: 1, bucket: UInt32(i)))
+                }
+            }
+            return buffer
+        }.map { try $0.get() }
+        for range in buckets {
+            let reference = ringReference(inputs.map { Array($0[range]) })
+            for r in 0..<n { #expect(firstMismatch(Array(results[r][range]), reference) == nil) }
+        }
+        for r in 0..<n {
+            for i in [1201, 2000, 2999, 4999] { #expect(results[r][i].bitPattern == inputs[r][i].bitPattern) }
+        }
+    }
+
+    @Test("mismatched bucket ids are rejected, naming the peer")
+    func bucketMismatch() throws {
+        let group = InProcessGroup(worldSize: 2)
+        let outcomes = runRanks(2) { rank in
+            let ring = RingAllReduce(transport: group[rank], options: CollectiveOptions(timeout: .seconds(5)))
+            var buffer = rankData(rank: rank, count: 100)
+            try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: 4, bucket: UInt32(rank)))
+        }
+        for (rank, outcome) in outcomes.enumerated() {
+            guard case .failure(let error as CommError) = outcome,
+                  case .malformedMessage(let peer, let reason) = error
+            else {
+                Issue.record("rank \(rank): expected a malformed-message error, got \(outcome)")
+                continue
+            }
+            #expect(peer == 1 - rank)
+            #expect(reason.contains("tag"))
+            #expect(error.description.contains("rank \(1 - rank)"))
+        }
+    }
+}
+
+@Suite("Rejected messages over InProcessTransport")
+struct InProcessRejectionTests {
+    /// Rank 1 injects `control` + `payload`; rank 0 then runs a 2-rank ring and must fail.
+    private func ringError(control: [UInt8], payload: [UInt8]) -> CommError? {
+        let group = InProcessGroup(worldSize: 2)
+        do {
+            try control.withUnsafeBytes { c in
+                try payload.withUnsafeBytes { p in try group[1].send(control: c, payload: p, to: 0) }
+            }
+            let ring = RingAllReduce(transport: group[0], options: CollectiveOptions(timeout: .seconds(5)))
+            var buffer = [Float](repeating: 1, count: 10)
+            try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: 0))
+            return nil
+        } catch {
+            return error as? CommError
+        }
+    }
+
+    /// The first message rank 0 expects from rank 1 in a 2-rank ring of 10 Floats.
+    private var goodHeader: WireHeader {
+        WireHeader(kind: .reduceScatter, sender: 1, phaseStep: 0, tag: CollectiveTag(step: 0), offset: 5, count: 5)
+    }
+    private var goodPayload: [UInt8] { [UInt8](repeating: 0, count: 20) }
+
+    @Test("wrong protocol version")
+    func wrongVersion() {
+        var h = goodHeader
+        h.version = 9
+        let error = ringError(control: h.encoded, payload: goodPayload)
+        #expect(error?.peer == 1)
+        #expect(error?.description.contains("version 9") == true)
+    }
+
+    @Test("unknown message kind")
+    func unknownKind() {
+        var bytes = goodHeader.encoded
+        bytes[3] = 77
+        let error = ringError(control: bytes, payload: goodPayload)
+        #expect(error?.peer == 1)
+        #expect(error?.description.contains("unknown message kind 77") == true)
+    }
+
+    @Test("truncated header")
+    func truncated() {
+        let error = ringError(control: Array(goodHeader.encoded[..<20]), payload: goodPayload)
+        #expect(error?.peer == 1)
+        #expect(error?.description.contains("truncated") == true)
+    }
+
+    @Test("payload length disagrees with the header")
+    func wrongPayloadLength() {
+        let error = ringError(control: goodHeader.encoded, payload: [UInt8](repeating: 0, count: 19))
+        #expect(error?.peer == 1)
+        #expect(error?.description.contains("19 bytes") == true)
+    }
+
+    @Test("header announces a range the receiver does not expect")
+    func wrongRange() {
+        var h = goodHeader
+        h.count = 4
+        let error = ringError(control: h.encoded, payload: [UInt8](repeating: 0, count: 16))
+        #expect(error?.peer == 1)
+        #expect(error?.description.contains("range") == true)
+    }
+
+    @Test("a correct message is accepted (control for the cases above)")
+    func goodMessageAccepted() {
+        // With a valid first message rank 0 proceeds and then waits for the all-gather
+        // message, which never comes: so the error is a timeout, not a rejection.
+        let group = InProcessGroup(worldSize: 2)
+        let error: CommError? = {
+            do {
+                try goodHeader.encoded.withUnsafeBytes { c in
+                    try goodPayload.withUnsafeBytes { p in try group[1].send(control: c, payload: p, to: 0) }
+                }
+                let ring = RingAllReduce(transport: group[0], options: CollectiveOptions(timeout: .milliseconds(50)))
+                var buffer = [Float](repeating: 1, count: 10)
+                try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: 0))
+                return nil
+            } catch { return error as? CommError }
+        }()
+        guard case .timeout(let peer, _) = error else {
+            Issue.record("expected a timeout, got \(String(describing: error))")
+            return
+        }
+        #expect(peer == 1)
+    }
+
+    @Test("receive timeout names the silent peer")
+    func timeoutNamesPeer() {
+        let group = InProcessGroup(worldSize: 3)
+        let ring = RingAllReduce(transport: group[1], options: CollectiveOptions(timeout: .milliseconds(20)))
+        var buffer = [Float](repeating: 1, count: 30)
+        do {
+            try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: 0))
+            Issue.record("expected a timeout")
+        } catch let error as CommError {
+            #expect(error.peer == 0)  // rank 1 receives from its left neighbour, rank 0
+            #expect(error.description.contains("rank 0"))
+        } catch {
+            Issue.record("unexpected error \(error)")
+        }
+    }
+
+    @Test("invalid peers are refused")
+    func invalidPeer() {
+        let group = InProcessGroup(worldSize: 2)
+        let bytes = [UInt8](repeating: 0, count: 4)
+        #expect(throws: CommError.invalidPeer(2, worldSize: 2)) {
+            try bytes.withUnsafeBytes { try group[0].send($0, to: 2) }
+        }
+        #expect(throws: CommError.invalidPeer(0, worldSize: 2)) {
+            try bytes.withUnsafeBytes { try group[0].send($0, to: 0) }
+        }
+    }
+}

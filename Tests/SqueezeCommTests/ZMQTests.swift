@@ -1,0 +1,280 @@
+import CZeroMQ
+import Foundation
+import Testing
+@testable import SqueezeComm
+
+@Suite("ZeroMQ wrapper")
+struct ZMQWrapperTests {
+    @Test("binding to a wildcard port reads back the chosen endpoint")
+    func boundEndpoint() throws {
+        let context = try ZMQContext()
+        let socket = try ZMQSocket(context: context, type: .pull)
+        try socket.bind("tcp://127.0.0.1:*")
+        let endpoint = try socket.lastEndpoint
+        #expect(endpoint.hasPrefix("tcp://127.0.0.1:"))
+        let port = Int(endpoint.split(separator: ":").last!)
+        #expect(port != nil && port! > 0)
+    }
+
+    @Test("failures carry errno, function and zmq_strerror text")
+    func errors() throws {
+        let context = try ZMQContext()
+        let socket = try ZMQSocket(context: context, type: .pair)
+        do {
+            try socket.bind("nonsense://x")
+            Issue.record("bind should fail")
+        } catch {
+            #expect(error.function == "zmq_bind")
+            #expect(error.code == EPROTONOSUPPORT)
+            #expect(error.message == String(cString: zmq_strerror(EPROTONOSUPPORT)))
+            #expect(error.description.contains("zmq_bind"))
+        }
+    }
+
+    @Test("receive with a timeout returns nil when nothing arrives")
+    func receiveTimeout() throws {
+        let context = try ZMQContext()
+        let pull = try ZMQSocket(context: context, type: .pull)
+        try pull.bind("tcp://127.0.0.1:*")
+        #expect(try pull.receive(timeout: .milliseconds(10)) == nil)
+        let message = ZMQMessage()
+        #expect(try pull.receive(into: message, dontWait: true) == false)  // EAGAIN is not an error
+    }
+
+    @Test("large and multipart messages arrive whole (no truncation), zero-copy buffers are released")
+    func roundTrip() throws {
+        let context = try ZMQContext()
+        let pull = try ZMQSocket(context: context, type: .pull)
+        try pull.bind(uniqueIPCEndpoint("wrapper"))
+        let push = try ZMQSocket(context: context, type: .push)
+        try push.connect(try pull.lastEndpoint)
+
+        let big = rankData(rank: 3, count: 750_000)  // 3 MB
+        let tracker = ZMQReleaseTracker()
+        try big.withUnsafeBytes { bytes in
+            try push.send(ZMQMessage(borrowing: bytes, tracker: tracker))
+            let received = try #require(try pull.receive(timeout: .seconds(30)))
+            #expect(received.count == bytes.count)
+            #expect(received.bytes.elementsEqual(bytes))
+            // Sent and received, so libzmq must let go of the borrowed buffer.
+            #expect(tracker.waitUntilAllReleased(timeout: .seconds(30)))
+            #expect(tracker.outstandingLoans == 0)
+        }
+
+        let parts: [[UInt8]] = [[1, 2, 3], [], Array(repeating: 7, count: 1000)]
+        try parts[0].withUnsafeBytes { a in
+            try parts[1].withUnsafeBytes { b in
+                try parts[2].withUnsafeBytes { c in try push.sendMultipart([a, b, c]) }
+            }
+        }
+        let frames = try #require(try pull.receiveMultipart(timeout: .seconds(30)))
+        #expect(frames.map { Array($0.bytes) } == parts)
+        #expect(frames.map(\.hasMore) == [true, true, false])
+    }
+
+    @Test("socket options: routing id, high-water marks, keepalive, immediate")
+    func options() throws {
+        let context = try ZMQContext()
+        let dealer = try ZMQSocket(context: context, type: .dealer)
+        try dealer.setRoutingID(ZMQTransport.routingID(rank: 258))
+        try dealer.setSendHighWaterMark(0)
+        try dealer.setReceiveHighWaterMark(5)
+        try dealer.setTCPKeepAlive(true, idleSeconds: 30)
+        try dealer.setImmediate(true)
+        #expect(try dealer.int32Option(ZMQ_SNDHWM) == 0)
+        #expect(try dealer.int32Option(ZMQ_RCVHWM) == 5)
+        #expect(try dealer.int32Option(ZMQ_LINGER) == 0)
+        #expect(try dealer.int32Option(ZMQ_IMMEDIATE) == 1)
+        #expect(ZMQTransport.routingID(rank: 258) == [0x52, 2, 1, 0, 0])
+        dealer.close()
+        #expect(dealer.isClosed)
+        #expect(throws: ZMQError.self) { try dealer.connect("tcp://127.0.0.1:1") }
+    }
+}
+
+/// Runs a ring all-reduce on each transport of `group` (one thread per rank).
+private func zmqRing(_ group: [ZMQTransport], inputs: [[Float]], chunkBytes: Int) throws -> [RankOutcome] {
+    let options = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(60))
+    return try runRanks(group.count) { rank in
+        let ring = RingAllReduce(transport: group[rank], options: options)
+        var buffer = inputs[rank]
+        for step in 0..<3 {  // several rounds on the same sockets; the last result is kept
+            buffer = inputs[rank]
+            try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: UInt32(step)))
+        }
+        return RankOutcome(result: buffer, counters: group[rank].counters)
+    }.map { try $0.get() }
+}
+
+private func checkRing(_ outcomes: [RankOutcome], inputs: [[Float]], chunkBytes: Int) {
+    let n = inputs.count, count = inputs[0].count
+    let reference = ringReference(inputs)
+    #expect(maxToleranceViolation(outcomes[0].result, exact: doubleAverage(inputs), inputs: inputs) <= 1)
+    for r in 0..<n {
+        #expect(firstMismatch(outcomes[r].result, reference) == nil, "rank \(r) differs from the reference")
+        let expected = RingAllReduce<ZMQTransport>.expectedPayloadBytes(count: count, worldSize: n, rank: r)
+        let messages = RingAllReduce<ZMQTransport>.expectedMessages(count: count, worldSize: n, rank: r, chunkBytes: chunkBytes)
+        let c = outcomes[r].counters
+        #expect(c.payloadBytesSent == 3 * expected.sent)
+        #expect(c.payloadBytesReceived == 3 * expected.received)
+        #expect(c.controlBytesSent == 3 * messages.sent * WireHeader.size)
+        #expect(c.controlBytesReceived == 3 * messages.received * WireHeader.size)
+        #expect(c.framingBytesSent > 0 && c.framingBytesSent <= 3 * messages.sent * 18)
+    }
+}
+
+@Suite("All-reduce over ZMQTransport")
+struct ZMQAllReduceTests {
+    @Test("ring, 3 ranks as threads, tcp://127.0.0.1")
+    func ringTCP() throws {
+        let inputs = (0..<3).map { rankData(rank: $0, count: 300_007, salt: 9) }
+        let group = try ZMQTransport.localGroup(worldSize: 3, topology: .ring)
+        let chunk = 64 << 10
+        checkRing(try zmqRing(group, inputs: inputs, chunkBytes: chunk), inputs: inputs, chunkBytes: chunk)
+    }
+
+    @Test("ring, 3 ranks as threads, ipc://, shared context, small chunks")
+    func ringIPC() throws {
+        let inputs = (0..<3).map { rankData(rank: $0, count: 20_011, salt: 10) }
+        let context = try ZMQContext()
+        let group = try (0..<3).map {
+            try ZMQTransport(rank: $0, worldSize: 3, bind: uniqueIPCEndpoint("ring\($0)"), context: context)
+        }
+        for t in group { try t.connect(topology: .ring, endpoints: group.map(\.boundEndpoint)) }
+        #expect(group[0].boundEndpoint.hasPrefix("ipc://"))
+        let chunk = 1000  // 250 Floats: many chunks, mostly copied (below the zero-copy threshold)
+        checkRing(try zmqRing(group, inputs: inputs, chunkBytes: chunk), inputs: inputs, chunkBytes: chunk)
+    }
+
+    @Test("ring of 2 and of 1 over tcp")
+    func ringSmallWorlds() throws {
+        for n in [1, 2] {
+            let inputs = (0..<n).map { rankData(rank: $0, count: 727_626, salt: UInt64(n)) }
+            let group = try ZMQTransport.localGroup(worldSize: n, topology: .ring)
+            let chunk = 256 << 10
+            let outcomes = try zmqRing(group, inputs: inputs, chunkBytes: chunk)
+            checkRingWorld(outcomes, inputs: inputs, chunk: chunk)
+        }
+    }
+
+    private func checkRingWorld(_ outcomes: [RankOutcome], inputs: [[Float]], chunk: Int) {
+        if inputs.count == 1 {
+            #expect(firstMismatch(outcomes[0].result, inputs[0]) == nil)
+            #expect(outcomes[0].counters == ByteCounters())
+        } else {
+            checkRing(outcomes, inputs: inputs, chunkBytes: chunk)
+            #expect(outcomes[0].counters.payloadBytesSent == 3 * 4 * 727_626)  // 2(N−1)/N × 4 × count per round
+        }
+    }
+
+    @Test("star: hub (rank 0) and 3 workers over tcp; messages from several workers are demultiplexed")
+    func starTCP() throws {
+        let workers = 3, count = 100_003
+        let inputs = (0..<workers).map { rankData(rank: $0, count: count, salt: 11) }
+        let group = try ZMQTransport.localGroup(worldSize: workers + 1, topology: .star(hub: 0))
+        let options = CollectiveOptions(chunkBytes: 32 << 10, timeout: .seconds(60))
+        let outcomes = try runRanks(workers + 1) { rank in
+            if rank == 0 {
+                let hub = StarAllReduceHub(transport: group[0], options: options)
+                try hub.reduce(count: count, tag: CollectiveTag(step: 2))
+                return RankOutcome(result: [], counters: group[0].counters)
+            }
+            let worker = StarAllReduceWorker(transport: group[rank], hub: 0, options: options)
+            var buffer = inputs[rank - 1]
+            try worker.allReduceAverage(&buffer, tag: CollectiveTag(step: 2))
+            return RankOutcome(result: buffer, counters: group[rank].counters)
+        }.map { try $0.get() }
+        let reference = starReference(inputs)
+        for w in 1...workers {
+            #expect(firstMismatch(outcomes[w].result, reference) == nil, "worker rank \(w)")
+            #expect(outcomes[w].counters.payloadBytesSent == 4 * count)
+            #expect(outcomes[w].counters.payloadBytesReceived == 4 * count)
+        }
+        #expect(outcomes[0].counters.payloadBytesReceived == 4 * count * workers)
+        #expect(outcomes[0].counters.payloadBytesSent == 4 * count * workers)
+    }
+
+    @Test("a message with a bad header is rejected with an error naming the sender")
+    func badHeader() throws {
+        let group = try ZMQTransport.localGroup(worldSize: 2, topology: .ring)
+        var bad = WireHeader(kind: .reduceScatter, sender: 1, tag: CollectiveTag(step: 0), offset: 50, count: 50)
+        bad.version = 3
+        let payload = [UInt8](repeating: 0, count: 200)
+        try bad.encoded.withUnsafeBytes { c in
+            try payload.withUnsafeBytes { p in try group[1].send(control: c, payload: p, to: 0) }
+        }
+        let ring = RingAllReduce(transport: group[0], options: CollectiveOptions(timeout: .seconds(30)))
+        var buffer = rankData(rank: 0, count: 100)
+        do {
+            try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: 0))
+            Issue.record("expected rejection")
+        } catch let error as CommError {
+            guard case .malformedMessage(let peer, let reason) = error else {
+                Issue.record("unexpected \(error)")
+                return
+            }
+            #expect(peer == 1)
+            #expect(reason.contains("version 3"))
+        }
+    }
+
+    @Test("extra frames are rejected naming the sender")
+    func extraFrames() throws {
+        let transport = try ZMQTransport(rank: 0, worldSize: 2, bind: "tcp://127.0.0.1:*")
+        let context = try ZMQContext()
+        let rogue = try ZMQSocket(context: context, type: .dealer)
+        try rogue.setRoutingID(ZMQTransport.routingID(rank: 1))
+        try rogue.connect(transport.boundEndpoint)
+        let frame: [UInt8] = [1, 2, 3, 4]
+        try frame.withUnsafeBytes { try rogue.sendMultipart([$0, $0, $0]) }
+        #expect(throws: CommError.malformedMessage(peer: 1, reason: "3 frames, expected control + payload")) {
+            _ = try transport.receive(from: 1, timeout: .seconds(30)) as [UInt8]
+        }
+    }
+
+    @Test("close(flushTimeout:) delivers what is still queued, then refuses further use")
+    func closeFlushes() throws {
+        // Separate contexts, as in separate processes: closing the sender terminates its
+        // context, which must not drop the messages still inside libzmq.
+        let receiver = try ZMQTransport(rank: 1, worldSize: 2, bind: "tcp://127.0.0.1:*")
+        let sender = try ZMQTransport(rank: 0, worldSize: 2, bind: "tcp://127.0.0.1:*")
+        try sender.connect(to: 1, endpoint: receiver.boundEndpoint)
+        let data = rankData(rank: 0, count: 25_000)  // 100 KB per message, sent zero-copy
+        try data.withUnsafeBytes { bytes in
+            for _ in 0..<40 { try sender.send(bytes, to: 1) }
+            try sender.completeSends(timeout: .seconds(30))
+        }
+        sender.close(flushTimeout: .seconds(30))
+        #expect(sender.lentSendBuffers == 0)
+        for i in 0..<40 {
+            let got: [UInt8] = try receiver.receive(from: 0, timeout: .seconds(30))
+            #expect(got.count == 100_000, "message \(i)")
+        }
+        #expect(receiver.counters.payloadBytesReceived == 40 * 100_000)
+        #expect(throws: CommError.transportClosed) {
+            try data.withUnsafeBytes { try sender.send($0, to: 1) }
+        }
+    }
+
+    @Test("a receive timeout names the missing peer, and lent buffers are reclaimed")
+    func missingPeer() throws {
+        // Rank 1 never exists: rank 0 connects to an ipc path nobody binds.
+        let transport = try ZMQTransport(rank: 0, worldSize: 2, bind: "tcp://127.0.0.1:*")
+        try transport.connect(to: 1, endpoint: uniqueIPCEndpoint("nobody"))
+        let ring = RingAllReduce(transport: transport, options: CollectiveOptions(timeout: .milliseconds(100)))
+        var buffer = rankData(rank: 0, count: 100_000)  // large enough to be sent zero-copy
+        do {
+            try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: 0))
+            Issue.record("expected a timeout")
+        } catch let error as CommError {
+            guard case .timeout(let peer, _) = error else {
+                Issue.record("unexpected \(error)")
+                return
+            }
+            #expect(peer == 1)
+            #expect(error.description.contains("from rank 1"))
+        }
+        #expect(transport.counters.payloadBytesSent == 4 * 50_000)  // segment 0 was queued before the wait
+        #expect(transport.lentSendBuffers == 0)  // the error path dropped the queue and got the buffers back
+    }
+}
