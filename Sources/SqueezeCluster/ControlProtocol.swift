@@ -136,8 +136,6 @@ public struct Hello: Codable, Sendable {
     public var pid: Int32
     /// The rank this worker asks for (e.g. from a launcher), or nil for any.
     public var requestedRank: Int?
-    /// Where this worker's data-plane socket listens (reachable by the other workers).
-    public var dataEndpoint: String
     public var threads: Int
 }
 
@@ -147,9 +145,9 @@ public struct Welcome: Codable, Sendable {
     public var worldSize: Int
     public var config: TrainingConfig
     public var algorithm: AllReduceAlgorithm
-    /// Data-plane endpoints of every rank (index = rank); for star, the coordinator's hub endpoint last.
-    public var endpoints: [String]
     public var bucketBytes: Int
+    /// Data-plane transport: "tcp" or "ipc".
+    public var transport: String
     public var timeoutSeconds: Double
     /// Checksum (FNV-1a-64 of the initial parameters) every rank must reproduce from the seed.
     public var parametersChecksum: String
@@ -161,9 +159,16 @@ public struct Ready: Codable, Sendable {
     public var model: ModelConfig
     public var parameterCount: Int
     public var parametersChecksum: String
+    /// Where this worker's data-plane socket listens (reachable by the other workers).
+    public var dataEndpoint: String
 }
 
-public struct Start: Codable, Sendable { public var step: Int }
+/// Coordinator → every worker once all are ready.
+public struct Start: Codable, Sendable {
+    public var step: Int
+    /// Data-plane endpoints of every rank (index = rank); for star, the coordinator's hub last.
+    public var endpoints: [String]
+}
 
 /// Worker → coordinator after every step: the metrics of the step.
 public struct StepReport: Codable, Sendable {

@@ -1,0 +1,289 @@
+import Foundation
+import SqueezeComm
+import SqueezeEngine
+import SqueezeTraining
+
+/// How the coordinator runs a cluster.
+public struct CoordinatorOptions: Sendable {
+    public var bind: String
+    public var workers: Int
+    public var config: TrainingConfig
+    /// Records in the training set (sizes an epoch for the progress display).
+    public var trainingRecords = 50_000
+    public var algorithm: AllReduceAlgorithm = .ring
+    public var bucketBytes = 1 << 20
+    public var transport = "tcp"
+    /// Silence (no heartbeat, no report) after which a worker counts as lost.
+    public var timeout: Duration = .seconds(10)
+    /// How long to wait for all workers to join.
+    public var joinTimeout: Duration = .seconds(120)
+    public var metricsPath: String?
+    public var quiet = false
+    public init(bind: String, workers: Int, config: TrainingConfig) {
+        self.bind = bind; self.workers = workers; self.config = config
+    }
+}
+
+/// Per-rank totals for the summary table.
+public struct RankTraffic: Sendable {
+    public var steps = 0
+    public var bytesSent = 0, bytesReceived = 0, controlBytes = 0
+    public var allreduceSeconds = 0.0, stepSeconds = 0.0, computeSeconds = 0.0
+}
+
+public struct ClusterSummary: Sendable {
+    public var steps: Int
+    public var seconds: Double
+    public var imagesPerSecond: Double
+    public var perRank: [RankTraffic]
+    public var theoryBytesPerWorker: Double
+    public var hubBytesSent: Int, hubBytesReceived: Int
+}
+
+/// Owns a run: rendezvous, ranks, configuration and the initial-weights checksum, metrics from
+/// every worker, failure detection (heartbeats) and the end of the run. For `star` it is also the
+/// hub that averages every worker's gradients.
+public final class Coordinator {
+    let options: CoordinatorOptions
+    let log: (String) -> Void
+    private var identities = [[UInt8]?]()
+    private var lastHeard = [ContinuousClock.Instant]()
+    private var lastStep = [Int]()
+
+    public init(options: CoordinatorOptions, log: @escaping (String) -> Void) {
+        self.options = options
+        self.log = log
+    }
+
+    public func run() throws -> ClusterSummary {
+        let n = options.workers, config = options.config
+        let context = try ZMQContext()
+        defer { context.terminate() }
+        let server = try ControlServer(context: context, bind: options.bind)
+        defer { server.close() }
+        let reference = Network(config: config.model, seed: config.seed)
+        let checksum = parametersChecksum(UnsafeBufferPointer(reference.parameters.valueBuffer))
+        let parameterCount = reference.parameters.count
+        let plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
+        log("coordinator at \(server.endpoint): waiting for \(n) worker(s); \(config.model.architecture.rawValue), "
+            + "\(parameterCount) parameters, \(options.algorithm.rawValue) all-reduce in \(plan.count) bucket(s)")
+
+        // The hub's data plane (star only): rank n of a group of n + 1.
+        var hub: ZMQTransport?
+        if options.algorithm == .star {
+            let host = try localAddress(towards: server.endpoint)
+            let bind = options.transport == "ipc" ? "ipc://\(NSTemporaryDirectory())squeezetrain-\(getpid())-hub.ipc" : "tcp://\(host):*"
+            hub = try ZMQTransport(rank: n, worldSize: n + 1, bind: bind, context: context)
+        }
+        defer { hub?.close(flushTimeout: .milliseconds(500)) }
+
+        let endpoints = try rendezvous(server, checksum: checksum, parameterCount: parameterCount)
+        var all = endpoints
+        if let hub { all.append(hub.boundEndpoint); try hub.connect(topology: .star(hub: n), endpoints: all) }
+        var hubThread: HubThread?
+        if let hub {
+            hubThread = HubThread(hub: StarAllReduceHub(transport: hub, options: CollectiveOptions(timeout: options.timeout)),
+                                  plan: plan, steps: 0..<config.totalSteps)
+        }
+        for id in identities { server.send(.start(Start(step: 0, endpoints: all)), to: id!) }
+        log("all \(n) worker(s) ready; training \(config.totalSteps) steps of \(config.batchSize) images (\(config.batchSize / n) per worker)")
+
+        do {
+            let summary = try monitor(server, plan: plan, parameterCount: parameterCount)
+            for id in identities { server.send(.stop(Stop(reason: "run complete")), to: id!) }
+            hubThread?.join()
+            var s = summary
+            if let hub { s.hubBytesSent = hub.counters.payloadBytesSent; s.hubBytesReceived = hub.counters.payloadBytesReceived }
+            return s
+        } catch {
+            for id in identities { if let id { server.send(.abort(Abort(reason: String(describing: error))), to: id) } }
+            hubThread?.cancel()
+            throw error
+        }
+    }
+
+    /// Waits for `workers` hellos and readies; returns each rank's data endpoint.
+    private func rendezvous(_ server: ControlServer, checksum: String, parameterCount: Int) throws -> [String] {
+        let n = options.workers
+        identities = Array(repeating: nil, count: n)
+        var endpoints = [String?](repeating: nil, count: n)
+        var names = [String](repeating: "", count: n)
+        let deadline = ContinuousClock.now + options.joinTimeout
+        func rankOf(_ id: [UInt8]) -> Int? { identities.firstIndex { $0 == id } }
+        while endpoints.contains(where: { $0 == nil }) {
+            guard ContinuousClock.now < deadline else {
+                let joined = (0..<n).filter { identities[$0] != nil }
+                let missing = (0..<n).filter { endpoints[$0] == nil }
+                throw ClusterError("rendezvous timed out after \(options.joinTimeout): \(joined.count) of \(n) worker(s) joined; "
+                                   + "rank(s) still missing: \(missing.map(String.init).joined(separator: ", "))")
+            }
+            guard let (id, frame) = try server.receive(timeout: .milliseconds(200)) else { continue }
+            let peer = rankOf(id).map { "worker rank \($0) (\(names[$0]))" } ?? "an unregistered peer"
+            let message: ControlMessage
+            do {
+                message = try frame.withUnsafeBytes { try ControlMessage.decode($0, from: peer) }
+            } catch {
+                log("\(error)")
+                server.send(.reject(Reject(reason: String(describing: error))), to: id)
+                continue
+            }
+            switch message {
+            case .hello(let h):
+                guard rankOf(id) == nil else { continue }
+                let free = (0..<n).filter { identities[$0] == nil }
+                let rank = h.requestedRank.flatMap { free.contains($0) ? $0 : nil } ?? free.first
+                guard let rank else {
+                    let reason = "the run already has its \(n) worker(s)"
+                    log("refused \(h.host) pid \(h.pid): \(reason)")
+                    server.send(.reject(Reject(reason: reason)), to: id)
+                    continue
+                }
+                if let r = h.requestedRank, r != rank { log("\(h.host) pid \(h.pid) asked for rank \(r), which is taken or out of range; gave rank \(rank)") }
+                identities[rank] = id
+                names[rank] = "\(h.host) pid \(h.pid)"
+                server.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
+                                             bucketBytes: options.bucketBytes, transport: options.transport,
+                                             timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum)), to: id)
+                log("worker \(names[rank]) joined as rank \(rank)")
+            case .ready(let r):
+                guard let rank = rankOf(id), rank == r.rank else { continue }
+                var problems = [String]()
+                if r.model != options.config.model { problems.append("its model configuration differs from the run's") }
+                if r.parameterCount != parameterCount { problems.append("it has \(r.parameterCount) parameters, the run \(parameterCount)") }
+                if r.parametersChecksum != checksum { problems.append("its initial parameters' checksum \(r.parametersChecksum) is not \(checksum)") }
+                if !problems.isEmpty {
+                    let reason = "worker rank \(rank) (\(names[rank])) rejected: " + problems.joined(separator: "; ")
+                    log(reason)
+                    server.send(.reject(Reject(reason: reason)), to: id)
+                    identities[rank] = nil  // the rank is free again for a correct worker
+                    continue
+                }
+                endpoints[rank] = r.dataEndpoint
+            case .failure(let f):
+                throw ClusterError("worker rank \(f.rank) failed before training: \(f.message)")
+            default:
+                continue
+            }
+        }
+        lastHeard = Array(repeating: ContinuousClock.now, count: n)
+        lastStep = Array(repeating: 0, count: n)
+        return endpoints.map { $0! }
+    }
+
+    /// Collects reports until every rank has finished the last step; detects failures and silence.
+    private func monitor(_ server: ControlServer, plan: [Range<Int>], parameterCount: Int) throws -> ClusterSummary {
+        let n = options.workers, config = options.config
+        let metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: false) }
+        let display = ProgressDisplay(prefix: "")
+        let theory = options.algorithm == .ring ? 2.0 * Double(n - 1) / Double(n) * 4 * Double(parameterCount) : 4 * Double(parameterCount)
+        let perEpoch = config.stepsPerEpoch(trainingRecords: options.trainingRecords, workers: n)
+        let epochs = (config.totalSteps + perEpoch - 1) / perEpoch
+        var pending = [Int: [StepReport]]()
+        var traffic = [RankTraffic](repeating: RankTraffic(), count: n)
+        var completed = 0
+        let start = ContinuousClock.now
+        var windowImages = 0, windowStart = ContinuousClock.now, lossSum = 0.0, correct = 0, images = 0
+        while completed < config.totalSteps {
+            if let (id, frame) = try server.receive(timeout: .milliseconds(100)) {
+                let rank = identities.firstIndex { $0 == id }
+                let peer = rank.map { "worker rank \($0)" } ?? "an unknown peer"
+                let message: ControlMessage
+                do {
+                    message = try frame.withUnsafeBytes { try ControlMessage.decode($0, from: peer) }
+                } catch {
+                    log("\(error)")
+                    server.send(.reject(Reject(reason: String(describing: error))), to: id)
+                    continue
+                }
+                if let rank { lastHeard[rank] = ContinuousClock.now }
+                switch message {
+                case .stepReport(let r):
+                    guard let rank, r.rank == rank else { continue }
+                    lastStep[rank] = r.step
+                    pending[r.step, default: []].append(r)
+                case .heartbeat(let h):
+                    if (0..<n).contains(h.rank) { lastHeard[h.rank] = ContinuousClock.now; lastStep[h.rank] = max(lastStep[h.rank], h.step) }
+                case .failure(let f):
+                    throw ClusterError("worker rank \(f.rank) failed at step \(f.step): \(f.message)")
+                case .hello:
+                    server.send(.reject(Reject(reason: "the run is already training with \(n) worker(s)")), to: id)
+                default:
+                    continue
+                }
+            }
+            // Steps complete in order once every rank has reported them.
+            while let reports = pending[completed], reports.count == n {
+                pending[completed] = nil
+                for r in reports.sorted(by: { $0.rank < $1.rank }) {
+                    metrics?.write([("step", r.step), ("epoch", r.epoch), ("rank", r.rank), ("world_size", n), ("loss", r.loss),
+                                    ("accuracy", Double(r.correct) / Double(max(r.images, 1))), ("images", r.images),
+                                    ("learning_rate", r.learningRate),
+                                    ("allreduce_bytes_sent", r.allreduceBytesSent), ("allreduce_bytes_received", r.allreduceBytesReceived),
+                                    ("theory_bytes_sent", theory), ("control_bytes", r.controlBytes),
+                                    ("allreduce_seconds", r.allreduceSeconds), ("compute_seconds", r.computeSeconds),
+                                    ("step_seconds", r.stepSeconds), ("data_wait_seconds", r.dataWaitSeconds)])
+                    traffic[r.rank].steps += 1
+                    traffic[r.rank].bytesSent += r.allreduceBytesSent
+                    traffic[r.rank].bytesReceived += r.allreduceBytesReceived
+                    traffic[r.rank].controlBytes += r.controlBytes
+                    traffic[r.rank].allreduceSeconds += r.allreduceSeconds
+                    traffic[r.rank].computeSeconds += r.computeSeconds
+                    traffic[r.rank].stepSeconds += r.stepSeconds
+                    lossSum += Double(r.loss) * Double(r.images); correct += r.correct; images += r.images
+                    windowImages += r.images
+                }
+                completed += 1
+                if !options.quiet {
+                    let elapsed = seconds(ContinuousClock.now - windowStart)
+                    let rate = Double(windowImages) / max(elapsed, 1e-9)
+                    let sent = Double(reports.reduce(0) { $0 + $1.allreduceBytesSent }) / Double(n)
+                    let epoch = (completed - 1) / perEpoch
+                    let done = completed - epoch * perEpoch, total = min(perEpoch, config.totalSteps - epoch * perEpoch)
+                    display.update(epoch: epoch, epochs: epochs, done: done, total: total, loss: lossSum / Double(max(images, 1)),
+                                   accuracy: Double(correct) / Double(max(images, 1)), imagesPerSecond: rate,
+                                   etaSeconds: Double(config.totalSteps - completed) * Double(config.batchSize) / max(rate, 1e-9),
+                                   extra: "sent/worker/step \(megabytes(sent)) (theory \(megabytes(theory)))")
+                    if done == total { lossSum = 0; correct = 0; images = 0; windowImages = 0; windowStart = ContinuousClock.now }
+                }
+            }
+            // Silence: a worker that neither reports nor heartbeats within the timeout is lost.
+            let now = ContinuousClock.now
+            for rank in 0..<n where now - lastHeard[rank] > options.timeout {
+                throw ClusterError("worker rank \(rank) stopped answering at step \(lastStep[rank]) (no message for \(seconds(now - lastHeard[rank]).formatted(.number.precision(.fractionLength(1)))) s)")
+            }
+        }
+        let total = seconds(ContinuousClock.now - start)
+        return ClusterSummary(steps: completed, seconds: total,
+                              imagesPerSecond: Double(completed * config.batchSize) / max(total, 1e-9),
+                              perRank: traffic, theoryBytesPerWorker: theory, hubBytesSent: 0, hubBytesReceived: 0)
+    }
+}
+
+/// The star hub's reduce loop, on its own thread so the coordinator keeps watching the control plane.
+final class HubThread: @unchecked Sendable {
+    // @unchecked Sendable: the hub is used only by the thread; `finished` is guarded by `done`.
+    private let done = DispatchSemaphore(value: 0)
+    private let cancelled = NSLock()
+    private var isCancelled = false
+    private let hub: StarAllReduceHub<ZMQTransport>
+
+    init(hub: StarAllReduceHub<ZMQTransport>, plan: [Range<Int>], steps: Range<Int>) {
+        self.hub = hub
+        Thread {
+            defer { self.done.signal() }
+            for step in steps {
+                for (k, range) in plan.enumerated() {
+                    if self.cancelled.withLock({ self.isCancelled }) { return }
+                    do { try self.hub.reduce(range: range, tag: CollectiveTag(step: UInt32(step), bucket: UInt32(k))) } catch { return }
+                }
+            }
+        }.start()
+    }
+
+    func join() { done.wait() }
+    func cancel() { cancelled.withLock { isCancelled = true } }
+}
+
+func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18 }
+
+func megabytes(_ bytes: Double) -> String { String(format: "%.2f MB", bytes / 1e6) }

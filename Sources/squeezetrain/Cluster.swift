@@ -1,0 +1,136 @@
+import ArgumentParser
+import Foundation
+import SqueezeCluster
+import SqueezeData
+import SqueezeEngine
+import SqueezeTraining
+
+extension AllReduceAlgorithm: ExpressibleByArgument {}
+
+/// Options of the cluster's communication, shared by `coordinator` and `launch`.
+struct CommunicationOptions: ParsableArguments {
+    @Option(help: "All-reduce: ring (reduce-scatter + all-gather between workers) or star (through the coordinator).")
+    var allreduce: AllReduceAlgorithm = .ring
+    @Option(help: "Gradient bucket size in MB (buckets start as soon as backward has finished them).")
+    var bucketMb: Double = 1
+    @Option(help: "Data-plane transport between workers: tcp or ipc (same machine only).")
+    var transport = "tcp"
+    @Option(help: "Seconds of silence after which a worker counts as lost (workers heartbeat 4 times per timeout).")
+    var timeout: Double = 10
+    @Option(help: "Seconds to wait for all workers to join.")
+    var joinTimeout: Double = 120
+
+    func validate() throws {
+        guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc (got \(transport))") }
+        guard bucketMb > 0 else { throw ValidationError("--bucket-mb must be positive") }
+        guard timeout > 0, joinTimeout > 0 else { throw ValidationError("--timeout and --join-timeout must be positive") }
+    }
+}
+
+struct CoordinatorCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "coordinator",
+        abstract: "Own a cluster run: wait for the workers, assign ranks, collect metrics, detect failures.")
+
+    @Option(help: "Control endpoint to bind, e.g. tcp://0.0.0.0:29500 (workers connect here).")
+    var bind: String
+    @Option(help: "Number of workers.")
+    var workers: Int
+    @OptionGroup var training: TrainingOptions
+    @OptionGroup var communication: CommunicationOptions
+    @Option(help: "Write JSON lines here: one per worker per step.")
+    var metrics: String?
+
+    func validate() throws {
+        guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
+        guard training.batchSize % workers == 0 else {
+            throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
+        }
+    }
+
+    func run() throws {
+        do {
+            let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
+                                             metrics: metrics, log: { emit("\($0)\n") })
+            printSummary(summary, workers: workers)
+        } catch {
+            throw fail(String(describing: error))
+        }
+    }
+}
+
+func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: CommunicationOptions,
+                    metrics: String?, quiet: Bool = false, log: @escaping (String) -> Void) throws -> ClusterSummary {
+    let records = trainingRecordCount(training.data)
+    var options = CoordinatorOptions(bind: bind, workers: workers, config: training.config(trainingRecords: records, workers: workers))
+    options.trainingRecords = records
+    options.algorithm = communication.allreduce
+    options.bucketBytes = Int(communication.bucketMb * 1_048_576)
+    options.transport = communication.transport
+    options.timeout = .milliseconds(Int(communication.timeout * 1000))
+    options.joinTimeout = .milliseconds(Int(communication.joinTimeout * 1000))
+    options.metricsPath = metrics
+    options.quiet = quiet
+    return try Coordinator(options: options, log: log).run()
+}
+
+/// Training records in the data directory (from file sizes), or CIFAR-10's 50,000 when it cannot be found here.
+func trainingRecordCount(_ data: String?) -> Int {
+    guard let dir = try? CIFAR10.resolveDirectory(explicit: data) else { return 50_000 }
+    let bytes = CIFAR10.Split.train.fileNames.reduce(0) { total, name in
+        let size = (try? FileManager.default.attributesOfItem(atPath: (dir as NSString).appendingPathComponent(name))[.size] as? Int) ?? 0
+        return total + size
+    }
+    return bytes > 0 ? bytes / CIFAR10.recordSize : 50_000
+}
+
+func printSummary(_ s: ClusterSummary, workers: Int) {
+    print(String(format: "\n%d steps in %.1f s, %.0f images/s", s.steps, s.seconds, s.imagesPerSecond))
+    print(pad("rank", 6) + pad("sent/step", 14, right: true) + pad("received/step", 15, right: true) + pad("theory/step", 14, right: true)
+          + pad("ratio", 8, right: true) + pad("control/step", 14, right: true) + pad("comm share", 12, right: true))
+    var totalSent = 0, totalReceived = 0
+    for (rank, t) in s.perRank.enumerated() {
+        let steps = Double(max(t.steps, 1))
+        let sent = Double(t.bytesSent) / steps
+        totalSent += t.bytesSent; totalReceived += t.bytesReceived
+        print(pad("\(rank)", 6) + pad(megabytes(sent), 14, right: true) + pad(megabytes(Double(t.bytesReceived) / steps), 15, right: true)
+              + pad(megabytes(s.theoryBytesPerWorker), 14, right: true) + pad(String(format: "%.4f", sent / s.theoryBytesPerWorker), 8, right: true)
+              + pad(String(format: "%.0f B", Double(t.controlBytes) / steps), 14, right: true)
+              + pad(String(format: "%.1f%%", 100 * t.allreduceSeconds / max(t.stepSeconds, 1e-9)), 12, right: true))
+    }
+    print("total all-reduce payload: \(grouped(totalSent)) bytes sent, \(grouped(totalReceived)) received by the workers"
+          + (s.hubBytesReceived > 0 ? "; the coordinator (star hub) received \(grouped(s.hubBytesReceived)) and sent \(grouped(s.hubBytesSent))" : ""))
+    print("comm share: all-reduce time as a share of step time (overlapping backward, so it can exceed what it costs)")
+}
+
+func megabytes(_ bytes: Double) -> String { String(format: "%.2f MB", bytes / 1e6) }
+
+struct WorkerCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "worker",
+        abstract: "Join a coordinator, train on this worker's shard, all-reduce gradients with the others.")
+
+    @Option(help: "The coordinator's control endpoint, e.g. tcp://10.0.0.1:29500.")
+    var coordinator: String
+    @Option(help: "Compute threads for this worker.")
+    var threads = 1
+    @Option(help: "CIFAR-10 directory on this machine.")
+    var data: String?
+    @Option(help: "Ask for this rank (any free rank if taken or omitted).")
+    var rank: Int?
+    @Option(help: "Address other workers use to reach this one (default: the local address on the route to the coordinator).")
+    var advertise: String?
+    @Option(help: "Seconds to wait for the coordinator.")
+    var joinTimeout: Double = 120
+
+    func run() throws {
+        var options = WorkerOptions(coordinator: coordinator)
+        options.threads = threads; options.data = data; options.rank = rank; options.advertise = advertise
+        options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
+        do {
+            try Worker(options: options, log: { emit("\($0)\n") }).run()
+        } catch {
+            throw fail(String(describing: error))
+        }
+    }
+}
