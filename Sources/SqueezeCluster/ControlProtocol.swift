@@ -149,8 +149,13 @@ public struct Welcome: Codable, Sendable {
     /// Data-plane transport: "tcp" or "ipc".
     public var transport: String
     public var timeoutSeconds: Double
-    /// Checksum (FNV-1a-64 of the initial parameters) every rank must reproduce from the seed.
+    /// Checksum (FNV-1a-64 of the initial parameters) every rank must reproduce, from the seed or
+    /// from `initWeights`.
     public var parametersChecksum: String
+    /// Initial weights (safetensors) every worker loads instead of initialising from the seed.
+    public var initWeights: String?
+    /// Where rank 0 writes the final weights.
+    public var saveWeights: String?
 }
 
 /// Worker → coordinator: model built and verified, data plane bound.

@@ -18,6 +18,10 @@ public struct CoordinatorOptions: Sendable {
     /// How long to wait for all workers to join.
     public var joinTimeout: Duration = .seconds(120)
     public var metricsPath: String?
+    /// Initial weights every worker loads (a path each can read) instead of initialising from the seed.
+    public var initWeights: String?
+    /// Rank 0 writes the final weights here.
+    public var saveWeights: String?
     public var quiet = false
     public init(bind: String, workers: Int, config: TrainingConfig) {
         self.bind = bind; self.workers = workers; self.config = config
@@ -62,6 +66,7 @@ public final class Coordinator {
         let server = try ControlServer(context: context, bind: options.bind)
         defer { server.close() }
         let reference = Network(config: config.model, seed: config.seed)
+        if let path = options.initWeights { try reference.loadWeights(from: path) }
         let checksum = parametersChecksum(UnsafeBufferPointer(reference.parameters.valueBuffer))
         let parameterCount = reference.parameters.count
         let plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
@@ -143,7 +148,8 @@ public final class Coordinator {
                 names[rank] = "\(h.host) pid \(h.pid)"
                 server.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
                                              bucketBytes: options.bucketBytes, transport: options.transport,
-                                             timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum)), to: id)
+                                             timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
+                                             initWeights: options.initWeights, saveWeights: options.saveWeights)), to: id)
                 log("worker \(names[rank]) joined as rank \(rank)")
             case .ready(let r):
                 guard let rank = rankOf(id), rank == r.rank else { continue }

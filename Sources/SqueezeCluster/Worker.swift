@@ -59,9 +59,10 @@ public final class Worker {
         let dataDir = try CIFAR10.resolveDirectory(explicit: options.data)
         let trainSet = try CIFAR10(directory: dataDir, split: .train)
         let trainer = try Trainer(config: config, trainSet: trainSet, rank: rank, worldSize: world)
+        if let path = welcome.initWeights { try trainer.network.loadWeights(from: path) }
         let checksum = parametersChecksum(UnsafeBufferPointer(trainer.network.parameters.valueBuffer))
         guard checksum == welcome.parametersChecksum else {
-            throw ClusterError("rank \(rank): initial parameters from seed \(config.seed) have checksum \(checksum), the coordinator's have \(welcome.parametersChecksum) (different builds?)")
+            throw ClusterError("rank \(rank): initial parameters (\(welcome.initWeights ?? "seed \(config.seed)")) have checksum \(checksum), the coordinator's have \(welcome.parametersChecksum) (different builds?)")
         }
         // Data plane: a star worker talks to the hub (the coordinator, rank `world`) only.
         let groupSize = welcome.algorithm == .star ? world + 1 : world
@@ -128,6 +129,10 @@ public final class Worker {
         // Wait for the coordinator's word that everyone is done (it may still need our data plane).
         _ = try expect(control, timeout: timeout * 4, waitingFor: "the stop signal") {
             if case .stop = $0 { true } else { nil }
+        }
+        if rank == 0, let path = welcome.saveWeights {
+            try trainer.network.saveWeights(to: path)
+            log("rank 0: weights written to \(path)")
         }
         log("rank \(rank): done after step \(step)")
     }

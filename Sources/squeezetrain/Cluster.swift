@@ -40,6 +40,10 @@ struct CoordinatorCommand: ParsableCommand {
     @OptionGroup var communication: CommunicationOptions
     @Option(help: "Write JSON lines here: one per worker per step.")
     var metrics: String?
+    @Option(help: "Initial weights (safetensors) for every worker, instead of the seed (a path every worker can read).")
+    var initWeights: String?
+    @Option(help: "Rank 0 writes the final weights here (safetensors, torchvision names).")
+    var saveWeights: String?
 
     func validate() throws {
         guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
@@ -51,7 +55,8 @@ struct CoordinatorCommand: ParsableCommand {
     func run() throws {
         do {
             let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
-                                             metrics: metrics, log: { emit("\($0)\n") })
+                                             metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
+                                             log: { emit("\($0)\n") })
             printSummary(summary, workers: workers)
         } catch {
             throw fail(String(describing: error))
@@ -60,7 +65,8 @@ struct CoordinatorCommand: ParsableCommand {
 }
 
 func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: CommunicationOptions,
-                    metrics: String?, quiet: Bool = false, log: @escaping (String) -> Void) throws -> ClusterSummary {
+                    metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
+                    log: @escaping (String) -> Void) throws -> ClusterSummary {
     let records = trainingRecordCount(training.data)
     var options = CoordinatorOptions(bind: bind, workers: workers, config: training.config(trainingRecords: records, workers: workers))
     options.trainingRecords = records
@@ -70,6 +76,8 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.timeout = .milliseconds(Int(communication.timeout * 1000))
     options.joinTimeout = .milliseconds(Int(communication.joinTimeout * 1000))
     options.metricsPath = metrics
+    options.initWeights = initWeights.map(absolutePath)
+    options.saveWeights = saveWeights.map(absolutePath)
     options.quiet = quiet
     return try Coordinator(options: options, log: log).run()
 }
@@ -133,4 +141,9 @@ struct WorkerCommand: ParsableCommand {
             throw fail(String(describing: error))
         }
     }
+}
+
+/// Paths sent to workers are made absolute: a worker may run in another directory.
+func absolutePath(_ path: String) -> String {
+    path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }
