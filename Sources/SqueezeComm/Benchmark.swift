@@ -2,8 +2,8 @@
 
 public enum CommBenchmark {
     /// Runs `body(i)` for `warmup` untimed then `iterations` timed rounds and returns the
-    /// median duration of the timed rounds in seconds.
-    public static func medianSeconds(iterations: Int, warmup: Int = 3, _ body: (Int) throws -> Void) throws -> Double {
+    /// duration of each timed round in seconds.
+    public static func seconds(iterations: Int, warmup: Int = 3, _ body: (Int) throws -> Void) throws -> [Double] {
         precondition(iterations >= 1)
         for i in 0..<warmup { try body(i) }
         let clock = ContinuousClock()
@@ -14,32 +14,42 @@ public enum CommBenchmark {
             let (s, atto) = t.components
             times.append(Double(s) + Double(atto) * 1e-18)
         }
-        times.sort()
-        return times.count % 2 == 1
-            ? times[times.count / 2]
-            : (times[times.count / 2 - 1] + times[times.count / 2]) / 2
+        return times
     }
 
-    /// Runs `iterations` all-reduces of `floats` Floats (after `warmup` untimed ones) with
-    /// `reducer` and returns the median seconds per all-reduce as seen by this rank.
-    /// Every participant of the group must call it with the same arguments at the same time
-    /// (a star hub calls `hubMedianSeconds`).
-    public static func allReduceMedianSeconds(_ reducer: some AllReducer, floats: Int, iterations: Int,
-                                              warmup: Int = 3) throws -> Double {
+    public static func median(_ values: [Double]) -> Double {
+        precondition(!values.isEmpty)
+        let v = values.sorted()
+        return v.count % 2 == 1 ? v[v.count / 2] : (v[v.count / 2 - 1] + v[v.count / 2]) / 2
+    }
+
+    /// Seconds per all-reduce of `floats` Floats with `reducer`, one entry per timed
+    /// iteration (after `warmup` untimed ones), as seen by this rank. Every participant
+    /// of the group must call it with the same arguments at the same time (a star hub
+    /// calls `hubSeconds`).
+    public static func allReduceSeconds(_ reducer: some AllReducer, floats: Int, iterations: Int,
+                                        warmup: Int = 3) throws -> [Double] {
         var buffer = [Float](repeating: 0, count: floats)
         for i in 0..<floats { buffer[i] = Float(i % 1000) * 0.001 }
         return try buffer.withUnsafeMutableBufferPointer { b in
-            try medianSeconds(iterations: iterations, warmup: warmup) { i in
-                try reducer.allReduceAverage(b, tag: CollectiveTag(step: UInt32(i)))
+            try seconds(iterations: iterations, warmup: warmup) { i in
+                try reducer.allReduceAverage(b, tag: CollectiveTag(step: UInt32(truncatingIfNeeded: i)))
             }
         }
     }
 
-    /// The hub's side of `allReduceMedianSeconds` for a star.
-    public static func hubMedianSeconds<T: Transport>(_ hub: StarAllReduceHub<T>, floats: Int, iterations: Int,
-                                                      warmup: Int = 3) throws -> Double {
-        try medianSeconds(iterations: iterations, warmup: warmup) { i in
-            try hub.reduce(count: floats, tag: CollectiveTag(step: UInt32(i)))
+    /// Runs `iterations` all-reduces of `floats` Floats with `reducer` and returns the
+    /// median seconds per all-reduce (see `allReduceSeconds`).
+    public static func allReduceMedianSeconds(_ reducer: some AllReducer, floats: Int, iterations: Int,
+                                              warmup: Int = 3) throws -> Double {
+        median(try allReduceSeconds(reducer, floats: floats, iterations: iterations, warmup: warmup))
+    }
+
+    /// The hub's side of `allReduceSeconds` for a star.
+    public static func hubSeconds<T: Transport>(_ hub: StarAllReduceHub<T>, floats: Int, iterations: Int,
+                                                warmup: Int = 3) throws -> [Double] {
+        try seconds(iterations: iterations, warmup: warmup) { i in
+            try hub.reduce(count: floats, tag: CollectiveTag(step: UInt32(truncatingIfNeeded: i)))
         }
     }
 }

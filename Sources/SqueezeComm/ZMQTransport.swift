@@ -9,6 +9,10 @@
 // On the wire (ZMTP, per message): [control frame][payload frame]; the ROUTER prepends the
 // sender's routing id locally. Large payloads are sent zero-copy (`zmq_msg_init_data`) and
 // received as `zmq_msg_t`, whose data is handed to the caller without a copy.
+//
+// For ranks on the same host prefer ipc:// endpoints: in 2-process runs on the 2-core
+// development machine a 727,626-Float ring all-reduce took about half as long over ipc://
+// as over tcp://127.0.0.1 (both copy twice; TCP's per-segment work is what ipc saves).
 
 /// Which peers a rank sends to (and so must connect to).
 public enum Topology: Sendable, Equatable {
