@@ -43,6 +43,6 @@ let package = Package(
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
         .testTarget(name: "SqueezeCommTests", dependencies: ["SqueezeComm"]),
         .testTarget(name: "SqueezeTrainingTests", dependencies: ["SqueezeTraining"], exclude: ["Fixtures"]),
-        .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeCluster"]),
+        .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeCluster", "SqueezeComm", "SqueezeEngine", "SqueezeTraining"]),
     ]
 )

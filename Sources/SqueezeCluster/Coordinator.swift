@@ -82,7 +82,13 @@ public final class Coordinator {
         }
         defer { hub?.close(flushTimeout: .milliseconds(500)) }
 
-        let endpoints = try rendezvous(server, checksum: checksum, parameterCount: parameterCount)
+        let endpoints: [String]
+        do {
+            endpoints = try rendezvous(server, checksum: checksum, parameterCount: parameterCount)
+        } catch {
+            for id in identities { if let id { server.send(.abort(Abort(reason: String(describing: error))), to: id) } }
+            throw error
+        }
         var all = endpoints
         if let hub { all.append(hub.boundEndpoint); try hub.connect(topology: .star(hub: n), endpoints: all) }
         var hubThread: HubThread?

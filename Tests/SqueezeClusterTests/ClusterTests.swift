@@ -1,0 +1,157 @@
+import Foundation
+import Testing
+import SqueezeComm
+import SqueezeEngine
+@testable import SqueezeCluster
+
+/// Real processes on loopback: a coordinator and workers of the built `squeezetrain`.
+@Suite("Cluster (real processes over ZeroMQ)", .serialized)
+struct ClusterTests {
+    let parameters = Network(config: ModelConfig()).parameters.count  // 727,626
+
+    /// Runs coordinator + `n` workers to completion; returns the directory with metrics and weights.
+    func runCluster(workers n: Int, _ extra: [String]) throws -> (dir: String, coordinator: Child) {
+        let dir = try temporaryDirectory("cluster\(n)")
+        let (coordinator, endpoint) = try startCoordinator(
+            ["--workers", "\(n)", "--metrics", dir + "/metrics.jsonl", "--save-weights", dir + "/cluster.safetensors"] + extra, in: dir)
+        let workers = try (0..<n).map { try Child(["worker", "--coordinator", endpoint], log: dir + "/worker\($0).log") }
+        let status = coordinator.wait()
+        for (i, w) in workers.enumerated() {
+            #expect(w.wait(timeout: 30) == 0, "worker \(i):\n\(w.output)")
+        }
+        #expect(status == 0, "coordinator:\n\(coordinator.output)")
+        return (dir, coordinator)
+    }
+
+    @Test(arguments: [2, 3])
+    func ringBytesMatchTheoryAndWorkersEqualOneProcess(workers n: Int) throws {
+        let common = ["--steps", "3", "--batch-size", "24", "--dropout", "0", "--init-weights", goldenWeights, "--lr", "0.01"]
+        let (dir, _) = try runCluster(workers: n, common + ["--bucket-mb", "0.5"])
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+
+        // One line per worker per step, and the ring's bytes exactly: per bucket, what RingAllReduce sends.
+        let lines = try readMetrics(dir + "/metrics.jsonl")
+        #expect(lines.count == 3 * n)
+        let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 524_288)
+        for line in lines {
+            let rank = line["rank"] as! Int
+            let expected = plan.map { RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: $0.count, worldSize: n, rank: rank) }
+            #expect(line["allreduce_bytes_sent"] as? Int == expected.reduce(0) { $0 + $1.sent })
+            #expect(line["allreduce_bytes_received"] as? Int == expected.reduce(0) { $0 + $1.received })
+            #expect(line["world_size"] as? Int == n)
+            for key in ["loss", "images", "control_bytes", "allreduce_seconds", "compute_seconds"] { #expect(line[key] != nil, "\(key)") }
+        }
+        // Summed over the ranks of a step: 2(N−1) × 4P, i.e. 2(N−1)/N × 4P per worker on average.
+        for step in 0..<3 {
+            let total = lines.filter { $0["step"] as? Int == step }.reduce(0) { $0 + ($1["allreduce_bytes_sent"] as! Int) }
+            #expect(total == 2 * (n - 1) * 4 * parameters)
+        }
+
+        // The same 3 steps in one process with the same global batch.
+        let single = try Child(["train"] + common + ["--no-eval", "--save-weights", dir + "/single.safetensors"], log: dir + "/single.log")
+        #expect(single.wait() == 0, "\(single.output)")
+        let a = Network(config: ModelConfig()), b = Network(config: ModelConfig())
+        try a.loadWeights(from: dir + "/cluster.safetensors")
+        try b.loadWeights(from: dir + "/single.safetensors")
+        let x = a.parameters.copyValues(), y = b.parameters.copyValues()
+        let scale = y.reduce(Float(0)) { max($0, abs($1)) }
+        let err = zip(x, y).reduce(Float(0)) { max($0, abs($1.0 - $1.1)) } / scale
+        #expect(err < 1e-5, "\(n) workers vs one process: max relative difference \(err)")
+        #expect(x != Network(config: ModelConfig()).parameters.copyValues())
+    }
+
+    @Test func starSendsWholeGradientsThroughTheCoordinator() throws {
+        let (dir, coordinator) = try runCluster(workers: 2, ["--steps", "2", "--batch-size", "16", "--allreduce", "star", "--no-augment"])
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let lines = try readMetrics(dir + "/metrics.jsonl")
+        #expect(lines.count == 4)
+        for line in lines {
+            #expect(line["allreduce_bytes_sent"] as? Int == 4 * parameters)
+            #expect(line["allreduce_bytes_received"] as? Int == 4 * parameters)
+        }
+        #expect(coordinator.output.contains("the coordinator (star hub) received \(grouped(2 * 2 * 4 * parameters))"))
+    }
+
+    @Test func badPeersAreRejectedAndTheCoordinatorKeepsRunning() throws {
+        let dir = try temporaryDirectory("badpeer")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (coordinator, endpoint) = try startCoordinator(["--workers", "1", "--steps", "2", "--batch-size", "8", "--no-augment"], in: dir)
+        let context = try ZMQContext()
+        defer { context.terminate() }
+        let peer = try ZMQSocket(context: context, type: .dealer)
+        try peer.connect(endpoint)
+        var wrongVersion = ControlMessage.hello(Hello(protocolVersion: 1, host: "test", pid: 1, requestedRank: nil, threads: 1)).encoded()
+        wrongVersion[4] = 7
+        let truncated = Array(ControlMessage.heartbeat(Heartbeat(rank: 0, step: 0)).encoded().dropLast(2))
+        var unknown = ControlMessage.stop(Stop(reason: "x")).encoded()
+        unknown[6] = 42
+        for (frame, words) in [(wrongVersion, "protocol version 7"), (truncated, "truncated"), (unknown, "unknown message kind 42")] {
+            _ = try frame.withUnsafeBytes { try peer.send($0) }
+            let reply = try #require(try peer.receive(timeout: .seconds(10)), "no reply to a bad frame (\(words))")
+            let message = try reply.withUnsafeBytes { try ControlMessage.decode($0, from: "coordinator") }
+            guard case .reject(let r) = message else { Issue.record("expected a rejection, got \(message.kind)"); continue }
+            #expect(r.reason.contains(words) && r.reason.contains("unregistered peer"), "\(r.reason)")
+        }
+        peer.close()
+        // A worker whose Ready describes a different model is refused; a proper one then completes the run.
+        let impostor = try ZMQSocket(context: context, type: .dealer)
+        try impostor.connect(endpoint)
+        _ = try ControlMessage.hello(Hello(protocolVersion: ControlMessage.version, host: "impostor", pid: 2, requestedRank: nil, threads: 1))
+            .encoded().withUnsafeBytes { try impostor.send($0) }
+        let welcome = try #require(try impostor.receive(timeout: .seconds(10)))
+        guard case .welcome(let w) = try welcome.withUnsafeBytes({ try ControlMessage.decode($0, from: "coordinator") }) else {
+            Issue.record("no welcome"); return
+        }
+        var model = w.config.model
+        model.batchNorm = true
+        _ = try ControlMessage.ready(Ready(rank: w.rank, model: model, parameterCount: 1, parametersChecksum: "0", dataEndpoint: "tcp://127.0.0.1:1"))
+            .encoded().withUnsafeBytes { try impostor.send($0) }
+        let refusal = try #require(try impostor.receive(timeout: .seconds(10)))
+        guard case .reject(let r) = try refusal.withUnsafeBytes({ try ControlMessage.decode($0, from: "coordinator") }) else {
+            Issue.record("impostor not rejected"); return
+        }
+        #expect(r.reason.contains("worker rank 0") && r.reason.contains("model configuration differs"), "\(r.reason)")
+        impostor.close()
+
+        let worker = try Child(["worker", "--coordinator", endpoint], log: dir + "/worker.log")
+        #expect(coordinator.wait() == 0, "\(coordinator.output)")
+        #expect(worker.wait(timeout: 30) == 0, "\(worker.output)")
+    }
+
+    @Test func aLostWorkerIsReportedByRankAndTheRunStops() throws {
+        let dir = try temporaryDirectory("lost")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (coordinator, endpoint) = try startCoordinator(["--workers", "2", "--steps", "100000", "--batch-size", "16", "--timeout", "3"], in: dir)
+        let w0 = try Child(["worker", "--coordinator", endpoint, "--rank", "0"], log: dir + "/w0.log")
+        let w1 = try Child(["worker", "--coordinator", endpoint, "--rank", "1"], log: dir + "/w1.log")
+        #expect(coordinator.waitForOutput("all 2 worker(s) ready"), "\(coordinator.output)")
+        usleep(1_500_000)  // a few steps
+        kill(w1.process.processIdentifier, SIGKILL)
+        let status = coordinator.wait(timeout: 60)
+        #expect(status != 0)
+        let out = coordinator.output
+        #expect(out.contains("worker rank 1 stopped answering at step") || out.contains("worker rank 0 failed at step"), "\(out)")
+        #expect(w0.wait(timeout: 30) != 0)
+    }
+
+    @Test func rendezvousTimeoutNamesTheMissingRanks() throws {
+        let dir = try temporaryDirectory("rendezvous")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (coordinator, endpoint) = try startCoordinator(["--workers", "2", "--steps", "1", "--join-timeout", "3"], in: dir)
+        let w0 = try Child(["worker", "--coordinator", endpoint, "--rank", "0", "--join-timeout", "10"], log: dir + "/w0.log")
+        #expect(coordinator.wait(timeout: 60) != 0)
+        #expect(coordinator.output.contains("1 of 2 worker(s) joined; rank(s) still missing: 1"), "\(coordinator.output)")
+        #expect(w0.wait(timeout: 30) != 0)
+        #expect(w0.output.contains("aborted"), "\(w0.output)")
+    }
+}
+
+func grouped(_ n: Int) -> String {
+    let s = String(n)
+    var out = ""
+    for (i, c) in s.enumerated() {
+        if i > 0 && (s.count - i) % 3 == 0 { out.append(",") }
+        out.append(c)
+    }
+    return out
+}

@@ -1,0 +1,93 @@
+import Foundation
+import Testing
+
+/// The package root (…/Tests/SqueezeClusterTests/ProcessHelpers.swift → …).
+let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
+let sharedDirectory = packageRoot.deletingLastPathComponent().appendingPathComponent("shared").path
+let cifarDirectory = sharedDirectory + "/data/cifar-10-batches-bin"
+let goldenWeights = sharedDirectory + "/reference/squeezenet_cifar_golden/init.safetensors"
+
+/// The `squeezetrain` executable built alongside the tests.
+let squeezetrain: String = {
+    let fm = FileManager.default
+    var candidates = [URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path]
+    if let exe = Bundle.main.executablePath { candidates.append((exe as NSString).deletingLastPathComponent) }
+    candidates += ["release", "debug"].map { packageRoot.appendingPathComponent(".build/\($0)").path }
+    for dir in candidates where fm.isExecutableFile(atPath: dir + "/squeezetrain") { return dir + "/squeezetrain" }
+    return "squeezetrain executable not found next to the tests (\(candidates)); run `swift build` first"
+}()
+
+func temporaryDirectory(_ name: String) throws -> String {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("squeezetrain-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
+    try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+    return dir.path
+}
+
+/// A child process whose combined output goes to a file.
+final class Child {
+    let process = Process()
+    let logPath: String
+
+    init(_ arguments: [String], log: String) throws {
+        logPath = log
+        _ = FileManager.default.createFile(atPath: log, contents: nil)
+        let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
+        process.executableURL = URL(fileURLWithPath: squeezetrain)
+        process.arguments = arguments
+        process.standardOutput = handle
+        process.standardError = handle
+        var env = ProcessInfo.processInfo.environment
+        env["CIFAR10_DIR"] = cifarDirectory
+        process.environment = env
+        try process.run()
+    }
+
+    var output: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
+
+    /// Waits up to `timeout` seconds; kills the process if it is still running then. Returns the exit status.
+    @discardableResult
+    func wait(timeout: Double = 120) -> Int32 {
+        let deadline = Date().addingTimeInterval(timeout)
+        while process.isRunning && Date() < deadline { usleep(50_000) }
+        if process.isRunning {
+            kill(process.processIdentifier, SIGKILL)
+            process.waitUntilExit()
+            Issue.record("process \(process.arguments ?? []) did not finish in \(timeout) s; output:\n\(output)")
+        }
+        return process.terminationStatus
+    }
+
+    /// Waits until the output contains `text` (or the process ends / `timeout` passes).
+    func waitForOutput(_ text: String, timeout: Double = 60) -> Bool {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if output.contains(text) { return true }
+            if !process.isRunning { return output.contains(text) }
+            usleep(50_000)
+        }
+        return false
+    }
+
+    deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
+}
+
+/// Starts a coordinator on an ephemeral loopback port and returns it with the endpoint it bound.
+func startCoordinator(_ arguments: [String], in dir: String) throws -> (Child, String) {
+    let c = try Child(["coordinator", "--bind", "tcp://127.0.0.1:*"] + arguments, log: dir + "/coordinator.log")
+    guard c.waitForOutput("waiting for"), let range = c.output.range(of: #"tcp://127\.0\.0\.1:\d+"#, options: .regularExpression) else {
+        throw TestFailure("the coordinator did not start:\n\(c.output)")
+    }
+    return (c, String(c.output[range]))
+}
+
+struct TestFailure: Error, CustomStringConvertible {
+    var description: String
+    init(_ d: String) { description = d }
+}
+
+/// JSON lines of a metrics file.
+func readMetrics(_ path: String) throws -> [[String: Any]] {
+    try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map {
+        try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
+    }
+}
