@@ -147,3 +147,10 @@ struct WorkerCommand: ParsableCommand {
 func absolutePath(_ path: String) -> String {
     path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }
+
+extension CommunicationOptions {
+    var arguments: [String] {
+        ["--allreduce", allreduce.rawValue, "--bucket-mb", "\(bucketMb)", "--transport", transport,
+         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)"]
+    }
+}

@@ -54,3 +54,14 @@ struct ModelOptions: ParsableArguments {
         return c
     }
 }
+
+extension ModelOptions {
+    /// These options as command-line arguments (for the processes `launch` starts).
+    var arguments: [String] {
+        var a = ["--model", model.rawValue, "--classes", "\(classes)", "--stem", stem.rawValue, "--bypass", bypass.rawValue,
+                 "--base-e", "\(baseE)", "--incr-e", "\(incrE)", "--pct-3x3", "\(pct3x3)", "--freq", "\(freq)", "--sr", "\(squeezeRatio)"]
+        if lateDownsample { a.append("--late-downsample") }
+        if batchNorm { a.append("--batch-norm") }
+        return a
+    }
+}

@@ -72,3 +72,19 @@ func fail(_ message: String, code: Int32 = 1) -> ExitCode {
     FileHandleOutput.standardError("squeezetrain: error: \(message)\n")
     return ExitCode(code)
 }
+
+extension TrainingOptions {
+    /// These options as command-line arguments (for the processes `launch` starts).
+    var arguments: [String] {
+        var a = model.arguments
+        if let data { a += ["--data", data] }
+        if let epochs { a += ["--epochs", "\(epochs)"] }
+        if let steps { a += ["--steps", "\(steps)"] }
+        a += ["--batch-size", "\(batchSize)", "--lr", "\(lr)", "--momentum", "\(momentum)", "--weight-decay", "\(weightDecay)",
+              "--schedule", schedule.rawValue, "--warmup-epochs", "\(warmupEpochs)", "--seed", "\(seed)", "--dropout", "\(dropout)"]
+        if nesterov { a.append("--nesterov") }
+        if noAugment { a.append("--no-augment") }
+        if noShuffle { a.append("--no-shuffle") }
+        return a
+    }
+}

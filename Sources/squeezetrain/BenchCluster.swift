@@ -1,0 +1,123 @@
+import ArgumentParser
+import Foundation
+import SqueezeCluster
+import SqueezeComm
+import SqueezeEngine
+
+/// The executable itself, for spawning helper processes.
+func selfExecutable() -> String {
+    (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
+}
+
+struct BenchAllReduce: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "allreduce",
+        abstract: "Time one all-reduce (average) of F floats between N worker processes on this machine.",
+        discussion: """
+        Bus bandwidth is 2(N−1)/N × bytes / time, in GB/s (10⁹ bytes per second), as NCCL's and \
+        gloo's benchmarks report it. The time is the median over --iterations on rank 0.
+        """)
+
+    @Option(help: "Worker processes.") var workers = 2
+    @Option(help: "Floats per all-reduce (727,626 = SqueezeNet 1.1 on CIFAR-10; 57,044,810 = AlexNet).") var floats = 727_626
+    @Option(help: "ring or star (through a hub process, as the coordinator would be).") var algorithm: AllReduceAlgorithm = .ring
+    @Option(help: "tcp or ipc.") var transport = "tcp"
+    @Option(help: "Timed all-reduces (the median is reported).") var iterations = 50
+    @Option(help: "Untimed warm-up all-reduces.") var warmup = 5
+    @Flag(help: "Print a JSON object.") var json = false
+
+    // Internal: one participant (spawned by the command above).
+    @Option(help: .hidden) var rank: Int?
+    @Option(help: .hidden) var endpoints: String?
+
+    struct Report: Codable {
+        var workers: Int, floats: Int, algorithm: String, transport: String, iterations: Int
+        var secondsPerAllreduce: Double, secondsPerAllreduceMin: Double
+        var busBandwidthGbps: Double
+        var bytesSentPerWorker: Int, bytesReceivedPerWorker: Int
+    }
+
+    func validate() throws {
+        guard workers >= 1, floats >= 1, iterations >= 1, warmup >= 0 else {
+            throw ValidationError("--workers, --floats and --iterations must be at least 1")
+        }
+        guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc") }
+    }
+
+    func run() throws {
+        if let rank, let endpoints { return try participate(rank: rank, endpoints: endpoints.split(separator: ",").map(String.init)) }
+        do {
+            let report = try launch()
+            if json { return try printJSON(report) }
+            print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport):")
+            print(String(format: "  %.3f ms per all-reduce (median of %d; best %.3f ms), bus bandwidth %.2f GB/s",
+                         report.secondsPerAllreduce * 1e3, iterations, report.secondsPerAllreduceMin * 1e3, report.busBandwidthGbps))
+            print("  bytes sent per worker per all-reduce: \(grouped(report.bytesSentPerWorker)), received: \(grouped(report.bytesReceivedPerWorker))")
+        } catch {
+            throw fail(String(describing: error))
+        }
+    }
+
+    /// Spawns the participants (N workers, plus a hub for star) and returns rank 0's report.
+    private func launch() throws -> Report {
+        let group = workers + (algorithm == .star ? 1 : 0)
+        let endpoints = try (0..<group).map { r -> String in
+            transport == "ipc" ? "ipc://\(NSTemporaryDirectory())squeezetrain-bench-\(getpid())-\(r).ipc"
+                               : "tcp://127.0.0.1:\(try freeTCPPort())"
+        }
+        var children = [(Process, Pipe)]()
+        for r in 0..<group {
+            let p = Process(), out = Pipe()
+            p.executableURL = URL(fileURLWithPath: selfExecutable())
+            p.arguments = ["bench", "allreduce", "--workers", "\(workers)", "--floats", "\(floats)", "--algorithm", algorithm.rawValue,
+                           "--transport", transport, "--iterations", "\(iterations)", "--warmup", "\(warmup)",
+                           "--rank", "\(r)", "--endpoints", endpoints.joined(separator: ",")]
+            p.standardOutput = out
+            try p.run()
+            children.append((p, out))
+        }
+        var report: Report?
+        for (r, (p, out)) in children.enumerated() {
+            let data = out.fileHandleForReading.readDataToEndOfFile()
+            p.waitUntilExit()
+            guard p.terminationStatus == 0 else { throw ClusterError("bench participant \(r) exited with status \(p.terminationStatus)") }
+            if r == 0 {
+                let decoder = JSONDecoder()
+                decoder.keyDecodingStrategy = .convertFromSnakeCase
+                report = try decoder.decode(Report.self, from: data)
+            }
+        }
+        return report!
+    }
+
+    private func participate(rank: Int, endpoints: [String]) throws {
+        let group = endpoints.count
+        let transport = try ZMQTransport(rank: rank, worldSize: group, bind: endpoints[rank])
+        defer { transport.close() }
+        let topology: Topology = algorithm == .star ? .star(hub: workers) : .ring
+        try transport.connect(topology: topology, endpoints: endpoints)
+        let options = CollectiveOptions(timeout: .seconds(60))
+        if algorithm == .star && rank == workers {
+            _ = try CommBenchmark.hubSeconds(StarAllReduceHub(transport: transport, options: options), floats: floats,
+                                             iterations: iterations, warmup: warmup)
+            return
+        }
+        let reducer: any AllReducer = algorithm == .star ? StarAllReduceWorker(transport: transport, hub: workers, options: options)
+                                                         : RingAllReduce(transport: transport, options: options)
+        let before = transport.counters
+        let times = try CommBenchmark.allReduceSeconds(reducer, floats: floats, iterations: iterations, warmup: warmup)
+        let rounds = iterations + warmup
+        let sent = (transport.counters.payloadBytesSent - before.payloadBytesSent) / rounds
+        let received = (transport.counters.payloadBytesReceived - before.payloadBytesReceived) / rounds
+        let median = CommBenchmark.median(times)
+        let bus = workers > 1 ? 2 * Double(workers - 1) / Double(workers) * Double(4 * floats) / median / 1e9 : 0
+        let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport,
+                            iterations: iterations, secondsPerAllreduce: median, secondsPerAllreduceMin: times.min()!,
+                            busBandwidthGbps: bus, bytesSentPerWorker: sent, bytesReceivedPerWorker: received)
+        if rank == 0 {
+            let encoder = JSONEncoder()
+            encoder.keyEncodingStrategy = .convertToSnakeCase
+            FileHandle.standardOutput.write(try encoder.encode(report))
+        }
+    }
+}
