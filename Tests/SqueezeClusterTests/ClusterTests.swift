@@ -155,3 +155,35 @@ func grouped(_ n: Int) -> String {
     }
     return out
 }
+
+@Suite("launch (real processes)", .serialized)
+struct LaunchTests {
+    @Test func launchRunsAClusterAndPrefixesLines() throws {
+        let dir = try temporaryDirectory("launch")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let launch = try Child(["launch", "--workers", "2", "--steps", "2", "--batch-size", "16", "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
+        #expect(launch.wait() == 0, "\(launch.output)")
+        let out = launch.output
+        #expect(out.contains("[coordinator] all 2 worker(s) ready"))
+        #expect(out.contains("[worker 0] rank 0 of 2") && out.contains("[worker 1] rank 1 of 2"))
+        #expect(try readMetrics(dir + "/m.jsonl").count == 4)
+    }
+
+    @Test func launchNamesAFailingProcessAndExitsNonZero() throws {
+        let dir = try temporaryDirectory("launchfail")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let launch = try Child(["launch", "--workers", "2", "--steps", "2", "--batch-size", "16", "--data", dir + "/no-such-dir"], log: dir + "/launch.log")
+        #expect(launch.wait() != 0)
+        #expect(launch.output.range(of: #"launch: worker \d \(pid \d+\) exited with status 1"#, options: .regularExpression) != nil, "\(launch.output)")
+    }
+
+    @Test func sigtermStopsTheWholeCluster() throws {
+        let dir = try temporaryDirectory("launchterm")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let launch = try Child(["launch", "--workers", "2", "--steps", "100000", "--batch-size", "16"], log: dir + "/launch.log")
+        #expect(launch.waitForOutput("all 2 worker(s) ready"), "\(launch.output)")
+        kill(launch.process.processIdentifier, SIGTERM)
+        #expect(launch.wait(timeout: 60) == 128 + SIGTERM, "\(launch.output)")
+        #expect(launch.output.contains("stopped by signal 15"))
+    }
+}

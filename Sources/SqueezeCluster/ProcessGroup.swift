@@ -1,0 +1,216 @@
+import Foundation
+
+/// One process of a group started by `launch`.
+public struct ProcessSpec: Sendable {
+    /// Shown in front of every line of its output, e.g. "coordinator" or "worker 1".
+    public var name: String
+    public var executable: String
+    public var arguments: [String]
+    public init(name: String, executable: String, arguments: [String]) {
+        self.name = name; self.executable = executable; self.arguments = arguments
+    }
+}
+
+/// Starts processes, prefixes every line they print with `[name]`, and stops them all together:
+/// when one fails (non-zero exit or a signal) the others get SIGTERM, then SIGKILL after a grace
+/// period, and the failure names the culprit. Like torchrun's local agent.
+public final class ProcessGroup: @unchecked Sendable {
+    // @unchecked Sendable: `output` writes are serialised by `outputLock`; the rest is used from
+    // the thread that calls `start` and `wait` (plus `terminate`, which only sends signals).
+    public enum Outcome: Equatable, Sendable, CustomStringConvertible {
+        case success
+        case failed(culprit: String, description: String)
+        case interrupted(Int32)
+
+        public var description: String {
+            switch self {
+            case .success: "all processes finished"
+            case .failed(_, let d): d
+            case .interrupted(let s): "stopped by signal \(s)"
+            }
+        }
+        public var exitCode: Int32 {
+            switch self {
+            case .success: 0
+            case .failed: 1
+            case .interrupted(let s): 128 + s
+            }
+        }
+    }
+
+    public let specs: [ProcessSpec]
+    private var processes = [Process]()
+    private let outputLock = NSLock()
+    private let write: @Sendable (String) -> Void
+    private let stopLock = NSLock()
+    private var stopSignal: Int32?
+
+    /// `write` receives whole prefixed lines (default: standard output).
+    public init(_ specs: [ProcessSpec], write: @escaping @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data($0.utf8)) }) {
+        self.specs = specs
+        self.write = write
+    }
+
+    public func start() throws {
+        for spec in specs {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: spec.executable)
+            p.arguments = spec.arguments
+            let pipe = Pipe()
+            p.standardOutput = pipe
+            p.standardError = pipe
+            attachPrefixer(pipe, name: spec.name)
+            do { try p.run() } catch {
+                terminateAll(gracePeriod: .seconds(2))
+                throw ClusterError("cannot start \(spec.name) (\(spec.executable)): \(error)")
+            }
+            processes.append(p)
+        }
+    }
+
+    /// Forwards `signal` to every live process; `wait` then ends with `.interrupted`.
+    public func terminate(signal: Int32 = SIGTERM) {
+        stopLock.withLock { if stopSignal == nil { stopSignal = signal } }
+        for p in processes where p.isRunning { signalGroup(p, signal) }
+    }
+
+    /// Foundation starts each child as the leader of its own process group (so a terminal's Ctrl-C
+    /// reaches only the launcher); signalling the group also reaches anything the child started.
+    private func signalGroup(_ p: Process, _ signal: Int32) {
+        if kill(-p.processIdentifier, signal) != 0 { kill(p.processIdentifier, signal) }
+    }
+
+    /// Waits until the group is finished. When `primary` (a name) exits 0 the others get
+    /// `gracePeriod` to finish on their own before they are stopped.
+    public func wait(primary: String? = nil, gracePeriod: Duration = .seconds(10)) -> Outcome {
+        while true {
+            if let s = stopLock.withLock({ stopSignal }) {
+                terminateAll(gracePeriod: gracePeriod)
+                return .interrupted(s)
+            }
+            for (i, p) in processes.enumerated() where !p.isRunning {
+                let name = specs[i].name
+                let failed = p.terminationReason == .uncaughtSignal || p.terminationStatus != 0
+                if failed && p.terminationReason == .uncaughtSignal && p.terminationStatus == SIGINT {
+                    // Ctrl-C on a terminal reaches the whole foreground group: an interruption, not a failure.
+                    terminateAll(gracePeriod: gracePeriod)
+                    return .interrupted(SIGINT)
+                }
+                if failed {
+                    // A coordinator usually fails because a worker did: give the others a moment, and
+                    // blame a process that failed on its own before blaming the primary.
+                    usleep(500_000)
+                    let failures = processes.indices.filter { !processes[$0].isRunning && isFailure(processes[$0]) }
+                    let culprit = failures.first { specs[$0].name != primary } ?? i
+                    let description = describeExit(culprit)
+                    terminateAll(gracePeriod: gracePeriod)
+                    return .failed(culprit: specs[culprit].name, description: description)
+                }
+                if name == primary {
+                    let deadline = ContinuousClock.now + gracePeriod
+                    while processes.contains(where: \.isRunning) && ContinuousClock.now < deadline { usleep(50_000) }
+                    let late = zip(specs, processes).filter { $0.1.isRunning }.map(\.0.name)
+                    if !late.isEmpty { emitLine("launch", "stopping \(late.joined(separator: ", ")) after \(name) finished") }
+                    terminateAll(gracePeriod: gracePeriod)
+                    // A secondary that failed on its own (not by our signal) still fails the group.
+                    if let bad = processes.indices.first(where: { !late.contains(specs[$0].name) && isFailure(processes[$0]) }) {
+                        return .failed(culprit: specs[bad].name, description: describeExit(bad))
+                    }
+                    return .success
+                }
+            }
+            if processes.allSatisfy({ !$0.isRunning }) { return .success }
+            usleep(50_000)
+        }
+    }
+
+    private func isFailure(_ p: Process) -> Bool { p.terminationReason == .uncaughtSignal || p.terminationStatus != 0 }
+
+    private func describeExit(_ i: Int) -> String {
+        let p = processes[i]
+        let how = p.terminationReason == .uncaughtSignal
+            ? "was killed by signal \(p.terminationStatus)\(signalName(p.terminationStatus))"
+            : "exited with status \(p.terminationStatus)"
+        return "\(specs[i].name) (pid \(p.processIdentifier)) \(how)"
+    }
+
+    /// SIGTERM to the live processes, SIGKILL to those still alive after `gracePeriod`; reaps all.
+    private func terminateAll(gracePeriod: Duration) {
+        for p in processes where p.isRunning { signalGroup(p, SIGTERM) }
+        let deadline = ContinuousClock.now + gracePeriod
+        while processes.contains(where: \.isRunning) && ContinuousClock.now < deadline { usleep(50_000) }
+        for p in processes { signalGroup(p, SIGKILL) }  // also whatever a finished child left behind
+        for p in processes { p.waitUntilExit() }
+        usleep(100_000)  // let the pipes drain their last lines
+    }
+
+    private func attachPrefixer(_ pipe: Pipe, name: String) {
+        let pending = LineBuffer()
+        pipe.fileHandleForReading.readabilityHandler = { [weak self] handle in
+            let data = handle.availableData
+            guard let self else { return }
+            if data.isEmpty {  // end of file: flush a last line without newline
+                handle.readabilityHandler = nil
+                if let rest = pending.flush() { self.emitLine(name, rest) }
+                return
+            }
+            for line in pending.append(data) { self.emitLine(name, line) }
+        }
+    }
+
+    private func emitLine(_ name: String, _ line: String) {
+        outputLock.withLock { write("[\(name)] \(line)\n") }
+    }
+}
+
+/// Splits a byte stream into lines (a carriage-return progress bar counts as a line end too).
+final class LineBuffer: @unchecked Sendable {
+    // @unchecked Sendable: used by one pipe's readability handler at a time.
+    private var buffer = Data()
+
+    func append(_ data: Data) -> [String] {
+        buffer.append(data)
+        var lines = [String]()
+        while let end = buffer.firstIndex(where: { $0 == 10 || $0 == 13 }) {
+            let line = buffer[buffer.startIndex..<end]
+            buffer = Data(buffer[(end + 1)...])
+            let text = String(decoding: line, as: UTF8.self).replacingOccurrences(of: "\u{1B}[2K", with: "")
+            if !text.isEmpty { lines.append(text) }
+        }
+        return lines
+    }
+
+    func flush() -> String? {
+        defer { buffer = Data() }
+        return buffer.isEmpty ? nil : String(decoding: buffer, as: UTF8.self)
+    }
+}
+
+func signalName(_ s: Int32) -> String {
+    switch s {
+    case SIGKILL: " (SIGKILL)"
+    case SIGTERM: " (SIGTERM)"
+    case SIGINT: " (SIGINT)"
+    case SIGSEGV: " (SIGSEGV)"
+    case SIGABRT: " (SIGABRT)"
+    case SIGBUS: " (SIGBUS)"
+    case SIGILL: " (SIGILL)"
+    default: ""
+    }
+}
+
+/// Routes SIGINT and SIGTERM of this (launcher) process to `handler` on a background queue.
+public final class SignalForwarder: @unchecked Sendable {
+    // @unchecked Sendable: the sources are only touched at init.
+    private var sources = [DispatchSourceSignal]()
+
+    public init(_ handler: @escaping @Sendable (Int32) -> Void) {
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            source.setEventHandler { handler(sig) }
+            source.resume()
+            sources.append(source)
+        }
+    }
+}
