@@ -121,3 +121,93 @@ struct BenchAllReduce: ParsableCommand {
         }
     }
 }
+
+struct BenchClusterCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "cluster",
+        abstract: "Training throughput of a local cluster (coordinator + N worker processes) on CIFAR-10.",
+        discussion: "Images/s is the global batch over the median step time (the slowest rank's) after the warm-up steps.")
+
+    @Option(help: "Worker processes.") var workers = 2
+    @Option(help: "Global batch per step.") var batchSize = 128
+    @Option(help: "Compute threads per worker.") var threads = 1
+    @Option(help: "Timed steps.") var steps = 30
+    @Option(help: "Untimed warm-up steps.") var warmup = 5
+    @OptionGroup var model: ModelOptions
+    @OptionGroup var communication: CommunicationOptions
+    @Option(help: "CIFAR-10 directory.") var data: String?
+    @Flag(help: "Print a JSON object.") var json = false
+
+    struct Report: Encodable {
+        var workers: Int, batchSize: Int, threadsPerWorker: Int, model: String, allreduce: String, steps: Int
+        var imagesPerSecond: Double, secondsPerStepMedian: Double
+        var bytesSentPerWorkerPerStep: Double, bytesReceivedPerWorkerPerStep: Double, theoryBytesSentPerWorkerPerStep: Double
+        var allreduceShareOfStep: Double
+    }
+
+    func validate() throws {
+        guard workers >= 1, batchSize % workers == 0 else { throw ValidationError("--batch-size must divide evenly over --workers") }
+        guard steps >= 1, warmup >= 0 else { throw ValidationError("--steps must be at least 1") }
+    }
+
+    func run() throws {
+        do {
+            let dir = NSTemporaryDirectory() + "squeezetrain-bench-cluster-\(getpid())"
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            defer { try? FileManager.default.removeItem(atPath: dir) }
+            let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
+            let exe = selfExecutable()
+            var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--steps", "\(warmup + steps)",
+                               "--batch-size", "\(batchSize)", "--metrics", dir + "/metrics.jsonl"] + model.arguments + communication.arguments
+            if let data { coordinator += ["--data", data] }
+            var specs = [ProcessSpec(name: "coordinator", executable: exe, arguments: coordinator)]
+            for r in 0..<workers {
+                var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)"]
+                if let data { args += ["--data", data] }
+                specs.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))
+            }
+            let log = LogBuffer()
+            let group = ProcessGroup(specs, write: log.add)
+            try group.start()
+            let outcome = group.wait(primary: "coordinator")
+            guard outcome == .success else { throw ClusterError("\(outcome)\n" + log.text) }
+            let report = try summarise(dir + "/metrics.jsonl")
+            if json { return try printJSON(report) }
+            print("\(workers) workers × \(threads) thread(s), global batch \(batchSize), \(report.model), \(report.allreduce) all-reduce:")
+            print(String(format: "  %.0f images/s (median step %.1f ms over %d steps)", report.imagesPerSecond,
+                         report.secondsPerStepMedian * 1e3, steps))
+            print(String(format: "  sent per worker per step %@ (theory %@), received %@; all-reduce busy %.0f%% of the step",
+                         megabytes(report.bytesSentPerWorkerPerStep), megabytes(report.theoryBytesSentPerWorkerPerStep),
+                         megabytes(report.bytesReceivedPerWorkerPerStep), 100 * report.allreduceShareOfStep))
+        } catch {
+            throw fail(String(describing: error))
+        }
+    }
+
+    private func summarise(_ path: String) throws -> Report {
+        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap {
+            try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
+        }.filter { ($0["step"] as? Int ?? 0) >= warmup }
+        func number(_ l: [String: Any], _ k: String) -> Double { (l[k] as? NSNumber)?.doubleValue ?? 0 }
+        let bySteps = Dictionary(grouping: lines) { $0["step"] as? Int ?? 0 }
+        let stepTimes = bySteps.values.map { $0.map { number($0, "step_seconds") }.max() ?? 0 }.sorted()
+        let median = stepTimes[stepTimes.count / 2]
+        let n = Double(lines.count)
+        return Report(workers: workers, batchSize: batchSize, threadsPerWorker: threads, model: model.model.rawValue,
+                      allreduce: communication.allreduce.rawValue, steps: bySteps.count,
+                      imagesPerSecond: Double(batchSize) / median, secondsPerStepMedian: median,
+                      bytesSentPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_sent") } / n,
+                      bytesReceivedPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_received") } / n,
+                      theoryBytesSentPerWorkerPerStep: number(lines[0], "theory_bytes_sent"),
+                      allreduceShareOfStep: lines.reduce(0) { $0 + number($1, "allreduce_seconds") } / max(lines.reduce(0) { $0 + number($1, "step_seconds") }, 1e-9))
+    }
+}
+
+/// Keeps the lines of a quiet process group, to show them if it fails.
+final class LogBuffer: @unchecked Sendable {
+    // @unchecked Sendable: `lock` guards `text`.
+    private let lock = NSLock()
+    private var lines = [String]()
+    func add(_ s: String) { lock.withLock { lines.append(s); if lines.count > 200 { lines.removeFirst() } } }
+    var text: String { lock.withLock { lines.joined() } }
+}

@@ -11,5 +11,5 @@ struct SqueezeTrain: ParsableCommand {
 struct Bench: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Benchmarks that print figures (run them on a quiet machine; compare ratios from one run).",
-        subcommands: [BenchTrain.self, BenchAllReduce.self])
+        subcommands: [BenchTrain.self, BenchAllReduce.self, BenchClusterCommand.self])
 }
