@@ -156,6 +156,8 @@ public struct Welcome: Codable, Sendable {
     public var initWeights: String?
     /// Where rank 0 writes the final weights.
     public var saveWeights: String?
+    /// Evaluate the test set (sharded over the ranks) at every epoch end and at the end of the run.
+    public var evaluate: Bool
 }
 
 /// Worker → coordinator: model built and verified, data plane bound.
@@ -191,6 +193,9 @@ public struct StepReport: Codable, Sendable {
     public var computeSeconds: Double
     public var stepSeconds: Double
     public var dataWaitSeconds: Double
+    /// At the end of an epoch: this rank's share of the test set (every N-th image), evaluated.
+    public var testCorrect: Int?
+    public var testImages: Int?
 }
 
 public struct Heartbeat: Codable, Sendable {

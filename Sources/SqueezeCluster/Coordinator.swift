@@ -22,6 +22,8 @@ public struct CoordinatorOptions: Sendable {
     public var initWeights: String?
     /// Rank 0 writes the final weights here.
     public var saveWeights: String?
+    /// Test accuracy at every epoch end (each worker evaluates 1/N of the test set).
+    public var evaluate = true
     public var quiet = false
     public init(bind: String, workers: Int, config: TrainingConfig) {
         self.bind = bind; self.workers = workers; self.config = config
@@ -42,6 +44,7 @@ public struct ClusterSummary: Sendable {
     public var perRank: [RankTraffic]
     public var theoryBytesPerWorker: Double
     public var hubBytesSent: Int, hubBytesReceived: Int
+    public var testAccuracy: Double?
 }
 
 /// Owns a run: rendezvous, ranks, configuration and the initial-weights checksum, metrics from
@@ -155,7 +158,8 @@ public final class Coordinator {
                 server.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
                                              bucketBytes: options.bucketBytes, transport: options.transport,
                                              timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
-                                             initWeights: options.initWeights, saveWeights: options.saveWeights)), to: id)
+                                             initWeights: options.initWeights, saveWeights: options.saveWeights,
+                                             evaluate: options.evaluate)), to: id)
                 log("worker \(names[rank]) joined as rank \(rank)")
             case .ready(let r):
                 guard let rank = rankOf(id), rank == r.rank else { continue }
@@ -193,6 +197,7 @@ public final class Coordinator {
         var pending = [Int: [StepReport]]()
         var traffic = [RankTraffic](repeating: RankTraffic(), count: n)
         var completed = 0
+        var testAccuracies = [Double]()
         let start = ContinuousClock.now
         var windowImages = 0, windowStart = ContinuousClock.now, lossSum = 0.0, correct = 0, images = 0
         while completed < config.totalSteps {
@@ -245,6 +250,14 @@ public final class Coordinator {
                     windowImages += r.images
                 }
                 completed += 1
+                let evaluated = reports.compactMap { r in r.testImages.map { (r.testCorrect ?? 0, $0) } }
+                if evaluated.count == n {
+                    let images = evaluated.reduce(0) { $0 + $1.1 }, right = evaluated.reduce(0) { $0 + $1.0 }
+                    let accuracy = Double(right) / Double(max(images, 1))
+                    metrics?.write([("step", completed - 1), ("epoch", reports[0].epoch), ("test_accuracy", accuracy), ("test_images", images)])
+                    testAccuracies.append(accuracy)
+                    if !options.quiet { display.line(String(format: "epoch %d: test accuracy %.2f%% (%d images)", reports[0].epoch + 1, 100 * accuracy, images)) }
+                }
                 if !options.quiet {
                     let elapsed = seconds(ContinuousClock.now - windowStart)
                     let rate = Double(windowImages) / max(elapsed, 1e-9)
@@ -267,7 +280,8 @@ public final class Coordinator {
         let total = seconds(ContinuousClock.now - start)
         return ClusterSummary(steps: completed, seconds: total,
                               imagesPerSecond: Double(completed * config.batchSize) / max(total, 1e-9),
-                              perRank: traffic, theoryBytesPerWorker: theory, hubBytesSent: 0, hubBytesReceived: 0)
+                              perRank: traffic, theoryBytesPerWorker: theory, hubBytesSent: 0, hubBytesReceived: 0,
+                              testAccuracy: testAccuracies.last)
     }
 }
 

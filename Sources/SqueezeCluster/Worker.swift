@@ -58,6 +58,8 @@ public final class Worker {
         let timeout = Duration.milliseconds(Int(welcome.timeoutSeconds * 1000))
         let dataDir = try CIFAR10.resolveDirectory(explicit: options.data)
         let trainSet = try CIFAR10(directory: dataDir, split: .train)
+        let testSet = welcome.evaluate ? try CIFAR10(directory: dataDir, split: .test) : nil
+        let testShard = Array(stride(from: rank, to: testSet?.count ?? 0, by: world))
         let trainer = try Trainer(config: config, trainSet: trainSet, rank: rank, worldSize: world)
         if let path = welcome.initWeights { try trainer.network.loadWeights(from: path) }
         let checksum = parametersChecksum(UnsafeBufferPointer(trainer.network.parameters.valueBuffer))
@@ -106,7 +108,7 @@ public final class Worker {
             let r = try trainer.trainStep(batch, reducer: reducer)
             let after = transport.counters
             let now = DispatchTime.now().uptimeNanoseconds
-            let report = StepReport(
+            var report = StepReport(
                 step: r.step, epoch: r.epoch, rank: rank, loss: r.loss, correct: r.correct, images: r.images,
                 learningRate: r.learningRate,
                 allreduceBytesSent: after.payloadBytesSent - before.payloadBytesSent,
@@ -116,7 +118,15 @@ public final class Worker {
                     + control.bytesSent + control.bytesReceived - controlBefore,
                 allreduceSeconds: reducer.busySeconds, computeSeconds: r.computeSeconds,
                 stepSeconds: Double(now - lastEnd) * 1e-9, dataWaitSeconds: loader.waitSeconds - waitBefore)
-            lastEnd = now
+            if let testSet, trainer.step % trainer.stepsPerEpoch == 0 || trainer.isFinished {
+                // Every rank evaluates its share of the test set at once, so nobody waits for one evaluator.
+                let e = trainer.evaluate(testSet, indices: testShard)
+                report.testCorrect = Int((e.accuracy * Double(e.images)).rounded())
+                report.testImages = e.images
+                lastEnd = DispatchTime.now().uptimeNanoseconds
+            } else {
+                lastEnd = now
+            }
             try control.send(.stepReport(report))
             if trainer.isFinished { break }
             switch try control.receive(timeout: .zero) {

@@ -115,18 +115,21 @@ public final class Trainer {
     }
 
     /// Eval-mode accuracy on `dataset` (no augmentation), in batches of `batchSize`.
-    public func evaluate(_ dataset: CIFAR10, batchSize: Int = 500) -> Evaluation {
-        Trainer.evaluate(network, dataset, batchSize: batchSize, imageSize: config.imageSize)
+    public func evaluate(_ dataset: CIFAR10, indices: [Int]? = nil, batchSize: Int = 500) -> Evaluation {
+        Trainer.evaluate(network, dataset, indices: indices, batchSize: batchSize, imageSize: config.imageSize)
     }
 
-    public static func evaluate(_ network: Network, _ dataset: CIFAR10, batchSize: Int = 500, imageSize: Int = 32) -> Evaluation {
+    /// Evaluates `indices` of `dataset` (all records when nil).
+    public static func evaluate(_ network: Network, _ dataset: CIFAR10, indices subset: [Int]? = nil,
+                                batchSize: Int = 500, imageSize: Int = 32) -> Evaluation {
+        let all = subset ?? Array(0..<dataset.count)
         let classes = network.config.classes
         var confusion = [[Int]](repeating: [Int](repeating: 0, count: classes), count: classes)
         var lossSum = 0.0
         let raw = FloatBuffer(count: 3 * batchSize * 32 * 32)
         let sized = FloatBuffer(count: imageSize == 32 ? 0 : 3 * batchSize * imageSize * imageSize)
-        for start in stride(from: 0, to: dataset.count, by: batchSize) {
-            let indices = Array(start..<min(start + batchSize, dataset.count))
+        for start in stride(from: 0, to: all.count, by: batchSize) {
+            let indices = Array(all[start..<min(start + batchSize, all.count)])
             let labels = dataset.fillBatch(indices: indices, into: raw.pointer)
             var input = raw.pointer
             if imageSize != 32 {
@@ -144,8 +147,8 @@ public final class Trainer {
             }
         }
         let correct = (0..<classes).reduce(0) { $0 + confusion[$1][$1] }
-        return Evaluation(images: dataset.count, loss: lossSum / Double(max(dataset.count, 1)),
-                          accuracy: Double(correct) / Double(max(dataset.count, 1)), confusion: confusion)
+        return Evaluation(images: all.count, loss: lossSum / Double(max(all.count, 1)),
+                          accuracy: Double(correct) / Double(max(all.count, 1)), confusion: confusion)
     }
 }
 

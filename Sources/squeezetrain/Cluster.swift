@@ -19,6 +19,8 @@ struct CommunicationOptions: ParsableArguments {
     var timeout: Double = 10
     @Option(help: "Seconds to wait for all workers to join.")
     var joinTimeout: Double = 120
+    @Flag(help: "Skip the test-set evaluation at each epoch end (otherwise every worker evaluates 1/N of it).")
+    var noEval = false
 
     func validate() throws {
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc (got \(transport))") }
@@ -76,6 +78,7 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.timeout = .milliseconds(Int(communication.timeout * 1000))
     options.joinTimeout = .milliseconds(Int(communication.joinTimeout * 1000))
     options.metricsPath = metrics
+    options.evaluate = !communication.noEval
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     options.quiet = quiet
@@ -93,7 +96,8 @@ func trainingRecordCount(_ data: String?) -> Int {
 }
 
 func printSummary(_ s: ClusterSummary, workers: Int) {
-    print(String(format: "\n%d steps in %.1f s, %.0f images/s", s.steps, s.seconds, s.imagesPerSecond))
+    print(String(format: "\n%d steps in %.1f s, %.0f images/s", s.steps, s.seconds, s.imagesPerSecond)
+          + (s.testAccuracy.map { String(format: ", test accuracy %.2f%%", 100 * $0) } ?? ""))
     print(pad("rank", 6) + pad("sent/step", 14, right: true) + pad("received/step", 15, right: true) + pad("theory/step", 14, right: true)
           + pad("ratio", 8, right: true) + pad("control/step", 14, right: true) + pad("comm share", 12, right: true))
     var totalSent = 0, totalReceived = 0
@@ -151,6 +155,6 @@ func absolutePath(_ path: String) -> String {
 extension CommunicationOptions {
     var arguments: [String] {
         ["--allreduce", allreduce.rawValue, "--bucket-mb", "\(bucketMb)", "--transport", transport,
-         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)"]
+         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)"] + (noEval ? ["--no-eval"] : [])
     }
 }

@@ -13,7 +13,7 @@ struct ClusterTests {
     func runCluster(workers n: Int, _ extra: [String]) throws -> (dir: String, coordinator: Child) {
         let dir = try temporaryDirectory("cluster\(n)")
         let (coordinator, endpoint) = try startCoordinator(
-            ["--workers", "\(n)", "--metrics", dir + "/metrics.jsonl", "--save-weights", dir + "/cluster.safetensors"] + extra, in: dir)
+            ["--workers", "\(n)", "--no-eval", "--metrics", dir + "/metrics.jsonl", "--save-weights", dir + "/cluster.safetensors"] + extra, in: dir)
         let workers = try (0..<n).map { try Child(["worker", "--coordinator", endpoint], log: dir + "/worker\($0).log") }
         let status = coordinator.wait()
         for (i, w) in workers.enumerated() {
@@ -75,7 +75,7 @@ struct ClusterTests {
     @Test func badPeersAreRejectedAndTheCoordinatorKeepsRunning() throws {
         let dir = try temporaryDirectory("badpeer")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let (coordinator, endpoint) = try startCoordinator(["--workers", "1", "--steps", "2", "--batch-size", "8", "--no-augment"], in: dir)
+        let (coordinator, endpoint) = try startCoordinator(["--workers", "1", "--steps", "2", "--batch-size", "8", "--no-augment", "--no-eval"], in: dir)
         let context = try ZMQContext()
         defer { context.terminate() }
         let peer = try ZMQSocket(context: context, type: .dealer)
@@ -121,7 +121,7 @@ struct ClusterTests {
     @Test func aLostWorkerIsReportedByRankAndTheRunStops() throws {
         let dir = try temporaryDirectory("lost")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let (coordinator, endpoint) = try startCoordinator(["--workers", "2", "--steps", "100000", "--batch-size", "16", "--timeout", "3"], in: dir)
+        let (coordinator, endpoint) = try startCoordinator(["--workers", "2", "--steps", "100000", "--batch-size", "16", "--timeout", "3", "--no-eval"], in: dir)
         let w0 = try Child(["worker", "--coordinator", endpoint, "--rank", "0"], log: dir + "/w0.log")
         let w1 = try Child(["worker", "--coordinator", endpoint, "--rank", "1"], log: dir + "/w1.log")
         #expect(coordinator.waitForOutput("all 2 worker(s) ready"), "\(coordinator.output)")
@@ -161,7 +161,7 @@ struct LaunchTests {
     @Test func launchRunsAClusterAndPrefixesLines() throws {
         let dir = try temporaryDirectory("launch")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let launch = try Child(["launch", "--workers", "2", "--steps", "2", "--batch-size", "16", "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
+        let launch = try Child(["launch", "--workers", "2", "--steps", "2", "--batch-size", "16", "--no-eval", "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
         #expect(launch.wait() == 0, "\(launch.output)")
         let out = launch.output
         #expect(out.contains("[coordinator] all 2 worker(s) ready"))
@@ -180,7 +180,7 @@ struct LaunchTests {
     @Test func sigtermStopsTheWholeCluster() throws {
         let dir = try temporaryDirectory("launchterm")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let launch = try Child(["launch", "--workers", "2", "--steps", "100000", "--batch-size", "16"], log: dir + "/launch.log")
+        let launch = try Child(["launch", "--workers", "2", "--steps", "100000", "--batch-size", "16", "--no-eval"], log: dir + "/launch.log")
         #expect(launch.waitForOutput("all 2 worker(s) ready"), "\(launch.output)")
         kill(launch.process.processIdentifier, SIGTERM)
         #expect(launch.wait(timeout: 60) == 128 + SIGTERM, "\(launch.output)")

@@ -85,8 +85,13 @@ struct TestFailure: Error, CustomStringConvertible {
     init(_ d: String) { description = d }
 }
 
-/// JSON lines of a metrics file.
+/// Per-worker step lines of a metrics file (epoch lines, without `rank`, left out).
 func readMetrics(_ path: String) throws -> [[String: Any]] {
+    try readAllMetrics(path).filter { $0["rank"] != nil }
+}
+
+/// Every JSON line of a metrics file.
+func readAllMetrics(_ path: String) throws -> [[String: Any]] {
     try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").map {
         try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
     }

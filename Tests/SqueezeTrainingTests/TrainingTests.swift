@@ -132,3 +132,14 @@ struct TrainingTests {
         do { try found!.restore(into: different) } catch { #expect(String(describing: error).contains("batch norm")) }
     }
 }
+
+@Test func shardedEvaluationAddsUpToTheWhole() throws {
+    let trainer = try Trainer(config: deterministicConfig(steps: 1), trainSet: firstTrainingFile)
+    let subset = try CIFAR10(images: Array(firstTrainingFile.images[0..<(300 * 3072)]), labels: Array(firstTrainingFile.labels[0..<300]))
+    let whole = trainer.evaluate(subset, batchSize: 64)
+    let shards = (0..<3).map { r in trainer.evaluate(subset, indices: Array(stride(from: r, to: 300, by: 3)), batchSize: 64) }
+    #expect(shards.map(\.images) == [100, 100, 100])
+    let correct = shards.reduce(0) { $0 + Int(($1.accuracy * Double($1.images)).rounded()) }
+    #expect(correct == Int((whole.accuracy * 300).rounded()))
+    #expect(whole.confusion.flatMap { $0 }.reduce(0, +) == 300)
+}
