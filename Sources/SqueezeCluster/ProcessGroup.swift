@@ -57,6 +57,7 @@ public final class ProcessGroup: @unchecked Sendable {
             p.executableURL = URL(fileURLWithPath: spec.executable)
             p.arguments = spec.arguments
             let pipe = Pipe()
+            p.standardInput = FileHandle.nullDevice  // never stuck reading the terminal
             p.standardOutput = pipe
             p.standardError = pipe
             attachPrefixer(pipe, name: spec.name)
@@ -69,9 +70,13 @@ public final class ProcessGroup: @unchecked Sendable {
     }
 
     /// Forwards `signal` to every live process; `wait` then ends with `.interrupted`.
+    /// A second call (a second Ctrl-C) kills them at once.
     public func terminate(signal: Int32 = SIGTERM) {
-        stopLock.withLock { if stopSignal == nil { stopSignal = signal } }
-        for p in processes where p.isRunning { signalGroup(p, signal) }
+        let again = stopLock.withLock {
+            defer { if stopSignal == nil { stopSignal = signal } }
+            return stopSignal != nil
+        }
+        for p in processes where p.isRunning { signalGroup(p, again ? SIGKILL : signal) }
     }
 
     /// Foundation starts each child as the leader of its own process group (so a terminal's Ctrl-C
