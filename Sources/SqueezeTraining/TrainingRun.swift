@@ -67,7 +67,8 @@ public func runTraining(_ trainer: Trainer, testSet: CIFAR10?, options: RunOptio
         lastStepEnd = now
         epochLoss += Double(r.loss) * Double(r.images); epochCorrect += r.correct; epochImages += r.images
         epochCompute += r.computeSeconds
-        let done = trainer.step - trainer.epoch * perEpoch == 0 ? perEpoch : trainer.step % perEpoch
+        let done = r.step + 1 - r.epoch * perEpoch
+        let total = min(perEpoch, trainer.config.totalSteps - r.epoch * perEpoch)  // the last epoch may be cut short
         let elapsed = Double(now - epochStart) * 1e-9
         let rate = Double(epochImages) / max(elapsed, 1e-9)
         metrics?.write([("step", r.step), ("epoch", r.epoch), ("rank", 0), ("world_size", 1), ("loss", r.loss),
@@ -76,7 +77,7 @@ public func runTraining(_ trainer: Trainer, testSet: CIFAR10?, options: RunOptio
                         ("compute_seconds", r.computeSeconds), ("step_seconds", stepSeconds)])
         if !options.quiet {
             let remaining = Double(trainer.config.totalSteps - trainer.step) * Double(trainer.config.batchSize) / max(rate, 1e-9)
-            display.update(epoch: r.epoch, epochs: epochs, done: done, total: perEpoch, loss: epochLoss / Double(epochImages),
+            display.update(epoch: r.epoch, epochs: epochs, done: done, total: total, loss: epochLoss / Double(epochImages),
                            accuracy: Double(epochCorrect) / Double(epochImages), imagesPerSecond: rate, etaSeconds: remaining)
         }
         let epochEnded = trainer.step % perEpoch == 0 || trainer.isFinished
