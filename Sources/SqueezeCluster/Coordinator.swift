@@ -133,14 +133,7 @@ public final class Coordinator {
             }
             guard let (id, frame) = try server.receive(timeout: .milliseconds(200)) else { continue }
             let peer = rankOf(id).map { "worker rank \($0) (\(names[$0]))" } ?? "an unregistered peer"
-            let message: ControlMessage
-            do {
-                message = try frame.withUnsafeBytes { try ControlMessage.decode($0, from: peer) }
-            } catch {
-                log("\(error)")
-                server.send(.reject(Reject(reason: String(describing: error))), to: id)
-                continue
-            }
+            guard let message = decodeOrReject(frame, from: peer, id: id, server) else { continue }
             switch message {
             case .hello(let h):
                 guard rankOf(id) == nil else { continue }
@@ -186,6 +179,17 @@ public final class Coordinator {
         return endpoints.map { $0! }
     }
 
+    /// A valid message, or nil after logging the problem and sending the peer a `reject` (the run goes on).
+    private func decodeOrReject(_ frame: [UInt8], from peer: String, id: [UInt8], _ server: ControlServer) -> ControlMessage? {
+        do {
+            return try frame.withUnsafeBytes { try ControlMessage.decode($0, from: peer) }
+        } catch {
+            log("\(error)")
+            server.send(.reject(Reject(reason: String(describing: error))), to: id)
+            return nil
+        }
+    }
+
     /// Collects reports until every rank has finished the last step; detects failures and silence.
     private func monitor(_ server: ControlServer, plan: [Range<Int>], parameterCount: Int) throws -> ClusterSummary {
         let n = options.workers, config = options.config
@@ -203,15 +207,8 @@ public final class Coordinator {
         while completed < config.totalSteps {
             if let (id, frame) = try server.receive(timeout: .milliseconds(100)) {
                 let rank = identities.firstIndex { $0 == id }
-                let peer = rank.map { "worker rank \($0)" } ?? "an unknown peer"
-                let message: ControlMessage
-                do {
-                    message = try frame.withUnsafeBytes { try ControlMessage.decode($0, from: peer) }
-                } catch {
-                    log("\(error)")
-                    server.send(.reject(Reject(reason: String(describing: error))), to: id)
-                    continue
-                }
+                let peer = rank.map { "worker rank \($0)" } ?? "an unregistered peer"
+                guard let message = decodeOrReject(frame, from: peer, id: id, server) else { continue }
                 if let rank { lastHeard[rank] = ContinuousClock.now }
                 switch message {
                 case .stepReport(let r):

@@ -1,5 +1,6 @@
 import Dispatch
 import Foundation
+import SqueezeEngine
 
 /// A position in training: batch `batch` (0 ..< batchesPerEpoch) of epoch `epoch`.
 public struct BatchPosition: Equatable, Comparable, Sendable, CustomStringConvertible {
@@ -113,12 +114,6 @@ public final class BatchLoader {
     }
 }
 
-/// A buffer pointer that may cross to the loader thread; access is ordered by the loader's semaphores.
-struct FloatBuffer: @unchecked Sendable {
-    let pointer: UnsafeMutablePointer<Float>
-    let capacity: Int
-}
-
 /// What the background thread and `BatchLoader` share. Mutable fields are guarded by `lock`;
 /// buffer contents are handed over through the `free` / `ready` semaphores: the thread writes a slot
 /// only between taking a `free` permit and signalling `ready`, the caller reads it only between
@@ -161,18 +156,11 @@ private final class LoaderState: @unchecked Sendable {
         self.end = end
         self.imageSize = imageSize
         let capacity = 3 * sampler.localBatchSize * imageSize * imageSize
-        self.buffers = (0..<buffers).map { _ in
-            let p = UnsafeMutablePointer<Float>.allocate(capacity: capacity)
-            p.initialize(repeating: 0, count: capacity)
-            return FloatBuffer(pointer: p, capacity: capacity)
-        }
+        self.buffers = (0..<buffers).map { _ in FloatBuffer(count: capacity) }
         meta = Array(repeating: nil, count: buffers)
         for _ in 0..<buffers { free.signal() }
     }
 
-    deinit {
-        for b in buffers { b.pointer.deallocate() }
-    }
 
     var loadSeconds: Double { lock.withLock { _loadSeconds } }
     func resetLoadSeconds() { lock.withLock { _loadSeconds = 0 } }

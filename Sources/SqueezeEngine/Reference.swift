@@ -112,9 +112,9 @@ public enum Reference {
         var g = [T](repeating: 0, count: logits.count)
         for j in 0..<n {
             let top = (0..<k).map { logits[$0 * n + j] }.max()!
-            let e = (0..<k).map { T(Foundation_exp(Double(logits[$0 * n + j] - top))) }
+            let e = (0..<k).map { T(exp(Double(logits[$0 * n + j] - top))) }
             let sum = e.reduce(0, +)
-            loss += T(Foundation_log(Double(sum))) - (logits[labels[j] * n + j] - top)
+            loss += T(log(Double(sum))) - (logits[labels[j] * n + j] - top)
             for c in 0..<k { g[c * n + j] = (e[c] / sum - (c == labels[j] ? 1 : 0)) / T(n) }
         }
         return (loss / T(n), g)
@@ -137,6 +137,4 @@ public enum Reference {
 
 #if canImport(Glibc)
 import Glibc
-@inline(__always) func Foundation_exp(_ x: Double) -> Double { Glibc.exp(x) }
-@inline(__always) func Foundation_log(_ x: Double) -> Double { Glibc.log(x) }
 #endif
