@@ -158,7 +158,10 @@ struct BenchClusterCommand: ParsableCommand {
             let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
             let exe = selfExecutable()
             var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--steps", "\(warmup + steps)",
-                               "--batch-size", "\(batchSize)", "--metrics", dir + "/metrics.jsonl"] + model.arguments + communication.arguments
+                               "--batch-size", "\(batchSize)", "--metrics", dir + "/metrics.jsonl"] + model.arguments
+            var comm = communication
+            comm.noEval = true  // a throughput benchmark: no test-set evaluation at the end
+            coordinator += comm.arguments
             if let data { coordinator += ["--data", data] }
             var specs = [ProcessSpec(name: "coordinator", executable: exe, arguments: coordinator)]
             for r in 0..<workers {
