@@ -197,6 +197,8 @@ struct ZMQAllReduceTests {
     @Test("a message with a bad header is rejected with an error naming the sender")
     func badHeader() throws {
         let group = try ZMQTransport.localGroup(worldSize: 2, topology: .ring)
+        // Keeps rank 1 (the sender) alive to the end: released early, it would drop its queued message.
+        defer { for t in group { t.close() } }
         var bad = WireHeader(kind: .reduceScatter, sender: 1, tag: CollectiveTag(step: 0), offset: 50, count: 50)
         bad.version = 3
         let payload = [UInt8](repeating: 0, count: 200)
