@@ -24,6 +24,7 @@ struct BenchAllReduce: ParsableCommand {
     @Option(help: "tcp or ipc.") var transport = "tcp"
     @Option(help: "Timed all-reduces (the median is reported).") var iterations = 50
     @Option(help: "Untimed warm-up all-reduces.") var warmup = 5
+    @Option(help: "Pipelining chunk in KiB (the cluster uses 1024).") var chunkKb = 1024
     @Flag(help: "Print a JSON object.") var json = false
 
     // Internal: one participant (spawned by the command above).
@@ -70,7 +71,7 @@ struct BenchAllReduce: ParsableCommand {
             let p = Process(), out = Pipe()
             p.executableURL = URL(fileURLWithPath: selfExecutable())
             p.arguments = ["bench", "allreduce", "--workers", "\(workers)", "--floats", "\(floats)", "--algorithm", algorithm.rawValue,
-                           "--transport", transport, "--iterations", "\(iterations)", "--warmup", "\(warmup)",
+                           "--transport", transport, "--iterations", "\(iterations)", "--warmup", "\(warmup)", "--chunk-kb", "\(chunkKb)",
                            "--rank", "\(r)", "--endpoints", endpoints.joined(separator: ",")]
             p.standardOutput = out
             try p.run()
@@ -96,7 +97,7 @@ struct BenchAllReduce: ParsableCommand {
         defer { transport.close() }
         let topology: Topology = algorithm == .star ? .star(hub: workers) : .ring
         try transport.connect(topology: topology, endpoints: endpoints)
-        let options = CollectiveOptions(timeout: .seconds(60))
+        let options = CollectiveOptions(chunkBytes: chunkKb * 1024, timeout: .seconds(60))
         if algorithm == .star && rank == workers {
             _ = try CommBenchmark.hubSeconds(StarAllReduceHub(transport: transport, options: options), floats: floats,
                                              iterations: iterations, warmup: warmup)
