@@ -111,7 +111,9 @@ public final class Coordinator {
             return s
         } catch {
             for id in identities { if let id { server.send(.abort(Abort(reason: String(describing: error))), to: id) } }
+            // The hub's socket must not be closed under it: it ends within one receive timeout.
             hubThread?.cancel()
+            hubThread?.join()
             throw error
         }
     }
