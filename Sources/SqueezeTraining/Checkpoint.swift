@@ -7,9 +7,9 @@ import SqueezeEngine
 /// `optimizer.momentum.<name>`. Metadata (strings): `format` = "squeezetrain-checkpoint",
 /// `format_version`, `step` (steps completed; with the configuration it fixes the epoch, the position
 /// inside the epoch and the learning-rate schedule), `world_size`, `config` (the `TrainingConfig` as
-/// JSON, which includes the model and the sampler/augmentation seed), `rng` (JSON: the dropout
-/// generator state of every rank; augmentation and sampling are pure functions of seed, epoch and
-/// record), and `checksum` (FNV-1a-64 over the tensors in name order and the other metadata).
+/// JSON, which includes the model and the seed; data order, augmentation and dropout masks are pure
+/// functions of the seed, the epoch or step, the record and the rank, so no generator state is
+/// needed), and `checksum` (FNV-1a-64 over the tensors in name order and the other metadata).
 ///
 /// Files are `checkpoint-<step, 9 digits>.safetensors` in the checkpoint directory, written
 /// atomically (temporary file, fsync, rename, directory fsync); then `latest` (the file name) is
@@ -21,18 +21,15 @@ public struct Checkpoint {
     public var config: TrainingConfig
     public var step: Int
     public var worldSize: Int
-    /// Dropout generator state of each rank (index = rank).
-    public var dropoutStates: [[UInt64]]
     /// name → values, for parameters, buffers and `optimizer.momentum.*`.
     public var tensors: [String: [Float]]
     public var path: String?
 
-    /// Captures a trainer's state. `dropoutStates` are all ranks' generators (one for a single process).
-    public init(trainer: Trainer, worldSize: Int = 1, dropoutStates: [[UInt64]]? = nil) {
+    /// Captures a trainer's state (any rank's: after the all-reduce every rank holds the same).
+    public init(trainer: Trainer, worldSize: Int = 1) {
         config = trainer.config
         step = trainer.step
         self.worldSize = worldSize
-        self.dropoutStates = dropoutStates ?? [trainer.network.dropout?.rng.state ?? []]
         var t = [String: [Float]]()
         let net = trainer.network
         for (store, prefix) in [(net.parameters, ""), (net.buffers, "")] {
@@ -74,7 +71,6 @@ public struct Checkpoint {
             "step": String(step),
             "world_size": String(worldSize),
             "config": String(decoding: try encoder.encode(config), as: UTF8.self),
-            "rng": String(decoding: try encoder.encode(["dropout": dropoutStates]), as: UTF8.self),
         ]
     }
 
@@ -119,14 +115,12 @@ public struct Checkpoint {
         }
         let decoder = JSONDecoder()
         let config = try decoder.decode(TrainingConfig.self, from: Data(try field("config").utf8))
-        let rng = try decoder.decode([String: [[UInt64]]].self, from: Data(try field("rng").utf8))
-        return Checkpoint(config: config, step: step, worldSize: world, dropoutStates: rng["dropout"] ?? [],
-                          tensors: tensors, path: path)
+        return Checkpoint(config: config, step: step, worldSize: world, tensors: tensors, path: path)
     }
 
-    private init(config: TrainingConfig, step: Int, worldSize: Int, dropoutStates: [[UInt64]], tensors: [String: [Float]], path: String?) {
+    private init(config: TrainingConfig, step: Int, worldSize: Int, tensors: [String: [Float]], path: String?) {
         self.config = config; self.step = step; self.worldSize = worldSize
-        self.dropoutStates = dropoutStates; self.tensors = tensors; self.path = path
+        self.tensors = tensors; self.path = path
     }
 
     /// The newest checkpoint in `directory` that verifies, trying `latest` first and then the others
@@ -146,7 +140,7 @@ public struct Checkpoint {
         return (nil, skipped)
     }
 
-    /// Puts this state into `trainer` (model, buffers, momentum, step, this rank's dropout generator).
+    /// Puts this state into `trainer` (model, buffers, momentum, step).
     /// The trainer's configuration must equal the checkpoint's, except the run length.
     public func restore(into trainer: Trainer) throws {
         var mine = trainer.config, theirs = config
@@ -168,9 +162,6 @@ public struct Checkpoint {
             }
         }
         trainer.step = step
-        if trainer.rank < dropoutStates.count, dropoutStates[trainer.rank].count == 4 {
-            trainer.network.dropout?.rng = SeededRNG(state: dropoutStates[trainer.rank])
-        }
     }
 
     static func describe(_ m: ModelConfig) -> String {

@@ -60,8 +60,6 @@ public final class Trainer {
         self.trainSet = trainSet
         self.rank = rank; self.worldSize = worldSize
         network = Network(config: config.model, seed: config.seed)
-        // Each rank draws its own dropout masks (as DDP ranks do); the stream is part of the checkpoint.
-        network.dropout?.rng = SeededRNG(seed: config.seed, stream: 0xD000 + UInt64(rank))
         optimizer = SGD(parameterCount: network.parameters.count, momentum: config.momentum,
                         weightDecay: config.weightDecay, nesterov: config.nesterov)
         do {
@@ -89,6 +87,9 @@ public final class Trainer {
     public func trainStep(_ batch: BatchLoader.Batch, reducer: GradientReducer? = nil) throws -> StepResult {
         precondition(batch.position == position, "batch for \(batch.position) at \(position)")
         let t0 = DispatchTime.now().uptimeNanoseconds
+        // Dropout masks are a function of (seed, rank, step), like the augmentation: a resumed run
+        // draws the same masks without any generator state in the checkpoint, and ranks differ.
+        network.dropout?.rng = SeededRNG(seed: config.seed, stream: 0xD0_0000_0000 &+ UInt64(rank) << 32 &+ UInt64(step))
         let x = Tensor(data: UnsafeMutablePointer(mutating: batch.images),
                        shape: Shape(c: 3, n: batch.count, h: batch.imageSize, w: batch.imageSize))
         let grads = network.parameters.gradientBuffer
