@@ -187,3 +187,22 @@ struct LaunchTests {
         #expect(launch.output.contains("stopped by signal 15"))
     }
 }
+
+@Suite("export (real process)")
+struct ExportTests {
+    @Test func exportWritesTheCheckpointsWeights() throws {
+        let dir = try temporaryDirectory("export")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let train = try Child(["train", "--steps", "2", "--batch-size", "16", "--no-eval", "--checkpoint-dir", dir + "/ckpt",
+                               "--save-weights", dir + "/trained.safetensors"], log: dir + "/train.log")
+        #expect(train.wait() == 0, "\(train.output)")
+        let export = try Child(["export", "--checkpoint", dir + "/ckpt", "--output", dir + "/exported.safetensors"], log: dir + "/export.log")
+        #expect(export.wait() == 0, "\(export.output)")
+        let a = try Data(contentsOf: URL(fileURLWithPath: dir + "/trained.safetensors"))
+        let b = try Data(contentsOf: URL(fileURLWithPath: dir + "/exported.safetensors"))
+        #expect(a == b)
+        let missing = try Child(["export", "--checkpoint", dir + "/nothing", "--output", dir + "/x.safetensors"], log: dir + "/missing.log")
+        #expect(missing.wait() != 0)
+        #expect(missing.output.contains("\(dir)/nothing does not exist"))
+    }
+}

@@ -1,0 +1,45 @@
+import ArgumentParser
+import Foundation
+import SqueezeEngine
+import SqueezeTraining
+
+struct Export: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Write a checkpoint's weights as safetensors with torchvision's names (for eval, --init-weights or PyTorch).")
+
+    @Option(help: "A checkpoint file, or a checkpoint directory (its newest valid checkpoint).")
+    var checkpoint: String
+    @Option(help: "Where to write the weights.")
+    var output: String
+
+    func run() throws {
+        do {
+            var isDirectory: ObjCBool = false
+            guard FileManager.default.fileExists(atPath: checkpoint, isDirectory: &isDirectory) else {
+                throw TrainingError.checkpoint("\(checkpoint) does not exist")
+            }
+            let found: Checkpoint
+            if isDirectory.boolValue {
+                let (newest, skipped) = Checkpoint.newestValid(in: checkpoint)
+                for s in skipped { emit("skipping checkpoint \(s.path): \(s.reason)\n") }
+                guard let newest else { throw TrainingError.checkpoint("no valid checkpoint in \(checkpoint)") }
+                found = newest
+            } else {
+                found = try Checkpoint.load(path: checkpoint)
+            }
+            let net = Network(config: found.config.model)
+            for store in [net.parameters, net.buffers] {
+                for spec in store.specs {
+                    guard let values = found.tensors[spec.name], values.count == spec.count else {
+                        throw TrainingError.checkpoint("\(found.path ?? checkpoint): tensor \(spec.name) is missing or mis-sized")
+                    }
+                    (store.values.pointer + spec.offset).update(from: values, count: values.count)
+                }
+            }
+            try net.saveWeights(to: output)
+            emit("wrote \(output): \(found.config.model.architecture.rawValue) weights at step \(found.step) of \(found.path ?? checkpoint)\n")
+        } catch {
+            throw fail(String(describing: error))
+        }
+    }
+}
