@@ -158,6 +158,12 @@ public struct Welcome: Codable, Sendable {
     public var saveWeights: String?
     /// Evaluate the test set (sharded over the ranks) at every epoch end and at the end of the run.
     public var evaluate: Bool
+    /// Checkpoints (rank 0 writes them): directory, every K steps (0: epoch ends and the end only), how many to keep.
+    public var checkpointDirectory: String?
+    public var checkpointEvery: Int
+    public var keepCheckpoints: Int
+    /// Continue from this checkpoint file instead of step 0.
+    public var resumeFrom: String?
 }
 
 /// Worker → coordinator: model built and verified, data plane bound.

@@ -24,6 +24,13 @@ public struct CoordinatorOptions: Sendable {
     public var saveWeights: String?
     /// Test accuracy at every epoch end (each worker evaluates 1/N of the test set).
     public var evaluate = true
+    /// A directory every worker can reach (a shared filesystem across machines); rank 0 writes
+    /// checkpoints there at epoch ends, every `checkpointEvery` steps and at the end of the run.
+    public var checkpointDirectory: String?
+    public var checkpointEvery = 0
+    public var keepCheckpoints = 3
+    /// Continue from the newest valid checkpoint in `checkpointDirectory`.
+    public var resume = false
     public var quiet = false
     public init(bind: String, workers: Int, config: TrainingConfig) {
         self.bind = bind; self.workers = workers; self.config = config
@@ -56,6 +63,7 @@ public final class Coordinator {
     private var identities = [[UInt8]?]()
     private var lastHeard = [ContinuousClock.Instant]()
     private var lastStep = [Int]()
+    private var resumeFrom: String?
 
     public init(options: CoordinatorOptions, log: @escaping (String) -> Void) {
         self.options = options
@@ -70,6 +78,27 @@ public final class Coordinator {
         defer { server.close() }
         let reference = Network(config: config.model, seed: config.seed)
         if let path = options.initWeights { try reference.loadWeights(from: path) }
+        var startStep = 0
+        if options.resume, let dir = options.checkpointDirectory {
+            let (found, skipped) = Checkpoint.newestValid(in: dir)
+            for s in skipped { log("skipping checkpoint \(s.path): \(s.reason)") }
+            if let found {
+                var mine = config, theirs = found.config
+                mine.totalSteps = 0; theirs.totalSteps = 0
+                guard mine == theirs else {
+                    throw ClusterError("\(found.path!): " + (mine.model != theirs.model ? "its model differs from this run's"
+                        : "its training configuration differs from this run's") + "; resume with the original options")
+                }
+                for spec in reference.parameters.specs {
+                    (reference.parameters.values.pointer + spec.offset).update(from: found.tensors[spec.name]!, count: spec.count)
+                }
+                startStep = found.step
+                resumeFrom = found.path
+                log("resuming from \(found.path!) at step \(found.step) (written by \(found.worldSize) worker(s))")
+            } else {
+                log("no valid checkpoint in \(dir); starting from step 0")
+            }
+        }
         let checksum = parametersChecksum(UnsafeBufferPointer(reference.parameters.valueBuffer))
         let parameterCount = reference.parameters.count
         let plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
@@ -97,13 +126,13 @@ public final class Coordinator {
         var hubThread: HubThread?
         if let hub {
             hubThread = HubThread(hub: StarAllReduceHub(transport: hub, options: CollectiveOptions(timeout: options.timeout)),
-                                  plan: plan, steps: 0..<config.totalSteps)
+                                  plan: plan, steps: startStep..<config.totalSteps)
         }
-        for id in identities { server.send(.start(Start(step: 0, endpoints: all)), to: id!) }
+        for id in identities { server.send(.start(Start(step: startStep, endpoints: all)), to: id!) }
         log("all \(n) worker(s) ready; training \(config.totalSteps) steps of \(config.batchSize) images (\(config.batchSize / n) per worker)")
 
         do {
-            let summary = try monitor(server, plan: plan, parameterCount: parameterCount)
+            let summary = try monitor(server, plan: plan, parameterCount: parameterCount, startStep: startStep)
             for id in identities { server.send(.stop(Stop(reason: "run complete")), to: id!) }
             hubThread?.join()
             var s = summary
@@ -154,7 +183,9 @@ public final class Coordinator {
                                              bucketBytes: options.bucketBytes, transport: options.transport,
                                              timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
                                              initWeights: options.initWeights, saveWeights: options.saveWeights,
-                                             evaluate: options.evaluate)), to: id)
+                                             evaluate: options.evaluate, checkpointDirectory: options.checkpointDirectory,
+                                             checkpointEvery: options.checkpointEvery, keepCheckpoints: options.keepCheckpoints,
+                                             resumeFrom: resumeFrom)), to: id)
                 log("worker \(names[rank]) joined as rank \(rank)")
             case .ready(let r):
                 guard let rank = rankOf(id), rank == r.rank else { continue }
@@ -193,7 +224,7 @@ public final class Coordinator {
     }
 
     /// Collects reports until every rank has finished the last step; detects failures and silence.
-    private func monitor(_ server: ControlServer, plan: [Range<Int>], parameterCount: Int) throws -> ClusterSummary {
+    private func monitor(_ server: ControlServer, plan: [Range<Int>], parameterCount: Int, startStep: Int) throws -> ClusterSummary {
         let n = options.workers, config = options.config
         let metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: false) }
         let display = ProgressDisplay(prefix: "")
@@ -202,7 +233,7 @@ public final class Coordinator {
         let epochs = (config.totalSteps + perEpoch - 1) / perEpoch
         var pending = [Int: [StepReport]]()
         var traffic = [RankTraffic](repeating: RankTraffic(), count: n)
-        var completed = 0
+        var completed = startStep
         var testAccuracies = [Double]()
         let start = ContinuousClock.now
         var windowImages = 0, windowStart = ContinuousClock.now, lossSum = 0.0, correct = 0, images = 0
@@ -277,8 +308,8 @@ public final class Coordinator {
             }
         }
         let total = seconds(ContinuousClock.now - start)
-        return ClusterSummary(steps: completed, seconds: total,
-                              imagesPerSecond: Double(completed * config.batchSize) / max(total, 1e-9),
+        return ClusterSummary(steps: completed - startStep, seconds: total,
+                              imagesPerSecond: Double((completed - startStep) * config.batchSize) / max(total, 1e-9),
                               perRank: traffic, theoryBytesPerWorker: theory, hubBytesSent: 0, hubBytesReceived: 0,
                               testAccuracy: testAccuracies.last)
     }

@@ -62,9 +62,10 @@ public final class Worker {
         let testShard = Array(stride(from: rank, to: testSet?.count ?? 0, by: world))
         let trainer = try Trainer(config: config, trainSet: trainSet, rank: rank, worldSize: world)
         if let path = welcome.initWeights { try trainer.network.loadWeights(from: path) }
+        if let path = welcome.resumeFrom { try Checkpoint.load(path: path).restore(into: trainer) }
         let checksum = parametersChecksum(UnsafeBufferPointer(trainer.network.parameters.valueBuffer))
         guard checksum == welcome.parametersChecksum else {
-            throw ClusterError("rank \(rank): initial parameters (\(welcome.initWeights ?? "seed \(config.seed)")) have checksum \(checksum), the coordinator's have \(welcome.parametersChecksum) (different builds?)")
+            throw ClusterError("rank \(rank): initial parameters (\(welcome.resumeFrom ?? welcome.initWeights ?? "seed \(config.seed)")) have checksum \(checksum), the coordinator's have \(welcome.parametersChecksum) (different builds?)")
         }
         // Data plane: a star worker talks to the hub (the coordinator, rank `world`) only.
         let groupSize = welcome.algorithm == .star ? world + 1 : world
@@ -81,7 +82,9 @@ public final class Worker {
             if case .start(let s) = $0 { s } else { nil }
         }
         try transport.connect(topology: welcome.algorithm == .star ? .star(hub: world) : .ring, endpoints: start.endpoints)
-        trainer.step = start.step
+        guard trainer.step == start.step else {
+            throw ClusterError("rank \(rank): the coordinator starts at step \(start.step), this worker's state is at step \(trainer.step)")
+        }
         let collective = CollectiveOptions(timeout: timeout)
         let allReducer: any AllReducer = welcome.algorithm == .star
             ? StarAllReduceWorker(transport: transport, hub: world, options: collective)
@@ -126,6 +129,13 @@ public final class Worker {
                 lastEnd = DispatchTime.now().uptimeNanoseconds
             } else {
                 lastEnd = now
+            }
+            if rank == 0, let dir = welcome.checkpointDirectory,
+               trainer.isFinished || trainer.step % trainer.stepsPerEpoch == 0
+               || (welcome.checkpointEvery > 0 && trainer.step % welcome.checkpointEvery == 0) {
+                // One writer: after the all-reduce every rank holds the same parameters and momentum.
+                let path = try Checkpoint(trainer: trainer, worldSize: world).save(directory: dir, keep: welcome.keepCheckpoints)
+                log("rank 0: checkpoint at step \(trainer.step): \(path)")
             }
             try control.send(.stepReport(report))
             if trainer.isFinished { break }

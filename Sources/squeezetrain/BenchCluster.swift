@@ -135,7 +135,7 @@ struct BenchClusterCommand: ParsableCommand {
     @Option(help: "Timed steps.") var steps = 30
     @Option(help: "Untimed warm-up steps.") var warmup = 5
     @OptionGroup var model: ModelOptions
-    @OptionGroup var communication: CommunicationOptions
+    @OptionGroup var communication: ClusterOptions
     @Option(help: "CIFAR-10 directory.") var data: String?
     @Flag(help: "Print a JSON object.") var json = false
 

@@ -7,8 +7,8 @@ import SqueezeTraining
 
 extension AllReduceAlgorithm: ExpressibleByArgument {}
 
-/// Options of the cluster's communication, shared by `coordinator` and `launch`.
-struct CommunicationOptions: ParsableArguments {
+/// Options of a cluster run beyond the training itself, shared by `coordinator`, `launch` and the benchmarks.
+struct ClusterOptions: ParsableArguments {
     @Option(help: "All-reduce: ring (reduce-scatter + all-gather between workers) or star (through the coordinator).")
     var allreduce: AllReduceAlgorithm = .ring
     @Option(help: "Gradient bucket size in MB (buckets start as soon as backward has finished them).")
@@ -21,11 +21,21 @@ struct CommunicationOptions: ParsableArguments {
     var joinTimeout: Double = 120
     @Flag(help: "Skip the test-set evaluation at each epoch end (otherwise every worker evaluates 1/N of it).")
     var noEval = false
+    @Option(help: "Checkpoint directory every worker can reach (shared filesystem); rank 0 writes at epoch ends and the end.")
+    var checkpointDir: String?
+    @Option(help: "Also checkpoint every K steps (0: only at epoch ends and the end).")
+    var checkpointEvery = 0
+    @Option(help: "Checkpoints to keep.")
+    var keepCheckpoints = 3
+    @Flag(help: "Continue from the newest valid checkpoint in --checkpoint-dir (the same or another number of workers).")
+    var resume = false
 
     func validate() throws {
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc (got \(transport))") }
         guard bucketMb > 0 else { throw ValidationError("--bucket-mb must be positive") }
         guard timeout > 0, joinTimeout > 0 else { throw ValidationError("--timeout and --join-timeout must be positive") }
+        guard checkpointEvery >= 0, keepCheckpoints >= 1 else { throw ValidationError("--checkpoint-every must be ≥ 0 and --keep-checkpoints ≥ 1") }
+        if resume && checkpointDir == nil { throw ValidationError("--resume needs --checkpoint-dir") }
     }
 }
 
@@ -39,7 +49,7 @@ struct CoordinatorCommand: ParsableCommand {
     @Option(help: "Number of workers.")
     var workers: Int
     @OptionGroup var training: TrainingOptions
-    @OptionGroup var communication: CommunicationOptions
+    @OptionGroup var communication: ClusterOptions
     @Option(help: "Write JSON lines here: one per worker per step.")
     var metrics: String?
     @Option(help: "Initial weights (safetensors) for every worker, instead of the seed (a path every worker can read).")
@@ -66,7 +76,7 @@ struct CoordinatorCommand: ParsableCommand {
     }
 }
 
-func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: CommunicationOptions,
+func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: ClusterOptions,
                     metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
                     log: @escaping (String) -> Void) throws -> ClusterSummary {
     let records = trainingRecordCount(training.data)
@@ -79,6 +89,10 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.joinTimeout = .milliseconds(Int(communication.joinTimeout * 1000))
     options.metricsPath = metrics
     options.evaluate = !communication.noEval
+    options.checkpointDirectory = communication.checkpointDir.map(absolutePath)
+    options.checkpointEvery = communication.checkpointEvery
+    options.keepCheckpoints = communication.keepCheckpoints
+    options.resume = communication.resume
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     options.quiet = quiet
@@ -152,9 +166,11 @@ func absolutePath(_ path: String) -> String {
     path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }
 
-extension CommunicationOptions {
+extension ClusterOptions {
     var arguments: [String] {
         ["--allreduce", allreduce.rawValue, "--bucket-mb", "\(bucketMb)", "--transport", transport,
-         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)"] + (noEval ? ["--no-eval"] : [])
+         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)", "--checkpoint-every", "\(checkpointEvery)",
+         "--keep-checkpoints", "\(keepCheckpoints)"] + (noEval ? ["--no-eval"] : []) + (resume ? ["--resume"] : [])
+            + (checkpointDir.map { ["--checkpoint-dir", absolutePath($0)] } ?? [])
     }
 }

@@ -15,7 +15,7 @@ struct Launch: ParsableCommand {
     @Option(help: "Coordinator port (default: a free one).") var port: Int?
     @Option(help: "Address the coordinator binds and workers connect to.") var host = "127.0.0.1"
     @OptionGroup var training: TrainingOptions
-    @OptionGroup var communication: CommunicationOptions
+    @OptionGroup var communication: ClusterOptions
     @Option(help: "Write JSON lines here: one per worker per step.") var metrics: String?
     @Option(help: "Initial weights for every worker (safetensors).") var initWeights: String?
     @Option(help: "Rank 0 writes the final weights here.") var saveWeights: String?
