@@ -226,7 +226,7 @@ public final class Coordinator {
     /// Collects reports until every rank has finished the last step; detects failures and silence.
     private func monitor(_ server: ControlServer, plan: [Range<Int>], parameterCount: Int, startStep: Int) throws -> ClusterSummary {
         let n = options.workers, config = options.config
-        let metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: false) }
+        let metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) }
         let display = ProgressDisplay(prefix: "")
         let theory = options.algorithm == .ring ? 2.0 * Double(n - 1) / Double(n) * 4 * Double(parameterCount) : 4 * Double(parameterCount)
         let perEpoch = config.stepsPerEpoch(trainingRecords: options.trainingRecords, workers: n)

@@ -8,17 +8,13 @@ public final class MetricsWriter {
 
     public init(path: String, append: Bool) throws {
         self.path = path
-        let fm = FileManager.default
-        if !append || !fm.fileExists(atPath: path) {
-            guard fm.createFile(atPath: path, contents: nil) else {
-                throw TrainingError.invalidConfiguration("cannot create the metrics file \(path)")
-            }
+        // O_APPEND: every line lands at the end even when another process (the launcher recording a
+        // restart) appends to the same file.
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | (append ? 0 : O_TRUNC), 0o644)
+        guard fd >= 0 else {
+            throw TrainingError.invalidConfiguration("cannot open the metrics file \(path): \(String(cString: strerror(errno)))")
         }
-        guard let h = FileHandle(forWritingAtPath: path) else {
-            throw TrainingError.invalidConfiguration("cannot open the metrics file \(path) for writing")
-        }
-        handle = h
-        handle.seekToEndOfFile()
+        handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
     }
 
     deinit { try? handle.close() }

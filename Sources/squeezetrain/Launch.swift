@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SqueezeCluster
+import SqueezeTraining
 
 struct Launch: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -15,10 +16,12 @@ struct Launch: ParsableCommand {
     @Option(help: "Coordinator port (default: a free one).") var port: Int?
     @Option(help: "Address the coordinator binds and workers connect to.") var host = "127.0.0.1"
     @OptionGroup var training: TrainingOptions
-    @OptionGroup var communication: ClusterOptions
+    @OptionGroup var cluster: ClusterOptions
     @Option(help: "Write JSON lines here: one per worker per step.") var metrics: String?
     @Option(help: "Initial weights for every worker (safetensors).") var initWeights: String?
     @Option(help: "Rank 0 writes the final weights here.") var saveWeights: String?
+    @Option(help: "After a failure, restart every process from the newest checkpoint, at most R times (needs --checkpoint-dir).")
+    var maxRestarts = 0
 
     func validate() throws {
         guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
@@ -26,16 +29,41 @@ struct Launch: ParsableCommand {
         guard training.batchSize % workers == 0 else {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }
+        guard maxRestarts >= 0 else { throw ValidationError("--max-restarts must not be negative") }
+        if maxRestarts > 0 && cluster.checkpointDir == nil {
+            throw ValidationError("--max-restarts needs --checkpoint-dir: a restart resumes from the newest checkpoint")
+        }
     }
 
     func run() throws {
         do {
-            let group = ProcessGroup(try specs())
-            let forwarder = SignalForwarder { group.terminate(signal: $0) }
-            try group.start()
-            let outcome = group.wait(primary: "coordinator")
-            withExtendedLifetime(forwarder) {}
-            guard outcome == .success else { throw fail("launch: \(outcome)", code: outcome.exitCode) }
+            let current = CurrentGroup()
+            let forwarder = SignalForwarder { current.terminate($0) }
+            defer { withExtendedLifetime(forwarder) {} }
+            var restarts = 0
+            while true {
+                let group = ProcessGroup(try specs(resume: cluster.resume || restarts > 0), write: current.write)
+                current.set(group)
+                try group.start()
+                let outcome = group.wait(primary: "coordinator")
+                guard case .failed(let culprit, let description) = outcome, restarts < maxRestarts, !current.stopped else {
+                    guard outcome == .success else { throw fail("launch: \(outcome)", code: outcome.exitCode) }
+                    return
+                }
+                restarts += 1
+                let failedAt = Date()
+                let lastStep = metrics.flatMap { lastReportedStep(in: absolutePath($0)) }
+                let resumeStep = cluster.checkpointDir.flatMap { Checkpoint.newestValid(in: absolutePath($0)).checkpoint?.step } ?? 0
+                emit("[launch] \(description); restart \(restarts) of \(maxRestarts): every process restarts from the checkpoint at step \(resumeStep)"
+                     + (lastStep.map { " (the run had reached step \($0))" } ?? "") + "\n")
+                current.onReady = { [metrics] in
+                    guard let metrics else { return }
+                    let writer = try? MetricsWriter(path: absolutePath(metrics), append: true)
+                    writer?.write([("event", "restart"), ("restart", restarts), ("process", culprit), ("reason", description),
+                                   ("failed_step", lastStep ?? -1), ("resume_step", resumeStep),
+                                   ("recovery_seconds", Date().timeIntervalSince(failedAt))])
+                }
+            }
         } catch let e as ExitCode {
             throw e
         } catch {
@@ -43,20 +71,62 @@ struct Launch: ParsableCommand {
         }
     }
 
-    func specs() throws -> [ProcessSpec] {
+    func specs(resume: Bool) throws -> [ProcessSpec] {
         let endpoint = "tcp://\(host):\(try port ?? freeTCPPort(host: host))"
         let exe = selfExecutable()
-        var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)"] + training.arguments + communication.arguments
+        var options = cluster
+        options.resume = resume
+        var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)"] + training.arguments + options.arguments
         if let metrics { coordinator += ["--metrics", absolutePath(metrics)] }
         if let initWeights { coordinator += ["--init-weights", absolutePath(initWeights)] }
         if let saveWeights { coordinator += ["--save-weights", absolutePath(saveWeights)] }
         var all = [ProcessSpec(name: "coordinator", executable: exe, arguments: coordinator)]
         for r in 0..<workers {
             var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)",
-                        "--join-timeout", "\(communication.joinTimeout)"]
+                        "--join-timeout", "\(cluster.joinTimeout)"]
             if let data = training.data { args += ["--data", data] }
             all.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))
         }
         return all
     }
+}
+
+/// The process group of the current attempt, for signal forwarding and for noticing when a
+/// restarted cluster is training again.
+final class CurrentGroup: @unchecked Sendable {
+    // @unchecked Sendable: every field is guarded by `lock`.
+    private let lock = NSLock()
+    private var group: ProcessGroup?
+    private var stop = false
+    private var ready: (() -> Void)?
+
+    func set(_ g: ProcessGroup) { lock.withLock { group = g } }
+    var stopped: Bool { lock.withLock { stop } }
+    /// Called once, when the coordinator reports all workers ready.
+    var onReady: (() -> Void)? {
+        get { lock.withLock { ready } }
+        set { lock.withLock { ready = newValue } }
+    }
+
+    func terminate(_ signal: Int32) {
+        let g = lock.withLock { stop = true; return group }
+        g?.terminate(signal: signal)
+    }
+
+    func write(_ line: String) {
+        FileHandle.standardOutput.write(Data(line.utf8))
+        if line.hasPrefix("[coordinator] all "), line.contains("worker(s) ready"), let callback = lock.withLock({ () -> (() -> Void)? in
+            defer { ready = nil }
+            return ready
+        }) { callback() }
+    }
+}
+
+/// The highest `step` among the per-worker lines of a metrics file.
+func lastReportedStep(in path: String) -> Int? {
+    guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+    return text.split(separator: "\n").compactMap { line -> Int? in
+        guard line.contains("\"rank\""), let r = line.range(of: #""step":(\d+)"#, options: .regularExpression) else { return nil }
+        return Int(line[r].dropFirst(7))
+    }.max()
 }

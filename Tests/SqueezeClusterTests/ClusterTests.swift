@@ -237,3 +237,37 @@ struct ClusterCheckpointTests {
         #expect(FileManager.default.fileExists(atPath: dir + "/ckpt/checkpoint-000000006.safetensors"))
     }
 }
+
+@Suite("launch --max-restarts (real processes)", .serialized)
+struct RestartTests {
+    @Test func aKilledWorkerIsReplacedAndTrainingContinuesFromTheCheckpoint() throws {
+        let dir = try temporaryDirectory("restart")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = try freeTCPPort()
+        let launch = try Child(["launch", "--workers", "2", "--port", "\(port)", "--steps", "120", "--batch-size", "16", "--no-eval",
+                                "--checkpoint-dir", dir + "/ckpt", "--checkpoint-every", "20", "--max-restarts", "1", "--timeout", "3",
+                                "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
+        #expect(launch.waitForOutput("checkpoint at step 20"), "\(launch.output)")
+        let kill = Process()
+        kill.executableURL = URL(fileURLWithPath: "/usr/bin/pkill")
+        kill.arguments = ["-9", "-f", "127.0.0.1:\(port) --rank 1"]
+        try kill.run()
+        kill.waitUntilExit()
+        #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
+        #expect(launch.output.contains("worker 1 (pid") && launch.output.contains("restart 1 of 1"), "\(launch.output)")
+        #expect(launch.output.contains("resuming from"))
+        let restarts = try readAllMetrics(dir + "/m.jsonl").filter { $0["event"] as? String == "restart" }
+        #expect(restarts.count == 1)
+        #expect(restarts.first?["process"] as? String == "worker 1")
+        #expect((restarts.first?["resume_step"] as? Int ?? 0) >= 20)
+        #expect(FileManager.default.fileExists(atPath: dir + "/ckpt/checkpoint-000000120.safetensors"))
+    }
+
+    @Test func restartsNeedACheckpointDirectory() throws {
+        let dir = try temporaryDirectory("restart-arg")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let launch = try Child(["launch", "--steps", "2", "--max-restarts", "1"], log: dir + "/launch.log")
+        #expect(launch.wait() != 0)
+        #expect(launch.output.contains("--max-restarts needs --checkpoint-dir"))
+    }
+}
