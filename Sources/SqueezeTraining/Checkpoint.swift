@@ -193,10 +193,13 @@ public struct Checkpoint {
         return String(h, radix: 16)
     }
 
+    /// Keeps the newest `keep` checkpoints, and removes temporary files that a writer killed mid-write
+    /// left behind (any but this process's, which has just finished).
     private func prune(directory: String, keep: Int) throws {
-        let files = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
-            .filter { $0.hasPrefix("checkpoint-") && $0.hasSuffix(".safetensors") }.sorted(by: >)
-        for old in files.dropFirst(keep) { try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old)) }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        let files = names.filter { $0.hasPrefix("checkpoint-") && $0.hasSuffix(".safetensors") }.sorted(by: >)
+        let stale = names.filter { ($0.hasPrefix(".checkpoint-") || $0.hasPrefix(".latest")) && $0.contains(".tmp-") && !$0.contains(".tmp-\(getpid())") }
+        for old in files.dropFirst(keep) + stale { try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old)) }
     }
 }
 

@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import SqueezeComm
 import SqueezeEngine
+import SqueezeTraining
 @testable import SqueezeCluster
 
 /// Real processes on loopback: a coordinator and workers of the built `squeezetrain`.
@@ -263,11 +264,52 @@ struct RestartTests {
         #expect(FileManager.default.fileExists(atPath: dir + "/ckpt/checkpoint-000000120.safetensors"))
     }
 
+    @Test func aKilledCoordinatorIsRestartedAndTheWorkersRejoin() throws {
+        let dir = try temporaryDirectory("restart-coordinator")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = try freeTCPPort()
+        let launch = try Child(["launch", "--workers", "2", "--port", "\(port)", "--steps", "120", "--batch-size", "16", "--no-eval",
+                                "--checkpoint-dir", dir + "/ckpt", "--checkpoint-every", "20", "--max-restarts", "2", "--timeout", "3",
+                                "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
+        #expect(launch.waitForOutput("checkpoint at step 20"), "\(launch.output)")
+        let kill = Process()
+        kill.executableURL = URL(fileURLWithPath: "/usr/bin/pkill")
+        kill.arguments = ["-9", "-f", "coordinator --bind tcp://127.0.0.1:\(port)"]
+        try kill.run()
+        kill.waitUntilExit()
+        #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
+        let restarts = try readAllMetrics(dir + "/m.jsonl").filter { $0["event"] as? String == "restart" }
+        #expect(restarts.first?["process"] as? String == "coordinator", "\(restarts)")
+        #expect(FileManager.default.fileExists(atPath: dir + "/ckpt/checkpoint-000000120.safetensors"))
+    }
+
     @Test func restartsNeedACheckpointDirectory() throws {
         let dir = try temporaryDirectory("restart-arg")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let launch = try Child(["launch", "--steps", "2", "--max-restarts", "1"], log: dir + "/launch.log")
         #expect(launch.wait() != 0)
         #expect(launch.output.contains("--max-restarts needs --checkpoint-dir"))
+    }
+}
+
+@Suite("Checkpoint writes survive SIGKILL (real processes)", .serialized)
+struct CrashDuringWriteTests {
+    @Test func latestAlwaysVerifies() throws {
+        let dir = try temporaryDirectory("crash-write")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // A checkpoint after every step; SIGKILL at varying moments, resuming each time.
+        for round in 0..<6 {
+            let train = try Child(["train", "--steps", "400", "--batch-size", "8", "--no-eval", "--checkpoint-dir", dir + "/ckpt",
+                                   "--checkpoint-every", "1", "--keep-checkpoints", "2", "--resume"], log: dir + "/train\(round).log")
+            _ = train.waitForOutput("checkpoint at step")
+            usleep(UInt32(50_000 + 97_000 * round))
+            kill(train.process.processIdentifier, SIGKILL)
+            train.process.waitUntilExit()
+            let latest = try String(contentsOfFile: dir + "/ckpt/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+            let checkpoint = try Checkpoint.load(path: dir + "/ckpt/" + latest)  // throws if it does not verify
+            #expect(checkpoint.step >= 1)
+            let leftovers = try FileManager.default.contentsOfDirectory(atPath: dir + "/ckpt").filter { $0.hasPrefix(".") }
+            #expect(leftovers.count <= 1, "temporary files pile up: \(leftovers)")  // at most the killed writer's
+        }
     }
 }
