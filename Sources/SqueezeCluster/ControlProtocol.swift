@@ -209,7 +209,13 @@ public struct Heartbeat: Codable, Sendable {
     public var step: Int
 }
 
-public struct Stop: Codable, Sendable { public var reason: String }
+/// Coordinator → workers: the run is over; or, with `afterStep`, finish training when that many
+/// steps are done (rank 0 writes a checkpoint there) and wait for the final stop.
+public struct Stop: Codable, Sendable {
+    public var reason: String
+    public var afterStep: Int?
+    public init(reason: String, afterStep: Int? = nil) { self.reason = reason; self.afterStep = afterStep }
+}
 public struct Abort: Codable, Sendable { public var reason: String }
 /// Coordinator → a peer whose message it refused (it keeps running).
 public struct Reject: Codable, Sendable { public var reason: String }

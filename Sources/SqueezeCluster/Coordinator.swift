@@ -52,6 +52,9 @@ public struct ClusterSummary: Sendable {
     public var theoryBytesPerWorker: Double
     public var hubBytesSent: Int, hubBytesReceived: Int
     public var testAccuracy: Double?
+    /// The signal that stopped the run early (after a checkpoint), if any.
+    public var interruptedBy: Int32?
+    public var finalStep = 0
 }
 
 /// Owns a run: rendezvous, ranks, configuration and the initial-weights checksum, metrics from
@@ -234,10 +237,21 @@ public final class Coordinator {
         var pending = [Int: [StepReport]]()
         var traffic = [RankTraffic](repeating: RankTraffic(), count: n)
         var completed = startStep
+        var stopAfter = config.totalSteps
+        var interruptedBy: Int32?
         var testAccuracies = [Double]()
         let start = ContinuousClock.now
         var windowImages = 0, windowStart = ContinuousClock.now, lossSum = 0.0, correct = 0, images = 0
-        while completed < config.totalSteps {
+        while completed < stopAfter {
+            if interruptedBy == nil, StopSignals.received != 0 {
+                // Stop two steps past the furthest report, so no rank is already inside the stop step's all-reduce.
+                interruptedBy = StopSignals.received
+                let furthest = max(completed, (pending.keys.max() ?? -1) + 1)
+                stopAfter = min(furthest + 2, config.totalSteps)
+                log("signal \(StopSignals.received): stopping after step \(stopAfter)"
+                    + (options.checkpointDirectory != nil ? " (rank 0 writes a checkpoint there)" : ""))
+                for id in identities { server.send(.stop(Stop(reason: "signal \(StopSignals.received)", afterStep: stopAfter)), to: id!) }
+            }
             if let (id, frame) = try server.receive(timeout: .milliseconds(100)) {
                 let rank = identities.firstIndex { $0 == id }
                 let peer = rank.map { "worker rank \($0)" } ?? "an unregistered peer"
@@ -311,7 +325,7 @@ public final class Coordinator {
         return ClusterSummary(steps: completed - startStep, seconds: total,
                               imagesPerSecond: Double((completed - startStep) * config.batchSize) / max(total, 1e-9),
                               perRank: traffic, theoryBytesPerWorker: theory, hubBytesSent: 0, hubBytesReceived: 0,
-                              testAccuracy: testAccuracies.last)
+                              testAccuracy: testAccuracies.last, interruptedBy: interruptedBy, finalStep: completed)
     }
 }
 

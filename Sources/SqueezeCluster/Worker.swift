@@ -34,6 +34,9 @@ public final class Worker {
     /// Runs until the coordinator says stop. Throws on any failure (after telling the coordinator).
     public func run() throws {
         ComputeThreads.set(options.threads)
+        // SIGINT/SIGTERM do not kill a worker mid-step: the coordinator (which gets them too under
+        // `launch`) decides where the run stops, and rank 0 checkpoints there.
+        StopSignals.install()
         let context = try ZMQContext()
         defer { context.terminate() }
         let control = try ControlClient(context: context, coordinator: options.coordinator)
@@ -100,7 +103,16 @@ public final class Worker {
         let loader = trainer.makeLoader()
         defer { loader.stop() }
         var lastEnd = DispatchTime.now().uptimeNanoseconds
-        while !trainer.isFinished {
+        var stopAfter: Int?  // set when the coordinator stops the run early (a signal)
+        var checkpointed = -1
+        func checkpoint() throws {
+            // One writer: after the all-reduce every rank holds the same parameters and momentum.
+            guard rank == 0, let dir = welcome.checkpointDirectory, checkpointed != trainer.step else { return }
+            let path = try Checkpoint(trainer: trainer, worldSize: world).save(directory: dir, keep: welcome.keepCheckpoints)
+            checkpointed = trainer.step
+            log("rank 0: checkpoint at step \(trainer.step): \(path)")
+        }
+        training: while !trainer.isFinished {
             step = trainer.step
             heartbeat.step = step
             let waitBefore = loader.waitSeconds
@@ -130,27 +142,27 @@ public final class Worker {
             } else {
                 lastEnd = now
             }
-            if rank == 0, let dir = welcome.checkpointDirectory,
-               trainer.isFinished || trainer.step % trainer.stepsPerEpoch == 0
-               || (welcome.checkpointEvery > 0 && trainer.step % welcome.checkpointEvery == 0) {
-                // One writer: after the all-reduce every rank holds the same parameters and momentum.
-                let path = try Checkpoint(trainer: trainer, worldSize: world).save(directory: dir, keep: welcome.keepCheckpoints)
-                log("rank 0: checkpoint at step \(trainer.step): \(path)")
-            }
+            let due = trainer.isFinished || trainer.step % trainer.stepsPerEpoch == 0
+                || (welcome.checkpointEvery > 0 && trainer.step % welcome.checkpointEvery == 0) || trainer.step == stopAfter
+            if due { try checkpoint() }
             try control.send(.stepReport(report))
-            if trainer.isFinished { break }
+            if trainer.isFinished || trainer.step == stopAfter { break }
             switch try control.receive(timeout: .zero) {
             case .abort(let a): throw ClusterError("rank \(rank): the coordinator aborted the run: \(a.reason)")
-            case .stop(let s): throw ClusterError("rank \(rank): the coordinator stopped the run early: \(s.reason)")
+            case .stop(let s):
+                guard let after = s.afterStep else { throw ClusterError("rank \(rank): the coordinator stopped the run early: \(s.reason)") }
+                log("rank \(rank): stopping after step \(after) (\(s.reason))")
+                stopAfter = after
+                if trainer.step >= after { try checkpoint(); break training }
             default: break
             }
         }
         step = trainer.step
         // Wait for the coordinator's word that everyone is done (it may still need our data plane).
         _ = try expect(control, timeout: timeout * 4, waitingFor: "the stop signal") {
-            if case .stop = $0 { true } else { nil }
+            if case .stop(let s) = $0, s.afterStep == nil { true } else { nil }
         }
-        if rank == 0, let path = welcome.saveWeights {
+        if rank == 0, trainer.isFinished, let path = welcome.saveWeights {
             try trainer.network.saveWeights(to: path)
             log("rank 0: weights written to \(path)")
         }

@@ -8,6 +8,15 @@ nonisolated(unsafe) private var stopSignal: Int32 = 0
 public enum StopSignals {
     /// Routes SIGINT and SIGTERM to a flag the training loop polls (a second SIGINT kills at once).
     public static func install() {
+        // Swift initialises globals lazily; do it now, not inside a signal handler (where the
+        // allocation it may need can corrupt the heap).
+        stopSignal = 0
+        // A parent may have left these blocked (a mask survives exec); threads started later inherit ours.
+        var set = sigset_t()
+        sigemptyset(&set)
+        sigaddset(&set, SIGINT)
+        sigaddset(&set, SIGTERM)
+        pthread_sigmask(SIG_UNBLOCK, &set, nil)
         signal(SIGINT) { sig in
             if stopSignal != 0 { _exit(130) }
             stopSignal = sig

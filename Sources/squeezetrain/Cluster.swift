@@ -70,6 +70,13 @@ struct CoordinatorCommand: ParsableCommand {
                                              metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
                                              log: { emit("\($0)\n") })
             printSummary(summary, workers: workers)
+            if let sig = summary.interruptedBy {
+                emit("stopped by signal \(sig) after step \(summary.finalStep)"
+                     + (communication.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
+                throw ExitCode(128 + sig)
+            }
+        } catch let e as ExitCode {
+            throw e
         } catch {
             throw fail(String(describing: error))
         }
@@ -79,6 +86,7 @@ struct CoordinatorCommand: ParsableCommand {
 func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: ClusterOptions,
                     metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
                     log: @escaping (String) -> Void) throws -> ClusterSummary {
+    StopSignals.install()
     let records = trainingRecordCount(training.data)
     var options = CoordinatorOptions(bind: bind, workers: workers, config: training.config(trainingRecords: records, workers: workers))
     options.trainingRecords = records

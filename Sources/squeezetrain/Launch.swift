@@ -45,7 +45,9 @@ struct Launch: ParsableCommand {
                 let group = ProcessGroup(try specs(resume: cluster.resume || restarts > 0), write: current.write)
                 current.set(group)
                 try group.start()
-                let outcome = group.wait(primary: "coordinator")
+                // On Ctrl-C/SIGTERM the processes stop by themselves a few steps later (after a
+                // checkpoint, with --checkpoint-dir); they are killed only if that takes over 30 s.
+                let outcome = group.wait(primary: "coordinator", gracePeriod: .seconds(30))
                 guard case .failed(let culprit, let description) = outcome, restarts < maxRestarts, !current.stopped else {
                     guard outcome == .success else { throw fail("launch: \(outcome)", code: outcome.exitCode) }
                     return

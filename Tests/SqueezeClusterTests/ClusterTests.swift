@@ -313,3 +313,30 @@ struct CrashDuringWriteTests {
         }
     }
 }
+
+@Suite("Stopping a cluster with a checkpoint (real processes)", .serialized)
+struct GracefulStopTests {
+    @Test func sigtermCheckpointsWhereTheCoordinatorSaysAndResumes() throws {
+        let dir = try temporaryDirectory("graceful")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let args = ["launch", "--workers", "2", "--batch-size", "16", "--no-eval", "--checkpoint-dir", dir + "/ckpt"]
+        let launch = try Child(args + ["--steps", "100000"], log: dir + "/launch.log")
+        #expect(launch.waitForOutput("all 2 worker(s) ready"), "\(launch.output)")
+        usleep(1_000_000)
+        kill(launch.process.processIdentifier, SIGTERM)
+        #expect(launch.wait(timeout: 120) == 128 + SIGTERM, "\(launch.output)")
+        let out = launch.output
+        guard let r = out.range(of: #"stopping after step (\d+)"#, options: .regularExpression) else {
+            Issue.record("no stop step announced:\n\(out)"); return
+        }
+        let stopStep = Int(out[r].split(separator: " ").last!)!
+        #expect(out.contains("rank 0: checkpoint at step \(stopStep)"))
+        #expect(!out.contains("stopped answering") && !out.contains("timed out"), "\(out)")
+        let latest = try String(contentsOfFile: dir + "/ckpt/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(try Checkpoint.load(path: dir + "/ckpt/" + latest).step == stopStep)
+        // …and the run continues from there.
+        let resumed = try Child(args + ["--steps", "\(stopStep + 2)", "--resume"], log: dir + "/resume.log")
+        #expect(resumed.wait() == 0, "\(resumed.output)")
+        #expect(resumed.output.contains("at step \(stopStep)"))
+    }
+}
