@@ -36,7 +36,7 @@ public final class Worker {
         ComputeThreads.set(options.threads)
         // SIGINT/SIGTERM do not kill a worker mid-step: the coordinator (which gets them too under
         // `launch`) decides where the run stops, and rank 0 checkpoints there.
-        StopSignals.install()
+        StopSignals.ignore()
         let context = try ZMQContext()
         defer { context.terminate() }
         let control = try ControlClient(context: context, coordinator: options.coordinator)

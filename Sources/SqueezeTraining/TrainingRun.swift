@@ -2,28 +2,41 @@ import Foundation
 import SqueezeData
 import SqueezeEngine
 
-/// Set by SIGINT/SIGTERM; the training loop checkpoints and stops at the next step boundary.
+/// Set when SIGINT/SIGTERM arrives; the training loop checkpoints and stops at the next step boundary.
 nonisolated(unsafe) private var stopSignal: Int32 = 0
 
 public enum StopSignals {
-    /// Routes SIGINT and SIGTERM to a flag the training loop polls (a second SIGINT kills at once).
+    /// Takes SIGINT and SIGTERM on a thread of their own (`sigwait`), so that no other thread is ever
+    /// interrupted by them: no handler runs in the middle of an allocation, no call fails with EINTR.
+    /// Call it before starting other threads; they inherit the blocked mask. A second SIGINT exits at once.
     public static func install() {
-        // Swift initialises globals lazily; do it now, not inside a signal handler (where the
-        // allocation it may need can corrupt the heap).
         stopSignal = 0
-        // A parent may have left these blocked (a mask survives exec); threads started later inherit ours.
         var set = sigset_t()
         sigemptyset(&set)
         sigaddset(&set, SIGINT)
         sigaddset(&set, SIGTERM)
-        pthread_sigmask(SIG_UNBLOCK, &set, nil)
-        signal(SIGINT) { sig in
-            if stopSignal != 0 { _exit(130) }
-            stopSignal = sig
+        pthread_sigmask(SIG_BLOCK, &set, nil)
+        let blocked = set
+        let waiter = Thread {
+            var signals = blocked
+            while true {
+                var sig: Int32 = 0
+                guard sigwait(&signals, &sig) == 0 else { continue }
+                if sig == SIGINT && stopSignal != 0 { _exit(130) }
+                stopSignal = sig
+            }
         }
-        signal(SIGTERM) { sig in stopSignal = sig }
+        waiter.name = "signals"
+        waiter.start()
     }
+
     public static var received: Int32 { stopSignal }
+
+    /// Ignores SIGINT and SIGTERM (a process whose stop someone else decides).
+    public static func ignore() {
+        signal(SIGINT, SIG_IGN)
+        signal(SIGTERM, SIG_IGN)
+    }
 }
 
 /// Where a single-process run writes and how often.

@@ -35,6 +35,7 @@ struct Train: ParsableCommand {
     }
 
     func run() throws {
+        StopSignals.install()  // first: threads started later inherit its signal mask
         ComputeThreads.set(threads)
         do {
             let dir = try training.dataDirectory()
@@ -56,7 +57,6 @@ struct Train: ParsableCommand {
             emit("training \(config.model.architecture.rawValue) (\(grouped(trainer.network.parameters.count)) parameters) on \(dir): "
                  + "\(trainSet.count) images, \(trainer.stepsPerEpoch) steps of \(config.batchSize) per epoch, "
                  + "\(config.totalSteps) steps, \(threads) thread(s)\n")
-            StopSignals.install()
             var options = RunOptions()
             options.checkpointDirectory = checkpointDir
             options.checkpointEvery = checkpointEvery

@@ -340,3 +340,20 @@ struct GracefulStopTests {
         #expect(resumed.output.contains("at step \(stopStep)"))
     }
 }
+
+@Suite("train stops cleanly on SIGTERM (real process)", .serialized)
+struct TrainSignalTests {
+    @Test func sigtermCheckpointsAndExits() throws {
+        let dir = try temporaryDirectory("train-signal")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for round in 0..<3 {  // a signal handler that ran inside an allocation used to corrupt the heap now and then
+            let train = try Child(["train", "--steps", "100000", "--batch-size", "16", "--no-eval", "--checkpoint-dir", dir + "/ckpt"],
+                                  log: dir + "/train\(round).log")
+            #expect(train.waitForOutput("training squeezenet1_1"), "\(train.output)")
+            usleep(UInt32(700_000 + 400_000 * round))
+            kill(train.process.processIdentifier, SIGTERM)
+            #expect(train.wait(timeout: 60) == 128 + SIGTERM, "\(train.output)")
+            #expect(train.output.contains("checkpoint at step") && train.output.contains("resume with --resume"), "\(train.output)")
+        }
+    }
+}
