@@ -241,19 +241,20 @@ struct ClusterCheckpointTests {
 
 @Suite("launch --max-restarts (real processes)", .serialized)
 struct RestartTests {
+    /// 120 steps of 16 images with a checkpoint every 20, on a known port (to find the processes by).
+    func restartableLaunch(port: Int, restarts: Int, in dir: String) throws -> Child {
+        try Child(["launch", "--workers", "2", "--port", "\(port)", "--steps", "120", "--batch-size", "16", "--no-eval",
+                   "--checkpoint-dir", dir + "/ckpt", "--checkpoint-every", "20", "--max-restarts", "\(restarts)", "--timeout", "3",
+                   "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
+    }
+
     @Test func aKilledWorkerIsReplacedAndTrainingContinuesFromTheCheckpoint() throws {
         let dir = try temporaryDirectory("restart")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let port = try freeTCPPort()
-        let launch = try Child(["launch", "--workers", "2", "--port", "\(port)", "--steps", "120", "--batch-size", "16", "--no-eval",
-                                "--checkpoint-dir", dir + "/ckpt", "--checkpoint-every", "20", "--max-restarts", "1", "--timeout", "3",
-                                "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
+        let launch = try restartableLaunch(port: port, restarts: 1, in: dir)
         #expect(launch.waitForOutput("checkpoint at step 20"), "\(launch.output)")
-        let kill = Process()
-        kill.executableURL = URL(fileURLWithPath: "/usr/bin/pkill")
-        kill.arguments = ["-9", "-f", "127.0.0.1:\(port) --rank 1"]
-        try kill.run()
-        kill.waitUntilExit()
+        try killProcesses(matching: "127.0.0.1:\(port) --rank 1")
         #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
         #expect(launch.output.contains("worker 1 (pid") && launch.output.contains("restart 1 of 1"), "\(launch.output)")
         #expect(launch.output.contains("resuming from"))
@@ -268,15 +269,9 @@ struct RestartTests {
         let dir = try temporaryDirectory("restart-coordinator")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let port = try freeTCPPort()
-        let launch = try Child(["launch", "--workers", "2", "--port", "\(port)", "--steps", "120", "--batch-size", "16", "--no-eval",
-                                "--checkpoint-dir", dir + "/ckpt", "--checkpoint-every", "20", "--max-restarts", "2", "--timeout", "3",
-                                "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
+        let launch = try restartableLaunch(port: port, restarts: 2, in: dir)
         #expect(launch.waitForOutput("checkpoint at step 20"), "\(launch.output)")
-        let kill = Process()
-        kill.executableURL = URL(fileURLWithPath: "/usr/bin/pkill")
-        kill.arguments = ["-9", "-f", "coordinator --bind tcp://127.0.0.1:\(port)"]
-        try kill.run()
-        kill.waitUntilExit()
+        try killProcesses(matching: "coordinator --bind tcp://127.0.0.1:\(port)")
         #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
         let restarts = try readAllMetrics(dir + "/m.jsonl").filter { $0["event"] as? String == "restart" }
         #expect(restarts.first?["process"] as? String == "coordinator", "\(restarts)")

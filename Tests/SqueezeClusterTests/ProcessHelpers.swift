@@ -96,3 +96,12 @@ func readAllMetrics(_ path: String) throws -> [[String: Any]] {
         try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any]
     }
 }
+
+/// SIGKILLs every process whose command line matches `pattern` (pkill -f).
+func killProcesses(matching pattern: String) throws {
+    let pkill = Process()
+    pkill.executableURL = URL(fileURLWithPath: "/usr/bin/pkill")
+    pkill.arguments = ["-9", "-f", pattern]
+    try pkill.run()
+    pkill.waitUntilExit()
+}
