@@ -21,21 +21,12 @@ struct ClusterOptions: ParsableArguments {
     var joinTimeout: Double = 120
     @Flag(help: "Skip the test-set evaluation at each epoch end (otherwise every worker evaluates 1/N of it).")
     var noEval = false
-    @Option(help: "Checkpoint directory every worker can reach (shared filesystem); rank 0 writes at epoch ends and the end.")
-    var checkpointDir: String?
-    @Option(help: "Also checkpoint every K steps (0: only at epoch ends and the end).")
-    var checkpointEvery = 0
-    @Option(help: "Checkpoints to keep.")
-    var keepCheckpoints = 3
-    @Flag(help: "Continue from the newest valid checkpoint in --checkpoint-dir (the same or another number of workers).")
-    var resume = false
+    @OptionGroup var checkpoints: CheckpointOptions
 
     func validate() throws {
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc (got \(transport))") }
         guard bucketMb > 0 else { throw ValidationError("--bucket-mb must be positive") }
         guard timeout > 0, joinTimeout > 0 else { throw ValidationError("--timeout and --join-timeout must be positive") }
-        guard checkpointEvery >= 0, keepCheckpoints >= 1 else { throw ValidationError("--checkpoint-every must be ≥ 0 and --keep-checkpoints ≥ 1") }
-        if resume && checkpointDir == nil { throw ValidationError("--resume needs --checkpoint-dir") }
     }
 }
 
@@ -72,7 +63,7 @@ struct CoordinatorCommand: ParsableCommand {
             printSummary(summary, workers: workers)
             if let sig = summary.interruptedBy {
                 emit("stopped by signal \(sig) after step \(summary.finalStep)"
-                     + (communication.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
+                     + (communication.checkpoints.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
                 throw ExitCode(128 + sig)
             }
         } catch let e as ExitCode {
@@ -97,10 +88,10 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.joinTimeout = .milliseconds(Int(communication.joinTimeout * 1000))
     options.metricsPath = metrics
     options.evaluate = !communication.noEval
-    options.checkpointDirectory = communication.checkpointDir.map(absolutePath)
-    options.checkpointEvery = communication.checkpointEvery
-    options.keepCheckpoints = communication.keepCheckpoints
-    options.resume = communication.resume
+    options.checkpointDirectory = communication.checkpoints.checkpointDir.map(absolutePath)
+    options.checkpointEvery = communication.checkpoints.checkpointEvery
+    options.keepCheckpoints = communication.checkpoints.keepCheckpoints
+    options.resume = communication.checkpoints.resume
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     options.quiet = quiet
@@ -177,8 +168,6 @@ func absolutePath(_ path: String) -> String {
 extension ClusterOptions {
     var arguments: [String] {
         ["--allreduce", allreduce.rawValue, "--bucket-mb", "\(bucketMb)", "--transport", transport,
-         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)", "--checkpoint-every", "\(checkpointEvery)",
-         "--keep-checkpoints", "\(keepCheckpoints)"] + (noEval ? ["--no-eval"] : []) + (resume ? ["--resume"] : [])
-            + (checkpointDir.map { ["--checkpoint-dir", absolutePath($0)] } ?? [])
+         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)"] + (noEval ? ["--no-eval"] : []) + checkpoints.arguments
     }
 }

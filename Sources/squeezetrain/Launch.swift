@@ -30,7 +30,7 @@ struct Launch: ParsableCommand {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }
         guard maxRestarts >= 0 else { throw ValidationError("--max-restarts must not be negative") }
-        if maxRestarts > 0 && cluster.checkpointDir == nil {
+        if maxRestarts > 0 && cluster.checkpoints.checkpointDir == nil {
             throw ValidationError("--max-restarts needs --checkpoint-dir: a restart resumes from the newest checkpoint")
         }
     }
@@ -42,7 +42,7 @@ struct Launch: ParsableCommand {
             defer { withExtendedLifetime(forwarder) {} }
             var restarts = 0
             while true {
-                let group = ProcessGroup(try specs(resume: cluster.resume || restarts > 0), write: current.write)
+                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0), write: current.write)
                 current.set(group)
                 try group.start()
                 // On Ctrl-C/SIGTERM the processes stop by themselves a few steps later (after a
@@ -55,7 +55,7 @@ struct Launch: ParsableCommand {
                 restarts += 1
                 let failedAt = Date()
                 let lastStep = metrics.flatMap { lastReportedStep(in: absolutePath($0)) }
-                let resumeStep = cluster.checkpointDir.flatMap { Checkpoint.newestValid(in: absolutePath($0)).checkpoint?.step } ?? 0
+                let resumeStep = cluster.checkpoints.checkpointDir.flatMap { Checkpoint.newestValid(in: absolutePath($0)).checkpoint?.step } ?? 0
                 emit("[launch] \(description); restart \(restarts) of \(maxRestarts): every process restarts from the checkpoint at step \(resumeStep)"
                      + (lastStep.map { " (the run had reached step \($0))" } ?? "") + "\n")
                 current.onReady = { [metrics] in
@@ -77,7 +77,7 @@ struct Launch: ParsableCommand {
         let endpoint = "tcp://\(host):\(try port ?? freeTCPPort(host: host))"
         let exe = selfExecutable()
         var options = cluster
-        options.resume = resume
+        options.checkpoints.resume = resume
         var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)"] + training.arguments + options.arguments
         if let metrics { coordinator += ["--metrics", absolutePath(metrics)] }
         if let initWeights { coordinator += ["--init-weights", absolutePath(initWeights)] }

@@ -17,21 +17,12 @@ struct Train: ParsableCommand {
     var saveWeights: String?
     @Option(help: "Append JSON lines here: one per step, one per epoch with test_accuracy.")
     var metrics: String?
-    @Option(help: "Save checkpoints here at every epoch end, the end of the run and on SIGINT/SIGTERM.")
-    var checkpointDir: String?
-    @Option(help: "Also checkpoint every K steps (0: only at epoch ends).")
-    var checkpointEvery = 0
-    @Option(help: "Checkpoints to keep.")
-    var keepCheckpoints = 3
-    @Flag(help: "Continue from the newest valid checkpoint in --checkpoint-dir (a corrupt one is skipped).")
-    var resume = false
+    @OptionGroup var checkpoints: CheckpointOptions
     @Flag(help: "Skip the test-set evaluation after each epoch.")
     var noEval = false
 
     func validate() throws {
         guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
-        guard checkpointEvery >= 0, keepCheckpoints >= 1 else { throw ValidationError("--checkpoint-every must be ≥ 0 and --keep-checkpoints ≥ 1") }
-        if resume && checkpointDir == nil { throw ValidationError("--resume needs --checkpoint-dir") }
     }
 
     func run() throws {
@@ -44,7 +35,7 @@ struct Train: ParsableCommand {
             let config = training.config(trainingRecords: trainSet.count)
             let trainer = try Trainer(config: config, trainSet: trainSet)
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
-            if resume, let checkpointDir {
+            if checkpoints.resume, let checkpointDir = checkpoints.checkpointDir {
                 let (found, skipped) = Checkpoint.newestValid(in: checkpointDir)
                 for s in skipped { emit("skipping checkpoint \(s.path): \(s.reason)\n") }
                 if let found {
@@ -58,9 +49,9 @@ struct Train: ParsableCommand {
                  + "\(trainSet.count) images, \(trainer.stepsPerEpoch) steps of \(config.batchSize) per epoch, "
                  + "\(config.totalSteps) steps, \(threads) thread(s)\n")
             var options = RunOptions()
-            options.checkpointDirectory = checkpointDir
-            options.checkpointEvery = checkpointEvery
-            options.keepCheckpoints = keepCheckpoints
+            options.checkpointDirectory = checkpoints.checkpointDir
+            options.checkpointEvery = checkpoints.checkpointEvery
+            options.keepCheckpoints = checkpoints.keepCheckpoints
             options.metricsPath = metrics
             options.evaluateEachEpoch = !noEval
             let summary = try runTraining(trainer, testSet: testSet, options: options)
@@ -69,7 +60,7 @@ struct Train: ParsableCommand {
                 emit("weights written to \(saveWeights)\n")
             }
             if let sig = summary.interruptedBy {
-                emit("stopped by signal \(sig) at step \(summary.finalStep)" + (checkpointDir != nil ? "; resume with --resume\n" : "\n"))
+                emit("stopped by signal \(sig) at step \(summary.finalStep)" + (checkpoints.checkpointDir != nil ? "; resume with --resume\n" : "\n"))
                 throw ExitCode(128 + sig)
             }
             var line = "done: \(summary.stepsRun) steps in \(ProgressDisplay.duration(summary.seconds))"
