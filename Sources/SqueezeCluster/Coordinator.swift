@@ -86,15 +86,12 @@ public final class Coordinator {
             let (found, skipped) = Checkpoint.newestValid(in: dir)
             for s in skipped { log("skipping checkpoint \(s.path): \(s.reason)") }
             if let found {
-                var mine = config, theirs = found.config
-                mine.totalSteps = 0; theirs.totalSteps = 0
-                guard mine == theirs else {
-                    throw ClusterError("\(found.path!): " + (mine.model != theirs.model ? "its model differs from this run's"
-                        : "its training configuration differs from this run's") + "; resume with the original options")
+                do {
+                    try found.checkCompatible(with: config)
+                } catch {
+                    throw ClusterError("\(error)")
                 }
-                for spec in reference.parameters.specs {
-                    (reference.parameters.values.pointer + spec.offset).update(from: found.tensors[spec.name]!, count: spec.count)
-                }
+                try found.copyWeights(into: reference)
                 startStep = found.step
                 resumeFrom = found.path
                 log("resuming from \(found.path!) at step \(found.step) (written by \(found.worldSize) worker(s))")
@@ -356,4 +353,5 @@ final class HubThread: @unchecked Sendable {
 
 func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18 }
 
-func megabytes(_ bytes: Double) -> String { String(format: "%.2f MB", bytes / 1e6) }
+/// Bytes as "2.91 MB" (10⁶ bytes).
+public func megabytes(_ bytes: Double) -> String { String(format: "%.2f MB", bytes / 1e6) }

@@ -23,6 +23,8 @@ public struct Checkpoint {
     public var worldSize: Int
     /// name → values, for parameters, buffers and `optimizer.momentum.*`.
     public var tensors: [String: [Float]]
+    /// name → PyTorch shape of each tensor.
+    public var shapes: [String: [Int]]
     public var path: String?
 
     /// Captures a trainer's state (any rank's: after the all-reduce every rank holds the same).
@@ -30,15 +32,19 @@ public struct Checkpoint {
         config = trainer.config
         step = trainer.step
         self.worldSize = worldSize
-        var t = [String: [Float]]()
+        var t = [String: [Float]](), shapes = [String: [Int]]()
         let net = trainer.network
-        for (store, prefix) in [(net.parameters, ""), (net.buffers, "")] {
-            for s in store.specs { t[prefix + s.name] = Array(UnsafeBufferPointer(start: store.values.pointer + s.offset, count: s.count)) }
+        func take(_ specs: [ParameterSpec], from base: UnsafeMutablePointer<Float>, prefix: String = "") {
+            for s in specs {
+                t[prefix + s.name] = Array(UnsafeBufferPointer(start: base + s.offset, count: s.count))
+                shapes[prefix + s.name] = s.shape
+            }
         }
-        for s in net.parameters.specs {
-            t["optimizer.momentum." + s.name] = Array(UnsafeBufferPointer(start: trainer.optimizer.velocity.pointer + s.offset, count: s.count))
-        }
+        take(net.parameters.specs, from: net.parameters.values.pointer)
+        take(net.buffers.specs, from: net.buffers.values.pointer)
+        take(net.parameters.specs, from: trainer.optimizer.velocity.pointer, prefix: "optimizer.momentum.")
         tensors = t
+        self.shapes = shapes
     }
 
     static func fileName(step: Int) -> String { String(format: "checkpoint-%09d.safetensors", step) }
@@ -52,7 +58,6 @@ public struct Checkpoint {
         let path = (directory as NSString).appendingPathComponent(name)
         var meta = try metadata()
         meta["checksum"] = Checkpoint.checksum(tensors: tensors, metadata: meta)
-        let shapes = shapeTable()
         let names = tensors.keys.sorted()
         try withFloatViews(names) { views in
             try Safetensors.write(path: path, tensors: zip(names, views).map { ($0, shapes[$0] ?? [$1.count], $1) }, metadata: meta)
@@ -72,15 +77,6 @@ public struct Checkpoint {
             "world_size": String(worldSize),
             "config": String(decoding: try encoder.encode(config), as: UTF8.self),
         ]
-    }
-
-    /// PyTorch shapes for the model's tensors (momentum buffers share their parameter's shape).
-    private func shapeTable() -> [String: [Int]] {
-        let net = Network(config: config.model)
-        var shapes = [String: [Int]]()
-        for s in net.parameters.specs + net.buffers.specs { shapes[s.name] = s.shape }
-        for s in net.parameters.specs { shapes["optimizer.momentum." + s.name] = s.shape }
-        return shapes
     }
 
     private func withFloatViews<R>(_ names: [String], _ body: ([UnsafeBufferPointer<Float>]) throws -> R) rethrows -> R {
@@ -105,6 +101,7 @@ public struct Checkpoint {
         }
         var tensors = [String: [Float]]()
         for (name, t) in raw { tensors[name] = try t.floats() }
+        let shapes = raw.mapValues(\.shape)
         var unsigned = meta
         let stored = unsigned.removeValue(forKey: "checksum")
         guard let stored, stored == checksum(tensors: tensors, metadata: unsigned) else {
@@ -115,12 +112,12 @@ public struct Checkpoint {
         }
         let decoder = JSONDecoder()
         let config = try decoder.decode(TrainingConfig.self, from: Data(try field("config").utf8))
-        return Checkpoint(config: config, step: step, worldSize: world, tensors: tensors, path: path)
+        return Checkpoint(config: config, step: step, worldSize: world, tensors: tensors, shapes: shapes, path: path)
     }
 
-    private init(config: TrainingConfig, step: Int, worldSize: Int, tensors: [String: [Float]], path: String?) {
+    private init(config: TrainingConfig, step: Int, worldSize: Int, tensors: [String: [Float]], shapes: [String: [Int]], path: String?) {
         self.config = config; self.step = step; self.worldSize = worldSize
-        self.tensors = tensors; self.path = path
+        self.tensors = tensors; self.shapes = shapes; self.path = path
     }
 
     /// The newest checkpoint in `directory` that verifies, trying `latest` first and then the others
@@ -143,7 +140,15 @@ public struct Checkpoint {
     /// Puts this state into `trainer` (model, buffers, momentum, step).
     /// The trainer's configuration must equal the checkpoint's, except the run length.
     public func restore(into trainer: Trainer) throws {
-        var mine = trainer.config, theirs = config
+        try checkCompatible(with: trainer.config)
+        try copyWeights(into: trainer.network)
+        try copy(trainer.network.parameters.specs, prefix: "optimizer.momentum.", to: trainer.optimizer.velocity.pointer)
+        trainer.step = step
+    }
+
+    /// Throws unless `config` is the checkpoint's configuration up to the run length (`totalSteps`).
+    public func checkCompatible(with config: TrainingConfig) throws {
+        var mine = config, theirs = self.config
         mine.totalSteps = 0; theirs.totalSteps = 0
         if mine.model != theirs.model {
             throw TrainingError.checkpoint("\(path ?? "checkpoint"): its model (\(Checkpoint.describe(theirs.model))) differs from this run's (\(Checkpoint.describe(mine.model)))")
@@ -151,17 +156,21 @@ public struct Checkpoint {
         if mine != theirs {
             throw TrainingError.checkpoint("\(path ?? "checkpoint"): its training configuration differs from this run's: \(Checkpoint.differences(theirs, mine)); resume with the original options")
         }
-        let net = trainer.network
-        for (store, prefix, destination) in [(net.parameters, "", net.parameters.values.pointer), (net.buffers, "", net.buffers.values.pointer),
-                                             (net.parameters, "optimizer.momentum.", trainer.optimizer.velocity.pointer)] {
-            for s in store.specs {
-                guard let v = tensors[prefix + s.name], v.count == s.count else {
-                    throw TrainingError.checkpoint("\(path ?? "checkpoint"): tensor \(prefix + s.name) is missing or mis-sized")
-                }
-                (destination + s.offset).update(from: v, count: v.count)
+    }
+
+    /// Copies the parameters and buffers (not the momentum) into `network`.
+    public func copyWeights(into network: Network) throws {
+        try copy(network.parameters.specs, to: network.parameters.values.pointer)
+        try copy(network.buffers.specs, to: network.buffers.values.pointer)
+    }
+
+    private func copy(_ specs: [ParameterSpec], prefix: String = "", to base: UnsafeMutablePointer<Float>) throws {
+        for s in specs {
+            guard let v = tensors[prefix + s.name], v.count == s.count else {
+                throw TrainingError.checkpoint("\(path ?? "checkpoint"): tensor \(prefix + s.name) is missing or mis-sized")
             }
+            (base + s.offset).update(from: v, count: v.count)
         }
-        trainer.step = step
     }
 
     static func describe(_ m: ModelConfig) -> String {

@@ -128,7 +128,6 @@ func printSummary(_ s: ClusterSummary, workers: Int) {
     print("comm share: all-reduce time as a share of step time (overlapping backward, so it can exceed what it costs)")
 }
 
-func megabytes(_ bytes: Double) -> String { String(format: "%.2f MB", bytes / 1e6) }
 
 struct WorkerCommand: ParsableCommand {
     static let configuration = CommandConfiguration(

@@ -28,14 +28,7 @@ struct Export: ParsableCommand {
                 found = try Checkpoint.load(path: checkpoint)
             }
             let net = Network(config: found.config.model)
-            for store in [net.parameters, net.buffers] {
-                for spec in store.specs {
-                    guard let values = found.tensors[spec.name], values.count == spec.count else {
-                        throw TrainingError.checkpoint("\(found.path ?? checkpoint): tensor \(spec.name) is missing or mis-sized")
-                    }
-                    (store.values.pointer + spec.offset).update(from: values, count: values.count)
-                }
-            }
+            try found.copyWeights(into: net)
             try net.saveWeights(to: output)
             emit("wrote \(output): \(found.config.model.architecture.rawValue) weights at step \(found.step) of \(found.path ?? checkpoint)\n")
         } catch {
