@@ -30,6 +30,11 @@ final class Workspace {
 
 /// Conv2d, optionally followed by BatchNorm2d, optionally followed by ReLU (fused).
 ///
+/// A fully connected layer is the same thing: `Linear` over a flattened (C, H, W) input is a
+/// convolution whose kernel covers the whole H×W map (im2col then lays each image out as one
+/// column in PyTorch's flatten order), and over a (C, N, 1, 1) input a 1×1 convolution. `flat`
+/// only changes the weight's declared shape to PyTorch's (out, in) for the state_dict.
+///
 /// Forward: col = im2col(x) (Cin·k·k, N·Ho·Wo) — skipped for 1×1/stride 1/pad 0, where col is x itself;
 /// z = W (Cout, Cin·k·k) · col + b; y = relu(bn(z)).
 /// Backward: dz = dy ⊙ [y > 0] (through BN when present); db = Σ_cols dz; dW = dz · colᵀ;
@@ -38,6 +43,8 @@ public final class Conv2d: Layer {
     public let name: String
     public let cin: Int, cout: Int, kernel: Int, stride: Int, padding: Int
     public let relu: Bool
+    /// Declares the weight as (cout, cin·k·k), as `nn.Linear` does (same memory layout).
+    let flat: Bool
     let bn: BatchNorm?
     private let workspace: Workspace
     private var w: UnsafeMutablePointer<Float>!, b: UnsafeMutablePointer<Float>!
@@ -48,16 +55,19 @@ public final class Conv2d: Layer {
     private var x: Tensor?, y: Tensor?
 
     init(name: String, cin: Int, cout: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
-         relu: Bool, batchNorm: Bool, workspace: Workspace) {
+         relu: Bool, batchNorm: Bool, flat: Bool = false, workspace: Workspace) {
         self.name = name
         (self.cin, self.cout, self.kernel, self.stride, self.padding) = (cin, cout, kernel, stride, padding)
         self.relu = relu
+        self.flat = flat
         self.bn = batchNorm ? BatchNorm(name: name + "_bn", channels: cout) : nil
         self.workspace = workspace
     }
 
     var isPointwise: Bool { kernel == 1 && stride == 1 && padding == 0 }
-    var weightSpec: ParameterSpec { ParameterSpec(name: name + ".weight", shape: [cout, cin, kernel, kernel]) }
+    var weightSpec: ParameterSpec {
+        ParameterSpec(name: name + ".weight", shape: flat ? [cout, cin * kernel * kernel] : [cout, cin, kernel, kernel])
+    }
     public var parameterSpecs: [ParameterSpec] {
         [weightSpec, ParameterSpec(name: name + ".bias", shape: [cout])] + (bn?.parameterSpecs ?? [])
     }
@@ -268,19 +278,22 @@ public final class Fire: Layer {
     }
 }
 
-/// MaxPool2d with PyTorch's ceil_mode=True output size and window clipping (no padding).
+/// MaxPool2d without padding, with PyTorch's output size and window clipping for ceil_mode=True
+/// (SqueezeNet's pools) or False (AlexNet's).
 public final class MaxPool: Layer {
     public let name: String
-    let kernel: Int, stride: Int
+    let kernel: Int, stride: Int, ceilMode: Bool
     private let out = Slot(), dX = Slot()
     private var argmax = [Int32]()
     private var inShape: Shape?
 
-    init(name: String, kernel: Int = 3, stride: Int = 2) { self.name = name; self.kernel = kernel; self.stride = stride }
+    init(name: String, kernel: Int = 3, stride: Int = 2, ceilMode: Bool = true) {
+        self.name = name; self.kernel = kernel; self.stride = stride; self.ceilMode = ceilMode
+    }
 
     public func outputShape(_ s: Shape) -> Shape {
-        Shape(c: s.c, n: s.n, h: Kernels.outputSize(s.h, kernel: kernel, stride: stride, padding: 0, ceilMode: true),
-              w: Kernels.outputSize(s.w, kernel: kernel, stride: stride, padding: 0, ceilMode: true))
+        Shape(c: s.c, n: s.n, h: Kernels.outputSize(s.h, kernel: kernel, stride: stride, padding: 0, ceilMode: ceilMode),
+              w: Kernels.outputSize(s.w, kernel: kernel, stride: stride, padding: 0, ceilMode: ceilMode))
     }
 
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
@@ -371,6 +384,60 @@ public final class GlobalAvgPool: Layer {
         let plane = inShape.plane
         for i in 0..<(inShape.c * inShape.n) {
             (dx.data + i * plane).update(repeating: dy.data[i] / Float(plane), count: plane)
+        }
+        return dx
+    }
+}
+
+/// AdaptiveAvgPool2d to a fixed `size`×`size` map, with PyTorch's bins: output row i averages input
+/// rows ⌊i·H/size⌋ ..< ⌈(i+1)·H/size⌉ (bins overlap or repeat when H is not a multiple, e.g. a 1×1
+/// map becomes `size`×`size` copies).
+public final class AdaptiveAvgPool: Layer {
+    public let name: String
+    let size: Int
+    private let out = Slot(), dX = Slot()
+    private var inShape: Shape?
+
+    init(name: String, size: Int) { self.name = name; self.size = size }
+
+    public func outputShape(_ s: Shape) -> Shape { Shape(c: s.c, n: s.n, h: size, w: size) }
+
+    private func bin(_ i: Int, _ extent: Int) -> Range<Int> { (i * extent / size)..<(((i + 1) * extent + size - 1) / size) }
+
+    public func forward(_ x: Tensor, training: Bool) -> Tensor {
+        let y = out.tensor(outputShape(x.shape))
+        let (h, w) = (x.shape.h, x.shape.w)
+        for p in 0..<(x.shape.c * x.shape.n) {
+            let src = x.data + p * h * w, dst = y.data + p * size * size
+            for i in 0..<size {
+                let rows = bin(i, h)
+                for j in 0..<size {
+                    let cols = bin(j, w)
+                    var s: Float = 0
+                    for r in rows { for c in cols { s += src[r * w + c] } }
+                    dst[i * size + j] = s / Float(rows.count * cols.count)
+                }
+            }
+        }
+        inShape = x.shape
+        return y
+    }
+
+    public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
+        guard needInputGradient, let inShape else { return nil }
+        let dx = dX.tensor(inShape)
+        let (h, w) = (inShape.h, inShape.w)
+        dx.data.update(repeating: 0, count: inShape.count)
+        for p in 0..<(inShape.c * inShape.n) {
+            let src = dy.data + p * size * size, dst = dx.data + p * h * w
+            for i in 0..<size {
+                let rows = bin(i, h)
+                for j in 0..<size {
+                    let cols = bin(j, w)
+                    let g = src[i * size + j] / Float(rows.count * cols.count)
+                    for r in rows { for c in cols { dst[r * w + c] += g } }
+                }
+            }
         }
         return dx
     }

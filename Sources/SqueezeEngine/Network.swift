@@ -10,12 +10,13 @@ public final class Network {
     private let workspace = Workspace()
     private let lossGradient = Slot()
 
-    /// Builds the model and initialises it as torchvision does: kaiming-uniform convolutions
-    /// (bound √(6 / fan_in)), normal(0, 0.01) for the final classifier convolution, zero biases;
-    /// BatchNorm γ = 1, β = 0, running mean 0, variance 1. `seed` makes it reproducible.
+    /// Builds the model and initialises it as torchvision does. SqueezeNet: kaiming-uniform
+    /// convolutions (bound √(6 / fan_in)), normal(0, 0.01) for the final classifier convolution, zero
+    /// biases; BatchNorm γ = 1, β = 0, running mean 0, variance 1. AlexNet keeps PyTorch's layer
+    /// defaults: weights and biases uniform in ±1/√fan_in. `seed` makes it reproducible.
     public init(config: ModelConfig, seed: UInt64 = 0) {
         self.config = config
-        layers = Network.squeezeNetLayers(config, workspace: workspace, dropoutRNG: SeededRNG(seed: seed, stream: 0xD0))
+        layers = Network.layers(config, workspace: workspace, seed: seed)
         parameters = ParameterStore(layers.flatMap(\.parameterSpecs))
         buffers = ParameterStore(layers.flatMap(\.bufferSpecs))
         var ranges = [Range<Int>](), offset = 0
@@ -31,6 +32,15 @@ public final class Network {
 
     public func initialize(seed: UInt64) {
         var rng = SeededRNG(seed: seed, stream: 0x1417)
+        if config.architecture == .alexnet {
+            var bound: Float = 0
+            for spec in parameters.specs {  // each weight precedes its bias
+                if spec.shape.count > 1 { bound = 1 / Float(spec.shape.dropFirst().reduce(1, *)).squareRoot() }
+                let p = parameters.values.pointer + spec.offset
+                for i in 0..<spec.count { p[i] = rng.uniform(-bound, bound) }
+            }
+            return
+        }
         for spec in parameters.specs {
             let p = parameters.values.pointer + spec.offset
             if spec.shape.count == 4 {
@@ -51,7 +61,7 @@ public final class Network {
         }
     }
 
-    public var dropout: Dropout? { layers.lazy.compactMap { $0 as? Dropout }.first }
+    public var dropouts: [Dropout] { layers.compactMap { $0 as? Dropout } }
 
     public func outputShape(batch: Int, height: Int, width: Int) -> Shape {
         layers.reduce(Shape(c: 3, n: batch, h: height, w: width)) { $1.outputShape($0) }

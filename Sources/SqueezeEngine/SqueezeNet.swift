@@ -1,6 +1,6 @@
-/// The SqueezeNet family with torchvision's topology and state_dict names.
+/// The SqueezeNet family, and AlexNet for comparison, with torchvision's topology and state_dict names.
 public struct ModelConfig: Equatable, Sendable, Codable {
-    public enum Architecture: String, Sendable, Codable, CaseIterable { case squeezenet1_0, squeezenet1_1 }
+    public enum Architecture: String, Sendable, Codable, CaseIterable { case squeezenet1_0, squeezenet1_1, alexnet }
     /// `imagenet`: torchvision's conv1 (7×7/2, 96 channels for 1.0; 3×3/2, 64 channels for 1.1).
     /// `cifar`: conv1 becomes 3×3, stride 1, padding 1 (same channels), for 32×32 inputs.
     public enum Stem: String, Sendable, Codable, CaseIterable { case imagenet, cifar }
@@ -33,11 +33,54 @@ public struct ModelConfig: Equatable, Sendable, Codable {
 
     public init() {}
 
-    /// Spatial size of the inputs this model is meant for.
-    public var inputSize: Int { stem == .cifar ? 32 : 224 }
+    /// Spatial size of the inputs this model is meant for. AlexNet (whose stem is always torchvision's
+    /// 11×11/4 convolution) takes CIFAR-10 upsampled to 64×64, as it needs at least 63×63.
+    public var inputSize: Int {
+        if architecture == .alexnet { return stem == .cifar ? 64 : 224 }
+        return stem == .cifar ? 32 : 224
+    }
+
+    /// Side of the CIFAR-10 images fed to the model in training and evaluation (32, or 64 upsampled
+    /// for AlexNet).
+    public var cifarImageSize: Int { architecture == .alexnet ? 64 : 32 }
 }
 
 extension Network {
+    /// The layers of `config`'s model; dropout layer i draws from stream 0xD0 + i of `seed`.
+    static func layers(_ config: ModelConfig, workspace: Workspace, seed: UInt64) -> [any Layer] {
+        config.architecture == .alexnet
+            ? alexNetLayers(config, workspace: workspace, seed: seed)
+            : squeezeNetLayers(config, workspace: workspace, dropoutRNG: SeededRNG(seed: seed, stream: 0xD0))
+    }
+
+    /// torchvision's AlexNet: five convolutions (11×11/4, 5×5, 3×3 ×3; ReLU; floor-mode 3×3/2 pools
+    /// after the 1st, 2nd and 5th), adaptive average pooling to 6×6, then dropout, 9216→4096, ReLU,
+    /// dropout, 4096→4096, ReLU, 4096→classes. 57,044,810 parameters with 10 classes. `batchNorm`,
+    /// the stem choice, bypasses and the Fire meta-parameters do not apply.
+    static func alexNetLayers(_ config: ModelConfig, workspace: Workspace, seed: UInt64) -> [any Layer] {
+        func conv(_ index: Int, _ cin: Int, _ cout: Int, kernel: Int, stride: Int = 1, padding: Int) -> Conv2d {
+            Conv2d(name: "features.\(index)", cin: cin, cout: cout, kernel: kernel, stride: stride, padding: padding,
+                   relu: true, batchNorm: false, workspace: workspace)
+        }
+        func linear(_ index: Int, _ cin: Int, _ cout: Int, kernel: Int = 1, relu: Bool) -> Conv2d {
+            Conv2d(name: "classifier.\(index)", cin: cin, cout: cout, kernel: kernel, relu: relu, batchNorm: false,
+                   flat: true, workspace: workspace)
+        }
+        return [
+            conv(0, 3, 64, kernel: 11, stride: 4, padding: 2), MaxPool(name: "features.2", ceilMode: false),
+            conv(3, 64, 192, kernel: 5, padding: 2), MaxPool(name: "features.5", ceilMode: false),
+            conv(6, 192, 384, kernel: 3, padding: 1),
+            conv(8, 384, 256, kernel: 3, padding: 1),
+            conv(10, 256, 256, kernel: 3, padding: 1), MaxPool(name: "features.12", ceilMode: false),
+            AdaptiveAvgPool(name: "avgpool", size: 6),
+            Dropout(name: "classifier.0", p: config.dropout, rng: SeededRNG(seed: seed, stream: 0xD0)),
+            linear(1, 256, 4096, kernel: 6, relu: true),
+            Dropout(name: "classifier.3", p: config.dropout, rng: SeededRNG(seed: seed, stream: 0xD1)),
+            linear(4, 4096, 4096, relu: true),
+            linear(6, 4096, config.classes, relu: false),
+        ]
+    }
+
     /// Builds the layers of a SqueezeNet. Names follow torchvision's `features.K` / `classifier.1`
     /// indices, including the positions of ReLUs and pools (so a dropped pool keeps the others' names).
     static func squeezeNetLayers(_ config: ModelConfig, workspace: Workspace, dropoutRNG: SeededRNG) -> [any Layer] {

@@ -89,7 +89,9 @@ public final class Trainer {
         let t0 = DispatchTime.now().uptimeNanoseconds
         // Dropout masks are a function of (seed, rank, step), like the augmentation: a resumed run
         // draws the same masks without any generator state in the checkpoint, and ranks differ.
-        network.dropout?.rng = SeededRNG(seed: config.seed, stream: 0xD0_0000_0000 &+ UInt64(rank) << 32 &+ UInt64(step))
+        for (i, dropout) in network.dropouts.enumerated() {
+            dropout.rng = SeededRNG(seed: config.seed, stream: (0xD0_0000_0000 &+ UInt64(i) << 40) &+ UInt64(rank) << 32 &+ UInt64(step))
+        }
         let x = Tensor(data: UnsafeMutablePointer(mutating: batch.images),
                        shape: Shape(c: 3, n: batch.count, h: batch.imageSize, w: batch.imageSize))
         let grads = network.parameters.gradientBuffer

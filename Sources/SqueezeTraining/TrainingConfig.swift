@@ -17,8 +17,8 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     public var seed: UInt64 = 0
     public var augment = true
     public var shuffle = true
-    /// Side of the (square) training images; 32 is CIFAR-10's own, larger sizes are upsampled.
-    public var imageSize = 32
+    /// Side of the (square) training images: 32, CIFAR-10's own, or 64 (upsampled) for AlexNet.
+    public var imageSize: Int { model.cifarImageSize }
 
     public init() {}
 

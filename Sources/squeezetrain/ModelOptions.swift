@@ -41,6 +41,11 @@ struct ModelOptions: ParsableArguments {
         guard baseE >= 2, incrE >= 0, freq >= 1 else { throw ValidationError("--base-e must be ≥ 2, --incr-e ≥ 0, --freq ≥ 1") }
         guard pct3x3 > 0, pct3x3 < 1 else { throw ValidationError("--pct-3x3 must be strictly between 0 and 1 (got \(pct3x3))") }
         guard squeezeRatio > 0, squeezeRatio <= 1 else { throw ValidationError("--sr must be in (0, 1] (got \(squeezeRatio))") }
+        if model == .alexnet {
+            for (flag, set) in [("--batch-norm", batchNorm), ("--late-downsample", lateDownsample), ("--bypass simple", bypass == .simple)] where set {
+                throw ValidationError("\(flag) applies to SqueezeNet only; --model alexnet is torchvision's AlexNet as it is")
+            }
+        }
         if bypass == .simple && incrE > 0 && freq == 1 {
             throw ValidationError("--bypass simple needs Fire modules of equal width in and out; with --freq 1 none are")
         }
