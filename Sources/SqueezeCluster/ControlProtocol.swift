@@ -1,4 +1,5 @@
 import Foundation
+import SqueezeComm
 import SqueezeEngine
 import SqueezeTraining
 
@@ -32,7 +33,7 @@ public enum ControlMessage: Sendable {
     case reject(Reject)
     case failure(Failure)
 
-    public static let version: UInt16 = 1
+    public static let version: UInt16 = 2
     static let magic: [UInt8] = Array("SQZC".utf8)
     static let headerSize = 12
 
@@ -145,6 +146,7 @@ public struct Welcome: Codable, Sendable {
     public var worldSize: Int
     public var config: TrainingConfig
     public var algorithm: AllReduceAlgorithm
+    public var compression: GradientCompression
     public var bucketBytes: Int
     /// Data-plane transport: "tcp" or "ipc".
     public var transport: String

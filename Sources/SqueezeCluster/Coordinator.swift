@@ -11,6 +11,7 @@ public struct CoordinatorOptions: Sendable {
     /// Records in the training set (sizes an epoch for the progress display).
     public var trainingRecords = 50_000
     public var algorithm: AllReduceAlgorithm = .ring
+    public var compression: GradientCompression = .none
     public var bucketBytes = 1 << 20
     public var transport = "tcp"
     /// Silence (no heartbeat, no report) after which a worker counts as lost.
@@ -103,7 +104,8 @@ public final class Coordinator {
         let parameterCount = reference.parameters.count
         let plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
         log("coordinator at \(server.endpoint): waiting for \(n) worker(s); \(config.model.architecture.rawValue), "
-            + "\(parameterCount) parameters, \(options.algorithm.rawValue) all-reduce in \(plan.count) bucket(s)")
+            + "\(parameterCount) parameters, \(options.algorithm.rawValue) all-reduce in \(plan.count) bucket(s)"
+            + (options.compression == .none ? "" : ", --compress \(options.compression)"))
 
         // The hub's data plane (star only): rank n of a group of n + 1.
         var hub: ZMQTransport?
@@ -125,7 +127,8 @@ public final class Coordinator {
         if let hub { all.append(hub.boundEndpoint); try hub.connect(topology: .star(hub: n), endpoints: all) }
         var hubThread: HubThread?
         if let hub {
-            hubThread = HubThread(hub: StarAllReduceHub(transport: hub, options: CollectiveOptions(timeout: options.timeout)),
+            hubThread = HubThread(hub: StarAllReduceHub(transport: hub, options: CollectiveOptions(timeout: options.timeout),
+                                                                   compression: options.compression),
                                   plan: plan, steps: startStep..<config.totalSteps)
         }
         for id in identities { server.send(.start(Start(step: startStep, endpoints: all)), to: id!) }
@@ -180,6 +183,7 @@ public final class Coordinator {
                 identities[rank] = id
                 names[rank] = "\(h.host) pid \(h.pid)"
                 server.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
+                                             compression: options.compression,
                                              bucketBytes: options.bucketBytes, transport: options.transport,
                                              timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
                                              initWeights: options.initWeights, saveWeights: options.saveWeights,
@@ -228,7 +232,8 @@ public final class Coordinator {
         let n = options.workers, config = options.config
         let metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) }
         let display = ProgressDisplay(prefix: "")
-        let theory = options.algorithm == .ring ? 2.0 * Double(n - 1) / Double(n) * 4 * Double(parameterCount) : 4 * Double(parameterCount)
+        let traffic0 = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression)
+        let theory = traffic0.bytesSent, uncompressed = (0..<n).map { traffic0.uncompressedBytesSent(rank: $0) }
         let perEpoch = config.stepsPerEpoch(trainingRecords: options.trainingRecords, workers: n)
         let epochs = (config.totalSteps + perEpoch - 1) / perEpoch
         var pending = [Int: [StepReport]]()
@@ -277,7 +282,9 @@ public final class Coordinator {
                                     ("accuracy", Double(r.correct) / Double(max(r.images, 1))), ("images", r.images),
                                     ("learning_rate", r.learningRate),
                                     ("allreduce_bytes_sent", r.allreduceBytesSent), ("allreduce_bytes_received", r.allreduceBytesReceived),
-                                    ("theory_bytes_sent", theory), ("control_bytes", r.controlBytes),
+                                    ("theory_bytes_sent", theory), ("dense_bytes_sent", uncompressed[r.rank]),
+                                    ("compression_ratio", Double(uncompressed[r.rank]) / Double(max(r.allreduceBytesSent, 1))),
+                                    ("control_bytes", r.controlBytes),
                                     ("allreduce_seconds", r.allreduceSeconds), ("compute_seconds", r.computeSeconds),
                                     ("step_seconds", r.stepSeconds), ("data_wait_seconds", r.dataWaitSeconds)])
                     traffic[r.rank].steps += 1

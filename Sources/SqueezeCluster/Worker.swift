@@ -90,8 +90,8 @@ public final class Worker {
         }
         let collective = CollectiveOptions(timeout: timeout)
         let allReducer: any AllReducer = welcome.algorithm == .star
-            ? StarAllReduceWorker(transport: transport, hub: world, options: collective)
-            : RingAllReduce(transport: transport, options: collective)
+            ? StarAllReduceWorker(transport: transport, hub: world, options: collective, compression: welcome.compression)
+            : RingAllReduce(transport: transport, options: collective, compression: welcome.compression)
         let reducer = BucketedReducer(reducer: allReducer, plan: bucketPlan(layerRanges: trainer.network.layerRanges,
                                                                             bucketBytes: welcome.bucketBytes))
         defer { reducer.close() }

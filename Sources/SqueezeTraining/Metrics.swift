@@ -27,7 +27,9 @@ public final class MetricsWriter {
 
     static func encode(_ v: Any) -> String {
         switch v {
-        case let d as Double: return d.isFinite ? String(format: "%.6g", d) : "null"
+        case let d as Double:  // whole numbers (byte counts) exactly, the rest to 6 significant digits
+            guard d.isFinite else { return "null" }
+            return d == d.rounded() && abs(d) < 1e15 ? String(Int64(d)) : String(format: "%.6g", d)
         case let f as Float: return f.isFinite ? String(format: "%.6g", Double(f)) : "null"
         case let i as Int: return String(i)
         case let b as Bool: return b ? "true" : "false"

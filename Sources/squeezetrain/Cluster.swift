@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SqueezeCluster
+import SqueezeComm
 import SqueezeData
 import SqueezeEngine
 import SqueezeTraining
@@ -11,6 +12,8 @@ extension AllReduceAlgorithm: ExpressibleByArgument {}
 struct ClusterOptions: ParsableArguments {
     @Option(help: "All-reduce: ring (reduce-scatter + all-gather between workers) or star (through the coordinator).")
     var allreduce: AllReduceAlgorithm = .ring
+    @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 (per-chunk scale, error feedback) or topk:F (the fraction F of largest entries, error feedback).")
+    var compress = "none"
     @Option(help: "Gradient bucket size in MB (buckets start as soon as backward has finished them).")
     var bucketMb: Double = 1
     @Option(help: "Data-plane transport between workers: tcp or ipc (same machine only).")
@@ -26,6 +29,7 @@ struct ClusterOptions: ParsableArguments {
     func validate() throws {
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc (got \(transport))") }
         guard bucketMb > 0 else { throw ValidationError("--bucket-mb must be positive") }
+        do { _ = try GradientCompression(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
         guard timeout > 0, joinTimeout > 0 else { throw ValidationError("--timeout and --join-timeout must be positive") }
     }
 }
@@ -82,6 +86,7 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     var options = CoordinatorOptions(bind: bind, workers: workers, config: training.config(trainingRecords: records, workers: workers))
     options.trainingRecords = records
     options.algorithm = communication.allreduce
+    options.compression = try GradientCompression(parsing: communication.compress)
     options.bucketBytes = Int(communication.bucketMb * 1_048_576)
     options.transport = communication.transport
     options.timeout = .milliseconds(Int(communication.timeout * 1000))
@@ -166,7 +171,7 @@ func absolutePath(_ path: String) -> String {
 
 extension ClusterOptions {
     var arguments: [String] {
-        ["--allreduce", allreduce.rawValue, "--bucket-mb", "\(bucketMb)", "--transport", transport,
+        ["--allreduce", allreduce.rawValue, "--compress", compress, "--bucket-mb", "\(bucketMb)", "--transport", transport,
          "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)"] + (noEval ? ["--no-eval"] : []) + checkpoints.arguments
     }
 }

@@ -73,6 +73,45 @@ struct ClusterTests {
         #expect(coordinator.output.contains("the coordinator (star hub) received \(grouped(2 * 2 * 4 * parameters))"))
     }
 
+    /// What crosses the wire with compression, counted by the workers' transports, against the
+    /// collectives' own formulas per bucket; the metrics carry the uncompressed reference and the ratio.
+    @Test(arguments: [("fp16", AllReduceAlgorithm.ring), ("int8", .star), ("topk:0.01", .ring), ("bf16", .star)])
+    func compressedBytesMatchTheCodecs(compress: String, algorithm: AllReduceAlgorithm) throws {
+        let (dir, coordinator) = try runCluster(workers: 2, ["--steps", "2", "--batch-size", "16", "--compress", compress,
+                                                             "--allreduce", algorithm.rawValue, "--bucket-mb", "0.5"])
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        #expect(coordinator.output.contains("--compress \(compress)"))
+        let compression = try GradientCompression(parsing: compress)
+        let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 524_288)
+        let chunk = CollectiveOptions().chunkBytes
+        let lines = try readMetrics(dir + "/metrics.jsonl")
+        #expect(lines.count == 4)
+        for line in lines {
+            let rank = line["rank"] as! Int, sent = line["allreduce_bytes_sent"] as! Int
+            let dense = algorithm == .ring
+                ? plan.reduce(0) { $0 + RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: $1.count, worldSize: 2, rank: rank).sent }
+                : 4 * parameters
+            #expect(line["dense_bytes_sent"] as? Int == dense)
+            let ratio = try #require(line["compression_ratio"] as? Double)
+            #expect(abs(ratio - Double(dense) / Double(sent)) < 1e-3 * ratio)
+            if case .topk(let f) = compression {
+                // Every bucket's k pairs cross one link (N = 2), unless some of its largest entries are 0.
+                let k = plan.reduce(0) { $0 + GradientCompression.topkPairs(fraction: f, count: $1.count) }
+                #expect(sent <= 8 * k && sent > 8 * k * 9 / 10)
+                #expect(line["theory_bytes_sent"] as? Int == 8 * k)
+            } else {
+                let expected = algorithm == .ring
+                    ? plan.reduce(0) { $0 + RingAllReduce<InProcessTransport>.expectedPayloadBytes(
+                        count: $1.count, worldSize: 2, rank: rank, compression: compression, chunkBytes: chunk)!.sent }
+                    : plan.reduce(0) { $0 + compression.densePayloadBytes(count: $1.count, chunkBytes: chunk)! }
+                #expect(sent == expected)
+                #expect(line["allreduce_bytes_received"] as? Int == expected)
+                #expect(line["theory_bytes_sent"] as? Int == expected)
+                #expect(ratio > (compression == .int8 ? 3.9 : 1.99))
+            }
+        }
+    }
+
     @Test func badPeersAreRejectedAndTheCoordinatorKeepsRunning() throws {
         let dir = try temporaryDirectory("badpeer")
         defer { try? FileManager.default.removeItem(atPath: dir) }

@@ -10,7 +10,7 @@ struct WireHeaderTests {
     func layout() {
         let b = header.encoded
         #expect(b.count == 32)
-        #expect(Array(b[0..<4]) == [0x53, 0x51, 1, 2])        // magic "SQ", version 1, kind all-gather
+        #expect(Array(b[0..<4]) == [0x53, 0x51, 2, 2])        // magic "SQ", version 2, kind all-gather
         #expect(Array(b[4..<8]) == [3, 0, 2, 0])              // sender 3, phase step 2
         #expect(Array(b[8..<12]) == [4, 3, 2, 1])             // step
         #expect(Array(b[12..<16]) == [9, 0, 0, 0])            // bucket
@@ -37,8 +37,8 @@ struct WireHeaderTests {
         b[0] = 0
         #expect(error(b)?.description.contains("bad magic") == true)
         b = header.encoded
-        b[2] = 2
-        #expect(error(b)?.description.contains("version 2") == true)
+        b[2] = 1
+        #expect(error(b)?.description.contains("version 1") == true)
         b = header.encoded
         b[3] = 0
         #expect(error(b)?.description.contains("unknown message kind 0") == true)
