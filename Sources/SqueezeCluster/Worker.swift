@@ -199,6 +199,9 @@ final class HeartbeatSender: @unchecked Sendable {
     private let socket: ZMQSocket
     private let lock = NSLock()
     private var running = true
+    /// Signalled by `stop()`, so the thread closes its socket at once rather than after its sleep
+    /// (the ZeroMQ context, and so the process exit, waits for that).
+    private let wake = DispatchSemaphore(value: 0)
     var step = 0
 
     init(context: ZMQContext, coordinator: String, rank: Int, interval: Duration) throws {
@@ -209,13 +212,16 @@ final class HeartbeatSender: @unchecked Sendable {
             while self.lock.withLock({ self.running }) {
                 let body = ControlMessage.heartbeat(Heartbeat(rank: rank, step: self.step)).encoded()
                 _ = body.withUnsafeBytes { try? sock.send($0, dontWait: true) }
-                Thread.sleep(forTimeInterval: Double(interval.components.seconds) + Double(interval.components.attoseconds) * 1e-18)
+                _ = self.wake.wait(timeout: .now() + Double(interval.components.seconds) + Double(interval.components.attoseconds) * 1e-18)
             }
             sock.close(linger: .zero)
         }.start()
     }
 
-    func stop() { lock.withLock { running = false } }
+    func stop() {
+        lock.withLock { running = false }
+        wake.signal()
+    }
 }
 
 /// The local IP address the kernel would use to reach the host of `endpoint` (tcp://HOST:PORT).
