@@ -25,6 +25,7 @@ struct BenchAllReduce: ParsableCommand {
     @Option(help: "Timed all-reduces (the median is reported).") var iterations = 50
     @Option(help: "Untimed warm-up all-reduces.") var warmup = 5
     @Option(help: "Pipelining chunk in KiB (the cluster uses 1024).") var chunkKb = 1024
+    @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 or topk:F.") var compress = "none"
     @Flag(help: "Print a JSON object.") var json = false
 
     // Internal: one participant (spawned by the command above).
@@ -32,7 +33,7 @@ struct BenchAllReduce: ParsableCommand {
     @Option(help: .hidden) var endpoints: String?
 
     struct Report: Codable {
-        var workers: Int, floats: Int, algorithm: String, transport: String, iterations: Int
+        var workers: Int, floats: Int, algorithm: String, transport: String, compress: String, iterations: Int
         var secondsPerAllreduce: Double, secondsPerAllreduceMin: Double
         var busBandwidthGbps: Double
         var bytesSentPerWorker: Int, bytesReceivedPerWorker: Int
@@ -43,6 +44,7 @@ struct BenchAllReduce: ParsableCommand {
             throw ValidationError("--workers, --floats and --iterations must be at least 1")
         }
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc") }
+        do { _ = try GradientCompression(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
     }
 
     func run() throws {
@@ -50,7 +52,8 @@ struct BenchAllReduce: ParsableCommand {
         do {
             let report = try launch()
             if json { return try printJSON(report) }
-            print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport):")
+            print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport)"
+                  + (compress == "none" ? ":" : ", --compress \(compress) (bus bandwidth counts float32 bytes):"))
             print(String(format: "  %.3f ms per all-reduce (median of %d; best %.3f ms), bus bandwidth %.2f GB/s",
                          report.secondsPerAllreduce * 1e3, iterations, report.secondsPerAllreduceMin * 1e3, report.busBandwidthGbps))
             print("  bytes sent per worker per all-reduce: \(grouped(report.bytesSentPerWorker)), received: \(grouped(report.bytesReceivedPerWorker))")
@@ -72,6 +75,7 @@ struct BenchAllReduce: ParsableCommand {
             p.executableURL = URL(fileURLWithPath: selfExecutable())
             p.arguments = ["bench", "allreduce", "--workers", "\(workers)", "--floats", "\(floats)", "--algorithm", algorithm.rawValue,
                            "--transport", transport, "--iterations", "\(iterations)", "--warmup", "\(warmup)", "--chunk-kb", "\(chunkKb)",
+                           "--compress", compress,
                            "--rank", "\(r)", "--endpoints", endpoints.joined(separator: ",")]
             p.standardOutput = out
             try p.run()
@@ -98,13 +102,15 @@ struct BenchAllReduce: ParsableCommand {
         let topology: Topology = algorithm == .star ? .star(hub: workers) : .ring
         try transport.connect(topology: topology, endpoints: endpoints)
         let options = CollectiveOptions(chunkBytes: chunkKb * 1024, timeout: .seconds(60))
+        let compression = try GradientCompression(parsing: compress)
         if algorithm == .star && rank == workers {
-            _ = try CommBenchmark.hubSeconds(StarAllReduceHub(transport: transport, options: options), floats: floats,
+            _ = try CommBenchmark.hubSeconds(StarAllReduceHub(transport: transport, options: options, compression: compression), floats: floats,
                                              iterations: iterations, warmup: warmup)
             return
         }
-        let reducer: any AllReducer = algorithm == .star ? StarAllReduceWorker(transport: transport, hub: workers, options: options)
-                                                         : RingAllReduce(transport: transport, options: options)
+        let reducer: any AllReducer = algorithm == .star
+            ? StarAllReduceWorker(transport: transport, hub: workers, options: options, compression: compression)
+            : RingAllReduce(transport: transport, options: options, compression: compression)
         let before = transport.counters
         let times = try CommBenchmark.allReduceSeconds(reducer, floats: floats, iterations: iterations, warmup: warmup)
         let rounds = iterations + warmup
@@ -112,7 +118,7 @@ struct BenchAllReduce: ParsableCommand {
         let received = (transport.counters.payloadBytesReceived - before.payloadBytesReceived) / rounds
         let median = CommBenchmark.median(times)
         let bus = workers > 1 ? 2 * Double(workers - 1) / Double(workers) * Double(4 * floats) / median / 1e9 : 0
-        let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport,
+        let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport, compress: compress,
                             iterations: iterations, secondsPerAllreduce: median, secondsPerAllreduceMin: times.min()!,
                             busBandwidthGbps: bus, bytesSentPerWorker: sent, bytesReceivedPerWorker: received)
         if rank == 0 {
