@@ -206,6 +206,7 @@ public struct StepReport: Codable, Sendable {
     public var testImages: Int?
 }
 
+/// Worker → coordinator (its rank), and coordinator → workers (rank −1), four times per timeout.
 public struct Heartbeat: Codable, Sendable {
     public var rank: Int
     public var step: Int

@@ -244,7 +244,14 @@ public final class Coordinator {
         var testAccuracies = [Double]()
         let start = ContinuousClock.now
         var windowImages = 0, windowStart = ContinuousClock.now, lossSum = 0.0, correct = 0, images = 0
+        var lastBeat = ContinuousClock.now
         while completed < stopAfter {
+            // Workers watch for our silence as we watch for theirs (a worker started by hand would
+            // otherwise only learn of a dead coordinator from its data plane).
+            if ContinuousClock.now - lastBeat > options.timeout / 4 {
+                for id in identities { server.send(.heartbeat(Heartbeat(rank: -1, step: completed)), to: id!) }
+                lastBeat = ContinuousClock.now
+            }
             if interruptedBy == nil, StopSignals.received != 0 {
                 // Stop two steps past the furthest report, so no rank is already inside the stop step's all-reduce.
                 interruptedBy = StopSignals.received

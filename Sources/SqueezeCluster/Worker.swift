@@ -105,6 +105,7 @@ public final class Worker {
         var lastEnd = DispatchTime.now().uptimeNanoseconds
         var stopAfter: Int?  // set when the coordinator stops the run early (a signal)
         var checkpointed = -1
+        var heardFromCoordinator = ContinuousClock.now
         func checkpoint() throws {
             // One writer: after the all-reduce every rank holds the same parameters and momentum.
             guard rank == 0, let dir = welcome.checkpointDirectory, checkpointed != trainer.step else { return }
@@ -147,14 +148,22 @@ public final class Worker {
             if due { try checkpoint() }
             try control.send(.stepReport(report))
             if trainer.isFinished || trainer.step == stopAfter { break }
-            switch try control.receive(timeout: .zero) {
-            case .abort(let a): throw ClusterError("rank \(rank): the coordinator aborted the run: \(a.reason)")
-            case .stop(let s):
-                guard let after = s.afterStep else { throw ClusterError("rank \(rank): the coordinator stopped the run early: \(s.reason)") }
-                log("rank \(rank): stopping after step \(after) (\(s.reason))")
-                stopAfter = after
-                if trainer.step >= after { try checkpoint(); break training }
-            default: break
+            while let message = try control.receive(timeout: .zero) {
+                heardFromCoordinator = ContinuousClock.now
+                switch message {
+                case .abort(let a): throw ClusterError("rank \(rank): the coordinator aborted the run: \(a.reason)")
+                case .stop(let s):
+                    guard let after = s.afterStep else { throw ClusterError("rank \(rank): the coordinator stopped the run early: \(s.reason)") }
+                    log("rank \(rank): stopping after step \(after) (\(s.reason))")
+                    stopAfter = after
+                    if trainer.step >= after { try checkpoint(); break training }
+                default: break
+                }
+            }
+            let silence = ContinuousClock.now - heardFromCoordinator
+            if silence > timeout {
+                throw ClusterError("rank \(rank): the coordinator at \(options.coordinator) has been silent for "
+                                   + "\(Int(silence.components.seconds)) s (timeout \(timeout)); stopping after step \(trainer.step)")
             }
         }
         step = trainer.step

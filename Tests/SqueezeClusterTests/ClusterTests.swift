@@ -174,6 +174,21 @@ struct ClusterTests {
         #expect(w0.wait(timeout: 30) != 0)
     }
 
+    /// Workers started by hand (no launcher watching) notice a dead coordinator by its silence.
+    @Test func workersStopWhenTheCoordinatorFallsSilent() throws {
+        let dir = try temporaryDirectory("silent")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (coordinator, endpoint) = try startCoordinator(["--workers", "2", "--steps", "100000", "--batch-size", "16", "--timeout", "3", "--no-eval"], in: dir)
+        let workers = try (0..<2).map { try Child(["worker", "--coordinator", endpoint], log: dir + "/w\($0).log") }
+        #expect(coordinator.waitForOutput("all 2 worker(s) ready"), "\(coordinator.output)")
+        usleep(1_500_000)  // a few steps
+        kill(coordinator.process.processIdentifier, SIGKILL)
+        for (i, w) in workers.enumerated() {
+            #expect(w.wait(timeout: 30) != 0, "worker \(i) kept running without a coordinator")
+            #expect(w.output.contains("has been silent for"), "worker \(i):\n\(w.output)")
+        }
+    }
+
     @Test func rendezvousTimeoutNamesTheMissingRanks() throws {
         let dir = try temporaryDirectory("rendezvous")
         defer { try? FileManager.default.removeItem(atPath: dir) }
