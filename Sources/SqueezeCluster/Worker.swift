@@ -106,6 +106,9 @@ public final class Worker {
         var stopAfter: Int?  // set when the coordinator stops the run early (a signal)
         var checkpointed = -1
         var heardFromCoordinator = ContinuousClock.now
+        func silent(_ silence: Duration) -> String {
+            "rank \(rank): the coordinator at \(options.coordinator) has been silent for \(Int(silence.components.seconds)) s (timeout \(timeout))"
+        }
         func checkpoint() throws {
             // One writer: after the all-reduce every rank holds the same parameters and momentum.
             guard rank == 0, let dir = welcome.checkpointDirectory, checkpointed != trainer.step else { return }
@@ -121,7 +124,16 @@ public final class Worker {
             let before = transport.counters
             let controlBefore = control.bytesSent + control.bytesReceived
             reducer.step = step
-            let r = try trainer.trainStep(batch, reducer: reducer)
+            let r: StepResult
+            do {
+                r = try trainer.trainStep(batch, reducer: reducer)
+            } catch {
+                // A peer that stopped because the coordinator died looks like a dead peer; say which it was.
+                while (try? control.receive(timeout: .zero)) != nil { heardFromCoordinator = ContinuousClock.now }
+                let silence = ContinuousClock.now - heardFromCoordinator
+                guard silence > timeout else { throw error }
+                throw ClusterError(silent(silence) + "; step \(step) failed: \(error)")
+            }
             let after = transport.counters
             let now = DispatchTime.now().uptimeNanoseconds
             var report = StepReport(
@@ -161,10 +173,7 @@ public final class Worker {
                 }
             }
             let silence = ContinuousClock.now - heardFromCoordinator
-            if silence > timeout {
-                throw ClusterError("rank \(rank): the coordinator at \(options.coordinator) has been silent for "
-                                   + "\(Int(silence.components.seconds)) s (timeout \(timeout)); stopping after step \(trainer.step)")
-            }
+            if silence > timeout { throw ClusterError(silent(silence) + "; stopping after step \(trainer.step)") }
         }
         step = trainer.step
         // Wait for the coordinator's word that everyone is done (it may still need our data plane).
