@@ -16,13 +16,15 @@ let package = Package(
         // System libraries from Debian (installed by scripts/bootstrap).
         .systemLibrary(name: "CDNNL", path: "Sources/CDNNL", providers: [.apt(["libdnnl-dev"])]),
         .systemLibrary(name: "CZeroMQ", path: "Sources/CZeroMQ", pkgConfig: "libzmq", providers: [.apt(["libzmq3-dev"])]),
+        // Linux system calls Swift's Glibc module leaves out (CPU affinity).
+        .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
 
         // Tensors, kernels (forward/backward pairs), layers, models, optimizer, safetensors.
         .target(name: "SqueezeEngine", dependencies: ["CDNNL"], swiftSettings: optimize),
         // CIFAR-10 reader, augmentation, sharded sampler.
         .target(name: "SqueezeData", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
         // ZeroMQ wrapper, transports, wire protocol, all-reduce algorithms, byte counters.
-        .target(name: "SqueezeComm", dependencies: ["CZeroMQ"], swiftSettings: optimize),
+        .target(name: "SqueezeComm", dependencies: ["CZeroMQ", "CLinux"], swiftSettings: optimize),
 
         // Single-process training: trainer, checkpoints, metrics, progress.
         .target(name: "SqueezeTraining", dependencies: ["SqueezeEngine", "SqueezeData"], swiftSettings: optimize),

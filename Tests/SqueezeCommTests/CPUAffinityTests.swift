@@ -1,0 +1,52 @@
+#if os(Linux)
+import Foundation
+import Testing
+@testable import SqueezeComm
+
+@Suite("CPU affinity")
+struct CPUAffinityTests {
+    @Test("the allowed CPUs are distinct and ascending, and no more than the machine has")
+    func allowed() {
+        let cpus = CPUAffinity.allowedCPUs()
+        #expect(!cpus.isEmpty)
+        #expect(cpus == Array(Set(cpus)).sorted())
+        #expect(cpus.count <= ProcessInfo.processInfo.processorCount)
+    }
+
+    @Test("binding a thread restricts it (and threads it starts) and leaves other threads alone")
+    func bindsOneThread() throws {
+        let before = CPUAffinity.allowedCPUs()
+        let target = try #require(before.last)
+        let seen = ThreadResult()
+        let thread = Thread {
+            do {
+                try CPUAffinity.bindCurrentThread(to: [target])
+                let child = Thread { seen.child = CPUAffinity.allowedCPUs(); seen.done.signal() }
+                seen.own = CPUAffinity.allowedCPUs()
+                child.start()
+            } catch { seen.own = []; seen.done.signal() }
+        }
+        thread.start()
+        #expect(seen.done.wait(timeout: .now() + 10) == .success)
+        #expect(seen.own == [target])
+        #expect(seen.child == [target])
+        #expect(CPUAffinity.allowedCPUs() == before)
+        #expect(CPUAffinity.cpu(forLocalRank: before.count) == before[0])
+    }
+
+    @Test("a CPU that does not exist is refused with its number")
+    func refusesBadCPU() {
+        let tooHigh = #expect(throws: CommError.self) { try CPUAffinity.bindCurrentThread(to: [5_000]) }
+        #expect(tooHigh.map { "\($0)" }?.contains("CPU list [5000]") == true)
+        let none = #expect(throws: CommError.self) { try CPUAffinity.bindCurrentThread(to: []) }
+        #expect(none.map { "\($0)" }?.contains("CPU list []") == true)
+    }
+}
+
+private final class ThreadResult: @unchecked Sendable {
+    // Written by the spawned threads before `done` is signalled, read after the wait.
+    var own: [Int]? = nil
+    var child: [Int]? = nil
+    let done = DispatchSemaphore(value: 0)
+}
+#endif
