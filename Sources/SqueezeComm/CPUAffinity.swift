@@ -32,10 +32,25 @@ public enum CPUAffinity {
         }
     }
 
-    /// The CPU of local rank `rank` when ranks are spread round-robin over the allowed CPUs.
-    public static func cpu(forLocalRank rank: Int) -> Int? {
-        let cpus = allowedCPUs()
-        return cpus.isEmpty ? nil : cpus[rank % cpus.count]
+    /// The `count` CPUs of local rank `rank` when ranks take consecutive CPUs, round-robin over
+    /// the allowed ones (rank r of T threads each gets allowed[(r·T + i) mod n], i < T).
+    public static func cpus(forLocalRank rank: Int, count: Int = 1) -> [Int] {
+        let allowed = allowedCPUs()
+        guard !allowed.isEmpty else { return [] }
+        return Array(Set((0..<max(count, 1)).map { allowed[(rank * max(count, 1) + $0) % allowed.count] })).sorted()
+    }
+
+    /// Parses a CPU list as taskset writes it: "0-3,6" is [0, 1, 2, 3, 6].
+    public static func parseList(_ text: String) throws -> [Int] {
+        var cpus = Set<Int>()
+        for part in text.split(separator: ",", omittingEmptySubsequences: false) {
+            let ends = part.split(separator: "-", omittingEmptySubsequences: false).map { Int($0) }
+            guard let first = ends.first ?? nil, first >= 0, ends.count <= 2, let last = ends.last ?? nil, last >= first else {
+                throw CommError.invalidArgument("CPU list \"\(text)\": \"\(part)\" is not a CPU number or a range like 0-3")
+            }
+            cpus.formUnion(first...last)
+        }
+        return cpus.sorted()
     }
 }
 #endif

@@ -101,7 +101,7 @@ struct BenchAllReduce: ParsableCommand {
     private func participate(rank: Int, endpoints: [String]) throws {
         let group = endpoints.count
         // Before libzmq starts its I/O thread, which inherits the binding.
-        if bindTo == "core", let cpu = CPUAffinity.cpu(forLocalRank: rank) { try CPUAffinity.bindCurrentThread(to: [cpu]) }
+        if bindTo == "core" { try CPUAffinity.bindCurrentThread(to: CPUAffinity.cpus(forLocalRank: rank)) }
         let transport = try ZMQTransport(rank: rank, worldSize: group, bind: endpoints[rank])
         defer { transport.close() }
         let topology: Topology = algorithm == .star ? .star(hub: workers) : .ring
@@ -143,6 +143,7 @@ struct BenchClusterCommand: ParsableCommand {
     @Option(help: "Worker processes.") var workers = 2
     @Option(help: "Global batch per step.") var batchSize = 128
     @Option(help: "Compute threads per worker.") var threads = 1
+    @Option(help: "core or none, as for launch.") var bindTo: WorkerBinding = .none
     @Option(help: "Timed steps.") var steps = 30
     @Option(help: "Untimed warm-up steps.") var warmup = 5
     @OptionGroup var model: ModelOptions
@@ -179,6 +180,7 @@ struct BenchClusterCommand: ParsableCommand {
             for r in 0..<workers {
                 var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)"]
                 if let data { args += ["--data", data] }
+                args += bindTo.arguments(rank: r, threads: threads)
                 specs.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))
             }
             let log = LogBuffer()

@@ -151,8 +151,21 @@ struct WorkerCommand: ParsableCommand {
     var advertise: String?
     @Option(help: "Seconds to wait for the coordinator.")
     var joinTimeout: Double = 120
+    @Option(help: "Run this worker, all its threads, on these CPUs only, e.g. 0-3 or 0,2 (default: wherever the scheduler puts them).")
+    var cpus: String?
+
+    func validate() throws {
+        if let cpus {
+            do { _ = try CPUAffinity.parseList(cpus) } catch { throw ValidationError("--cpus: \(error)") }
+        }
+    }
 
     func run() throws {
+        // Before any thread starts (compute, loader, libzmq I/O): they inherit the binding.
+        if let cpus {
+            do { try CPUAffinity.bindCurrentThread(to: try CPUAffinity.parseList(cpus)) } catch { throw fail("--cpus \(cpus): \(error)") }
+            emit("bound to CPU(s) \(CPUAffinity.allowedCPUs().map(String.init).joined(separator: ","))\n")
+        }
         var options = WorkerOptions(coordinator: coordinator)
         options.threads = threads; options.data = data; options.rank = rank; options.advertise = advertise
         options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))

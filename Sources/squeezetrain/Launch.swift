@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SqueezeCluster
+import SqueezeComm
 import SqueezeTraining
 
 struct Launch: ParsableCommand {
@@ -13,6 +14,8 @@ struct Launch: ParsableCommand {
 
     @Option(help: "Worker processes.") var workers = 2
     @Option(help: "Compute threads per worker.") var threads = 1
+    @Option(help: "core: give worker r --threads CPUs of its own (round-robin over the allowed CPUs), as mpirun --bind-to core does; none: leave placement to the scheduler.")
+    var bindTo: WorkerBinding = .none
     @Option(help: "Coordinator port (default: a free one).") var port: Int?
     @Option(help: "Address the coordinator binds and workers connect to.") var host = "127.0.0.1"
     @OptionGroup var training: TrainingOptions
@@ -87,6 +90,7 @@ struct Launch: ParsableCommand {
             var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)",
                         "--join-timeout", "\(cluster.joinTimeout)"]
             if let data = training.data { args += ["--data", data] }
+            args += bindTo.arguments(rank: r, threads: threads)
             all.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))
         }
         return all
@@ -131,4 +135,15 @@ func lastReportedStep(in path: String) -> Int? {
         guard line.contains("\"rank\""), let r = line.range(of: #""step":(\d+)"#, options: .regularExpression) else { return nil }
         return Int(line[r].dropFirst(7))
     }.max()
+}
+
+/// Where `launch` puts its workers.
+enum WorkerBinding: String, ExpressibleByArgument, CaseIterable {
+    case core, none
+
+    /// The worker's `--cpus` arguments: rank r gets `threads` CPUs of its own.
+    func arguments(rank: Int, threads: Int) -> [String] {
+        guard self == .core else { return [] }
+        return ["--cpus", CPUAffinity.cpus(forLocalRank: rank, count: threads).map(String.init).joined(separator: ",")]
+    }
 }

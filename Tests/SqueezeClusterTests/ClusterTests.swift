@@ -224,6 +224,20 @@ struct LaunchTests {
         #expect(try readMetrics(dir + "/m.jsonl").count == 4)
     }
 
+    @Test func bindToCoreGivesEachWorkerItsOwnCPUs() throws {
+        let dir = try temporaryDirectory("launchbind")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let launch = try Child(["launch", "--workers", "2", "--steps", "2", "--batch-size", "16", "--no-eval", "--bind-to", "core"], log: dir + "/launch.log")
+        #expect(launch.wait() == 0, "\(launch.output)")
+        for r in 0..<2 {
+            let cpus = CPUAffinity.cpus(forLocalRank: r).map(String.init).joined(separator: ",")
+            #expect(launch.output.contains("[worker \(r)] bound to CPU(s) \(cpus)\n"), "\(launch.output)")
+        }
+        let bad = try Child(["worker", "--coordinator", "tcp://127.0.0.1:1", "--cpus", "3-1"], log: dir + "/bad.log")
+        #expect(bad.wait() != 0)
+        #expect(bad.output.contains("--cpus") && bad.output.contains("\"3-1\""), "\(bad.output)")
+    }
+
     @Test func launchNamesAFailingProcessAndExitsNonZero() throws {
         let dir = try temporaryDirectory("launchfail")
         defer { try? FileManager.default.removeItem(atPath: dir) }

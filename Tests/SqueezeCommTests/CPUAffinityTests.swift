@@ -31,7 +31,21 @@ struct CPUAffinityTests {
         #expect(seen.own == [target])
         #expect(seen.child == [target])
         #expect(CPUAffinity.allowedCPUs() == before)
-        #expect(CPUAffinity.cpu(forLocalRank: before.count) == before[0])
+        #expect(CPUAffinity.cpus(forLocalRank: before.count) == [before[0]])
+    }
+
+    @Test("CPU lists parse as taskset writes them; ranks take consecutive CPUs round-robin")
+    func lists() throws {
+        #expect(try CPUAffinity.parseList("0-3,6") == [0, 1, 2, 3, 6])
+        #expect(try CPUAffinity.parseList("2,1,2") == [1, 2])
+        for bad in ["", "a", "3-1", "-1", "1-2-3", "0,,1"] {
+            let e = #expect(throws: CommError.self, "\(bad)") { try CPUAffinity.parseList(bad) }
+            #expect(e.map { "\($0)" }?.contains("CPU list \"\(bad)\"") == true)
+        }
+        let allowed = CPUAffinity.allowedCPUs()
+        #expect(CPUAffinity.cpus(forLocalRank: 0) == [allowed[0]])
+        #expect(CPUAffinity.cpus(forLocalRank: allowed.count + 1) == [allowed[1 % allowed.count]])
+        #expect(CPUAffinity.cpus(forLocalRank: 1, count: allowed.count) == allowed)
     }
 
     @Test("a CPU that does not exist is refused with its number")
