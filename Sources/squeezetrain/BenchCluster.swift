@@ -27,7 +27,7 @@ struct BenchAllReduce: ParsableCommand {
     @Option(help: "Pipelining chunk in KiB (the cluster uses 1024).") var chunkKb = 1024
     @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 or topk:F.") var compress = "none"
     @Option(help: "core: bind participant r (and its I/O thread) to the r-th allowed CPU, round-robin, as mpirun --bind-to core does; none: leave placement to the scheduler.")
-    var bindTo = "core"
+    var bindTo: WorkerBinding = .core
     @Flag(help: "Print a JSON object.") var json = false
 
     // Internal: one participant (spawned by the command above).
@@ -46,7 +46,6 @@ struct BenchAllReduce: ParsableCommand {
             throw ValidationError("--workers, --floats and --iterations must be at least 1")
         }
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc") }
-        guard ["core", "none"].contains(bindTo) else { throw ValidationError("--bind-to must be core or none") }
         do { _ = try GradientCompression(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
     }
 
@@ -55,7 +54,7 @@ struct BenchAllReduce: ParsableCommand {
         do {
             let report = try launch()
             if json { return try printJSON(report) }
-            print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport), bound to \(bindTo == "core" ? "cores" : "no core")"
+            print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport), bound to \(bindTo == .core ? "cores" : "no core")"
                   + (compress == "none" ? ":" : ", --compress \(compress) (bus bandwidth counts float32 bytes):"))
             print(String(format: "  %.3f ms per all-reduce (median of %d; best %.3f ms), bus bandwidth %.2f GB/s",
                          report.secondsPerAllreduce * 1e3, iterations, report.secondsPerAllreduceMin * 1e3, report.busBandwidthGbps))
@@ -78,7 +77,7 @@ struct BenchAllReduce: ParsableCommand {
             p.executableURL = URL(fileURLWithPath: selfExecutable())
             p.arguments = ["bench", "allreduce", "--workers", "\(workers)", "--floats", "\(floats)", "--algorithm", algorithm.rawValue,
                            "--transport", transport, "--iterations", "\(iterations)", "--warmup", "\(warmup)", "--chunk-kb", "\(chunkKb)",
-                           "--compress", compress, "--bind-to", bindTo,
+                           "--compress", compress, "--bind-to", bindTo.rawValue,
                            "--rank", "\(r)", "--endpoints", endpoints.joined(separator: ",")]
             p.standardOutput = out
             try p.run()
@@ -101,7 +100,7 @@ struct BenchAllReduce: ParsableCommand {
     private func participate(rank: Int, endpoints: [String]) throws {
         let group = endpoints.count
         // Before libzmq starts its I/O thread, which inherits the binding.
-        if bindTo == "core" { try CPUAffinity.bindCurrentThread(to: CPUAffinity.cpus(forLocalRank: rank)) }
+        if bindTo == .core { try CPUAffinity.bindCurrentThread(to: CPUAffinity.cpus(forLocalRank: rank)) }
         let transport = try ZMQTransport(rank: rank, worldSize: group, bind: endpoints[rank])
         defer { transport.close() }
         let topology: Topology = algorithm == .star ? .star(hub: workers) : .ring
@@ -123,7 +122,7 @@ struct BenchAllReduce: ParsableCommand {
         let received = (transport.counters.payloadBytesReceived - before.payloadBytesReceived) / rounds
         let median = CommBenchmark.median(times)
         let bus = workers > 1 ? 2 * Double(workers - 1) / Double(workers) * Double(4 * floats) / median / 1e9 : 0
-        let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport, compress: compress, bindTo: bindTo,
+        let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport, compress: compress, bindTo: bindTo.rawValue,
                             iterations: iterations, secondsPerAllreduce: median, secondsPerAllreduceMin: times.min()!,
                             busBandwidthGbps: bus, bytesSentPerWorker: sent, bytesReceivedPerWorker: received)
         if rank == 0 {
