@@ -55,11 +55,12 @@ public final class BatchLoader {
     ///   - dataset: the records (shared, not copied).
     ///   - sampler: this rank's sampler (order, shard, batch size).
     ///   - augmentSeed: nil for no augmentation; else crop-and-flip seeded per (seed, epoch, record).
+    ///   - cutout: with augmentation, the side of a Cutout square (0: none; see `CropFlip`).
     ///   - start: the first batch to produce.
     ///   - end: the position to stop before (nil: never stop).
     ///   - imageSize: 32, or a larger side to upsample to (bilinear, see `upsampleBilinear`).
     ///   - buffers: batches in memory at once, including the one lent out (≥ 2).
-    public init(dataset: CIFAR10, sampler: ShardedSampler, augmentSeed: UInt64?,
+    public init(dataset: CIFAR10, sampler: ShardedSampler, augmentSeed: UInt64?, cutout: Int = 0,
                 start: BatchPosition = BatchPosition(epoch: 0, batch: 0), end: BatchPosition? = nil,
                 imageSize: Int = CIFAR10.imageSide, buffers: Int = 2) {
         precondition(buffers >= 2, "a loader needs at least two buffers")
@@ -69,7 +70,7 @@ public final class BatchLoader {
         precondition(sampler.count == dataset.count, "sampler is for \(sampler.count) records, data set has \(dataset.count)")
         self.sampler = sampler
         self.imageSize = imageSize
-        state = LoaderState(dataset: dataset, sampler: sampler, augmentSeed: augmentSeed,
+        state = LoaderState(dataset: dataset, sampler: sampler, augmentSeed: augmentSeed, cutout: cutout,
                             start: start, end: end, imageSize: imageSize, buffers: buffers)
         let state = self.state
         let thread = Thread { state.produce() }
@@ -128,6 +129,7 @@ private final class LoaderState: @unchecked Sendable {
     let dataset: CIFAR10
     let sampler: ShardedSampler
     let augmentSeed: UInt64?
+    let cutout: Int
     let start: BatchPosition
     let end: BatchPosition?
     let imageSize: Int
@@ -147,11 +149,12 @@ private final class LoaderState: @unchecked Sendable {
     private let ready = DispatchSemaphore(value: 0)
     private let exited = DispatchSemaphore(value: 0)
 
-    init(dataset: CIFAR10, sampler: ShardedSampler, augmentSeed: UInt64?, start: BatchPosition,
+    init(dataset: CIFAR10, sampler: ShardedSampler, augmentSeed: UInt64?, cutout: Int, start: BatchPosition,
          end: BatchPosition?, imageSize: Int, buffers: Int) {
         self.dataset = dataset
         self.sampler = sampler
         self.augmentSeed = augmentSeed
+        self.cutout = cutout
         self.start = start
         self.end = end
         self.imageSize = imageSize
@@ -187,7 +190,7 @@ private final class LoaderState: @unchecked Sendable {
             let indices = sampler.localBatch(position.batch, of: order)
             let target = buffers[slot].pointer
             let labels = dataset.fillBatch(indices: indices, epoch: position.epoch, augmentSeed: augmentSeed,
-                                           into: scratch ?? target)
+                                           cutout: cutout, into: scratch ?? target)
             if let scratch {
                 upsampleBilinear(scratch, planes: 3 * indices.count, from: side, to: imageSize, into: target)
             }

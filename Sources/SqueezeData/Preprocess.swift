@@ -23,17 +23,31 @@ public enum Normalization {
 ///
 /// Output pixel (y, x) is therefore input pixel (y + offsetY − 4, x′ + offsetX − 4) with
 /// x′ = flip ? 31 − x : x, or padding when that falls outside 0..<32.
+///
+/// Optionally followed by Cutout (DeVries & Taylor, 2017): a `cutout.size`-pixel square centred at
+/// output pixel (cutout.y, cutout.x), clipped at the border, is set to 0 after normalisation (the
+/// data set's mean colour), as their reference code does.
 public struct CropFlip: Equatable, Sendable {
     /// Crop offsets in the padded image, 0...8 (4 = no shift).
     public var offsetY: Int
     public var offsetX: Int
     public var flip: Bool
+    public var cutout: Cutout?
 
-    public init(offsetY: Int, offsetX: Int, flip: Bool) {
+    public struct Cutout: Equatable, Sendable {
+        /// Centre (output row and column, 0..<32) and side of the square.
+        public var y: Int, x: Int, size: Int
+        public init(y: Int, x: Int, size: Int) { self.y = y; self.x = x; self.size = size }
+        /// Rows (or columns) covered around centre `c`: c − size/2 ..< c − size/2 + size, clipped.
+        func span(_ c: Int) -> Range<Int> { max(c - size / 2, 0)..<min(max(c - size / 2 + size, 0), CIFAR10.imageSide) }
+    }
+
+    public init(offsetY: Int, offsetX: Int, flip: Bool, cutout: Cutout? = nil) {
         precondition((0...8).contains(offsetY) && (0...8).contains(offsetX), "crop offsets are in 0...8")
         self.offsetY = offsetY
         self.offsetX = offsetX
         self.flip = flip
+        self.cutout = cutout
     }
 
     /// No augmentation.
@@ -41,13 +55,17 @@ public struct CropFlip: Equatable, Sendable {
 
     /// The random augmentation of data set record `index` in `epoch`: a pure function of
     /// (seed, epoch, index), so it does not depend on which worker assembles the record or on what
-    /// was drawn before (exact resume, and N workers reproduce a single process).
-    public static func random(seed: UInt64, epoch: Int, index: Int) -> CropFlip {
+    /// was drawn before (exact resume, and N workers reproduce a single process). With
+    /// `cutout` > 0 a Cutout square of that side follows, its centre drawn after the crop and flip
+    /// (which are therefore the same with and without it).
+    public static func random(seed: UInt64, epoch: Int, index: Int, cutout: Int = 0) -> CropFlip {
         var rng = SeededRNG(seed: seed, stream: streamID(epoch: epoch, index: index))
         let offsetY = rng.below(9)
         let offsetX = rng.below(9)
         let flip = rng.below(2) == 1
-        return CropFlip(offsetY: offsetY, offsetX: offsetX, flip: flip)
+        guard cutout > 0 else { return CropFlip(offsetY: offsetY, offsetX: offsetX, flip: flip) }
+        let y = rng.below(CIFAR10.imageSide), x = rng.below(CIFAR10.imageSide)
+        return CropFlip(offsetY: offsetY, offsetX: offsetX, flip: flip, cutout: Cutout(y: y, x: x, size: cutout))
     }
 
     /// Mixes (epoch, index) into one stream number (SplitMix64 finaliser over a tagged pair),
@@ -73,12 +91,12 @@ extension CIFAR10 {
     /// Batch slot n holds record `indices[n]` and the returned `labels[n]` is its class.
     ///
     /// With `augmentSeed` nil, no augmentation. Otherwise record i gets
-    /// `CropFlip.random(seed: augmentSeed, epoch: epoch, index: i)`.
+    /// `CropFlip.random(seed: augmentSeed, epoch: epoch, index: i, cutout: cutout)`.
     @discardableResult
     public func fillBatch(
-        indices: [Int], epoch: Int = 0, augmentSeed: UInt64? = nil, into images: UnsafeMutablePointer<Float>
+        indices: [Int], epoch: Int = 0, augmentSeed: UInt64? = nil, cutout: Int = 0, into images: UnsafeMutablePointer<Float>
     ) -> [Int32] {
-        let transforms = augmentSeed.map { seed in indices.map { CropFlip.random(seed: seed, epoch: epoch, index: $0) } }
+        let transforms = augmentSeed.map { seed in indices.map { CropFlip.random(seed: seed, epoch: epoch, index: $0, cutout: cutout) } }
         return fillBatch(indices: indices, transforms: transforms, into: images)
     }
 
@@ -133,6 +151,10 @@ private func writeAugmented(
             let sx = (t.flip ? side - 1 - x : x) + dx
             row[x] = (sx >= 0 && sx < side) ? lut[Int(srcRow[sx])] : pad
         }
+    }
+    if let cut = t.cutout {
+        let columns = cut.span(cut.x)
+        for y in cut.span(cut.y) { (dst + y * side + columns.lowerBound).update(repeating: 0, count: columns.count) }
     }
 }
 

@@ -185,7 +185,9 @@ public struct Checkpoint {
             return object.mapValues { String(describing: $0) }
         }
         let fa = fields(a), fb = fields(b)
-        return fa.keys.sorted().filter { fa[$0] != fb[$0] }.map { "\($0) was \(fa[$0]!), now \(fb[$0] ?? "?")" }.joined(separator: "; ")
+        // Optional fields (cutout) are absent from the JSON when unset.
+        return Set(fa.keys).union(fb.keys).sorted().filter { fa[$0] != fb[$0] }
+            .map { "\($0) was \(fa[$0] ?? "unset"), now \(fb[$0] ?? "unset")" }.joined(separator: "; ")
     }
 
     /// FNV-1a (64-bit) over each tensor's name and bytes in name order, then the metadata in key order.

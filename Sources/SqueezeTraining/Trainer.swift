@@ -80,7 +80,7 @@ public final class Trainer {
     public func makeLoader() -> BatchLoader {
         let end = BatchPosition(epoch: config.totalSteps / stepsPerEpoch, batch: config.totalSteps % stepsPerEpoch)
         return BatchLoader(dataset: trainSet, sampler: sampler, augmentSeed: config.augment ? config.seed : nil,
-                           start: position, end: end, imageSize: config.imageSize)
+                           cutout: config.cutout ?? 0, start: position, end: end, imageSize: config.imageSize)
     }
 
     /// Forward, backward (handing finished gradient ranges to `reducer`), gradient average, SGD step.

@@ -16,6 +16,9 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     public var warmupEpochs: Double = 0
     public var seed: UInt64 = 0
     public var augment = true
+    /// Side of a Cutout square applied after crop and flip (nil: none; optional so that
+    /// checkpoints written before it existed still decode).
+    public var cutout: Int?
     public var shuffle = true
     /// Side of the (square) training images: 32, CIFAR-10's own, or 64 (upsampled) for AlexNet.
     public var imageSize: Int { model.cifarImageSize }

@@ -37,6 +37,8 @@ struct TrainingOptions: ParsableArguments {
     var dropout: Float = 0.5
     @Flag(help: "No random crop and flip.")
     var noAugment = false
+    @Option(help: "Cutout: blank a random N×N square of every training image after crop and flip (DeVries & Taylor, 2017; 0: off).")
+    var cutout = 0
     @Flag(help: "Take records in file order instead of a seeded shuffle per epoch.")
     var noShuffle = false
 
@@ -49,6 +51,8 @@ struct TrainingOptions: ParsableArguments {
         guard weightDecay >= 0 else { throw ValidationError("--weight-decay must not be negative") }
         guard warmupEpochs >= 0 else { throw ValidationError("--warmup-epochs must not be negative") }
         guard dropout >= 0, dropout < 1 else { throw ValidationError("--dropout must be in [0, 1) (got \(dropout))") }
+        guard (0...CIFAR10.imageSide).contains(cutout) else { throw ValidationError("--cutout must be in 0...32 pixels (got \(cutout))") }
+        if cutout > 0 && noAugment { throw ValidationError("--cutout is an augmentation; it cannot be combined with --no-augment") }
     }
 
     /// The run's configuration; `trainingRecords` sizes an epoch (for --epochs and warm-up).
@@ -59,6 +63,7 @@ struct TrainingOptions: ParsableArguments {
         c.batchSize = batchSize; c.learningRate = lr; c.momentum = momentum; c.nesterov = nesterov
         c.weightDecay = weightDecay; c.schedule = schedule; c.warmupEpochs = warmupEpochs; c.seed = seed
         c.augment = !noAugment; c.shuffle = !noShuffle
+        c.cutout = cutout > 0 ? cutout : nil
         let perEpoch = c.stepsPerEpoch(trainingRecords: trainingRecords, workers: workers)
         c.totalSteps = steps ?? (epochs ?? 30) * perEpoch
         return c
@@ -84,6 +89,7 @@ extension TrainingOptions {
               "--schedule", schedule.rawValue, "--warmup-epochs", "\(warmupEpochs)", "--seed", "\(seed)", "--dropout", "\(dropout)"]
         if nesterov { a.append("--nesterov") }
         if noAugment { a.append("--no-augment") }
+        if cutout > 0 { a += ["--cutout", "\(cutout)"] }
         if noShuffle { a.append("--no-shuffle") }
         return a
     }

@@ -83,6 +83,30 @@ import Testing
         } } }
     }
 
+    @Test func cutoutBlanksAClippedSquareAfterCropAndFlip() throws {
+        let data = try syntheticDataset(count: 1, seed: 5)
+        func run(_ t: CropFlip) -> [Float] {
+            var out = [Float](repeating: .nan, count: 3072)
+            out.withUnsafeMutableBufferPointer { _ = data.fillBatch(indices: [0], transforms: [t], into: $0.baseAddress!) }
+            return out
+        }
+        // Centre (10, 20), side 8: rows 6..<14, columns 16..<24. Centre (0, 31), side 8: rows 0..<4, columns 27..<32.
+        for (cy, cx, rows, columns) in [(10, 20, 6..<14, 16..<24), (0, 31, 0..<4, 27..<32)] {
+            let plain = run(CropFlip(offsetY: 2, offsetX: 7, flip: true))
+            let cut = run(CropFlip(offsetY: 2, offsetX: 7, flip: true, cutout: .init(y: cy, x: cx, size: 8)))
+            for c in 0..<3 { for y in 0..<32 { for x in 0..<32 {
+                let i = c * 1024 + y * 32 + x
+                #expect(cut[i] == (rows.contains(y) && columns.contains(x) ? 0 : plain[i]), "channel \(c) pixel (\(y), \(x))")
+            } } }
+        }
+        // Drawing a cutout does not change the crop and flip drawn before it; centres cover the image.
+        let with = (0..<5_000).map { CropFlip.random(seed: 3, epoch: 1, index: $0, cutout: 16) }
+        let without = (0..<5_000).map { CropFlip.random(seed: 3, epoch: 1, index: $0) }
+        #expect(zip(with, without).allSatisfy { a, b in a.offsetY == b.offsetY && a.offsetX == b.offsetX && a.flip == b.flip })
+        #expect(without.allSatisfy { $0.cutout == nil } && with.allSatisfy { $0.cutout?.size == 16 })
+        #expect(Set(with.map { $0.cutout!.y }) == Set(0..<32) && Set(with.map { $0.cutout!.x }) == Set(0..<32))
+    }
+
     @Test func augmentationIsAPureFunctionOfSeedEpochAndIndex() throws {
         #expect(CropFlip.random(seed: 7, epoch: 3, index: 1234) == CropFlip.random(seed: 7, epoch: 3, index: 1234))
         let epoch0 = (0..<1000).map { CropFlip.random(seed: 7, epoch: 0, index: $0) }

@@ -84,8 +84,9 @@ struct TrainingTests {
     }
 
     @Test func checkpointResumeIsBitExactMidEpoch() throws {
-        // Full features: shuffle, augmentation and dropout on; stop after 3 of 6 steps, resume, compare.
+        // Full features: shuffle, augmentation (with cutout) and dropout on; stop after 3 of 6 steps, resume, compare.
         var c = TrainingConfig()
+        c.cutout = 8
         c.batchSize = 32
         c.totalSteps = 6
         c.learningRate = 0.02
@@ -130,6 +131,13 @@ struct TrainingTests {
         let different = try Trainer(config: other, trainSet: firstTrainingFile)
         #expect(throws: TrainingError.self) { try found!.restore(into: different) }
         do { try found!.restore(into: different) } catch { #expect(String(describing: error).contains("batch norm")) }
+
+        // A field absent from one side (cutout is optional) is named too.
+        var cut = deterministicConfig(steps: 4)
+        cut.augment = true
+        cut.cutout = 8
+        let named = Checkpoint.differences(deterministicConfig(steps: 4), cut)
+        #expect(named.contains("cutout was unset, now 8") && named.contains("augment was"), "\(named)")
     }
 }
 
