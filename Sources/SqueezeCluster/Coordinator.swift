@@ -232,8 +232,8 @@ public final class Coordinator {
         let n = options.workers, config = options.config
         let metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) }
         let display = ProgressDisplay(prefix: "")
-        let traffic0 = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression)
-        let theory = traffic0.bytesSent, uncompressed = (0..<n).map { traffic0.uncompressedBytesSent(rank: $0) }
+        let expected = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression)
+        let theory = expected.bytesSent, uncompressed = (0..<n).map { expected.uncompressedBytesSent(rank: $0) }
         let perEpoch = config.stepsPerEpoch(trainingRecords: options.trainingRecords, workers: n)
         let epochs = (config.totalSteps + perEpoch - 1) / perEpoch
         var pending = [Int: [StepReport]]()
