@@ -104,8 +104,9 @@ public enum Reference {
         (0..<s.count).map { dy[$0 / s.plane] / T(s.plane) }
     }
 
-    /// Mean softmax cross-entropy over logits (K, N) and its gradient.
-    public static func softmaxCrossEntropy<T: BinaryFloatingPoint>(_ logits: [T], classes k: Int, labels: [Int])
+    /// Mean softmax cross-entropy over logits (K, N) against targets smoothed by `eps`
+    /// (q = (1 − eps)·onehot + eps/K), and its gradient.
+    public static func softmaxCrossEntropy<T: BinaryFloatingPoint>(_ logits: [T], classes k: Int, labels: [Int], labelSmoothing eps: T = 0)
         -> (loss: T, gradient: [T]) where T: ExpressibleByFloatLiteral {
         let n = labels.count
         var loss: T = 0
@@ -114,8 +115,9 @@ public enum Reference {
             let top = (0..<k).map { logits[$0 * n + j] }.max()!
             let e = (0..<k).map { T(exp(Double(logits[$0 * n + j] - top))) }
             let sum = e.reduce(0, +)
-            loss += T(log(Double(sum))) - (logits[labels[j] * n + j] - top)
-            for c in 0..<k { g[c * n + j] = (e[c] / sum - (c == labels[j] ? 1 : 0)) / T(n) }
+            let q = (0..<k).map { (c: Int) -> T in (c == labels[j] ? 1 - eps : 0) + eps / T(k) }
+            for c in 0..<k { loss -= q[c] * (logits[c * n + j] - top - T(log(Double(sum)))) }
+            for c in 0..<k { g[c * n + j] = (e[c] / sum - q[c]) / T(n) }
         }
         return (loss / T(n), g)
     }

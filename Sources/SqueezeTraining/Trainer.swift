@@ -98,7 +98,8 @@ public final class Trainer {
         let logits = network.forward(x, training: true)
         let dl = Tensor(data: lossGradient.reserve(logits.shape.count), shape: logits.shape)
         let (loss, correct) = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: logits.shape.n,
-                                                  labels: batch.labels, gradient: dl.data)
+                                                  labels: batch.labels, labelSmoothing: config.labelSmoothing ?? 0,
+                                                  gradient: dl.data)
         if let reducer {
             network.backward(dl) { reducer.gradientsReady($0, of: grads) }
         } else {

@@ -19,6 +19,8 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     /// Side of a Cutout square applied after crop and flip (nil: none; optional so that
     /// checkpoints written before it existed still decode).
     public var cutout: Int?
+    /// Label smoothing ε of the training loss (nil: none; optional for the same reason).
+    public var labelSmoothing: Float?
     public var shuffle = true
     /// Side of the (square) training images: 32, CIFAR-10's own, or 64 (upsampled) for AlexNet.
     public var imageSize: Int { model.cifarImageSize }

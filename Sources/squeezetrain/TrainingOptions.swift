@@ -39,6 +39,8 @@ struct TrainingOptions: ParsableArguments {
     var noAugment = false
     @Option(help: "Cutout: blank a random N×N square of every training image after crop and flip (DeVries & Taylor, 2017; 0: off).")
     var cutout = 0
+    @Option(help: "Label smoothing ε of the training loss: targets (1 − ε)·one-hot + ε/classes, as PyTorch's CrossEntropyLoss(label_smoothing:). Test loss stays plain.")
+    var labelSmoothing: Float = 0
     @Flag(help: "Take records in file order instead of a seeded shuffle per epoch.")
     var noShuffle = false
 
@@ -52,6 +54,7 @@ struct TrainingOptions: ParsableArguments {
         guard warmupEpochs >= 0 else { throw ValidationError("--warmup-epochs must not be negative") }
         guard dropout >= 0, dropout < 1 else { throw ValidationError("--dropout must be in [0, 1) (got \(dropout))") }
         guard (0...CIFAR10.imageSide).contains(cutout) else { throw ValidationError("--cutout must be in 0...32 pixels (got \(cutout))") }
+        guard labelSmoothing >= 0, labelSmoothing < 1 else { throw ValidationError("--label-smoothing must be in [0, 1) (got \(labelSmoothing))") }
         if cutout > 0 && noAugment { throw ValidationError("--cutout is an augmentation; it cannot be combined with --no-augment") }
     }
 
@@ -64,6 +67,7 @@ struct TrainingOptions: ParsableArguments {
         c.weightDecay = weightDecay; c.schedule = schedule; c.warmupEpochs = warmupEpochs; c.seed = seed
         c.augment = !noAugment; c.shuffle = !noShuffle
         c.cutout = cutout > 0 ? cutout : nil
+        c.labelSmoothing = labelSmoothing > 0 ? labelSmoothing : nil
         let perEpoch = c.stepsPerEpoch(trainingRecords: trainingRecords, workers: workers)
         c.totalSteps = steps ?? (epochs ?? 30) * perEpoch
         return c
@@ -90,6 +94,7 @@ extension TrainingOptions {
         if nesterov { a.append("--nesterov") }
         if noAugment { a.append("--no-augment") }
         if cutout > 0 { a += ["--cutout", "\(cutout)"] }
+        if labelSmoothing > 0 { a += ["--label-smoothing", "\(labelSmoothing)"] }
         if noShuffle { a.append("--no-shuffle") }
         return a
     }

@@ -104,6 +104,26 @@ struct FiniteDifferenceTests {
         expectClose(dx, numericalGradient(x, f), tolerance: 1e-7, "avgpool+xent")
     }
 
+    @Test func labelSmoothingMatchesPyTorchAndFiniteDifferences() {
+        // F.cross_entropy(z, y, label_smoothing=0.1) and z.grad in PyTorch 2.x, z (N=2, K=4) row-major.
+        let z: [[Float]] = [[1, -2, 0.5, 3], [0, 0.25, -1, 2]], labels: [Int32] = [2, 3]
+        let torchLoss: Float = 1.5825880765914917
+        let torchGrad: [[Float]] = [[0.042776864022016525, -0.009747926145792007, -0.42897287011146545, 0.39594390988349915],
+                                    [0.037296026945114136, 0.05143936723470688, 0.005818935111165047, -0.09455432742834091]]
+        let logits = (0..<4).flatMap { c in (0..<2).map { z[$0][c] } }  // (K, N) channel-major
+        var grad = [Float](repeating: 0, count: 8)
+        let (loss, correct) = grad.withUnsafeMutableBufferPointer {
+            softmaxCrossEntropy(logits: logits, classes: 4, batch: 2, labels: labels, labelSmoothing: 0.1, gradient: $0.baseAddress!)
+        }
+        #expect(abs(loss - torchLoss) < 1e-6 && correct == 1)
+        for j in 0..<2 { for c in 0..<4 { #expect(abs(grad[c * 2 + j] - torchGrad[j][c]) < 1e-6, "logit \(c) of sample \(j)") } }
+
+        let x: [Double] = randomArray(12, seed: 5, as: Double.self).map { $0 * 4 }
+        let f: ([Double]) -> Double = { Reference.softmaxCrossEntropy($0, classes: 4, labels: [1, 3, 0], labelSmoothing: 0.2).loss }
+        expectClose(Reference.softmaxCrossEntropy(x, classes: 4, labels: [1, 3, 0], labelSmoothing: 0.2).gradient,
+                    numericalGradient(x, f), tolerance: 1e-7, "smoothed xent")
+    }
+
     @Test func batchNormFastBackwardMatchesFiniteDifferences() {
         // The fast BatchNorm backward (Float) against finite differences of the Double reference forward.
         let channels = 3, m = 10
