@@ -21,9 +21,9 @@ public func softmaxCrossEntropy(logits: UnsafePointer<Float>, classes k: Int, ba
         let label = Int(labels[j])
         precondition(label >= 0 && label < k, "label \(label) out of range 0..<\(k)")
         // −Σ q·log p = log Σ exp(z − top) − Σ q·(z − top)
-        var mean: Double = 0
-        if eps > 0 { for c in 0..<k { mean += Double(logits[c * n + j] - top) } }
-        total += log(sum) - (1 - eps) * Double(logits[label * n + j] - top) - uniform * mean
+        var shiftedSum: Double = 0
+        if eps > 0 { for c in 0..<k { shiftedSum += Double(logits[c * n + j] - top) } }
+        total += log(sum) - (1 - eps) * Double(logits[label * n + j] - top) - uniform * shiftedSum
         if arg == label { correct += 1 }
         if let gradient {
             for c in 0..<k {
