@@ -35,9 +35,9 @@ public enum CPUAffinity {
     /// The `count` CPUs of local rank `rank` when ranks take consecutive CPUs, round-robin over
     /// the allowed ones (rank r of T threads each gets allowed[(r·T + i) mod n], i < T).
     public static func cpus(forLocalRank rank: Int, count: Int = 1) -> [Int] {
-        let allowed = allowedCPUs()
+        let allowed = allowedCPUs(), t = max(count, 1)
         guard !allowed.isEmpty else { return [] }
-        return Array(Set((0..<max(count, 1)).map { allowed[(rank * max(count, 1) + $0) % allowed.count] })).sorted()
+        return Set((0..<t).map { allowed[(rank * t + $0) % allowed.count] }).sorted()
     }
 
     /// Parses a CPU list as taskset writes it: "0-3,6" is [0, 1, 2, 3, 6].
