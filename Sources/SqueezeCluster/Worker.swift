@@ -92,6 +92,18 @@ public final class Worker {
         let allReducer: any AllReducer = welcome.algorithm == .star
             ? StarAllReduceWorker(transport: transport, hub: world, options: collective, compression: welcome.compression)
             : RingAllReduce(transport: transport, options: collective, compression: welcome.compression)
+        let parameterCount = trainer.network.parameters.count
+        let feedback = welcome.compression.usesErrorFeedback ? allReducer as? any ErrorFeedbackReducer : nil
+        if let feedback, let resumed = welcome.resumeFrom {
+            let dir = (resumed as NSString).deletingLastPathComponent
+            do {
+                feedback.restoreErrorFeedback(try ResidualFile.load(directory: dir, step: trainer.step, rank: rank, worldSize: world,
+                                                                    count: parameterCount))
+                log("rank \(rank): error-feedback residual restored from \(ResidualFile.path(directory: dir, step: trainer.step, rank: rank))")
+            } catch {
+                log("rank \(rank): warning: \(error); its error-feedback residual starts from zero")
+            }
+        }
         let reducer = BucketedReducer(reducer: allReducer, plan: bucketPlan(layerRanges: trainer.network.layerRanges,
                                                                             bucketBytes: welcome.bucketBytes))
         defer { reducer.close() }
@@ -110,10 +122,16 @@ public final class Worker {
             "rank \(rank): the coordinator at \(options.coordinator) has been silent for \(Int(silence.components.seconds)) s (timeout \(timeout))"
         }
         func checkpoint() throws {
-            // One writer: after the all-reduce every rank holds the same parameters and momentum.
-            guard rank == 0, let dir = welcome.checkpointDirectory, checkpointed != trainer.step else { return }
-            let path = try Checkpoint(trainer: trainer, worldSize: world).save(directory: dir, keep: welcome.keepCheckpoints)
+            guard let dir = welcome.checkpointDirectory, checkpointed != trainer.step else { return }
             checkpointed = trainer.step
+            // The gradient mass compression has not sent yet differs between ranks: each writes its own.
+            if let feedback {
+                try ResidualFile.save(feedback.errorFeedback(count: parameterCount), directory: dir, step: trainer.step, rank: rank,
+                                      worldSize: world, compression: welcome.compression.description, keep: welcome.keepCheckpoints)
+            }
+            // One writer for the rest: after the all-reduce every rank holds the same parameters and momentum.
+            guard rank == 0 else { return }
+            let path = try Checkpoint(trainer: trainer, worldSize: world).save(directory: dir, keep: welcome.keepCheckpoints)
             log("rank 0: checkpoint at step \(trainer.step): \(path)")
         }
         training: while !trainer.isFinished {

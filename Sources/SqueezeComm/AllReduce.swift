@@ -114,7 +114,7 @@ public final class RingAllReduce<T: Transport>: AllReducer {
     private let outgoing = ScratchBytes()
     /// int8: this rank's encoded contribution to a chunk it receives (not sent itself).
     private let contribution = ScratchBytes()
-    private let residual = Residual()
+    fileprivate let residual = Residual()
 
     public init(transport: T, options: CollectiveOptions = CollectiveOptions(),
                 compression: GradientCompression = .none) {
@@ -440,7 +440,7 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
     private let header = HeaderScratch()
     /// Payloads this call sends (compressed only).
     private let outgoing = ScratchBytes()
-    private let residual = Residual()
+    fileprivate let residual = Residual()
 
     public init(transport: T, hub: Int, options: CollectiveOptions = CollectiveOptions(),
                 compression: GradientCompression = .none) {
@@ -757,4 +757,14 @@ public final class StarAllReduceHub<T: Transport> {
             }
         }
     }
+}
+
+extension RingAllReduce: ErrorFeedbackReducer {
+    public func errorFeedback(count: Int) -> [Float] { residual.snapshot(count: count) }
+    public func restoreErrorFeedback(_ saved: [Float]) { residual.restore(saved) }
+}
+
+extension StarAllReduceWorker: ErrorFeedbackReducer {
+    public func errorFeedback(count: Int) -> [Float] { residual.snapshot(count: count) }
+    public func restoreErrorFeedback(_ saved: [Float]) { residual.restore(saved) }
 }

@@ -43,6 +43,14 @@ public enum GradientCompression: Sendable, Hashable, Codable, CustomStringConver
         }
     }
 
+    /// int8 and topk keep what they leave out in a residual for the next call.
+    public var usesErrorFeedback: Bool {
+        switch self {
+        case .int8, .topk: true
+        case .none, .fp16, .bf16: false
+        }
+    }
+
     /// The text form; `GradientCompression(parsing: c.description) == c`.
     public var description: String {
         switch self {
@@ -169,4 +177,25 @@ final class Residual {
         }
         return values.baseAddress!
     }
+
+    /// The first `count` values (zeros beyond what has been allocated so far).
+    func snapshot(count: Int) -> [Float] {
+        (0..<count).map { $0 < values.count ? values[$0] : 0 }
+    }
+
+    /// Replaces the residual by `saved` (from `snapshot`).
+    func restore(_ saved: [Float]) {
+        let base = base(forBufferOf: saved.count)
+        base.update(from: saved, count: saved.count)
+        (base + saved.count).update(repeating: 0, count: values.count - saved.count)
+    }
+}
+
+/// A reducer that keeps an error-feedback residual (int8 and topk): gradient mass it has not
+/// sent yet. A checkpoint saves it, so that a resumed run loses none of it.
+public protocol ErrorFeedbackReducer: AllReducer {
+    /// The residual of a gradient buffer of `count` elements.
+    func errorFeedback(count: Int) -> [Float]
+    /// Continues with `residual` (from `errorFeedback`) instead of what is held now.
+    func restoreErrorFeedback(_ residual: [Float])
 }

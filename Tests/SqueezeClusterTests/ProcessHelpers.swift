@@ -23,6 +23,15 @@ func temporaryDirectory(_ name: String) throws -> String {
     return dir.path
 }
 
+/// nil when the two files hold the same bytes, else where they first differ. (`#expect(a == b)` on
+/// two megabytes of Data would have the testing library diff them element by element, for hours.)
+func byteDifference(_ a: String, _ b: String) throws -> String? {
+    let x = try Data(contentsOf: URL(fileURLWithPath: a)), y = try Data(contentsOf: URL(fileURLWithPath: b))
+    if x == y { return nil }
+    let at = (0..<min(x.count, y.count)).first { x[x.startIndex + $0] != y[y.startIndex + $0] } ?? min(x.count, y.count)
+    return "\(a) (\(x.count) bytes) and \(b) (\(y.count) bytes) first differ at byte \(at)"
+}
+
 /// A child process whose combined output goes to a file.
 final class Child {
     let process = Process()

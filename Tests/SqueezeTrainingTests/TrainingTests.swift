@@ -80,7 +80,8 @@ struct TrainingTests {
             try trainer.network.saveWeights(to: path)
             files.append(try Data(contentsOf: URL(fileURLWithPath: path)))
         }
-        #expect(files[0] == files[1])
+        let identical = files[0] == files[1]  // not inside #expect: it would diff megabytes element by element
+        #expect(identical)
     }
 
     @Test func checkpointResumeIsBitExactMidEpoch() throws {
@@ -105,9 +106,12 @@ struct TrainingTests {
         try #require(found).restore(into: resumed)
         #expect(resumed.step == 3)
         _ = try train(resumed, steps: 3)
-        #expect(resumed.network.parameters.copyValues() == straight.network.parameters.copyValues())
-        #expect(Array(UnsafeBufferPointer(start: resumed.optimizer.velocity.pointer, count: resumed.optimizer.count))
-                == Array(UnsafeBufferPointer(start: straight.optimizer.velocity.pointer, count: straight.optimizer.count)))
+        // Compared outside #expect, which would diff 727,626 elements one by one on a failure.
+        let sameParameters = resumed.network.parameters.copyValues() == straight.network.parameters.copyValues()
+        let sameMomentum = Array(UnsafeBufferPointer(start: resumed.optimizer.velocity.pointer, count: resumed.optimizer.count))
+            == Array(UnsafeBufferPointer(start: straight.optimizer.velocity.pointer, count: straight.optimizer.count))
+        #expect(sameParameters)
+        #expect(sameMomentum)
     }
 
     @Test func corruptLatestIsSkippedAndMismatchRefused() throws {
@@ -139,6 +143,34 @@ struct TrainingTests {
         let named = Checkpoint.differences(deterministicConfig(steps: 4), cut)
         #expect(named.contains("cutout was unset, now 8") && named.contains("augment was"), "\(named)")
     }
+}
+
+@Test func residualFilesRoundTripAndRefuseAnotherRun() throws {
+    let dir = try temporaryDirectory("residual")
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    let values: [Float] = [0.5, -1.25, 0, 3e-8, .leastNonzeroMagnitude]
+    for step in [2, 4, 6] {
+        try ResidualFile.save(values.map { $0 * Float(step) }, directory: dir, step: step, rank: 1, worldSize: 2, compression: "int8", keep: 2)
+    }
+    try ResidualFile.save(values, directory: dir, step: 2, rank: 0, worldSize: 2, compression: "int8", keep: 2)
+    let files = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
+    #expect(files == ["residual-000000002-rank0.safetensors", "residual-000000004-rank1.safetensors", "residual-000000006-rank1.safetensors"])
+    #expect(try ResidualFile.load(directory: dir, step: 6, rank: 1, worldSize: 2, count: 5) == values.map { $0 * 6 })
+
+    func refusal(step: Int = 6, rank: Int = 1, worldSize: Int = 2, count: Int = 5) -> String {
+        do {
+            _ = try ResidualFile.load(directory: dir, step: step, rank: rank, worldSize: worldSize, count: count)
+            return "loaded"
+        } catch { return String(describing: error) }
+    }
+    #expect(refusal(worldSize: 3).contains("residual-000000006-rank1.safetensors: world_size is 2, this run needs 3"))
+    #expect(refusal(count: 7).contains("5 values, the model has 7 parameters"))
+    #expect(refusal(step: 2).contains("residual-000000002-rank1.safetensors does not exist"))
+    let path = ResidualFile.path(directory: dir, step: 4, rank: 1)
+    var bytes = try Data(contentsOf: URL(fileURLWithPath: path))
+    bytes[bytes.count - 3] ^= 0x40
+    try bytes.write(to: URL(fileURLWithPath: path))
+    #expect(refusal(step: 4).contains("residual-000000004-rank1.safetensors: checksum mismatch"))
 }
 
 @Test func shardedEvaluationAddsUpToTheWhole() throws {
