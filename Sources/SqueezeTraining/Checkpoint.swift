@@ -102,11 +102,7 @@ public struct Checkpoint {
         var tensors = [String: [Float]]()
         for (name, t) in raw { tensors[name] = try t.floats() }
         let shapes = raw.mapValues(\.shape)
-        var unsigned = meta
-        let stored = unsigned.removeValue(forKey: "checksum")
-        guard let stored, stored == checksum(tensors: tensors, metadata: unsigned) else {
-            throw TrainingError.checkpoint("\(path): checksum mismatch (the file is corrupt or was modified)")
-        }
+        try verifyChecksum(tensors: tensors, metadata: meta, path: path)
         guard let step = Int(try field("step")), let world = Int(try field("world_size")) else {
             throw TrainingError.checkpoint("\(path): bad step or world_size in metadata")
         }
@@ -188,6 +184,14 @@ public struct Checkpoint {
         // Optional fields (cutout) are absent from the JSON when unset.
         return Set(fa.keys).union(fb.keys).sorted().filter { fa[$0] != fb[$0] }
             .map { "\($0) was \(fa[$0] ?? "unset"), now \(fb[$0] ?? "unset")" }.joined(separator: "; ")
+    }
+
+    /// Throws unless `metadata["checksum"]` is the checksum of `tensors` and the rest of `metadata`.
+    static func verifyChecksum(tensors: [String: [Float]], metadata: [String: String], path: String) throws {
+        var unsigned = metadata
+        guard let stored = unsigned.removeValue(forKey: "checksum"), stored == checksum(tensors: tensors, metadata: unsigned) else {
+            throw TrainingError.checkpoint("\(path): checksum mismatch (the file is corrupt or was modified)")
+        }
     }
 
     /// FNV-1a (64-bit) over each tensor's name and bytes in name order, then the metadata in key order.

@@ -27,10 +27,15 @@ public enum ResidualFile {
         try residual.withUnsafeBufferPointer {
             try Safetensors.write(path: file, tensors: [("residual", [residual.count], $0)], metadata: meta)
         }
+        // Only this process writes this rank's files, so any temporary file of this rank's is left over
+        // from a writer that was killed mid-write; other ranks may be writing theirs right now.
         let suffix = "-rank\(rank).safetensors"
-        let mine = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
-            .filter { $0.hasPrefix("residual-") && $0.hasSuffix(suffix) }.sorted(by: >)
-        for old in mine.dropFirst(max(keep, 1)) { try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old)) }
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        let mine = names.filter { $0.hasPrefix("residual-") && $0.hasSuffix(suffix) }.sorted(by: >)
+        let stale = names.filter { $0.hasPrefix(".residual-") && $0.contains(suffix + ".tmp-") }
+        for old in mine.dropFirst(max(keep, 1)) + stale {
+            try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old))
+        }
         return file
     }
 
@@ -46,11 +51,7 @@ public enum ResidualFile {
             throw TrainingError.checkpoint("\(file): not a squeezetrain residual file")
         }
         let values = try tensor.floats()
-        var unsigned = meta
-        guard let stored = unsigned.removeValue(forKey: "checksum"),
-              stored == Checkpoint.checksum(tensors: ["residual": values], metadata: unsigned) else {
-            throw TrainingError.checkpoint("\(file): checksum mismatch (the file is corrupt or was modified)")
-        }
+        try Checkpoint.verifyChecksum(tensors: ["residual": values], metadata: meta, path: file)
         for (key, want) in [("step", step), ("rank", rank), ("world_size", worldSize)] where meta[key] != String(want) {
             throw TrainingError.checkpoint("\(file): \(key) is \(meta[key] ?? "missing"), this run needs \(want)")
         }

@@ -123,9 +123,11 @@ public final class Trainer {
         Trainer.evaluate(network, dataset, indices: indices, batchSize: batchSize, imageSize: config.imageSize)
     }
 
-    /// Evaluates `indices` of `dataset` (all records when nil).
+    /// Evaluates `indices` of `dataset` (all records when nil). With `flip`, each image is also
+    /// classified mirrored left to right and the two softmax outputs are averaged (test-time
+    /// augmentation); the loss is then the cross-entropy of that average.
     public static func evaluate(_ network: Network, _ dataset: CIFAR10, indices subset: [Int]? = nil,
-                                batchSize: Int = 500, imageSize: Int = 32) -> Evaluation {
+                                batchSize: Int = 500, imageSize: Int = 32, flip: Bool = false) -> Evaluation {
         let all = subset ?? Array(0..<dataset.count)
         let classes = network.config.classes
         var confusion = [[Int]](repeating: [Int](repeating: 0, count: classes), count: classes)
@@ -134,25 +136,45 @@ public final class Trainer {
         let sized = FloatBuffer(count: imageSize == 32 ? 0 : 3 * batchSize * imageSize * imageSize)
         for start in stride(from: 0, to: all.count, by: batchSize) {
             let indices = Array(all[start..<min(start + batchSize, all.count)])
+            let n = indices.count
             let labels = dataset.fillBatch(indices: indices, into: raw.pointer)
             var input = raw.pointer
             if imageSize != 32 {
-                upsampleBilinear(raw.pointer, planes: 3 * indices.count, from: 32, to: imageSize, into: sized.pointer)
+                upsampleBilinear(raw.pointer, planes: 3 * n, from: 32, to: imageSize, into: sized.pointer)
                 input = sized.pointer
             }
-            let x = Tensor(data: input, shape: Shape(c: 3, n: indices.count, h: imageSize, w: imageSize))
-            let r = network.evaluate(x, labels: labels)
-            lossSum += Double(r.loss) * Double(indices.count)
-            let n = indices.count
+            let x = Tensor(data: input, shape: Shape(c: 3, n: n, h: imageSize, w: imageSize))
+            var views = [network.evaluate(x, labels: labels).logits]
+            if flip {
+                mirrorRows(input, rows: 3 * n * imageSize, width: imageSize)
+                views.append(network.evaluate(x, labels: labels).logits)
+            }
+            // Logits are class-major: logits[c * n + j] is class c of image j.
+            var p = [Double](repeating: 0, count: classes)
             for j in 0..<n {
-                var best = 0
-                for c in 1..<classes where r.logits[c * n + j] > r.logits[best * n + j] { best = c }
+                for c in 0..<classes { p[c] = 0 }
+                for logits in views {
+                    let top = (0..<classes).map { Double(logits[$0 * n + j]) }.max()!
+                    let e = (0..<classes).map { exp(Double(logits[$0 * n + j]) - top) }
+                    let sum = e.reduce(0, +)
+                    for c in 0..<classes { p[c] += e[c] / sum / Double(views.count) }
+                }
+                let best = p.indices.max { p[$0] < p[$1] }!
                 confusion[Int(labels[j])][best] += 1
+                lossSum -= log(max(p[Int(labels[j])], .leastNormalMagnitude))
             }
         }
         let correct = (0..<classes).reduce(0) { $0 + confusion[$1][$1] }
         return Evaluation(images: all.count, loss: lossSum / Double(max(all.count, 1)),
                           accuracy: Double(correct) / Double(max(all.count, 1)), confusion: confusion)
+    }
+}
+
+/// Reverses each of `rows` consecutive rows of `width` floats in place (a horizontal flip).
+func mirrorRows(_ data: UnsafeMutablePointer<Float>, rows: Int, width: Int) {
+    for r in 0..<rows {
+        var row = UnsafeMutableBufferPointer(start: data + r * width, count: width)
+        row.reverse()
     }
 }
 

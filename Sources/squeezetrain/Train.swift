@@ -87,12 +87,18 @@ struct Eval: ParsableCommand {
     var threads = 1
     @Option(help: "Images per forward pass.")
     var batchSize = 500
+    @Option(help: "Test-time augmentation: none, or flip (average the softmax of each image and its mirror image).")
+    var tta = "none"
     @Flag(help: "Print a JSON object (with `accuracy`).")
     var json = false
 
     struct Report: Encodable {
-        var weights: String, images: Int, accuracy: Double, loss: Double
+        var weights: String, images: Int, tta: String, accuracy: Double, loss: Double
         var classes: [String], perClassAccuracy: [Double], confusionMatrix: [[Int]]
+    }
+
+    func validate() throws {
+        guard ["none", "flip"].contains(tta) else { throw ValidationError("--tta must be none or flip, not '\(tta)'") }
     }
 
     func run() throws {
@@ -101,12 +107,13 @@ struct Eval: ParsableCommand {
             let testSet = try CIFAR10(directory: try CIFAR10.resolveDirectory(explicit: data), split: .test)
             let net = Network(config: model.config)
             try net.loadWeights(from: weights)
-            let e = Trainer.evaluate(net, testSet, batchSize: batchSize)
+            let e = Trainer.evaluate(net, testSet, batchSize: batchSize, imageSize: model.config.cifarImageSize, flip: tta == "flip")
             let names = model.classes == 10 ? CIFAR10.classNames : (0..<model.classes).map { "class \($0)" }
-            let report = Report(weights: weights, images: e.images, accuracy: e.accuracy, loss: e.loss, classes: names,
+            let report = Report(weights: weights, images: e.images, tta: tta, accuracy: e.accuracy, loss: e.loss, classes: names,
                                 perClassAccuracy: e.perClassAccuracy, confusionMatrix: e.confusion)
             if json { return try printJSON(report) }
-            print(String(format: "test accuracy %.2f%% on %d images (loss %.4f)", 100 * e.accuracy, e.images, e.loss))
+            print(String(format: "test accuracy %.2f%% on %d images (loss %.4f)", 100 * e.accuracy, e.images, e.loss)
+                  + (tta == "flip" ? ", each averaged with its mirror image" : ""))
             print("\nper class:")
             for (i, n) in names.enumerated() { print(pad(n, 12) + String(format: "%6.2f%%", 100 * e.perClassAccuracy[i])) }
             print("\nconfusion matrix (rows: true class, columns: predicted):")

@@ -149,9 +149,15 @@ struct TrainingTests {
     let dir = try temporaryDirectory("residual")
     defer { try? FileManager.default.removeItem(atPath: dir) }
     let values: [Float] = [0.5, -1.25, 0, 3e-8, .leastNonzeroMagnitude]
+    // Temporary files of killed writers: a rank sweeps its own when it saves, never another rank's,
+    // which that rank may be writing right now.
+    for name in [".residual-000000001-rank1.safetensors.tmp-99999-x", ".residual-000000001-rank0.safetensors.tmp-99998-y"] {
+        #expect(FileManager.default.createFile(atPath: (dir as NSString).appendingPathComponent(name), contents: Data([1])))
+    }
     for step in [2, 4, 6] {
         try ResidualFile.save(values.map { $0 * Float(step) }, directory: dir, step: step, rank: 1, worldSize: 2, compression: "int8", keep: 2)
     }
+    #expect(try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix(".") } == [".residual-000000001-rank0.safetensors.tmp-99998-y"])
     try ResidualFile.save(values, directory: dir, step: 2, rank: 0, worldSize: 2, compression: "int8", keep: 2)
     let files = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
     #expect(files == ["residual-000000002-rank0.safetensors", "residual-000000004-rank1.safetensors", "residual-000000006-rank1.safetensors"])
@@ -171,6 +177,27 @@ struct TrainingTests {
     bytes[bytes.count - 3] ^= 0x40
     try bytes.write(to: URL(fileURLWithPath: path))
     #expect(refusal(step: 4).contains("residual-000000004-rank1.safetensors: checksum mismatch"))
+}
+
+@Test func flipEvaluationAveragesEachImageWithItsMirror() throws {
+    var config = deterministicConfig(steps: 10)
+    config.model.batchNorm = true
+    let trainer = try Trainer(config: config, trainSet: firstTrainingFile)
+    _ = try train(trainer, steps: 10)
+    let count = 150, labels = Array(firstTrainingFile.labels[0..<count])
+    let images = Array(firstTrainingFile.images[0..<(count * CIFAR10.imageBytes)])
+    var mirrored = images
+    for row in 0..<(count * 3 * 32) { mirrored[(row * 32)..<(row * 32 + 32)].reverse() }
+    let original = try CIFAR10(images: images, labels: labels), mirror = try CIFAR10(images: mirrored, labels: labels)
+    let plain = [original, mirror].map { Trainer.evaluate(trainer.network, $0, batchSize: 64) }
+    let flipped = [original, mirror].map { Trainer.evaluate(trainer.network, $0, batchSize: 64, flip: true) }
+    #expect(plain[0].loss != plain[1].loss, "the mirror images are different inputs")
+    // Averaging with the mirror is symmetric in the pair, so both sets give the same result...
+    #expect(abs(flipped[0].loss - flipped[1].loss) < 1e-9)
+    #expect(flipped[0].confusion == flipped[1].confusion)
+    // ...and, by Jensen's inequality, a loss no higher than the mean of the two plain losses.
+    #expect(flipped[0].loss <= (plain[0].loss + plain[1].loss) / 2 + 1e-9)
+    #expect(flipped.allSatisfy { $0.images == count })
 }
 
 @Test func shardedEvaluationAddsUpToTheWhole() throws {
