@@ -286,4 +286,29 @@ struct FastKernelTests {
         #expect(maxAbsDiff(Array(grads[params.spec("f.squeeze.weight")!.range]), d0.dw) < 1e-4)
         #expect(maxAbsDiff(Array(grads[params.spec("f.squeeze.bias")!.range]), d0.db) < 1e-4)
     }
+
+    @Test func bypassAddsTheIdentityWithBatchNorm() {
+        // With BatchNorm (whose backward works in place on dy), a bypassed Fire must still be the
+        // same Fire without the bypass plus its input: y' = y + x, dx' = dx + dy, equal weight gradients.
+        let s = Shape(c: 8, n: 3, h: 5, w: 5)
+        let xs: [Float] = randomArray(s.count, seed: 41), dyv: [Float] = randomArray(s.count, seed: 42)
+        var outputs = [[Float]](), inputGradients = [[Float]](), weightGradients = [[Float]]()
+        for bypass in [false, true] {
+            let fire = Fire(name: "f", input: 8, squeeze: 3, expand1x1: 4, expand3x3: 4, bypass: bypass, batchNorm: true, workspace: Workspace())
+            // The layer keeps raw pointers into both stores, so they must outlive its use.
+            let params = ParameterStore(fire.parameterSpecs), buffers = ParameterStore(fire.bufferSpecs)
+            params.load(randomArray(params.count, seed: 43))
+            fire.bind(parameters: params, buffers: buffers)
+            let x = HostTensor(xs, s), dy = HostTensor(dyv, s)
+            withExtendedLifetime(buffers) {
+                outputs.append(array(fire.forward(x.tensor, training: true)))
+                inputGradients.append(array(fire.backward(dy.tensor, needInputGradient: true)!))
+            }
+            weightGradients.append(params.copyGradients())
+        }
+        #expect(maxAbsDiff(outputs[1], zip(outputs[0], xs).map { $0 + $1 }) < 1e-5)
+        #expect(maxAbsDiff(inputGradients[1], zip(inputGradients[0], dyv).map { $0 + $1 }) < 1e-5)
+        #expect(maxAbsDiff(weightGradients[1], weightGradients[0]) < 1e-6)
+        #expect(inputGradients[0].contains { $0 != 0 } && weightGradients[0].contains { $0 != 0 })
+    }
 }
