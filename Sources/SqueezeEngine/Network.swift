@@ -94,12 +94,10 @@ public final class Network {
         return result
     }
 
-    /// Loss and correct count in eval mode (no gradients).
-    public func evaluate(_ x: Tensor, labels: [Int32]) -> (loss: Float, correct: Int, logits: [Float]) {
+    /// Eval-mode logits (no gradients), class-major: element `c * n + j` is class `c` of image `j`.
+    public func predict(_ x: Tensor) -> [Float] {
         let logits = forward(x, training: false)
-        let r = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: logits.shape.n,
-                                    labels: labels, gradient: nil)
-        return (r.loss, r.correct, Array(UnsafeBufferPointer(start: logits.data, count: logits.shape.count)))
+        return Array(UnsafeBufferPointer(start: logits.data, count: logits.shape.count))
     }
 }
 

@@ -144,12 +144,11 @@ public final class Trainer {
                 input = sized.pointer
             }
             let x = Tensor(data: input, shape: Shape(c: 3, n: n, h: imageSize, w: imageSize))
-            var views = [network.evaluate(x, labels: labels).logits]
+            var views = [network.predict(x)]
             if flip {
                 mirrorRows(input, rows: 3 * n * imageSize, width: imageSize)
-                views.append(network.evaluate(x, labels: labels).logits)
+                views.append(network.predict(x))
             }
-            // Logits are class-major: logits[c * n + j] is class c of image j.
             var p = [Double](repeating: 0, count: classes)
             for j in 0..<n {
                 for c in 0..<classes { p[c] = 0 }
