@@ -5,9 +5,9 @@ import SqueezeEngine
 @testable import SqueezeTraining
 
 let testsDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
+let packageDirectory = testsDirectory.deletingLastPathComponent().deletingLastPathComponent()
 /// `shared/` beside the package checkout.
-let sharedDirectory = testsDirectory.deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-    .appendingPathComponent("shared").path
+let sharedDirectory = packageDirectory.deletingLastPathComponent().appendingPathComponent("shared").path
 let cifarDirectory = sharedDirectory + "/data/cifar-10-batches-bin"
 
 /// One CIFAR-10 training file (10,000 records), loaded once for all tests.
@@ -220,11 +220,10 @@ struct TrainingTests {
     config.batchNorm = true
     config.lateDownsample = true
     let net = Network(config: config)
-    let root = testsDirectory.deletingLastPathComponent().deletingLastPathComponent().path
-    try net.loadWeights(from: root + "/docs/results/squeezenet-bn-late-80-epochs.safetensors")
+    try net.loadWeights(from: packageDirectory.path + "/docs/results/squeezenet-bn-late-80-epochs.safetensors")
     let test = try CIFAR10(directory: cifarDirectory, files: ["test_batch.bin"])
-    let first = try CIFAR10(images: Array(test.images[0..<(500 * CIFAR10.imageBytes)]), labels: Array(test.labels[0..<500]))
-    let plain = Trainer.evaluate(net, first), flipped = Trainer.evaluate(net, first, flip: true)
+    let first = Array(0..<500)
+    let plain = Trainer.evaluate(net, test, indices: first), flipped = Trainer.evaluate(net, test, indices: first, flip: true)
     #expect(plain.accuracy > 0.85, "\(plain.accuracy)")
     #expect(flipped.accuracy > 0.85, "\(flipped.accuracy)")
 }
