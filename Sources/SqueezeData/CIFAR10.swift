@@ -61,21 +61,12 @@ public struct CIFAR10: Sendable {
 
     /// Loads the given files from `directory`, concatenated in order.
     public init(directory: String, files: [String]) throws {
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: directory, isDirectory: &isDir), isDir.boolValue else {
-            throw DataError.missingDirectory(directory)
-        }
+        try Self.checkDirectory(directory)
         var contents: [(path: String, data: Data)] = []
         var total = 0
         for name in files {
             let path = (directory as NSString).appendingPathComponent(name)
-            guard FileManager.default.fileExists(atPath: path) else { throw DataError.missingFile(path) }
-            let data: Data
-            do {
-                data = try Data(contentsOf: URL(fileURLWithPath: path), options: .alwaysMapped)
-            } catch {
-                throw DataError.unreadableFile(path, reason: "\(error)")
-            }
+            let data = try Self.readFile(path)
             guard data.count > 0, data.count % Self.recordSize == 0 else {
                 throw DataError.badFileSize(file: path, size: data.count)
             }
@@ -108,6 +99,53 @@ public struct CIFAR10: Sendable {
         self.labels = labels
     }
 
+    /// Throws unless `path` is a directory this user can list and enter, saying which of these it is not.
+    static func checkDirectory(_ path: String) throws {
+        var info = stat()
+        guard stat(path, &info) == 0 else {
+            switch errno {
+            case EACCES: throw DataError.permissionDenied(path)
+            case ENOTDIR: throw DataError.notADirectory(path)
+            default: throw DataError.missingDirectory(path)
+            }
+        }
+        guard (info.st_mode & S_IFMT) == S_IFDIR else { throw DataError.notADirectory(path) }
+        guard access(path, R_OK | X_OK) == 0 else { throw DataError.permissionDenied(path) }
+    }
+
+    /// The whole file at `path` (read, not mapped: a file truncated while mapped would crash the reader).
+    static func readFile(_ path: String) throws -> Data {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else {
+            switch errno {
+            case ENOENT: throw DataError.missingFile(path)
+            case EACCES: throw DataError.permissionDenied(path)
+            default: throw DataError.unreadableFile(path, reason: String(cString: strerror(errno)))
+            }
+        }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { throw DataError.unreadableFile(path, reason: String(cString: strerror(errno))) }
+        guard (info.st_mode & S_IFMT) == S_IFREG else { throw DataError.notARegularFile(path) }
+        let size = Int(info.st_size)
+        guard size > 0, size % recordSize == 0 else { throw DataError.badFileSize(file: path, size: size) }
+        var data = Data(count: size)
+        let got = data.withUnsafeMutableBytes { buffer -> Int in
+            var done = 0
+            while done < size {
+                let n = read(fd, buffer.baseAddress! + done, size - done)
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { return n < 0 ? -Int(errno) : done }
+                done += n
+            }
+            return done
+        }
+        guard got == size else {
+            throw DataError.unreadableFile(path, reason: got < 0 ? String(cString: strerror(Int32(-got))) : "the file shrank to \(got) bytes while being read")
+        }
+        return data
+    }
+
     /// Image `i`'s 3,072 bytes, layout (C, H, W).
     public func image(_ i: Int) -> ArraySlice<UInt8> {
         images[(i * Self.imageBytes)..<((i + 1) * Self.imageBytes)]
@@ -133,11 +171,11 @@ public struct CIFAR10: Sendable {
             return FileManager.default.fileExists(atPath: path, isDirectory: &isDir) && isDir.boolValue
         }
         if let explicit, !explicit.isEmpty {
-            guard isDirectory(explicit) else { throw DataError.missingDirectory(explicit) }
+            try checkDirectory(explicit)
             return explicit
         }
         if let env = environment[environmentVariable], !env.isEmpty {
-            guard isDirectory(env) else { throw DataError.missingDirectory(env) }
+            try checkDirectory(env)
             return env
         }
         let candidates = ["data/cifar-10-batches-bin", "../shared/data/cifar-10-batches-bin"].map {

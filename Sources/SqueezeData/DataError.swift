@@ -7,6 +7,12 @@ public enum DataError: Error, CustomStringConvertible, Equatable, Sendable {
     case dataNotFound(tried: [String])
     /// A directory given explicitly (flag or `$CIFAR10_DIR`) does not exist.
     case missingDirectory(String)
+    /// A path given as the data directory exists but is not a directory (a regular file, say).
+    case notADirectory(String)
+    /// A batch file's path exists but is not a regular file (a directory, say).
+    case notARegularFile(String)
+    /// The directory or file exists but this user may not read it.
+    case permissionDenied(String)
     /// An expected batch file is missing.
     case missingFile(String)
     /// The file exists but could not be read.
@@ -25,6 +31,12 @@ public enum DataError: Error, CustomStringConvertible, Equatable, Sendable {
                 + ". Run scripts/get-cifar10, set $CIFAR10_DIR, or pass --data DIR."
         case .missingDirectory(let dir):
             return "CIFAR-10 directory \(dir) does not exist (run scripts/get-cifar10 to download the data)"
+        case .notADirectory(let path):
+            return "CIFAR-10 directory \(path) is not a directory (give the folder holding data_batch_1.bin … test_batch.bin)"
+        case .notARegularFile(let path):
+            return "CIFAR-10 file \(path) is not a regular file"
+        case .permissionDenied(let path):
+            return "CIFAR-10 data \(path): permission denied (this user may not read it)"
         case .missingFile(let file):
             return "CIFAR-10 file \(file) is missing (run scripts/get-cifar10 to download the data)"
         case .unreadableFile(let file, let reason):

@@ -187,6 +187,28 @@ public enum Safetensors {
     /// Reads every tensor of the file at `path`, checking the header and all data offsets first.
     /// The data of each tensor is read straight into its `bytes`.
     public static func read(path: String) throws -> (tensors: [String: SafetensorsTensor], metadata: [String: String]) {
+        try withHeader(path: path) { fd, entries, metadata, dataStart in
+            var tensors = [String: SafetensorsTensor](minimumCapacity: entries.count)
+            for entry in entries {
+                let bytes = try readExactly(fd, count: entry.end - entry.begin, offset: dataStart + entry.begin, path: path)
+                var tensor = SafetensorsTensor(name: entry.name, dtype: entry.dtype, shape: entry.shape, bytes: bytes)
+                tensor.file = path
+                tensors[entry.name] = tensor
+            }
+            return (tensors, metadata)
+        }
+    }
+
+    /// The "__metadata__" of the file at `path` (its header checked as `read` checks it; no tensor data read).
+    public static func readMetadata(path: String) throws -> [String: String] {
+        try withHeader(path: path) { _, _, metadata, _ in metadata }
+    }
+
+    /// Opens `path`, reads and checks its header, and passes the open file, the entries, the metadata
+    /// and the offset of the data section to `body`.
+    private static func withHeader<R>(
+        path: String, _ body: (Int32, [Entry], [String: String], Int) throws -> R
+    ) throws -> R {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         guard fd >= 0 else { throw osError(path, "open") }
         defer { close(fd) }
@@ -207,15 +229,7 @@ public enum Safetensors {
         let dataStart = 8 + Int(headerLength)
         let header = try readExactly(fd, count: Int(headerLength), offset: 8, path: path)
         let (entries, metadata) = try parseHeader(header, path: path, dataSize: fileSize - dataStart)
-
-        var tensors = [String: SafetensorsTensor](minimumCapacity: entries.count)
-        for entry in entries {
-            let bytes = try readExactly(fd, count: entry.end - entry.begin, offset: dataStart + entry.begin, path: path)
-            var tensor = SafetensorsTensor(name: entry.name, dtype: entry.dtype, shape: entry.shape, bytes: bytes)
-            tensor.file = path
-            tensors[entry.name] = tensor
-        }
-        return (tensors, metadata)
+        return try body(fd, entries, metadata, dataStart)
     }
 
     private struct Entry {

@@ -33,3 +33,46 @@ extension Network {
         for (dst, values) in staged { dst.update(from: values, count: values.count) }
     }
 }
+
+extension ModelConfig {
+    /// Why this configuration is not a model that can be built (named by the command-line option that sets
+    /// each field), or nil. Checked for options and for configurations read from files alike.
+    public var invalidReason: String? {
+        guard (1...100_000).contains(classes) else { return "--classes must be in 1...100000 (got \(classes))" }
+        guard (2...65_536).contains(fire.baseE) else { return "--base-e must be in 2...65536 (got \(fire.baseE))" }
+        guard (0...65_536).contains(fire.incrE) else { return "--incr-e must be in 0...65536 (got \(fire.incrE))" }
+        guard (1...64).contains(fire.freq) else { return "--freq must be in 1...64 (got \(fire.freq))" }
+        guard fire.pct3x3 > 0, fire.pct3x3 < 1 else { return "--pct-3x3 must be strictly between 0 and 1 (got \(fire.pct3x3))" }
+        guard fire.squeezeRatio > 0, fire.squeezeRatio <= 1 else { return "--sr must be in (0, 1] (got \(fire.squeezeRatio))" }
+        guard dropout >= 0, dropout < 1 else { return "--dropout must be in [0, 1) (got \(dropout))" }
+        if architecture == .alexnet {
+            for (flag, set) in [("--batch-norm", batchNorm), ("--late-downsample", lateDownsample), ("--bypass simple", bypass == .simple)] where set {
+                return "\(flag) applies to SqueezeNet only; --model alexnet is torchvision's AlexNet as it is"
+            }
+        }
+        if bypass == .simple && fire.incrE > 0 && fire.freq == 1 {
+            return "--bypass simple needs Fire modules of equal width in and out; with --freq 1 none are"
+        }
+        return nil
+    }
+}
+
+extension Network {
+    /// The model configuration saved in a weights file's metadata ("squeezetrain.model", written by
+    /// `saveWeights`), or nil when the file has none (PyTorch's files, or ones written by other tools).
+    /// Metadata that does not decode, or describes a model that cannot be built, is an error naming the file.
+    public static func savedConfig(path: String) throws -> ModelConfig? {
+        let metadata = try Safetensors.readMetadata(path: path)
+        guard let text = metadata["squeezetrain.model"] else { return nil }
+        let config: ModelConfig
+        do {
+            config = try JSONDecoder().decode(ModelConfig.self, from: Data(text.utf8))
+        } catch {
+            throw SafetensorsError.invalidHeader(file: path, reason: "metadata \"squeezetrain.model\" is not a model configuration (\(error))")
+        }
+        if let reason = config.invalidReason {
+            throw SafetensorsError.invalidHeader(file: path, reason: "metadata \"squeezetrain.model\" describes no valid model: \(reason)")
+        }
+        return config
+    }
+}

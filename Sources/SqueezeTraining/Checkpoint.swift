@@ -63,7 +63,7 @@ public struct Checkpoint {
             try Safetensors.write(path: path, tensors: zip(names, views).map { ($0, shapes[$0] ?? [$1.count], $1) }, metadata: meta)
         }
         try writeAtomically(Data((name + "\n").utf8), to: (directory as NSString).appendingPathComponent("latest"))
-        try prune(directory: directory, keep: max(keep, 1))
+        try prune(directory: directory, current: name, keep: max(keep, 1))
         return path
     }
 
@@ -119,8 +119,7 @@ public struct Checkpoint {
     /// The newest checkpoint in `directory` that verifies, trying `latest` first and then the others
     /// from newest to oldest. `skipped` lists each file passed over and why.
     public static func newestValid(in directory: String) -> (checkpoint: Checkpoint?, skipped: [(path: String, reason: String)]) {
-        var candidates = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
-            .filter { $0.hasPrefix("checkpoint-") && $0.hasSuffix(".safetensors") }.sorted(by: >)
+        var candidates = files(in: directory).map { ($0 as NSString).lastPathComponent }
         if let latest = try? String(contentsOfFile: (directory as NSString).appendingPathComponent("latest"), encoding: .utf8)
             .trimmingCharacters(in: .whitespacesAndNewlines), let i = candidates.firstIndex(of: latest) {
             candidates.insert(candidates.remove(at: i), at: 0)
@@ -208,13 +207,67 @@ public struct Checkpoint {
         return String(h, radix: 16)
     }
 
-    /// Keeps the newest `keep` checkpoints, and removes temporary files that a writer killed mid-write
-    /// left behind (any but this process's, which has just finished).
-    private func prune(directory: String, keep: Int) throws {
+    /// Keeps the checkpoint just written (`current`, which `latest` names) and the newest `keep − 1` others
+    /// by step, and removes temporary files that a writer killed mid-write left behind (any but this
+    /// process's, which has just finished). Never removes `current`, whatever the other files' steps.
+    private func prune(directory: String, current: String, keep: Int) throws {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
-        let files = names.filter { $0.hasPrefix("checkpoint-") && $0.hasSuffix(".safetensors") }.sorted(by: >)
+        let others = names.compactMap { name in Checkpoint.step(ofFileName: name).map { (name: name, step: $0) } }
+            .filter { $0.name != current }.sorted { $0.step > $1.step }.map(\.name)
         let stale = names.filter { ($0.hasPrefix(".checkpoint-") || $0.hasPrefix(".latest")) && $0.contains(".tmp-") && !$0.contains(".tmp-\(getpid())") }
-        for old in files.dropFirst(keep) + stale { try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old)) }
+        for old in others.dropFirst(keep - 1) + stale { try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old)) }
+    }
+
+    /// The step in a checkpoint file name (`checkpoint-000000120.safetensors` → 120), or nil for other names.
+    static func step(ofFileName name: String) -> Int? {
+        guard name.hasPrefix("checkpoint-"), name.hasSuffix(".safetensors") else { return nil }
+        let digits = name.dropFirst("checkpoint-".count).dropLast(".safetensors".count)
+        guard !digits.isEmpty, digits.allSatisfy(\.isASCII), digits.allSatisfy(\.isNumber) else { return nil }
+        return Int(digits)
+    }
+
+    /// The checkpoint files in `directory` (names of the form `checkpoint-<step>.safetensors`), newest
+    /// step first; empty when the directory is missing or empty.
+    public static func files(in directory: String) -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
+            .compactMap { name in step(ofFileName: name).map { (name, $0) } }.sorted { $0.1 > $1.1 }
+            .map { (directory as NSString).appendingPathComponent($0.0) }
+    }
+
+    /// Where a `--resume` continues: nil when `directory` holds no checkpoint (missing or empty: start
+    /// fresh), else the newest that verifies. When checkpoints exist but none verifies, throws an error
+    /// naming each file and why, rather than silently starting over. `skipped` lists files passed over.
+    public static func resumePoint(in directory: String) throws -> (checkpoint: Checkpoint?, skipped: [(path: String, reason: String)]) {
+        let (found, skipped) = newestValid(in: directory)
+        if found == nil && !skipped.isEmpty {
+            throw TrainingError.checkpoint("--resume: no checkpoint in \(directory) verifies, so there is nothing to resume from "
+                + "(remove them or choose another --checkpoint-dir to start over):" + skipped.map { "\n  \($0.path): \($0.reason)" }.joined())
+        }
+        return (found, skipped)
+    }
+
+    /// Throws unless `directory` is free of checkpoints: a run that is not resuming must not mix its
+    /// checkpoints with another run's (pruning would delete one run's by the other's steps, and a later
+    /// `--resume` would pick whichever is newer). Names the files found.
+    public static func requireNoCheckpoints(in directory: String) throws {
+        let found = files(in: directory)
+        guard found.isEmpty else {
+            throw TrainingError.checkpoint("\(directory) already holds \(found.count) checkpoint\(found.count == 1 ? "" : "s") of another run ("
+                + found.prefix(5).map { ($0 as NSString).lastPathComponent }.joined(separator: ", ") + (found.count > 5 ? ", …" : "")
+                + "); continue it with --resume, start over with --start-over (deletes them), or choose another --checkpoint-dir")
+        }
+    }
+
+    /// Deletes the checkpoints in `directory`, the workers' residual files beside them and `latest`
+    /// (for `--start-over`); returns how many checkpoints.
+    @discardableResult
+    public static func removeAll(in directory: String) throws -> Int {
+        let found = files(in: directory)
+        let residuals = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? [])
+            .filter { $0.hasPrefix("residual-") && $0.hasSuffix(".safetensors") }.map { (directory as NSString).appendingPathComponent($0) }
+        for path in found + residuals { try FileManager.default.removeItem(atPath: path) }
+        try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent("latest"))
+        return found.count
     }
 }
 

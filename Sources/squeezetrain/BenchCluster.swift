@@ -209,7 +209,7 @@ struct BenchClusterCommand: ParsableCommand {
         let stepTimes = bySteps.values.map { $0.map { number($0, "step_seconds") }.max() ?? 0 }.sorted()
         let median = stepTimes[stepTimes.count / 2]
         let n = Double(lines.count)
-        return Report(workers: workers, batchSize: batchSize, threadsPerWorker: threads, model: model.model.rawValue,
+        return Report(workers: workers, batchSize: batchSize, threadsPerWorker: threads, model: model.config.architecture.rawValue,
                       allreduce: communication.allreduce.rawValue, steps: bySteps.count,
                       imagesPerSecond: Double(batchSize) / median, secondsPerStepMedian: median,
                       bytesSentPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_sent") } / n,

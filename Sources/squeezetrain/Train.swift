@@ -78,7 +78,7 @@ struct Eval: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Test-set accuracy of saved weights: overall, per class, and the confusion matrix.")
 
-    @OptionGroup var model: ModelOptions
+    @OptionGroup(title: "Model options (read from the weights' metadata when they have it; given ones must agree)") var model: ModelOptions
     @Option(help: "Weights to evaluate (safetensors with torchvision names, e.g. from --save-weights or export).")
     var weights: String
     @Option(help: "CIFAR-10 directory (see train --help).")
@@ -105,10 +105,11 @@ struct Eval: ParsableCommand {
         ComputeThreads.set(threads)
         do {
             let testSet = try CIFAR10(directory: try CIFAR10.resolveDirectory(explicit: data), split: .test)
-            let net = Network(config: model.config)
+            let config = try model.resolve(savedIn: weights)
+            let net = Network(config: config)
             try net.loadWeights(from: weights)
-            let e = Trainer.evaluate(net, testSet, batchSize: batchSize, imageSize: model.config.cifarImageSize, flip: tta == "flip")
-            let names = model.classes == 10 ? CIFAR10.classNames : (0..<model.classes).map { "class \($0)" }
+            let e = Trainer.evaluate(net, testSet, batchSize: batchSize, imageSize: config.cifarImageSize, flip: tta == "flip")
+            let names = config.classes == 10 ? CIFAR10.classNames : (0..<config.classes).map { "class \($0)" }
             let report = Report(weights: weights, images: e.images, tta: tta, accuracy: e.accuracy, loss: e.loss, classes: names,
                                 perClassAccuracy: e.perClassAccuracy, confusionMatrix: e.confusion)
             if json { return try printJSON(report) }

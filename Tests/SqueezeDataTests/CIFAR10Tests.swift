@@ -83,6 +83,40 @@ import Testing
         #expect(error?.description.contains(dir) == true)
     }
 
+    @Test func aFileGivenAsTheDirectoryIsNotCalledMissing() throws {
+        let dir = try makeTempDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let file = dir + "/test_batch.bin"
+        try writeBatch(file, records: 1)
+        let error = #expect(throws: DataError.self) { try CIFAR10(directory: file, split: .test) }
+        #expect(error == .notADirectory(file))
+        #expect(error?.description.contains("is not a directory") == true)
+        #expect(throws: DataError.notADirectory(file)) { try CIFAR10.resolveDirectory(explicit: file, environment: [:]) }
+        // A path running through a file.
+        #expect(throws: DataError.notADirectory(file + "/x")) { try CIFAR10(directory: file + "/x", split: .test) }
+    }
+
+    @Test func aDirectoryWhereABatchFileShouldBe() throws {
+        let dir = try makeTempDirectory()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try FileManager.default.createDirectory(atPath: dir + "/test_batch.bin", withIntermediateDirectories: true)
+        let error = #expect(throws: DataError.self) { try CIFAR10(directory: dir, split: .test) }
+        #expect(error == .notARegularFile(dir + "/test_batch.bin"))
+    }
+
+    // Root reads any file whatever its mode, so the check can only be made as another user.
+    @Test(.enabled(if: getuid() != 0, "runs as root, which may read any file: permission checks do not apply"))
+    func unreadableDirectoryAndFileSayPermissionDenied() throws {
+        let dir = try makeTempDirectory()
+        defer { chmod(dir, 0o755); try? FileManager.default.removeItem(atPath: dir) }
+        let file = dir + "/test_batch.bin"
+        try writeBatch(file, records: 1)
+        chmod(file, 0o000)
+        #expect(throws: DataError.permissionDenied(file)) { try CIFAR10(directory: dir, split: .test) }
+        chmod(dir, 0o000)
+        #expect(throws: DataError.permissionDenied(dir)) { try CIFAR10(directory: dir, split: .test) }
+    }
+
     @Test func missingFile() throws {
         let dir = try makeTempDirectory()
         defer { try? FileManager.default.removeItem(atPath: dir) }

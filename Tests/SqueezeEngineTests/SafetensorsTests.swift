@@ -446,3 +446,36 @@ private func fileBytes(_ path: String) throws -> [UInt8] {
     #expect(error == .mismatchedTensors(
         file: path, problems: [.unexpected(tensor: "features.0.weight", dtype: .f32, shape: [64, 3, 3, 3])]))
 }
+
+// MARK: The model configuration in the metadata
+
+@Test func weightsCarryTheirModelConfiguration() throws {
+    let dir = try TemporaryDirectory()
+    var config = ModelConfig()
+    config.batchNorm = true; config.lateDownsample = true; config.fire.baseE = 96; config.classes = 7
+    let net = Network(config: config)
+    try net.saveWeights(to: dir.file("w.safetensors"))
+    #expect(try Network.savedConfig(path: dir.file("w.safetensors")) == config)
+    #expect(try Safetensors.readMetadata(path: dir.file("w.safetensors"))["squeezetrain.model"] != nil)
+
+    // A file without the metadata (PyTorch's, say) has no saved configuration.
+    #expect(try Network.savedConfig(path: goldenDirectory + "/init.safetensors") == nil)
+}
+
+@Test func malformedModelMetadataIsAnErrorNamingTheFile() throws {
+    let dir = try TemporaryDirectory()
+    func saved(_ metadataValue: String) throws -> SafetensorsError? {
+        let escaped = metadataValue.replacingOccurrences(of: "\\", with: "\\\\").replacingOccurrences(of: "\"", with: "\\\"")
+        let path = try dir.makeFile("m.safetensors", header: "{\"__metadata__\":{\"squeezetrain.model\":\"\(escaped)\"}}")
+        return safetensorsError { _ = try Network.savedConfig(path: path) }
+    }
+    var good = String(decoding: try JSONEncoder().encode(ModelConfig()), as: UTF8.self)
+    #expect(try saved(good) == nil)
+    for bad in ["not json", "{\"architecture\":\"resnet50\"}", "[1,2]"] {
+        let error = try saved(bad)
+        #expect(error.map { "\($0)".contains("m.safetensors") && "\($0)".contains("squeezetrain.model") } == true, "\(bad): \(String(describing: error))")
+    }
+    // Decodes, but would allocate a model of absurd size: refused before anything is built.
+    good = good.replacingOccurrences(of: "\"baseE\":128", with: "\"baseE\":1000000000")
+    #expect(try saved(good).map { "\($0)".contains("--base-e") } == true)
+}

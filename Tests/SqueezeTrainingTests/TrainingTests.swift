@@ -227,3 +227,80 @@ struct TrainingTests {
     #expect(plain.accuracy > 0.85, "\(plain.accuracy)")
     #expect(flipped.accuracy > 0.85, "\(flipped.accuracy)")
 }
+
+/// Checkpoints are never lost: pruning keeps the file just written (which `latest` names) whatever the
+/// steps of the files already there, and `--resume` over only corrupt files is an error naming each.
+@Suite("Checkpoint directory safety")
+struct CheckpointDirectoryTests {
+    func trainer(steps: Int) throws -> Trainer { try Trainer(config: deterministicConfig(steps: steps, batch: 8), trainSet: firstTrainingFile) }
+
+    @Test func pruningNeverRemovesTheCheckpointJustWritten() throws {
+        let dir = try temporaryDirectory("prune")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // A first run leaves steps 10, 20, 30; a second one writes step 5 into the same directory (say, with
+        // the check for another run's checkpoints overridden): before, step 5 was pruned at once by name
+        // order and `latest` named a file that no longer existed.
+        let t = try trainer(steps: 40)
+        for step in [10, 20, 30] { t.step = step; try Checkpoint(trainer: t).save(directory: dir, keep: 3) }
+        t.step = 5
+        let written = try Checkpoint(trainer: t).save(directory: dir, keep: 3)
+        #expect(FileManager.default.fileExists(atPath: written))
+        let latest = try String(contentsOfFile: dir + "/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect(latest == (written as NSString).lastPathComponent)
+        #expect(try Checkpoint.load(path: dir + "/" + latest).step == 5)
+        #expect(Checkpoint.files(in: dir).map { ($0 as NSString).lastPathComponent }
+            == ["checkpoint-000000030.safetensors", "checkpoint-000000020.safetensors", "checkpoint-000000005.safetensors"])
+        // keep 1: only the file just written stays.
+        t.step = 6
+        let only = try Checkpoint(trainer: t).save(directory: dir, keep: 1)
+        #expect(Checkpoint.files(in: dir) == [only])
+        #expect(Checkpoint.newestValid(in: dir).checkpoint?.step == 6)
+    }
+
+    @Test func resumeOverOnlyCorruptCheckpointsIsAnErrorNamingEachFile() throws {
+        let dir = try temporaryDirectory("resume-corrupt")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // Missing and empty directories: nothing to resume, start fresh (no error).
+        #expect(try Checkpoint.resumePoint(in: dir + "/missing").checkpoint == nil)
+        #expect(try Checkpoint.resumePoint(in: dir).checkpoint == nil)
+
+        let t = try trainer(steps: 4)
+        var paths = [String]()
+        for step in [1, 2] { t.step = step; paths.append(try Checkpoint(trainer: t).save(directory: dir)) }
+        #expect(try Checkpoint.resumePoint(in: dir).checkpoint?.step == 2)
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: paths[0]))
+        bytes[bytes.count / 2] ^= 0xFF
+        try bytes.write(to: URL(fileURLWithPath: paths[0]))
+        try Data("garbage".utf8).write(to: URL(fileURLWithPath: paths[1]))
+        do {
+            _ = try Checkpoint.resumePoint(in: dir)
+            Issue.record("resuming over corrupt checkpoints did not fail")
+        } catch {
+            let message = String(describing: error)
+            #expect(message.contains(paths[0]) && message.contains("checksum"), "\(message)")
+            #expect(message.contains(paths[1]) && message.contains("too short"), "\(message)")
+        }
+    }
+
+    @Test func anotherRunsCheckpointsAreNamedAndOnlyRemovedOnRequest() throws {
+        let dir = try temporaryDirectory("other-run")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Checkpoint.requireNoCheckpoints(in: dir)
+        try Checkpoint.requireNoCheckpoints(in: dir + "/missing")
+        let t = try trainer(steps: 4)
+        t.step = 3
+        try Checkpoint(trainer: t).save(directory: dir)
+        try Data("keep me".utf8).write(to: URL(fileURLWithPath: dir + "/notes.txt"))
+        do {
+            try Checkpoint.requireNoCheckpoints(in: dir)
+            Issue.record("another run's checkpoints were accepted")
+        } catch {
+            let message = String(describing: error)
+            #expect(message.contains("checkpoint-000000003.safetensors") && message.contains("--resume") && message.contains("--start-over"), "\(message)")
+        }
+        #expect(try Checkpoint.removeAll(in: dir) == 1)
+        try Checkpoint.requireNoCheckpoints(in: dir)
+        #expect(!FileManager.default.fileExists(atPath: dir + "/latest"))
+        #expect(FileManager.default.fileExists(atPath: dir + "/notes.txt"))  // nothing but checkpoints is deleted
+    }
+}

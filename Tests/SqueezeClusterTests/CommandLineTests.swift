@@ -1,0 +1,80 @@
+import Foundation
+import SqueezeEngine
+import Testing
+
+/// The commands that read weights take the model from the file's metadata; flags given must agree.
+@Suite struct WeightsMetadataCommandLineTests {
+    static let shipped = packageRoot.appendingPathComponent("docs/results/squeezenet-bn-late-80-epochs.safetensors").path
+
+    /// A CIFAR-10 directory whose test set is the first `records` records of the real one.
+    func smallTestSet(_ dir: String, records: Int = 200) throws -> String {
+        let data = dir + "/cifar"
+        try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
+        let test = try Data(contentsOf: URL(fileURLWithPath: cifarDirectory + "/test_batch.bin"))
+        try test.prefix(records * 3073).write(to: URL(fileURLWithPath: data + "/test_batch.bin"))
+        return data
+    }
+
+    func eval(_ arguments: [String], in dir: String) throws -> (status: Int32, output: String) {
+        let c = try Child(["eval", "--data", try smallTestSet(dir)] + arguments, log: dir + "/eval-\(UUID().uuidString).log")
+        let status = c.wait()
+        return (status, c.output)
+    }
+
+    @Test func evalNeedsNoModelFlagsForWeightsWithMetadata() throws {
+        let dir = try temporaryDirectory("meta-eval")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // The 90% model (BatchNorm, late downsampling): without the metadata these flags were required,
+        // and without them the weights loaded (same shapes) and scored 45.6%.
+        let plain = try eval(["--weights", Self.shipped, "--json"], in: dir)
+        #expect(plain.status == 0, "\(plain.output)")
+        let accuracy = try #require(try JSONSerialization.jsonObject(with: Data(plain.output.utf8)) as? [String: Any])["accuracy"] as? Double
+        #expect((accuracy ?? 0) > 0.8, "\(plain.output)")
+
+        let agreeing = try eval(["--weights", Self.shipped, "--json", "--batch-norm", "--late-downsample", "--model", "squeezenet1_1"], in: dir)
+        #expect(agreeing.status == 0 && agreeing.output == plain.output, "\(agreeing.output)")
+    }
+
+    @Test func flagsThatContradictTheMetadataAreRefusedNamingTheDifference() throws {
+        let dir = try temporaryDirectory("meta-conflict")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = try eval(["--weights", Self.shipped, "--bypass", "simple", "--classes", "100"], in: dir)
+        #expect(r.status == 1)
+        #expect(r.output.contains("--bypass none") && r.output.contains("--bypass simple"), "\(r.output)")
+        #expect(r.output.contains("--classes 10") && r.output.contains("--classes 100"), "\(r.output)")
+        #expect(!r.output.contains("test accuracy"))
+    }
+
+    @Test func weightsWithoutMetadataStillWorkWithFlags() throws {
+        let dir = try temporaryDirectory("meta-none")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        // The same tensors without "__metadata__", as PyTorch would write them.
+        let (tensors, _) = try Safetensors.read(path: Self.shipped)
+        let bare = dir + "/bare.safetensors"
+        try Safetensors.write(path: bare, tensors: Array(tensors.values))
+        #expect(try Network.savedConfig(path: bare) == nil)
+
+        let withFlags = try eval(["--weights", bare, "--json", "--batch-norm", "--late-downsample"], in: dir)
+        let withMetadata = try eval(["--weights", Self.shipped, "--json"], in: dir)
+        #expect(withFlags.status == 0, "\(withFlags.output)")
+        // The reports differ only in the file named.
+        #expect(withFlags.output.replacingOccurrences(of: bare, with: "W") == withMetadata.output.replacingOccurrences(of: Self.shipped, with: "W"))
+
+        // Without the flags the tensors do not fit the default model: an error, not a wrong answer.
+        let withoutFlags = try eval(["--weights", bare], in: dir)
+        #expect(withoutFlags.status == 1 && withoutFlags.output.contains("do not match the model"), "\(withoutFlags.output)")
+    }
+
+    @Test func hostileModelMetadataIsAnErrorNotACrash() throws {
+        let dir = try temporaryDirectory("meta-hostile")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (tensors, metadata) = try Safetensors.read(path: Self.shipped)
+        let huge = metadata["squeezetrain.model"]!.replacingOccurrences(of: "\"baseE\":128", with: "\"baseE\":4000000000")
+        for (name, value) in [("garbage", "{\"architecture\":"), ("huge", huge)] {
+            let path = dir + "/\(name).safetensors"
+            try Safetensors.write(path: path, tensors: Array(tensors.values), metadata: ["squeezetrain.model": value])
+            let r = try eval(["--weights", path], in: dir)
+            #expect(r.status == 1 && r.output.contains(path) && r.output.contains("squeezetrain.model"), "\(name): \(r.output)")
+        }
+    }
+}
