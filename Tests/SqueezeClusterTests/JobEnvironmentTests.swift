@@ -1,0 +1,86 @@
+import SqueezeCluster
+import Testing
+
+@Suite struct JobEnvironmentTests {
+    func error(_ env: [String: String], _ overrides: JobEnvironment.Overrides = .init()) -> String {
+        do {
+            let found = try JobEnvironment.detect(env, overrides: overrides)
+            return "no error: \(found)"
+        } catch {
+            return String(describing: error)
+        }
+    }
+
+    @Test func torchrunAndPyTorchJob() throws {
+        let env = ["RANK": "2", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "trainer-0.svc", "MASTER_PORT": "23456"]
+        let found = try JobEnvironment.detect(env)
+        #expect(found == JobEnvironment(source: .torchrun, rank: 2, worldSize: 4, localRank: 0, localWorldSize: 1,
+                                        coordinatorHost: "trainer-0.svc", coordinatorPort: 23456))
+        // No MASTER_PORT: torchrun's default.
+        #expect(try JobEnvironment.detect(env.filter { $0.key != "MASTER_PORT" }).coordinatorPort == 29500)
+        // Flags override.
+        let o = try JobEnvironment.detect(env, overrides: .init(rank: 3, masterAddr: "10.0.0.1", masterPort: 1234))
+        #expect(o.rank == 3 && o.coordinatorHost == "10.0.0.1" && o.coordinatorPort == 1234 && o.worldSize == 4)
+    }
+
+    @Test func slurmTakesTheFirstHostOfTheNodeList() throws {
+        let env = ["SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "2(x4)",
+                   "SLURM_JOB_NODELIST": "node[07-10],gpu1"]
+        let found = try JobEnvironment.detect(env)
+        #expect(found == JobEnvironment(source: .slurm, rank: 5, worldSize: 8, localRank: 1, localWorldSize: 2,
+                                        coordinatorHost: "node07", coordinatorPort: 29500))
+        // MASTER_ADDR, when set, names the host instead.
+        #expect(try JobEnvironment.detect(env.merging(["MASTER_ADDR": "login1", "MASTER_PORT": "6000"]) { $1 }).coordinatorHost == "login1")
+    }
+
+    @Test func openMPIWithPMIx() throws {
+        let env = ["OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "3", "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+                   "OMPI_COMM_WORLD_LOCAL_SIZE": "3", "PMIX_RANK": "1", "MASTER_ADDR": "127.0.0.1"]
+        #expect(try JobEnvironment.detect(env) == JobEnvironment(source: .openMPI, rank: 1, worldSize: 3, localRank: 1, localWorldSize: 3,
+                                                                  coordinatorHost: "127.0.0.1", coordinatorPort: 29500))
+        // mpirun inside a SLURM allocation: every rank inherits the batch step's SLURM_PROCID; Open MPI's rank wins.
+        let inAllocation = env.merging(["SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1"]) { $1 }
+        #expect(try JobEnvironment.detect(inAllocation).source == .openMPI)
+        #expect(error(env.merging(["PMIX_RANK": "2"]) { $1 }).contains("OMPI_COMM_WORLD_RANK=1 and PMIX_RANK=2 contradict"))
+        #expect(error(env.filter { $0.key != "MASTER_ADDR" }).contains("MASTER_ADDR"))
+        // The host can come from the flag instead.
+        #expect(try JobEnvironment.detect(env.filter { $0.key != "MASTER_ADDR" }, overrides: .init(masterAddr: "h0")).coordinatorHost == "h0")
+    }
+
+    @Test func incompleteOrContradictoryEnvironmentsNameTheVariables() {
+        #expect(error([:]).contains("no launcher environment found"))
+        #expect(error(["RANK": "0"]).contains("RANK is set but WORLD_SIZE is not"))
+        #expect(error(["RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "h"]).contains("RANK=x is not a non-negative integer"))
+        #expect(error(["RANK": "-1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"]).contains("RANK=-1"))
+        #expect(error(["RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h"]).contains("rank 2, not in 0..<2"))
+        #expect(error(["RANK": "0", "WORLD_SIZE": "0", "MASTER_ADDR": "h"]).contains("world size of 0"))
+        #expect(error(["RANK": "0", "WORLD_SIZE": "99999999999999999999", "MASTER_ADDR": "h"]).contains("WORLD_SIZE=99999999999999999999"))
+        #expect(error(["RANK": "0", "WORLD_SIZE": "2000", "MASTER_ADDR": "h"]).contains("1...1024"))
+        #expect(error(["RANK": "0", "WORLD_SIZE": "2"]).contains("no usable coordinator host"))
+        #expect(error(["RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "70000"]).contains("MASTER_PORT=70000"))
+        #expect(error(["RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "LOCAL_RANK": "3", "LOCAL_WORLD_SIZE": "2"]).contains("local rank 3"))
+        #expect(error(["SLURM_PROCID": "0"]).contains("SLURM_PROCID is set but SLURM_NTASKS is not"))
+        #expect(error(["SLURM_PROCID": "0", "SLURM_NTASKS": "2"]).contains("neither SLURM_JOB_NODELIST nor MASTER_ADDR"))
+        #expect(error(["SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[3-1]"]).contains("SLURM_JOB_NODELIST"))
+        #expect(error(["OMPI_COMM_WORLD_RANK": "0", "MASTER_ADDR": "h"]).contains("OMPI_COMM_WORLD_SIZE is not"))
+        #expect(error(["RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"], .init(worldSize: 5000)).contains("with the flags applied"))
+    }
+
+    @Test func flagsAloneDescribeAJob() throws {
+        let found = try JobEnvironment.detect([:], overrides: .init(rank: 1, worldSize: 2, masterAddr: "h", masterPort: 5000))
+        #expect(found.source == .flags && found.rank == 1 && found.worldSize == 2 && found.coordinatorHost == "h")
+    }
+
+    @Test func slurmHostLists() throws {
+        #expect(try expandHostList("node[01-04,07]") == ["node01", "node02", "node03", "node04", "node07"])
+        #expect(try expandHostList("a,b[8-10],c") == ["a", "b8", "b9", "b10", "c"])
+        #expect(try expandHostList("rack[1-2]-n[1-2]") == ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"])
+        #expect(try expandHostList("n[098-101]") == ["n098", "n099", "n100", "n101"])
+        #expect(try expandHostList("single") == ["single"])
+        #expect(try expandHostList("huge[0-999999999]", limit: 1) == ["huge0"])
+        #expect(try expandHostList("n[1-5]", limit: 3) == ["n1", "n2", "n3"])
+        for bad in ["n[1-2", "n1-2]", "n[[1]]", "n[]", "n[a-b]", "n[5-3]", "a,,b", "", "n[1-]", "n[-1]", "n[1-2-3]"] {
+            #expect(throws: (any Error).self, "\(bad)") { try expandHostList(bad) }
+        }
+    }
+}
