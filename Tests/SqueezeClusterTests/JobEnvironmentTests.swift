@@ -1,4 +1,4 @@
-import SqueezeCluster
+@testable import SqueezeCluster
 import Testing
 
 @Suite struct JobEnvironmentTests {
