@@ -39,7 +39,7 @@ let package = Package(
         .executableTarget(
             name: "squeezetrain",
             dependencies: [
-                "SqueezeEngine", "SqueezeData", "SqueezeComm", "SqueezeTraining", "SqueezeCluster",
+                "SqueezeEngine", "SqueezeData", "SqueezeComm", "SqueezeTraining", "SqueezeCluster", "SqueezeCompress",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize),

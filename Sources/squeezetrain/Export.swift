@@ -5,15 +5,31 @@ import SqueezeTraining
 
 struct Export: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Write a checkpoint's weights as safetensors with torchvision's names (for eval, --init-weights or PyTorch).")
+        abstract: "Write a checkpoint's or a compressed model's weights as safetensors with torchvision's names (for eval, --init-weights or PyTorch).")
 
     @Option(help: "A checkpoint file, or a checkpoint directory (its newest valid checkpoint).")
-    var checkpoint: String
+    var checkpoint: String?
+    @Option(help: "A compressed model (.sqz) to decompress.")
+    var weights: String?
     @Option(help: "Where to write the weights.")
     var output: String
 
+    func validate() throws {
+        guard (checkpoint == nil) != (weights == nil) else { throw ValidationError("give either --checkpoint or --weights") }
+    }
+
     func run() throws {
         do {
+            if let weights {
+                guard isCompressedModel(weights) else { throw ValidationError("\(weights) is not a compressed model (.sqz); eval reads safetensors as they are") }
+                let compressed = try CompressedModel.load(path: weights)
+                let net = Network(config: compressed.config)
+                try compressed.load(into: net)
+                try net.saveWeights(to: output)
+                emit("wrote \(output): \(compressed.config.architecture.rawValue) weights decoded from \(weights)\n")
+                return
+            }
+            guard let checkpoint else { return }
             var isDirectory: ObjCBool = false
             guard FileManager.default.fileExists(atPath: checkpoint, isDirectory: &isDirectory) else {
                 throw TrainingError.checkpoint("\(checkpoint) does not exist")

@@ -66,7 +66,12 @@ struct ModelOptions: ParsableArguments {
     /// given on the command line must agree with (an error names each difference); for a file without
     /// one (PyTorch's, or older), the options with their defaults.
     func resolve(savedIn path: String) throws -> ModelConfig {
-        guard let saved = try Network.savedConfig(path: path) else { return config }
+        try resolve(saved: try Network.savedConfig(path: path), path: path)
+    }
+
+    /// `saved` (the configuration a file holds, if any) checked against the options given, as above.
+    func resolve(saved: ModelConfig?, path: String) throws -> ModelConfig {
+        guard let saved else { return config }
         var explicit = apply(to: saved)
         explicit.dropout = saved.dropout
         guard explicit != saved else { return saved }

@@ -79,7 +79,7 @@ struct Eval: ParsableCommand {
         abstract: "Test-set accuracy of saved weights: overall, per class, and the confusion matrix.")
 
     @OptionGroup(title: "Model options (read from the weights' metadata when they have it; given ones must agree)") var model: ModelOptions
-    @Option(help: "Weights to evaluate (safetensors with torchvision names, e.g. from --save-weights or export).")
+    @Option(help: "Weights to evaluate: safetensors with torchvision names (e.g. from --save-weights or export) or a compressed model (.sqz).")
     var weights: String
     @Option(help: "CIFAR-10 directory (see train --help).")
     var data: String?
@@ -105,9 +105,8 @@ struct Eval: ParsableCommand {
         ComputeThreads.set(threads)
         do {
             let testSet = try CIFAR10(directory: try CIFAR10.resolveDirectory(explicit: data), split: .test)
-            let config = try model.resolve(savedIn: weights)
-            let net = Network(config: config)
-            try net.loadWeights(from: weights)
+            let net = try loadNetwork(weights: weights, model: model)
+            let config = net.config
             let e = Trainer.evaluate(net, testSet, batchSize: batchSize, imageSize: config.cifarImageSize, flip: tta == "flip")
             let names = config.classes == 10 ? CIFAR10.classNames : (0..<config.classes).map { "class \($0)" }
             let report = Report(weights: weights, images: e.images, tta: tta, accuracy: e.accuracy, loss: e.loss, classes: names,
