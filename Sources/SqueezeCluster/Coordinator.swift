@@ -266,7 +266,7 @@ public final class Coordinator {
         lastHeard = Array(repeating: clock.now, count: n)
         lastStep = Array(repeating: 0, count: n)
         lastBeat = clock.now
-        phase = .training
+        phase = progress.isComplete ? .finished : .training  // resumed at the last step: nothing left to train
         events(ClusterEvent(.ready, step: startStep, workers: n))
         log("all \(n) worker(s) ready; training \(config.totalSteps) steps of \(config.batchSize) images (\(config.batchSize / n) per worker)")
     }

@@ -90,11 +90,11 @@ struct Harness {
     }
 
     /// Rendezvous of `n` fake workers (ranks in order); returns them after the Start.
-    func join(_ n: Int) throws -> [FakeWorker] {
+    func join(_ n: Int, checksum given: String? = nil) throws -> [FakeWorker] {
         let workers = (0..<n).map { _ in worker() }
         for (r, w) in workers.enumerated() { w.hello(rank: r) }
         try pump()
-        let sum = checksum(options.config)
+        let sum = given ?? checksum(options.config)
         for (r, w) in workers.enumerated() {
             w.send(.ready(Ready(rank: r, model: options.config.model, parameterCount: Network(config: options.config.model).parameters.count,
                                 parametersChecksum: sum, dataEndpoint: "inproc://rank\(r)")))
@@ -313,6 +313,13 @@ struct CoordinatorProtocolTests {
         try h.pump()
         for x in w { #expect(try x.received().contains { if case .start(let s) = $0 { s.step == 6 } else { false } }) }
         #expect(h.log.events.last == ClusterEvent(.ready, step: 6, workers: 2))
+
+        // Resumed at its last step: nothing is left to train, and the run ends once everyone is ready.
+        let end = try Harness(workers: 2, steps: 6) { $0.checkpointDirectory = dir; $0.resume = true }
+        let w2 = try end.join(2, checksum: welcome.parametersChecksum)
+        #expect(end.coordinator.isFinished)
+        #expect(end.coordinator.finish().finalStep == 6)
+        for x in w2 { #expect(try x.received().contains { if case .stop(let s) = $0 { s.afterStep == nil } else { false } }) }
     }
 }
 
