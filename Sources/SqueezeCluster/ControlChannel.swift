@@ -1,14 +1,14 @@
 import Foundation
 import SqueezeComm
 
-/// The coordinator's end of the control plane: a ROUTER socket that knows each peer by its
-/// ZeroMQ identity. Counts every byte it moves.
-final class ControlServer {
+/// The coordinator's end of the control plane over ZeroMQ: a ROUTER socket that knows each peer
+/// by its ZeroMQ identity. Counts every byte it moves.
+public final class ZMQControlServer: ControlServerChannel {
     let socket: ZMQSocket
-    let endpoint: String
-    private(set) var bytesSent = 0, bytesReceived = 0
+    public let endpoint: String
+    public private(set) var bytesSent = 0, bytesReceived = 0
 
-    init(context: ZMQContext, bind: String) throws {
+    public init(context: ZMQContext, bind: String) throws {
         socket = try ZMQSocket(context: context, type: .router)
         try socket.setRouterHandover(true)
         do { try socket.bind(bind) } catch {
@@ -18,7 +18,7 @@ final class ControlServer {
     }
 
     /// The next frame from any peer, or nil after `timeout`. Frames that are not [identity, body] are dropped.
-    func receive(timeout: Duration) throws -> (peer: [UInt8], frame: [UInt8])? {
+    public func receive(timeout: Duration) throws -> (peer: [UInt8], frame: [UInt8])? {
         guard let parts = try socket.receiveMultipart(timeout: timeout) else { return nil }
         let size = parts.reduce(0) { $0 + $1.count }
         bytesReceived += size
@@ -29,51 +29,86 @@ final class ControlServer {
         return (id, parts[1].withUnsafeBytes { Array($0) })
     }
 
-    func send(_ message: ControlMessage, to peer: [UInt8]) {
-        let body = message.encoded()
+    public func send(_ frame: [UInt8], to peer: [UInt8]) {
         peer.withUnsafeBytes { id in
-            body.withUnsafeBytes { b in
+            frame.withUnsafeBytes { b in
                 // A peer that has gone away is not an error here: the caller learns of it from silence.
                 _ = try? socket.sendMultipart([id, b])
             }
         }
-        bytesSent += peer.count + body.count
+        bytesSent += peer.count + frame.count
     }
 
-    func close() { socket.close(linger: .milliseconds(200)) }
+    public func close() { socket.close(linger: .milliseconds(200)) }
 }
 
-/// A worker's end of the control plane: a DEALER connected to the coordinator.
-final class ControlClient {
+/// A worker's end of the control plane over ZeroMQ: a DEALER connected to the coordinator.
+public final class ZMQControlClient: ControlClientChannel {
     let socket: ZMQSocket
-    let coordinator: String
-    private(set) var bytesSent = 0, bytesReceived = 0
+    public private(set) var bytesSent = 0, bytesReceived = 0
+    private let linger: Duration
 
-    init(context: ZMQContext, coordinator: String) throws {
-        self.coordinator = coordinator
+    public init(context: ZMQContext, coordinator: String, linger: Duration = .milliseconds(500)) throws {
+        self.linger = linger
         socket = try ZMQSocket(context: context, type: .dealer)
         do { try socket.connect(coordinator) } catch {
             throw ClusterError("cannot connect to the coordinator at \(coordinator): \(error)")
         }
     }
 
-    func send(_ message: ControlMessage) throws {
-        let body = message.encoded()
-        try body.withUnsafeBytes { _ = try socket.send($0) }
-        bytesSent += body.count
+    public func send(_ frame: [UInt8]) throws {
+        try frame.withUnsafeBytes { _ = try socket.send($0) }
+        bytesSent += frame.count
     }
 
-    /// The next message from the coordinator, or nil after `timeout` (zero: don't wait).
-    func receive(timeout: Duration) throws -> ControlMessage? {
+    public func trySend(_ frame: [UInt8]) {
+        if (frame.withUnsafeBytes { (try? socket.send($0, dontWait: true)) ?? false }) { bytesSent += frame.count }
+    }
+
+    public func receive(timeout: Duration) throws -> [UInt8]? {
         guard let message = try socket.receive(timeout: timeout) else { return nil }
         bytesReceived += message.count
-        return try message.withUnsafeBytes { try ControlMessage.decode($0, from: "the coordinator at \(coordinator)") }
+        return message.withUnsafeBytes { Array($0) }
     }
 
-    func close() { socket.close(linger: .milliseconds(500)) }
+    public func close() { socket.close(linger: linger) }
+}
+
+/// Connections to a coordinator over ZeroMQ, sharing one context.
+public struct ZMQControlConnector: ControlConnector, @unchecked Sendable {
+    // @unchecked Sendable: ZMQContext is thread-safe.
+    public let context: ZMQContext
+    public let coordinator: String
+    public init(context: ZMQContext, coordinator: String) { self.context = context; self.coordinator = coordinator }
+    public func connect() throws -> any ControlClientChannel { try ZMQControlClient(context: context, coordinator: coordinator) }
+}
+
+extension ControlServerChannel {
+    func send(_ message: ControlMessage, to peer: [UInt8]) { send(message.encoded(), to: peer) }
+}
+
+extension ControlClientChannel {
+    func send(_ message: ControlMessage) throws { try send(message.encoded()) }
+
+    /// The next message from the coordinator, or nil after `timeout` (zero: don't wait).
+    func receiveMessage(timeout: Duration, from coordinator: String) throws -> ControlMessage? {
+        guard let frame = try receive(timeout: timeout) else { return nil }
+        return try frame.withUnsafeBytes { try ControlMessage.decode($0, from: "the coordinator at \(coordinator)") }
+    }
 }
 
 public struct ClusterError: Error, CustomStringConvertible, Sendable {
     public var description: String
     public init(_ description: String) { self.description = description }
+}
+
+/// Time as the cluster's protocol sees it (silence, heartbeats, rendezvous deadlines). Tests
+/// inject a clock they advance by hand, so no test waits for a timeout to pass.
+public protocol ClusterClock: Sendable {
+    var now: ContinuousClock.Instant { get }
+}
+
+public struct SystemClock: ClusterClock {
+    public init() {}
+    public var now: ContinuousClock.Instant { .now }
 }

@@ -148,8 +148,8 @@ public struct Welcome: Codable, Sendable {
     public var algorithm: AllReduceAlgorithm
     public var compression: GradientCompression
     public var bucketBytes: Int
-    /// Data-plane transport: "tcp" or "ipc".
-    public var transport: String
+    /// Data-plane transport; on the wire its raw value, "tcp" or "ipc" (as in version 2 when it was a string).
+    public var transport: DataTransportKind
     public var timeoutSeconds: Double
     /// Checksum (FNV-1a-64 of the initial parameters) every rank must reproduce, from the seed or
     /// from `initWeights`.

@@ -13,7 +13,7 @@ public struct CoordinatorOptions: Sendable {
     public var algorithm: AllReduceAlgorithm = .ring
     public var compression: GradientCompression = .none
     public var bucketBytes = 1 << 20
-    public var transport = "tcp"
+    public var transport = DataTransportKind.tcp
     /// Silence (no heartbeat, no report) after which a worker counts as lost.
     public var timeout: Duration = .seconds(10)
     /// How long to wait for all workers to join.
@@ -56,313 +56,429 @@ public struct ClusterSummary: Sendable {
     /// The signal that stopped the run early (after a checkpoint), if any.
     public var interruptedBy: Int32?
     public var finalStep = 0
+    /// Why the run stopped before its last step (a signal, a stop request), if it did.
+    public var stoppedEarly: String?
 }
 
 /// Owns a run: rendezvous, ranks, configuration and the initial-weights checksum, metrics from
 /// every worker, failure detection (heartbeats) and the end of the run. For `star` it is also the
 /// hub that averages every worker's gradients.
+///
+/// Event-driven: `prepare()`, then `poll(timeout:)` until `isFinished`, then `finish()` (what
+/// `run()` does). Each poll handles at most one message and then checks time (`clock`): the
+/// rendezvous deadline, heartbeats, silent workers, and a stop requested through `stop`. Tests
+/// drive it step by step over an `InProcessControlPlane` with a clock they advance by hand.
 public final class Coordinator {
+    public enum Phase: Sendable { case created, rendezvous, training, finished }
+
     let options: CoordinatorOptions
     let log: (String) -> Void
+    let channel: any ControlServerChannel
+    let dataPlane: any DataPlaneFactory
+    let stop: StopToken
+    let clock: any ClusterClock
+    let events: (ClusterEvent) -> Void
+    private var metrics: MetricsSink?
+    public private(set) var phase = Phase.created
+
+    // Fixed by `prepare()`.
+    private var checksum = "", parameterCount = 0, plan = [Range<Int>](), startStep = 0
+    private var resumeFrom: String?
+    private var hub: (any DataPlaneTransport)?
+    private var hubThread: HubThread?
+    // Rendezvous.
     private var identities = [[UInt8]?]()
+    private var names = [String]()
+    private var endpoints = [String?]()
+    private var joinDeadline = ContinuousClock.Instant.now
+    // Training.
+    private var progress: Progress!
     private var lastHeard = [ContinuousClock.Instant]()
     private var lastStep = [Int]()
-    private var resumeFrom: String?
+    private var lastBeat = ContinuousClock.Instant.now
 
-    public init(options: CoordinatorOptions, log: @escaping (String) -> Void) {
-        self.options = options
-        self.log = log
+    /// `metrics` overrides `options.metricsPath`; `events` gets `listening` and `ready`.
+    public init(options: CoordinatorOptions, channel: any ControlServerChannel, dataPlane: any DataPlaneFactory,
+                stop: StopToken = StopToken(), clock: any ClusterClock = SystemClock(), metrics: MetricsSink? = nil,
+                events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) {
+        self.options = options; self.channel = channel; self.dataPlane = dataPlane; self.stop = stop; self.clock = clock
+        self.metrics = metrics; self.events = events; self.log = log
     }
 
+    public var isFinished: Bool { phase == .finished }
+
+    /// The whole run: rendezvous, training, the end. On failure every worker gets an `abort`.
     public func run() throws -> ClusterSummary {
+        do {
+            try prepare()
+            while !isFinished { try poll(timeout: .milliseconds(100)) }
+            return finish()
+        } catch {
+            abort(error)
+            throw error
+        }
+    }
+
+    /// Builds the reference model (from the seed, initial weights or a checkpoint) and its
+    /// checksum, opens the metrics and, for `star`, the hub's data plane; then waits for workers.
+    public func prepare() throws {
         let n = options.workers, config = options.config
-        let context = try ZMQContext()
-        defer { context.terminate() }
-        let server = try ControlServer(context: context, bind: options.bind)
-        defer { server.close() }
         let reference = Network(config: config.model, seed: config.seed)
         if let path = options.initWeights { try reference.loadWeights(from: path) }
-        var startStep = 0
-        if options.resume, let dir = options.checkpointDirectory {
-            let (found, skipped) = Checkpoint.newestValid(in: dir)
-            for s in skipped { log("skipping checkpoint \(s.path): \(s.reason)") }
-            if let found {
-                do {
-                    try found.checkCompatible(with: config)
-                } catch {
-                    throw ClusterError("\(error)")
-                }
-                try found.copyWeights(into: reference)
-                startStep = found.step
-                resumeFrom = found.path
-                log("resuming from \(found.path!) at step \(found.step) (written by \(found.worldSize) worker(s))")
-            } else {
-                log("no valid checkpoint in \(dir); starting from step 0")
-            }
+        if options.resume, let dir = options.checkpointDirectory, let found = Resume.newest(in: dir, log: log) {
+            do { try found.checkCompatible(with: config) } catch { throw ClusterError("\(error)") }
+            try found.copyWeights(into: reference)
+            startStep = found.step
+            resumeFrom = found.path
+            log("resuming from \(found.path!) at step \(found.step) (written by \(found.worldSize) worker(s))")
         }
-        let checksum = parametersChecksum(UnsafeBufferPointer(reference.parameters.valueBuffer))
-        let parameterCount = reference.parameters.count
-        let plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
-        log("coordinator at \(server.endpoint): waiting for \(n) worker(s); \(config.model.architecture.rawValue), "
+        checksum = parametersChecksum(UnsafeBufferPointer(reference.parameters.valueBuffer))
+        parameterCount = reference.parameters.count
+        plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
+        if metrics == nil { metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) } }
+        // The hub's data plane (star only): rank n of a group of n + 1.
+        if options.algorithm == .star { hub = try dataPlane.makeTransport(rank: n, worldSize: n + 1, kind: options.transport) }
+        identities = Array(repeating: nil, count: n)
+        names = Array(repeating: "", count: n)
+        endpoints = Array(repeating: nil, count: n)
+        joinDeadline = clock.now + options.joinTimeout
+        phase = .rendezvous
+        events(ClusterEvent(.listening, endpoint: channel.endpoint, workers: n))
+        log("coordinator at \(channel.endpoint): waiting for \(n) worker(s); \(config.model.architecture.rawValue), "
             + "\(parameterCount) parameters, \(options.algorithm.rawValue) all-reduce in \(plan.count) bucket(s)"
             + (options.compression == .none ? "" : ", --compress \(options.compression)"))
-
-        // The hub's data plane (star only): rank n of a group of n + 1.
-        var hub: ZMQTransport?
-        if options.algorithm == .star {
-            let host = try localAddress(towards: server.endpoint)
-            let bind = options.transport == "ipc" ? "ipc://\(NSTemporaryDirectory())squeezetrain-\(getpid())-hub.ipc" : "tcp://\(host):*"
-            hub = try ZMQTransport(rank: n, worldSize: n + 1, bind: bind, context: context)
-        }
-        defer { hub?.close(flushTimeout: .milliseconds(500)) }
-
-        let endpoints: [String]
-        do {
-            endpoints = try rendezvous(server, checksum: checksum, parameterCount: parameterCount)
-        } catch {
-            for id in identities { if let id { server.send(.abort(Abort(reason: String(describing: error))), to: id) } }
-            throw error
-        }
-        var all = endpoints
-        if let hub { all.append(hub.boundEndpoint); try hub.connect(topology: .star(hub: n), endpoints: all) }
-        var hubThread: HubThread?
-        if let hub {
-            hubThread = HubThread(hub: StarAllReduceHub(transport: hub, options: CollectiveOptions(timeout: options.timeout),
-                                                                   compression: options.compression),
-                                  plan: plan, steps: startStep..<config.totalSteps)
-        }
-        for id in identities { server.send(.start(Start(step: startStep, endpoints: all)), to: id!) }
-        log("all \(n) worker(s) ready; training \(config.totalSteps) steps of \(config.batchSize) images (\(config.batchSize / n) per worker)")
-
-        do {
-            let summary = try monitor(server, plan: plan, parameterCount: parameterCount, startStep: startStep)
-            for id in identities { server.send(.stop(Stop(reason: "run complete")), to: id!) }
-            hubThread?.join()
-            var s = summary
-            if let hub { s.hubBytesSent = hub.counters.payloadBytesSent; s.hubBytesReceived = hub.counters.payloadBytesReceived }
-            return s
-        } catch {
-            for id in identities { if let id { server.send(.abort(Abort(reason: String(describing: error))), to: id) } }
-            // The hub's socket must not be closed under it: it ends within one receive timeout.
-            hubThread?.cancel()
-            hubThread?.join()
-            throw error
-        }
     }
 
-    /// Waits for `workers` hellos and readies; returns each rank's data endpoint.
-    private func rendezvous(_ server: ControlServer, checksum: String, parameterCount: Int) throws -> [String] {
-        let n = options.workers
-        identities = Array(repeating: nil, count: n)
-        var endpoints = [String?](repeating: nil, count: n)
-        var names = [String](repeating: "", count: n)
-        let deadline = ContinuousClock.now + options.joinTimeout
-        func rankOf(_ id: [UInt8]) -> Int? { identities.firstIndex { $0 == id } }
-        while endpoints.contains(where: { $0 == nil }) {
-            guard ContinuousClock.now < deadline else {
-                let joined = (0..<n).filter { identities[$0] != nil }
-                let missing = (0..<n).filter { endpoints[$0] == nil }
-                throw ClusterError("rendezvous timed out after \(options.joinTimeout): \(joined.count) of \(n) worker(s) joined; "
-                                   + "rank(s) still missing: \(missing.map(String.init).joined(separator: ", "))")
-            }
-            guard let (id, frame) = try server.receive(timeout: .milliseconds(200)) else { continue }
-            let peer = rankOf(id).map { "worker rank \($0) (\(names[$0]))" } ?? "an unregistered peer"
-            guard let message = decodeOrReject(frame, from: peer, id: id, server) else { continue }
-            switch message {
-            case .hello(let h):
-                guard rankOf(id) == nil else { continue }
-                let free = (0..<n).filter { identities[$0] == nil }
-                let rank = h.requestedRank.flatMap { free.contains($0) ? $0 : nil } ?? free.first
-                guard let rank else {
-                    let reason = "the run already has its \(n) worker(s)"
-                    log("refused \(h.host) pid \(h.pid): \(reason)")
-                    server.send(.reject(Reject(reason: reason)), to: id)
-                    continue
-                }
-                if let r = h.requestedRank, r != rank { log("\(h.host) pid \(h.pid) asked for rank \(r), which is taken or out of range; gave rank \(rank)") }
-                identities[rank] = id
-                names[rank] = "\(h.host) pid \(h.pid)"
-                server.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
-                                             compression: options.compression,
-                                             bucketBytes: options.bucketBytes, transport: options.transport,
-                                             timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
-                                             initWeights: options.initWeights, saveWeights: options.saveWeights,
-                                             evaluate: options.evaluate, checkpointDirectory: options.checkpointDirectory,
-                                             checkpointEvery: options.checkpointEvery, keepCheckpoints: options.keepCheckpoints,
-                                             resumeFrom: resumeFrom)), to: id)
-                log("worker \(names[rank]) joined as rank \(rank)")
-            case .ready(let r):
-                guard let rank = rankOf(id), rank == r.rank else { continue }
-                var problems = [String]()
-                if r.model != options.config.model { problems.append("its model configuration differs from the run's") }
-                if r.parameterCount != parameterCount { problems.append("it has \(r.parameterCount) parameters, the run \(parameterCount)") }
-                if r.parametersChecksum != checksum { problems.append("its initial parameters' checksum \(r.parametersChecksum) is not \(checksum)") }
-                if !problems.isEmpty {
-                    let reason = "worker rank \(rank) (\(names[rank])) rejected: " + problems.joined(separator: "; ")
-                    log(reason)
-                    server.send(.reject(Reject(reason: reason)), to: id)
-                    identities[rank] = nil  // the rank is free again for a correct worker
-                    continue
-                }
-                endpoints[rank] = r.dataEndpoint
-            case .failure(let f):
-                throw ClusterError("worker rank \(f.rank) failed before training: \(f.message)")
-            default:
-                continue
-            }
+    /// Handles at most one message (waiting up to `timeout` for it), then checks time and the stop token.
+    public func poll(timeout: Duration) throws {
+        if let (id, frame) = try channel.receive(timeout: timeout) { try handle(frame, from: id) }
+        try tick()
+    }
+
+    /// After the last step: tells the workers the run is over and sums it up.
+    public func finish() -> ClusterSummary {
+        for id in identities { if let id { channel.send(.stop(Stop(reason: "run complete")), to: id) } }
+        hubThread?.join()
+        var summary = progress.summary(startStep: startStep, stop: stop)
+        if let hub { summary.hubBytesSent = hub.counters.payloadBytesSent; summary.hubBytesReceived = hub.counters.payloadBytesReceived }
+        hub?.close(flushTimeout: .milliseconds(500))
+        return summary
+    }
+
+    /// Tells every worker the run failed; stops the hub.
+    public func abort(_ error: Error) {
+        for id in identities { if let id { channel.send(.abort(Abort(reason: String(describing: error))), to: id) } }
+        // The hub's transport must not be closed under it: it ends within one receive timeout.
+        hubThread?.cancel()
+        hubThread?.join()
+        hub?.close(flushTimeout: .milliseconds(500))
+        phase = .finished
+    }
+
+    private func rankOf(_ id: [UInt8]) -> Int? { identities.firstIndex { $0 == id } }
+
+    private func handle(_ frame: [UInt8], from id: [UInt8]) throws {
+        let rank = rankOf(id)
+        let peer = rank.map { phase == .rendezvous ? "worker rank \($0) (\(names[$0]))" : "worker rank \($0)" } ?? "an unregistered peer"
+        guard let message = decodeOrReject(frame, from: peer, id: id) else { return }
+        switch phase {
+        case .rendezvous: try rendezvous(message, from: id)
+        case .training: try training(message, from: id, rank: rank)
+        case .created, .finished: break
         }
-        lastHeard = Array(repeating: ContinuousClock.now, count: n)
-        lastStep = Array(repeating: 0, count: n)
-        return endpoints.map { $0! }
     }
 
     /// A valid message, or nil after logging the problem and sending the peer a `reject` (the run goes on).
-    private func decodeOrReject(_ frame: [UInt8], from peer: String, id: [UInt8], _ server: ControlServer) -> ControlMessage? {
+    private func decodeOrReject(_ frame: [UInt8], from peer: String, id: [UInt8]) -> ControlMessage? {
         do {
             return try frame.withUnsafeBytes { try ControlMessage.decode($0, from: peer) }
         } catch {
             log("\(error)")
-            server.send(.reject(Reject(reason: String(describing: error))), to: id)
+            channel.send(.reject(Reject(reason: String(describing: error))), to: id)
             return nil
         }
     }
 
-    /// Collects reports until every rank has finished the last step; detects failures and silence.
-    private func monitor(_ server: ControlServer, plan: [Range<Int>], parameterCount: Int, startStep: Int) throws -> ClusterSummary {
+    // MARK: Rendezvous
+
+    private func rendezvous(_ message: ControlMessage, from id: [UInt8]) throws {
+        switch message {
+        case .hello(let h): welcome(h, id: id)
+        case .ready(let r): try ready(r, id: id)
+        case .failure(let f): throw ClusterError("worker rank \(f.rank) failed before training: \(f.message)")
+        default: break
+        }
+    }
+
+    /// Gives a new peer the rank it asked for if free, else the lowest free one, and the run's configuration.
+    private func welcome(_ h: Hello, id: [UInt8]) {
+        let n = options.workers
+        guard rankOf(id) == nil else { return }
+        let free = (0..<n).filter { identities[$0] == nil }
+        guard let rank = h.requestedRank.flatMap({ free.contains($0) ? $0 : nil }) ?? free.first else {
+            let reason = "the run already has its \(n) worker(s)"
+            log("refused \(h.host) pid \(h.pid): \(reason)")
+            channel.send(.reject(Reject(reason: reason)), to: id)
+            return
+        }
+        if let r = h.requestedRank, r != rank { log("\(h.host) pid \(h.pid) asked for rank \(r), which is taken or out of range; gave rank \(rank)") }
+        identities[rank] = id
+        names[rank] = "\(h.host) pid \(h.pid)"
+        channel.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
+                                      compression: options.compression, bucketBytes: options.bucketBytes, transport: options.transport,
+                                      timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
+                                      initWeights: options.initWeights, saveWeights: options.saveWeights,
+                                      evaluate: options.evaluate, checkpointDirectory: options.checkpointDirectory,
+                                      checkpointEvery: options.checkpointEvery, keepCheckpoints: options.keepCheckpoints,
+                                      resumeFrom: resumeFrom)), to: id)
+        log("worker \(names[rank]) joined as rank \(rank)")
+    }
+
+    /// Accepts a worker whose model and initial parameters match the run's; training starts when all have.
+    private func ready(_ r: Ready, id: [UInt8]) throws {
+        guard let rank = rankOf(id), rank == r.rank else { return }
+        var problems = [String]()
+        if r.model != options.config.model { problems.append("its model configuration differs from the run's") }
+        if r.parameterCount != parameterCount { problems.append("it has \(r.parameterCount) parameters, the run \(parameterCount)") }
+        if r.parametersChecksum != checksum { problems.append("its initial parameters' checksum \(r.parametersChecksum) is not \(checksum)") }
+        guard problems.isEmpty else {
+            let reason = "worker rank \(rank) (\(names[rank])) rejected: " + problems.joined(separator: "; ")
+            log(reason)
+            channel.send(.reject(Reject(reason: reason)), to: id)
+            identities[rank] = nil  // the rank is free again for a correct worker
+            return
+        }
+        endpoints[rank] = r.dataEndpoint
+        if !endpoints.contains(where: { $0 == nil }) { try beginTraining() }
+    }
+
+    private func beginTraining() throws {
         let n = options.workers, config = options.config
-        let metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) }
-        let display = ProgressDisplay(prefix: "")
-        let expected = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression)
-        let theory = expected.bytesSent, uncompressed = (0..<n).map { expected.uncompressedBytesSent(rank: $0) }
-        let perEpoch = config.stepsPerEpoch(trainingRecords: options.trainingRecords, workers: n)
-        let epochs = (config.totalSteps + perEpoch - 1) / perEpoch
-        var pending = [Int: [StepReport]]()
-        var traffic = [RankTraffic](repeating: RankTraffic(), count: n)
-        var completed = startStep
-        var stopAfter = config.totalSteps
-        var interruptedBy: Int32?
-        var testAccuracies = [Double]()
-        let start = ContinuousClock.now
-        var windowImages = 0, windowStart = ContinuousClock.now, lossSum = 0.0, correct = 0, images = 0
-        var lastBeat = ContinuousClock.now
-        while completed < stopAfter {
-            // Workers watch for our silence as we watch for theirs (a worker started by hand would
-            // otherwise only learn of a dead coordinator from its data plane).
-            if ContinuousClock.now - lastBeat > options.timeout / 4 {
-                for id in identities { server.send(.heartbeat(Heartbeat(rank: -1, step: completed)), to: id!) }
-                lastBeat = ContinuousClock.now
+        var all = endpoints.map { $0! }
+        if let hub {
+            all.append(hub.boundEndpoint)
+            try hub.connect(topology: .star(hub: n), endpoints: all)
+            hubThread = HubThread(hub: hub, options: CollectiveOptions(timeout: options.timeout), compression: options.compression,
+                                  plan: plan, steps: startStep..<config.totalSteps)
+        }
+        for id in identities { channel.send(.start(Start(step: startStep, endpoints: all)), to: id!) }
+        progress = Progress(options: options, plan: plan, startStep: startStep, metrics: metrics)
+        lastHeard = Array(repeating: clock.now, count: n)
+        lastStep = Array(repeating: 0, count: n)
+        lastBeat = clock.now
+        phase = progress.isComplete ? .finished : .training  // resumed at the last step: nothing left to train
+        events(ClusterEvent(.ready, step: startStep, workers: n))
+        log("all \(n) worker(s) ready; training \(config.totalSteps) steps of \(config.batchSize) images (\(config.batchSize / n) per worker)")
+    }
+
+    // MARK: Training
+
+    private func training(_ message: ControlMessage, from id: [UInt8], rank: Int?) throws {
+        let n = options.workers
+        if let rank { lastHeard[rank] = clock.now }
+        switch message {
+        case .stepReport(let r):
+            guard let rank, r.rank == rank else { return }
+            lastStep[rank] = r.step
+            progress.add(r)
+            if progress.isComplete { phase = .finished }
+        case .heartbeat(let h):
+            if (0..<n).contains(h.rank) { lastHeard[h.rank] = clock.now; lastStep[h.rank] = max(lastStep[h.rank], h.step) }
+        case .failure(let f):
+            throw ClusterError("worker rank \(f.rank) failed at step \(f.step): \(f.message)")
+        case .hello:
+            channel.send(.reject(Reject(reason: "the run is already training with \(n) worker(s)")), to: id)
+        default:
+            break
+        }
+    }
+
+    /// What time and the stop token decide: the rendezvous deadline; heartbeats to the workers
+    /// (they watch for our silence as we watch for theirs); a requested stop; silent workers.
+    private func tick() throws {
+        let now = clock.now
+        switch phase {
+        case .rendezvous:
+            guard now >= joinDeadline else { return }
+            let n = options.workers
+            let joined = (0..<n).filter { identities[$0] != nil }
+            let missing = (0..<n).filter { endpoints[$0] == nil }
+            throw ClusterError("rendezvous timed out after \(options.joinTimeout): \(joined.count) of \(n) worker(s) joined; "
+                               + "rank(s) still missing: \(missing.map(String.init).joined(separator: ", "))")
+        case .training:
+            if now - lastBeat > options.timeout / 4 {
+                for id in identities { channel.send(.heartbeat(Heartbeat(rank: -1, step: progress.completed)), to: id!) }
+                lastBeat = now
             }
-            if interruptedBy == nil, StopSignals.received != 0 {
-                // Stop two steps past the furthest report, so no rank is already inside the stop step's all-reduce.
-                interruptedBy = StopSignals.received
-                let furthest = max(completed, (pending.keys.max() ?? -1) + 1)
-                stopAfter = min(furthest + 2, config.totalSteps)
-                log("signal \(StopSignals.received): stopping after step \(stopAfter)"
-                    + (options.checkpointDirectory != nil ? " (rank 0 writes a checkpoint there)" : ""))
-                for id in identities { server.send(.stop(Stop(reason: "signal \(StopSignals.received)", afterStep: stopAfter)), to: id!) }
-            }
-            if let (id, frame) = try server.receive(timeout: .milliseconds(100)) {
-                let rank = identities.firstIndex { $0 == id }
-                let peer = rank.map { "worker rank \($0)" } ?? "an unregistered peer"
-                guard let message = decodeOrReject(frame, from: peer, id: id, server) else { continue }
-                if let rank { lastHeard[rank] = ContinuousClock.now }
-                switch message {
-                case .stepReport(let r):
-                    guard let rank, r.rank == rank else { continue }
-                    lastStep[rank] = r.step
-                    pending[r.step, default: []].append(r)
-                case .heartbeat(let h):
-                    if (0..<n).contains(h.rank) { lastHeard[h.rank] = ContinuousClock.now; lastStep[h.rank] = max(lastStep[h.rank], h.step) }
-                case .failure(let f):
-                    throw ClusterError("worker rank \(f.rank) failed at step \(f.step): \(f.message)")
-                case .hello:
-                    server.send(.reject(Reject(reason: "the run is already training with \(n) worker(s)")), to: id)
-                default:
-                    continue
-                }
-            }
-            // Steps complete in order once every rank has reported them.
-            while let reports = pending[completed], reports.count == n {
-                pending[completed] = nil
-                for r in reports.sorted(by: { $0.rank < $1.rank }) {
-                    metrics?.write([("step", r.step), ("epoch", r.epoch), ("rank", r.rank), ("world_size", n), ("loss", r.loss),
-                                    ("accuracy", Double(r.correct) / Double(max(r.images, 1))), ("images", r.images),
-                                    ("learning_rate", r.learningRate),
-                                    ("allreduce_bytes_sent", r.allreduceBytesSent), ("allreduce_bytes_received", r.allreduceBytesReceived),
-                                    ("theory_bytes_sent", theory), ("dense_bytes_sent", uncompressed[r.rank]),
-                                    ("compression_ratio", Double(uncompressed[r.rank]) / Double(max(r.allreduceBytesSent, 1))),
-                                    ("control_bytes", r.controlBytes),
-                                    ("allreduce_seconds", r.allreduceSeconds), ("compute_seconds", r.computeSeconds),
-                                    ("step_seconds", r.stepSeconds), ("data_wait_seconds", r.dataWaitSeconds)])
-                    traffic[r.rank].steps += 1
-                    traffic[r.rank].bytesSent += r.allreduceBytesSent
-                    traffic[r.rank].bytesReceived += r.allreduceBytesReceived
-                    traffic[r.rank].controlBytes += r.controlBytes
-                    traffic[r.rank].allreduceSeconds += r.allreduceSeconds
-                    traffic[r.rank].computeSeconds += r.computeSeconds
-                    traffic[r.rank].stepSeconds += r.stepSeconds
-                    lossSum += Double(r.loss) * Double(r.images); correct += r.correct; images += r.images
-                    windowImages += r.images
-                }
-                completed += 1
-                let evaluated = reports.compactMap { r in r.testImages.map { (r.testCorrect ?? 0, $0) } }
-                if evaluated.count == n {
-                    let images = evaluated.reduce(0) { $0 + $1.1 }, right = evaluated.reduce(0) { $0 + $1.0 }
-                    let accuracy = Double(right) / Double(max(images, 1))
-                    metrics?.write([("step", completed - 1), ("epoch", reports[0].epoch), ("test_accuracy", accuracy), ("test_images", images)])
-                    testAccuracies.append(accuracy)
-                    if !options.quiet { display.line(String(format: "epoch %d: test accuracy %.2f%% (%d images)", reports[0].epoch + 1, 100 * accuracy, images)) }
-                }
-                if !options.quiet {
-                    let elapsed = seconds(ContinuousClock.now - windowStart)
-                    let rate = Double(windowImages) / max(elapsed, 1e-9)
-                    let sent = Double(reports.reduce(0) { $0 + $1.allreduceBytesSent }) / Double(n)
-                    let epoch = (completed - 1) / perEpoch
-                    let done = completed - epoch * perEpoch, total = min(perEpoch, config.totalSteps - epoch * perEpoch)
-                    display.update(epoch: epoch, epochs: epochs, done: done, total: total, loss: lossSum / Double(max(images, 1)),
-                                   accuracy: Double(correct) / Double(max(images, 1)), imagesPerSecond: rate,
-                                   etaSeconds: Double(config.totalSteps - completed) * Double(config.batchSize) / max(rate, 1e-9),
-                                   extra: "sent/worker/step \(megabytes(sent)) (theory \(megabytes(theory)))")
-                    if done == total { lossSum = 0; correct = 0; images = 0; windowImages = 0; windowStart = ContinuousClock.now }
-                }
-            }
-            // Silence: a worker that neither reports nor heartbeats within the timeout is lost.
-            let now = ContinuousClock.now
-            for rank in 0..<n where now - lastHeard[rank] > options.timeout {
+            if let reason = stop.reason, progress.stopRequest == nil { requestStop(reason) }
+            if let failure = hubThread?.failure { throw ClusterError("the star hub failed: \(failure)") }
+            for rank in 0..<options.workers where now - lastHeard[rank] > options.timeout {
                 throw ClusterError("worker rank \(rank) stopped answering at step \(lastStep[rank]) (no message for \(seconds(now - lastHeard[rank]).formatted(.number.precision(.fractionLength(1)))) s)")
             }
+        case .created, .finished:
+            break
         }
+    }
+
+    /// Stops two steps past the furthest report, so no rank is already inside the stop step's all-reduce.
+    private func requestStop(_ reason: String) {
+        let stopAfter = progress.requestStop(reason)
+        log("\(reason): stopping after step \(stopAfter)" + (options.checkpointDirectory != nil ? " (rank 0 writes a checkpoint there)" : ""))
+        for id in identities { channel.send(.stop(Stop(reason: reason, afterStep: stopAfter)), to: id!) }
+        if progress.isComplete { phase = .finished }
+    }
+}
+
+/// The coordinator's view of training: reports gathered per step; a step completes when every
+/// rank has reported it (in order), and then its metrics lines are written and progress shown.
+final class Progress {
+    let options: CoordinatorOptions
+    let metrics: MetricsSink?
+    let display = ProgressDisplay(prefix: "")
+    let theory: Double, uncompressed: [Int]
+    let perEpoch: Int, epochs: Int
+    private(set) var completed: Int
+    private(set) var stopAfter: Int
+    private(set) var stopRequest: String?
+    private var pending = [Int: [StepReport]]()
+    private(set) var traffic: [RankTraffic]
+    private var testAccuracies = [Double]()
+    private let start = ContinuousClock.now
+    private var windowImages = 0, windowStart = ContinuousClock.now, lossSum = 0.0, correct = 0, images = 0
+
+    init(options: CoordinatorOptions, plan: [Range<Int>], startStep: Int, metrics: MetricsSink?) {
+        let n = options.workers, config = options.config
+        self.options = options; self.metrics = metrics
+        let expected = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression)
+        theory = expected.bytesSent
+        uncompressed = (0..<n).map { expected.uncompressedBytesSent(rank: $0) }
+        perEpoch = config.stepsPerEpoch(trainingRecords: options.trainingRecords, workers: n)
+        epochs = (config.totalSteps + perEpoch - 1) / perEpoch
+        completed = startStep
+        stopAfter = config.totalSteps
+        traffic = Array(repeating: RankTraffic(), count: n)
+    }
+
+    var isComplete: Bool { completed >= stopAfter }
+
+    /// The step to stop after: two past the furthest report.
+    func requestStop(_ reason: String) -> Int {
+        stopRequest = reason
+        let furthest = max(completed, (pending.keys.max() ?? -1) + 1)
+        stopAfter = min(furthest + 2, options.config.totalSteps)
+        return stopAfter
+    }
+
+    func add(_ report: StepReport) {
+        pending[report.step, default: []].append(report)
+        while let reports = pending[completed], reports.count == options.workers {
+            pending[completed] = nil
+            complete(reports.sorted { $0.rank < $1.rank })
+        }
+    }
+
+    private func complete(_ reports: [StepReport]) {
+        for r in reports { record(r) }
+        completed += 1
+        let evaluated = reports.compactMap { r in r.testImages.map { (r.testCorrect ?? 0, $0) } }
+        if evaluated.count == options.workers {
+            let images = evaluated.reduce(0) { $0 + $1.1 }, right = evaluated.reduce(0) { $0 + $1.0 }
+            let accuracy = Double(right) / Double(max(images, 1))
+            metrics?.record(ClusterTestMetrics(step: completed - 1, epoch: reports[0].epoch, testAccuracy: accuracy, testImages: images))
+            testAccuracies.append(accuracy)
+            if !options.quiet { display.line(String(format: "epoch %d: test accuracy %.2f%% (%d images)", reports[0].epoch + 1, 100 * accuracy, images)) }
+        }
+        if !options.quiet { show(reports) }
+    }
+
+    private func record(_ r: StepReport) {
+        metrics?.record(WorkerStepMetrics(
+            step: r.step, epoch: r.epoch, rank: r.rank, worldSize: options.workers, loss: r.loss,
+            accuracy: Double(r.correct) / Double(max(r.images, 1)), images: r.images, learningRate: r.learningRate,
+            allreduceBytesSent: r.allreduceBytesSent, allreduceBytesReceived: r.allreduceBytesReceived,
+            theoryBytesSent: theory, denseBytesSent: uncompressed[r.rank],
+            compressionRatio: Double(uncompressed[r.rank]) / Double(max(r.allreduceBytesSent, 1)), controlBytes: r.controlBytes,
+            allreduceSeconds: r.allreduceSeconds, computeSeconds: r.computeSeconds, stepSeconds: r.stepSeconds,
+            dataWaitSeconds: r.dataWaitSeconds))
+        traffic[r.rank].steps += 1
+        traffic[r.rank].bytesSent += r.allreduceBytesSent
+        traffic[r.rank].bytesReceived += r.allreduceBytesReceived
+        traffic[r.rank].controlBytes += r.controlBytes
+        traffic[r.rank].allreduceSeconds += r.allreduceSeconds
+        traffic[r.rank].computeSeconds += r.computeSeconds
+        traffic[r.rank].stepSeconds += r.stepSeconds
+        lossSum += Double(r.loss) * Double(r.images); correct += r.correct; images += r.images
+        windowImages += r.images
+    }
+
+    private func show(_ reports: [StepReport]) {
+        let config = options.config, n = options.workers
+        let elapsed = seconds(ContinuousClock.now - windowStart)
+        let rate = Double(windowImages) / max(elapsed, 1e-9)
+        let sent = Double(reports.reduce(0) { $0 + $1.allreduceBytesSent }) / Double(n)
+        let epoch = (completed - 1) / perEpoch
+        let done = completed - epoch * perEpoch, total = min(perEpoch, config.totalSteps - epoch * perEpoch)
+        display.update(epoch: epoch, epochs: epochs, done: done, total: total, loss: lossSum / Double(max(images, 1)),
+                       accuracy: Double(correct) / Double(max(images, 1)), imagesPerSecond: rate,
+                       etaSeconds: Double(config.totalSteps - completed) * Double(config.batchSize) / max(rate, 1e-9),
+                       extra: "sent/worker/step \(megabytes(sent)) (theory \(megabytes(theory)))")
+        if done == total { lossSum = 0; correct = 0; images = 0; windowImages = 0; windowStart = ContinuousClock.now }
+    }
+
+    func summary(startStep: Int, stop: StopToken) -> ClusterSummary {
         let total = seconds(ContinuousClock.now - start)
         return ClusterSummary(steps: completed - startStep, seconds: total,
-                              imagesPerSecond: Double((completed - startStep) * config.batchSize) / max(total, 1e-9),
+                              imagesPerSecond: Double((completed - startStep) * options.config.batchSize) / max(total, 1e-9),
                               perRank: traffic, theoryBytesPerWorker: theory, hubBytesSent: 0, hubBytesReceived: 0,
-                              testAccuracy: testAccuracies.last, interruptedBy: interruptedBy, finalStep: completed)
+                              testAccuracy: testAccuracies.last, interruptedBy: stopRequest != nil ? stop.signal : nil,
+                              finalStep: completed, stoppedEarly: stopRequest)
     }
 }
 
 /// The star hub's reduce loop, on its own thread so the coordinator keeps watching the control plane.
 final class HubThread: @unchecked Sendable {
-    // @unchecked Sendable: the hub is used only by the thread; `finished` is guarded by `done`.
+    // @unchecked Sendable: the hub is used only by the thread; `isCancelled` and `error` are guarded by `lock`.
     private let done = DispatchSemaphore(value: 0)
-    private let cancelled = NSLock()
+    private let lock = NSLock()
     private var isCancelled = false
-    private let hub: StarAllReduceHub<ZMQTransport>
+    private var error: Error?
 
-    init(hub: StarAllReduceHub<ZMQTransport>, plan: [Range<Int>], steps: Range<Int>) {
-        self.hub = hub
+    init(hub transport: any DataPlaneTransport, options: CollectiveOptions, compression: GradientCompression,
+         plan: [Range<Int>], steps: Range<Int>) {
+        let reduce = HubReduce(makeHubReduce(transport, options: options, compression: compression))
         Thread {
             defer { self.done.signal() }
             for step in steps {
                 for (k, range) in plan.enumerated() {
-                    if self.cancelled.withLock({ self.isCancelled }) { return }
-                    do { try self.hub.reduce(range: range, tag: CollectiveTag(step: UInt32(step), bucket: UInt32(k))) } catch { return }
+                    if self.lock.withLock({ self.isCancelled }) { return }
+                    do { try reduce.call(range, CollectiveTag(step: UInt32(step), bucket: UInt32(k))) } catch {
+                        // Cancelled (the run is over or failed elsewhere), or the hub's own failure to report.
+                        self.lock.withLock { if !self.isCancelled { self.error = error } }
+                        return
+                    }
                 }
             }
         }.start()
     }
 
+    /// Why the hub stopped early, if it failed on its own.
+    var failure: Error? { lock.withLock { error } }
     func join() { done.wait() }
-    func cancel() { cancelled.withLock { isCancelled = true } }
+    func cancel() { lock.withLock { isCancelled = true } }
+}
+
+/// Hands the hub's reduce to its thread.
+private final class HubReduce: @unchecked Sendable {
+    // @unchecked Sendable: moved to the hub thread at its start and used only there.
+    let call: (Range<Int>, CollectiveTag) throws -> Void
+    init(_ call: @escaping (Range<Int>, CollectiveTag) throws -> Void) { self.call = call }
+}
+
+/// The hub's reduce for a transport of any type (the collectives are generic over it).
+private func makeHubReduce<T: Transport>(_ transport: T, options: CollectiveOptions, compression: GradientCompression)
+    -> (Range<Int>, CollectiveTag) throws -> Void {
+    let hub = StarAllReduceHub(transport: transport, options: options, compression: compression)
+    return { try hub.reduce(range: $0, tag: $1) }
 }
 
 func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) * 1e-18 }

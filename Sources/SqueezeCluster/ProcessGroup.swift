@@ -42,13 +42,17 @@ public final class ProcessGroup: @unchecked Sendable {
     private var processes = [Process]()
     private let outputLock = NSLock()
     private let write: @Sendable (String) -> Void
+    private let onEvent: @Sendable (String, ClusterEvent) -> Void
     private let stopLock = NSLock()
     private var stopSignal: Int32?
 
-    /// `write` receives whole prefixed lines (default: standard output).
-    public init(_ specs: [ProcessSpec], write: @escaping @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data($0.utf8)) }) {
+    /// `write` receives whole prefixed lines (default: standard output); `onEvent` gets the
+    /// `ClusterEvent` lines (with the process's name), which are not written.
+    public init(_ specs: [ProcessSpec], write: @escaping @Sendable (String) -> Void = { FileHandle.standardOutput.write(Data($0.utf8)) },
+                onEvent: @escaping @Sendable (String, ClusterEvent) -> Void = { _, _ in }) {
         self.specs = specs
         self.write = write
+        self.onEvent = onEvent
     }
 
     public func start() throws {
@@ -164,6 +168,7 @@ public final class ProcessGroup: @unchecked Sendable {
     }
 
     private func emitLine(_ name: String, _ line: String) {
+        if let event = ClusterEvent(line: line) { return onEvent(name, event) }
         outputLock.withLock { write("[\(name)] \(line)\n") }
     }
 }
@@ -201,21 +206,5 @@ func signalName(_ s: Int32) -> String {
     case SIGBUS: " (SIGBUS)"
     case SIGILL: " (SIGILL)"
     default: ""
-    }
-}
-
-/// Routes SIGINT and SIGTERM of this (launcher) process to `handler` on a background queue.
-public final class SignalForwarder: @unchecked Sendable {
-    // @unchecked Sendable: the sources are only touched at init.
-    private var sources = [DispatchSourceSignal]()
-
-    public init(_ handler: @escaping @Sendable (Int32) -> Void) {
-        for sig in [SIGINT, SIGTERM] {
-            signal(sig, SIG_IGN)
-            let source = DispatchSource.makeSignalSource(signal: sig, queue: .global())
-            source.setEventHandler { handler(sig) }
-            source.resume()
-            sources.append(source)
-        }
     }
 }

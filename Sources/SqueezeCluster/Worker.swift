@@ -6,63 +6,102 @@ import SqueezeTraining
 
 /// How a worker joins a run.
 public struct WorkerOptions: Sendable {
-    public var coordinator: String
+    /// Compute threads (sent to the coordinator; the executable sets OpenMP's team size).
     public var threads = 1
     /// CIFAR-10 directory on this machine (nil: the usual search).
     public var data: String?
     /// Ask for this rank (the launcher does); nil takes any free one.
     public var rank: Int?
-    /// Address the other workers use to reach this one (default: the local address that routes to
-    /// the coordinator, so nothing assumes loopback).
-    public var advertise: String?
     public var joinTimeout: Duration = .seconds(120)
-    public init(coordinator: String) { self.coordinator = coordinator }
+    public init() {}
 }
 
 /// One data-parallel worker: joins the coordinator, builds the model from the shared seed and
-/// proves it with a checksum, trains on its shard, all-reduces gradients with the other workers
-/// (or through the coordinator for `star`), and reports every step.
+/// proves it with a checksum, trains on its shard (`TrainingLoop`), all-reduces gradients with the
+/// other workers (or through the coordinator for `star`), and reports every step.
+///
+/// It receives its control connection (`control`) and its data-plane transports (`dataPlane`), so
+/// a test can run it in process; `clock` is what silence is measured with.
 public final class Worker {
     let options: WorkerOptions
     let log: (String) -> Void
+    let control: any ControlConnector
+    let dataPlane: any DataPlaneFactory
+    let clock: any ClusterClock
+    let events: (ClusterEvent) -> Void
+    /// The step being trained (reported with a failure).
+    private var step = 0
 
-    public init(options: WorkerOptions, log: @escaping (String) -> Void) {
-        self.options = options
-        self.log = log
+    /// `events` gets rank 0's `checkpoint` events.
+    public init(options: WorkerOptions, control: any ControlConnector, dataPlane: any DataPlaneFactory,
+                clock: any ClusterClock = SystemClock(), events: @escaping (ClusterEvent) -> Void = { _ in },
+                log: @escaping (String) -> Void) {
+        self.options = options; self.control = control; self.dataPlane = dataPlane; self.clock = clock
+        self.events = events; self.log = log
     }
+
+    private var coordinator: String { control.coordinator }
 
     /// Runs until the coordinator says stop. Throws on any failure (after telling the coordinator).
     public func run() throws {
-        ComputeThreads.set(options.threads)
-        // SIGINT/SIGTERM do not kill a worker mid-step: the coordinator (which gets them too under
-        // `launch`) decides where the run stops, and rank 0 checkpoints there.
-        StopSignals.ignore()
-        let context = try ZMQContext()
-        defer { context.terminate() }
-        let control = try ControlClient(context: context, coordinator: options.coordinator)
-        defer { control.close() }
-        try control.send(.hello(Hello(protocolVersion: ControlMessage.version, host: ProcessInfo.processInfo.hostName,
+        let channel = try control.connect()
+        defer { channel.close() }
+        try channel.send(.hello(Hello(protocolVersion: ControlMessage.version, host: ProcessInfo.processInfo.hostName,
                                       pid: getpid(), requestedRank: options.rank, threads: options.threads)))
-        let welcome: Welcome = try expect(control, timeout: options.joinTimeout, waitingFor: "a rank") {
+        let welcome: Welcome = try expect(channel, timeout: options.joinTimeout, waitingFor: "a rank") {
             if case .welcome(let w) = $0 { w } else { nil }
         }
-        let rank = welcome.rank
-        var step = 0
         do {
-            try train(welcome, control: control, context: context, step: &step)
+            try train(welcome, channel: channel)
         } catch {
-            try? control.send(.failure(Failure(rank: rank, step: step, message: String(describing: error))))
+            try? channel.send(.failure(Failure(rank: welcome.rank, step: step, message: String(describing: error))))
             throw error
         }
     }
 
-    private func train(_ welcome: Welcome, control: ControlClient, context: ZMQContext, step: inout Int) throws {
-        let (rank, world, config) = (welcome.rank, welcome.worldSize, welcome.config)
+    private func train(_ welcome: Welcome, channel: any ControlClientChannel) throws {
+        let (rank, world) = (welcome.rank, welcome.worldSize)
         let timeout = Duration.milliseconds(Int(welcome.timeoutSeconds * 1000))
+        let model = try prepareModel(welcome)
+        let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm == .star ? world + 1 : world,
+                                                    kind: welcome.transport)
+        defer { transport.close(flushTimeout: .milliseconds(500)) }
+        try joinDataPlane(welcome, model: model, transport: transport, channel: channel)
+        let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout)
+        defer { reducer.close() }
+        let heartbeat = try HeartbeatSender(channel: try control.connect(), rank: rank, interval: timeout / 4)
+        defer { heartbeat.stop() }
+        log("rank \(rank) of \(world): \(model.trainer.trainSet.count) images from \(model.dataDirectory), data plane \(transport.boundEndpoint)")
+
+        let stop = StopToken()
+        let hooks = WorkerHooks(welcome: welcome, model: model, channel: channel, transport: transport, reducer: reducer,
+                                feedback: feedback, heartbeat: heartbeat, stop: stop, clock: clock, timeout: timeout,
+                                coordinator: coordinator, events: events, log: log) { [unowned self] in self.step = $0 }
+        let loop = TrainingLoop(trainer: model.trainer, reducer: reducer, policy: CheckpointPolicy(every: welcome.checkpointEvery), stop: stop)
+        do {
+            _ = try loop.run(hooks)
+        } catch {
+            throw hooks.explain(error)
+        }
+        step = model.trainer.step
+        // Wait for the coordinator's word that everyone is done (it may still need our data plane).
+        _ = try expect(channel, timeout: timeout * 4, waitingFor: "the stop signal") {
+            if case .stop(let s) = $0, s.afterStep == nil { true } else { nil }
+        }
+        if rank == 0, model.trainer.isFinished, let path = welcome.saveWeights {
+            try model.trainer.network.saveWeights(to: path)
+            log("rank 0: weights written to \(path)")
+        }
+        log("rank \(rank): done after step \(step)")
+    }
+
+    /// The data, the trainer at its starting state (seed, initial weights or checkpoint) and the
+    /// checksum that proves every rank starts from the coordinator's parameters.
+    private func prepareModel(_ welcome: Welcome) throws -> WorkerModel {
+        let (rank, world, config) = (welcome.rank, welcome.worldSize, welcome.config)
         let dataDir = try CIFAR10.resolveDirectory(explicit: options.data)
         let trainSet = try CIFAR10(directory: dataDir, split: .train)
         let testSet = welcome.evaluate ? try CIFAR10(directory: dataDir, split: .test) : nil
-        let testShard = Array(stride(from: rank, to: testSet?.count ?? 0, by: world))
         let trainer = try Trainer(config: config, trainSet: trainSet, rank: rank, worldSize: world)
         if let path = welcome.initWeights { try trainer.network.loadWeights(from: path) }
         if let path = welcome.resumeFrom { try Checkpoint.load(path: path).restore(into: trainer) }
@@ -70,187 +109,212 @@ public final class Worker {
         guard checksum == welcome.parametersChecksum else {
             throw ClusterError("rank \(rank): initial parameters (\(welcome.resumeFrom ?? welcome.initWeights ?? "seed \(config.seed)")) have checksum \(checksum), the coordinator's have \(welcome.parametersChecksum) (different builds?)")
         }
-        // Data plane: a star worker talks to the hub (the coordinator, rank `world`) only.
-        let groupSize = welcome.algorithm == .star ? world + 1 : world
-        let bind = welcome.transport == "ipc"
-            ? "ipc://\(NSTemporaryDirectory())squeezetrain-\(getpid())-rank\(rank).ipc"
-            : "tcp://\(try advertisedHost()):*"
-        var transportOptions = ZMQTransport.Options()
-        transportOptions.abandonTimeout = .seconds(5)
-        let transport = try ZMQTransport(rank: rank, worldSize: groupSize, bind: bind, context: context, options: transportOptions)
-        defer { transport.close(flushTimeout: .milliseconds(500)) }
-        try control.send(.ready(Ready(rank: rank, model: config.model, parameterCount: trainer.network.parameters.count,
-                                      parametersChecksum: checksum, dataEndpoint: transport.boundEndpoint)))
-        let start: Start = try expect(control, timeout: options.joinTimeout, waitingFor: "the start signal") {
+        return WorkerModel(trainer: trainer, testSet: testSet, testShard: Array(stride(from: rank, to: testSet?.count ?? 0, by: world)),
+                           dataDirectory: dataDir, checksum: checksum)
+    }
+
+    /// Ready (with this rank's data endpoint), then Start (every endpoint): connects the data plane.
+    /// A star worker talks to the hub (the coordinator, rank `world`) only.
+    private func joinDataPlane(_ welcome: Welcome, model: WorkerModel, transport: any DataPlaneTransport,
+                               channel: any ControlClientChannel) throws {
+        let (rank, world, trainer) = (welcome.rank, welcome.worldSize, model.trainer)
+        try channel.send(.ready(Ready(rank: rank, model: welcome.config.model, parameterCount: trainer.network.parameters.count,
+                                      parametersChecksum: model.checksum, dataEndpoint: transport.boundEndpoint)))
+        let start: Start = try expect(channel, timeout: options.joinTimeout, waitingFor: "the start signal") {
             if case .start(let s) = $0 { s } else { nil }
         }
         try transport.connect(topology: welcome.algorithm == .star ? .star(hub: world) : .ring, endpoints: start.endpoints)
         guard trainer.step == start.step else {
             throw ClusterError("rank \(rank): the coordinator starts at step \(start.step), this worker's state is at step \(trainer.step)")
         }
-        let collective = CollectiveOptions(timeout: timeout)
-        let allReducer: any AllReducer = welcome.algorithm == .star
-            ? StarAllReduceWorker(transport: transport, hub: world, options: collective, compression: welcome.compression)
-            : RingAllReduce(transport: transport, options: collective, compression: welcome.compression)
-        let parameterCount = trainer.network.parameters.count
+    }
+
+    /// The bucketed all-reduce over `transport`, with this rank's error-feedback residual restored on a resume.
+    private func makeReducer(_ welcome: Welcome, trainer: Trainer, transport: any DataPlaneTransport,
+                             timeout: Duration) -> (BucketedReducer, (any ErrorFeedbackReducer)?) {
+        let (rank, world) = (welcome.rank, welcome.worldSize)
+        let allReducer = makeAllReducer(transport, algorithm: welcome.algorithm, hub: world, options: CollectiveOptions(timeout: timeout),
+                                        compression: welcome.compression)
+        let count = trainer.network.parameters.count
         let feedback = welcome.compression.usesErrorFeedback ? allReducer as? any ErrorFeedbackReducer : nil
         if let feedback, let resumed = welcome.resumeFrom {
             let dir = (resumed as NSString).deletingLastPathComponent
             do {
-                feedback.restoreErrorFeedback(try ResidualFile.load(directory: dir, step: trainer.step, rank: rank, worldSize: world,
-                                                                    count: parameterCount))
+                feedback.restoreErrorFeedback(try ResidualFile.load(directory: dir, step: trainer.step, rank: rank, worldSize: world, count: count))
                 log("rank \(rank): error-feedback residual restored from \(ResidualFile.path(directory: dir, step: trainer.step, rank: rank))")
             } catch {
                 log("rank \(rank): warning: \(error); its error-feedback residual starts from zero")
             }
         }
-        let reducer = BucketedReducer(reducer: allReducer, plan: bucketPlan(layerRanges: trainer.network.layerRanges,
-                                                                            bucketBytes: welcome.bucketBytes))
-        defer { reducer.close() }
-        let heartbeat = try HeartbeatSender(context: context, coordinator: options.coordinator, rank: rank,
-                                            interval: timeout / 4)
-        defer { heartbeat.stop() }
-        log("rank \(rank) of \(world): \(trainSet.count) images from \(dataDir), data plane \(transport.boundEndpoint)")
-
-        let loader = trainer.makeLoader()
-        defer { loader.stop() }
-        var lastEnd = DispatchTime.now().uptimeNanoseconds
-        var stopAfter: Int?  // set when the coordinator stops the run early (a signal)
-        var checkpointed = -1
-        var heardFromCoordinator = ContinuousClock.now
-        func silent(_ silence: Duration) -> String {
-            "rank \(rank): the coordinator at \(options.coordinator) has been silent for \(Int(silence.components.seconds)) s (timeout \(timeout))"
-        }
-        func checkpoint() throws {
-            guard let dir = welcome.checkpointDirectory, checkpointed != trainer.step else { return }
-            checkpointed = trainer.step
-            // The gradient mass compression has not sent yet differs between ranks: each writes its own.
-            if let feedback {
-                try ResidualFile.save(feedback.errorFeedback(count: parameterCount), directory: dir, step: trainer.step, rank: rank,
-                                      worldSize: world, compression: welcome.compression.description, keep: welcome.keepCheckpoints)
-            }
-            // One writer for the rest: after the all-reduce every rank holds the same parameters and momentum.
-            guard rank == 0 else { return }
-            let path = try Checkpoint(trainer: trainer, worldSize: world).save(directory: dir, keep: welcome.keepCheckpoints)
-            log("rank 0: checkpoint at step \(trainer.step): \(path)")
-        }
-        training: while !trainer.isFinished {
-            step = trainer.step
-            heartbeat.step = step
-            let waitBefore = loader.waitSeconds
-            guard let batch = loader.next() else { break }
-            let before = transport.counters
-            let controlBefore = control.bytesSent + control.bytesReceived
-            reducer.step = step
-            let r: StepResult
-            do {
-                r = try trainer.trainStep(batch, reducer: reducer)
-            } catch {
-                // A peer that stopped because the coordinator died looks like a dead peer; say which it was.
-                while (try? control.receive(timeout: .zero)) != nil { heardFromCoordinator = ContinuousClock.now }
-                let silence = ContinuousClock.now - heardFromCoordinator
-                guard silence > timeout else { throw error }
-                throw ClusterError(silent(silence) + "; step \(step) failed: \(error)")
-            }
-            let after = transport.counters
-            let now = DispatchTime.now().uptimeNanoseconds
-            var report = StepReport(
-                step: r.step, epoch: r.epoch, rank: rank, loss: r.loss, correct: r.correct, images: r.images,
-                learningRate: r.learningRate,
-                allreduceBytesSent: after.payloadBytesSent - before.payloadBytesSent,
-                allreduceBytesReceived: after.payloadBytesReceived - before.payloadBytesReceived,
-                controlBytes: (after.controlBytesSent + after.controlBytesReceived + after.framingBytesSent + after.framingBytesReceived)
-                    - (before.controlBytesSent + before.controlBytesReceived + before.framingBytesSent + before.framingBytesReceived)
-                    + control.bytesSent + control.bytesReceived - controlBefore,
-                allreduceSeconds: reducer.busySeconds, computeSeconds: r.computeSeconds,
-                stepSeconds: Double(now - lastEnd) * 1e-9, dataWaitSeconds: loader.waitSeconds - waitBefore)
-            if let testSet, trainer.step % trainer.stepsPerEpoch == 0 || trainer.isFinished {
-                // Every rank evaluates its share of the test set at once, so nobody waits for one evaluator.
-                let e = trainer.evaluate(testSet, indices: testShard)
-                report.testCorrect = Int((e.accuracy * Double(e.images)).rounded())
-                report.testImages = e.images
-                lastEnd = DispatchTime.now().uptimeNanoseconds
-            } else {
-                lastEnd = now
-            }
-            let due = trainer.isFinished || trainer.step % trainer.stepsPerEpoch == 0
-                || (welcome.checkpointEvery > 0 && trainer.step % welcome.checkpointEvery == 0) || trainer.step == stopAfter
-            if due { try checkpoint() }
-            try control.send(.stepReport(report))
-            if trainer.isFinished || trainer.step == stopAfter { break }
-            while let message = try control.receive(timeout: .zero) {
-                heardFromCoordinator = ContinuousClock.now
-                switch message {
-                case .abort(let a): throw ClusterError("rank \(rank): the coordinator aborted the run: \(a.reason)")
-                case .stop(let s):
-                    guard let after = s.afterStep else { throw ClusterError("rank \(rank): the coordinator stopped the run early: \(s.reason)") }
-                    log("rank \(rank): stopping after step \(after) (\(s.reason))")
-                    stopAfter = after
-                    if trainer.step >= after { try checkpoint(); break training }
-                default: break
-                }
-            }
-            let silence = ContinuousClock.now - heardFromCoordinator
-            if silence > timeout { throw ClusterError(silent(silence) + "; stopping after step \(trainer.step)") }
-        }
-        step = trainer.step
-        // Wait for the coordinator's word that everyone is done (it may still need our data plane).
-        _ = try expect(control, timeout: timeout * 4, waitingFor: "the stop signal") {
-            if case .stop(let s) = $0, s.afterStep == nil { true } else { nil }
-        }
-        if rank == 0, trainer.isFinished, let path = welcome.saveWeights {
-            try trainer.network.saveWeights(to: path)
-            log("rank 0: weights written to \(path)")
-        }
-        log("rank \(rank): done after step \(step)")
+        let plan = bucketPlan(layerRanges: trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
+        return (BucketedReducer(reducer: allReducer, plan: plan), feedback)
     }
 
     /// Waits for the message `match` accepts; an abort or reject ends the wait with an error.
-    private func expect<T>(_ control: ControlClient, timeout: Duration, waitingFor what: String,
+    private func expect<T>(_ channel: any ControlClientChannel, timeout: Duration, waitingFor what: String,
                            _ match: (ControlMessage) -> T?) throws -> T {
-        let deadline = ContinuousClock.now + timeout
-        while ContinuousClock.now < deadline {
-            guard let message = try control.receive(timeout: min(.milliseconds(500), deadline - ContinuousClock.now)) else { continue }
+        let deadline = clock.now + timeout
+        while clock.now < deadline {
+            guard let message = try channel.receiveMessage(timeout: min(.milliseconds(500), deadline - clock.now), from: coordinator) else { continue }
             if let value = match(message) { return value }
             switch message {
-            case .reject(let r): throw ClusterError("the coordinator at \(options.coordinator) refused this worker: \(r.reason)")
+            case .reject(let r): throw ClusterError("the coordinator at \(coordinator) refused this worker: \(r.reason)")
             case .abort(let a): throw ClusterError("the coordinator aborted the run: \(a.reason)")
             default: continue
             }
         }
-        throw ClusterError("no word from the coordinator at \(options.coordinator) for \(timeout) while waiting for \(what)")
-    }
-
-    /// The address of this host as seen on the route to the coordinator (or --advertise).
-    private func advertisedHost() throws -> String {
-        if let a = options.advertise { return a }
-        return try localAddress(towards: options.coordinator)
+        throw ClusterError("no word from the coordinator at \(coordinator) for \(timeout) while waiting for \(what)")
     }
 }
 
-/// Sends a heartbeat every `interval` from its own thread and socket, so a long step never looks like silence.
+/// The ring or star all-reduce over a transport of any type (the collectives are generic over it).
+func makeAllReducer<T: Transport>(_ transport: T, algorithm: AllReduceAlgorithm, hub: Int, options: CollectiveOptions,
+                                  compression: GradientCompression) -> any AllReducer {
+    algorithm == .star
+        ? StarAllReduceWorker(transport: transport, hub: hub, options: options, compression: compression)
+        : RingAllReduce(transport: transport, options: options, compression: compression)
+}
+
+/// A worker's model and data, ready to train.
+struct WorkerModel {
+    let trainer: Trainer
+    let testSet: CIFAR10?
+    /// This rank's share of the test set: every N-th image from its rank.
+    let testShard: [Int]
+    let dataDirectory: String
+    let checksum: String
+}
+
+/// A worker's side of the training loop: a report per step (with its bytes and times), its share
+/// of the test set at epoch ends, checkpoints (rank 0; every rank its error-feedback residual), the
+/// coordinator's messages (abort, stop after a step) and its silence.
+final class WorkerHooks: TrainingLoopHooks {
+    let welcome: Welcome, model: WorkerModel
+    let channel: any ControlClientChannel, transport: any DataPlaneTransport
+    let reducer: BucketedReducer, feedback: (any ErrorFeedbackReducer)?
+    let heartbeat: HeartbeatSender, stop: StopToken, clock: any ClusterClock, timeout: Duration, coordinator: String
+    let events: (ClusterEvent) -> Void, log: (String) -> Void, stepStarted: (Int) -> Void
+    private var trainer: Trainer { model.trainer }
+    private var rank: Int { welcome.rank }
+    private var heardFromCoordinator: ContinuousClock.Instant
+    private var lastEnd = DispatchTime.now().uptimeNanoseconds
+    private var before = ByteCounters(), controlBefore = 0, waitBefore = 0.0
+    private var report: StepReport?
+
+    init(welcome: Welcome, model: WorkerModel, channel: any ControlClientChannel, transport: any DataPlaneTransport,
+         reducer: BucketedReducer, feedback: (any ErrorFeedbackReducer)?, heartbeat: HeartbeatSender, stop: StopToken,
+         clock: any ClusterClock, timeout: Duration, coordinator: String, events: @escaping (ClusterEvent) -> Void,
+         log: @escaping (String) -> Void, stepStarted: @escaping (Int) -> Void) {
+        self.welcome = welcome; self.model = model; self.channel = channel; self.transport = transport; self.reducer = reducer
+        self.feedback = feedback; self.heartbeat = heartbeat; self.stop = stop; self.clock = clock; self.timeout = timeout
+        self.coordinator = coordinator; self.events = events; self.log = log; self.stepStarted = stepStarted
+        heardFromCoordinator = clock.now
+    }
+
+    func willStep(_ step: Int, loader: BatchLoader) {
+        stepStarted(step)
+        heartbeat.step = step
+        reducer.step = step
+        before = transport.counters
+        controlBefore = channel.bytesSent + channel.bytesReceived
+        waitBefore = loader.waitSeconds
+    }
+
+    func didStep(_ r: StepResult, epochEnded: Bool, loader: BatchLoader) throws {
+        let after = transport.counters
+        let now = DispatchTime.now().uptimeNanoseconds
+        func overhead(_ c: ByteCounters) -> Int { c.controlBytesSent + c.controlBytesReceived + c.framingBytesSent + c.framingBytesReceived }
+        var report = StepReport(
+            step: r.step, epoch: r.epoch, rank: rank, loss: r.loss, correct: r.correct, images: r.images,
+            learningRate: r.learningRate,
+            allreduceBytesSent: after.payloadBytesSent - before.payloadBytesSent,
+            allreduceBytesReceived: after.payloadBytesReceived - before.payloadBytesReceived,
+            controlBytes: overhead(after) - overhead(before) + channel.bytesSent + channel.bytesReceived - controlBefore,
+            allreduceSeconds: reducer.busySeconds, computeSeconds: r.computeSeconds,
+            stepSeconds: Double(now - lastEnd) * 1e-9, dataWaitSeconds: loader.waitSeconds - waitBefore)
+        lastEnd = now
+        if let testSet = model.testSet, epochEnded {
+            // Every rank evaluates its share of the test set at once, so nobody waits for one evaluator.
+            let e = trainer.evaluate(testSet, indices: model.testShard)
+            report.testCorrect = Int((e.accuracy * Double(e.images)).rounded())
+            report.testImages = e.images
+            lastEnd = DispatchTime.now().uptimeNanoseconds
+        }
+        self.report = report
+    }
+
+    func checkpoint(reason: String) throws {
+        guard let dir = welcome.checkpointDirectory else { return }
+        // The gradient mass compression has not sent yet differs between ranks: each writes its own.
+        if let feedback {
+            try ResidualFile.save(feedback.errorFeedback(count: trainer.network.parameters.count), directory: dir, step: trainer.step,
+                                  rank: rank, worldSize: welcome.worldSize, compression: welcome.compression.description,
+                                  keep: welcome.keepCheckpoints)
+        }
+        // One writer for the rest: after the all-reduce every rank holds the same parameters and momentum.
+        guard rank == 0 else { return }
+        let path = try Checkpoint(trainer: trainer, worldSize: welcome.worldSize).save(directory: dir, keep: welcome.keepCheckpoints)
+        log("rank 0: checkpoint at step \(trainer.step): \(path)")
+        events(ClusterEvent(.checkpoint, step: trainer.step, path: path))
+    }
+
+    func stepFinished(_ r: StepResult) throws {
+        if let report { try channel.send(.stepReport(report)) }
+        // At the last step the coordinator's next word is the final stop, read after the loop.
+        if trainer.isFinished || stop.stopStep(current: trainer.step) == trainer.step { return }
+        while let message = try channel.receiveMessage(timeout: .zero, from: coordinator) {
+            heardFromCoordinator = clock.now
+            switch message {
+            case .abort(let a): throw ClusterError("rank \(rank): the coordinator aborted the run: \(a.reason)")
+            case .stop(let s):
+                guard let after = s.afterStep else { throw ClusterError("rank \(rank): the coordinator stopped the run early: \(s.reason)") }
+                log("rank \(rank): stopping after step \(after) (\(s.reason))")
+                stop.request(afterStep: after, reason: s.reason)
+                if trainer.step >= after { return }
+            default: break
+            }
+        }
+        let silence = clock.now - heardFromCoordinator
+        if silence > timeout { throw ClusterError(silent(silence) + "; stopping after step \(trainer.step)") }
+    }
+
+    private func silent(_ silence: Duration) -> String {
+        "rank \(rank): the coordinator at \(coordinator) has been silent for \(Int(silence.components.seconds)) s (timeout \(timeout))"
+    }
+
+    /// A step that failed because the coordinator died looks like a dead peer; says which it was.
+    func explain(_ error: Error) -> Error {
+        while (try? channel.receiveMessage(timeout: .zero, from: coordinator)) != nil { heardFromCoordinator = clock.now }
+        let silence = clock.now - heardFromCoordinator
+        guard silence > timeout, !(error is ClusterError) else { return error }
+        return ClusterError(silent(silence) + "; step \(trainer.step) failed: \(error)")
+    }
+}
+
+/// Sends a heartbeat every `interval` from its own thread and channel, so a long step never looks like silence.
 final class HeartbeatSender: @unchecked Sendable {
-    // @unchecked Sendable: `step` is a plain Int written by the training thread and read by the
-    // heartbeat thread; a stale value only makes a report one step late. `running` is guarded by `lock`.
-    private let socket: ZMQSocket
+    // @unchecked Sendable: `running` and `current` are guarded by `lock`; the channel is used by the thread only.
     private let lock = NSLock()
     private var running = true
-    /// Signalled by `stop()`, so the thread closes its socket at once rather than after its sleep
+    private var current = 0
+    /// Signalled by `stop()`, so the thread closes its channel at once rather than after its sleep
     /// (the ZeroMQ context, and so the process exit, waits for that).
     private let wake = DispatchSemaphore(value: 0)
-    var step = 0
 
-    init(context: ZMQContext, coordinator: String, rank: Int, interval: Duration) throws {
-        socket = try ZMQSocket(context: context, type: .dealer)
-        try socket.connect(coordinator)
-        let sock = socket
+    /// The step the worker is on (sent with the next heartbeat).
+    var step: Int {
+        get { lock.withLock { current } }
+        set { lock.withLock { current = newValue } }
+    }
+
+    init(channel: any ControlClientChannel, rank: Int, interval: Duration) throws {
+        let box = ChannelBox(channel)
         Thread {
             while self.lock.withLock({ self.running }) {
-                let body = ControlMessage.heartbeat(Heartbeat(rank: rank, step: self.step)).encoded()
-                _ = body.withUnsafeBytes { try? sock.send($0, dontWait: true) }
+                box.channel.trySend(ControlMessage.heartbeat(Heartbeat(rank: rank, step: self.step)).encoded())
                 _ = self.wake.wait(timeout: .now() + Double(interval.components.seconds) + Double(interval.components.attoseconds) * 1e-18)
             }
-            sock.close(linger: .zero)
+            box.channel.close()
         }.start()
     }
 
@@ -260,9 +324,16 @@ final class HeartbeatSender: @unchecked Sendable {
     }
 }
 
+/// Hands a channel to the one thread that will use it.
+private final class ChannelBox: @unchecked Sendable {
+    // @unchecked Sendable: moved to one thread at its start (a full barrier) and used only there.
+    let channel: any ControlClientChannel
+    init(_ channel: any ControlClientChannel) { self.channel = channel }
+}
+
 /// The local IP address the kernel would use to reach the host of `endpoint` (tcp://HOST:PORT).
 /// For ipc:// endpoints, 127.0.0.1.
-func localAddress(towards endpoint: String) throws -> String {
+public func localAddress(towards endpoint: String) throws -> String {
     guard endpoint.hasPrefix("tcp://") else { return "127.0.0.1" }
     let rest = endpoint.dropFirst(6)
     guard let colon = rest.lastIndex(of: ":") else { throw ClusterError("endpoint \(endpoint) has no port") }

@@ -1,8 +1,9 @@
 import Foundation
 
 /// Appends JSON lines (one object per line) to a metrics file, flushing each line so that a killed
-/// run loses nothing already reported. Values are numbers, strings or booleans.
-public final class MetricsWriter {
+/// run loses nothing already reported. Each line is one `MetricsLine` type; values are numbers,
+/// strings or booleans.
+public final class MetricsWriter: MetricsSink {
     private let handle: FileHandle
     public let path: String
 
@@ -19,10 +20,8 @@ public final class MetricsWriter {
 
     deinit { try? handle.close() }
 
-    public func write(_ fields: [(String, Any)]) {
-        var parts = [String]()
-        for (k, v) in fields { parts.append("\"\(k)\":\(MetricsWriter.encode(v))") }
-        handle.write(Data(("{" + parts.joined(separator: ",") + "}\n").utf8))
+    public func record<Line: MetricsLine>(_ line: Line) {
+        handle.write(Data((MetricsLineEncoder.line(line) + "\n").utf8))
     }
 
     static func encode(_ v: Any) -> String {

@@ -68,7 +68,7 @@ struct BenchAllReduce: ParsableCommand {
     private func launch() throws -> Report {
         let group = workers + (algorithm == .star ? 1 : 0)
         let endpoints = try (0..<group).map { r -> String in
-            transport == "ipc" ? "ipc://\(NSTemporaryDirectory())squeezetrain-bench-\(getpid())-\(r).ipc"
+            transport == "ipc" ? ipcEndpoint("bench-\(r)")
                                : "tcp://127.0.0.1:\(try freeTCPPort())"
         }
         var children = [(Process, Pipe)]()

@@ -51,6 +51,7 @@ struct CoordinatorCommand: ParsableCommand {
     var initWeights: String?
     @Option(help: "Rank 0 writes the final weights here (safetensors, torchvision names).")
     var saveWeights: String?
+    @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
         guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
@@ -63,7 +64,7 @@ struct CoordinatorCommand: ParsableCommand {
         do {
             let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
                                              metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
-                                             log: { emit("\($0)\n") })
+                                             events: eventWriter(events), log: { emit("\($0)\n") })
             printSummary(summary, workers: workers)
             if let sig = summary.interruptedBy {
                 emit("stopped by signal \(sig) after step \(summary.finalStep)"
@@ -80,15 +81,15 @@ struct CoordinatorCommand: ParsableCommand {
 
 func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: ClusterOptions,
                     metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
-                    log: @escaping (String) -> Void) throws -> ClusterSummary {
-    StopSignals.install()
+                    events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) throws -> ClusterSummary {
+    let stop = stopOnSignals()
     let records = trainingRecordCount(training.data)
     var options = CoordinatorOptions(bind: bind, workers: workers, config: training.config(trainingRecords: records, workers: workers))
     options.trainingRecords = records
     options.algorithm = communication.allreduce
     options.compression = try GradientCompression(parsing: communication.compress)
     options.bucketBytes = Int(communication.bucketMb * 1_048_576)
-    options.transport = communication.transport
+    options.transport = DataTransportKind(rawValue: communication.transport)!  // validated
     options.timeout = .milliseconds(Int(communication.timeout * 1000))
     options.joinTimeout = .milliseconds(Int(communication.joinTimeout * 1000))
     options.metricsPath = metrics
@@ -100,7 +101,13 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     options.quiet = quiet
-    return try Coordinator(options: options, log: log).run()
+    let context = try ZMQContext()
+    defer { context.terminate() }
+    let server = try ZMQControlServer(context: context, bind: bind)
+    defer { server.close() }
+    let endpoint = server.endpoint
+    let dataPlane = ZMQDataPlane(context: context, host: { try localAddress(towards: endpoint) }, hubRank: workers)
+    return try Coordinator(options: options, channel: server, dataPlane: dataPlane, stop: stop, events: events, log: log).run()
 }
 
 /// Training records in the data directory (from file sizes), or CIFAR-10's 50,000 when it cannot be found here.
@@ -153,6 +160,7 @@ struct WorkerCommand: ParsableCommand {
     var joinTimeout: Double = 120
     @Option(help: "Run this worker, all its threads, on these CPUs only, e.g. 0-3 or 0,2 (default: wherever the scheduler puts them).")
     var cpus: String?
+    @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
         if let cpus {
@@ -166,11 +174,21 @@ struct WorkerCommand: ParsableCommand {
             do { try CPUAffinity.bindCurrentThread(to: try CPUAffinity.parseList(cpus)) } catch { throw fail("--cpus \(cpus): \(error)") }
             emit("bound to CPU(s) \(CPUAffinity.allowedCPUs().map(String.init).joined(separator: ","))\n")
         }
-        var options = WorkerOptions(coordinator: coordinator)
-        options.threads = threads; options.data = data; options.rank = rank; options.advertise = advertise
+        ComputeThreads.set(threads)
+        ignoreStopSignals()
+        var options = WorkerOptions()
+        options.threads = threads; options.data = data; options.rank = rank
         options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
         do {
-            try Worker(options: options, log: { emit("\($0)\n") }).run()
+            let context = try ZMQContext()
+            defer { context.terminate() }
+            var transportOptions = ZMQTransport.Options()
+            transportOptions.abandonTimeout = .seconds(5)
+            let (advertise, coordinator) = (advertise, coordinator)
+            let dataPlane = ZMQDataPlane(context: context, host: { try advertise ?? localAddress(towards: coordinator) },
+                                         options: transportOptions)
+            try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator), dataPlane: dataPlane,
+                       events: eventWriter(events), log: { emit("\($0)\n") }).run()
         } catch {
             throw fail(String(describing: error))
         }

@@ -45,7 +45,8 @@ struct Launch: ParsableCommand {
             defer { withExtendedLifetime(forwarder) {} }
             var restarts = 0
             while true {
-                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0), write: current.write)
+                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0), write: current.write,
+                                         onEvent: { current.handle($1) })
                 current.set(group)
                 try group.start()
                 // On Ctrl-C/SIGTERM the processes stop by themselves a few steps later (after a
@@ -58,15 +59,14 @@ struct Launch: ParsableCommand {
                 restarts += 1
                 let failedAt = Date()
                 let lastStep = metrics.flatMap { lastReportedStep(in: absolutePath($0)) }
-                let resumeStep = cluster.checkpoints.checkpointDir.flatMap { Checkpoint.newestValid(in: absolutePath($0)).checkpoint?.step } ?? 0
+                let resumeStep = current.lastCheckpoint ?? 0
                 emit("[launch] \(description); restart \(restarts) of \(maxRestarts): every process restarts from the checkpoint at step \(resumeStep)"
                      + (lastStep.map { " (the run had reached step \($0))" } ?? "") + "\n")
                 current.onReady = { [metrics] in
                     guard let metrics else { return }
                     let writer = try? MetricsWriter(path: absolutePath(metrics), append: true)
-                    writer?.write([("event", "restart"), ("restart", restarts), ("process", culprit), ("reason", description),
-                                   ("failed_step", lastStep ?? -1), ("resume_step", resumeStep),
-                                   ("recovery_seconds", Date().timeIntervalSince(failedAt))])
+                    writer?.record(RestartEvent(restart: restarts, process: culprit, reason: description, failedStep: lastStep ?? -1,
+                                                resumeStep: resumeStep, recoverySeconds: Date().timeIntervalSince(failedAt)))
                 }
             }
         } catch let e as ExitCode {
@@ -81,13 +81,13 @@ struct Launch: ParsableCommand {
         let exe = selfExecutable()
         var options = cluster
         options.checkpoints.resume = resume
-        var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)"] + training.arguments + options.arguments
+        var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--events"] + training.arguments + options.arguments
         if let metrics { coordinator += ["--metrics", absolutePath(metrics)] }
         if let initWeights { coordinator += ["--init-weights", absolutePath(initWeights)] }
         if let saveWeights { coordinator += ["--save-weights", absolutePath(saveWeights)] }
         var all = [ProcessSpec(name: "coordinator", executable: exe, arguments: coordinator)]
         for r in 0..<workers {
-            var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)",
+            var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)", "--events",
                         "--join-timeout", "\(cluster.joinTimeout)"]
             if let data = training.data { args += ["--data", data] }
             args += bindTo.arguments(rank: r, threads: threads)
@@ -97,14 +97,15 @@ struct Launch: ParsableCommand {
     }
 }
 
-/// The process group of the current attempt, for signal forwarding and for noticing when a
-/// restarted cluster is training again.
+/// The process group of the current attempt, for signal forwarding, for noticing when a
+/// restarted cluster is training again, and for the last checkpoint (both from `ClusterEvent`s).
 final class CurrentGroup: @unchecked Sendable {
     // @unchecked Sendable: every field is guarded by `lock`.
     private let lock = NSLock()
     private var group: ProcessGroup?
     private var stop = false
     private var ready: (() -> Void)?
+    private var checkpointStep: Int?
 
     func set(_ g: ProcessGroup) { lock.withLock { group = g } }
     var stopped: Bool { lock.withLock { stop } }
@@ -113,6 +114,8 @@ final class CurrentGroup: @unchecked Sendable {
         get { lock.withLock { ready } }
         set { lock.withLock { ready = newValue } }
     }
+    /// The newest step a checkpoint holds: where an attempt started (a resume), or what rank 0 wrote since.
+    var lastCheckpoint: Int? { lock.withLock { checkpointStep } }
 
     func terminate(_ signal: Int32) {
         let g = lock.withLock { stop = true; return group }
@@ -121,19 +124,32 @@ final class CurrentGroup: @unchecked Sendable {
 
     func write(_ line: String) {
         FileHandle.standardOutput.write(Data(line.utf8))
-        if line.hasPrefix("[coordinator] all "), line.contains("worker(s) ready"), let callback = lock.withLock({ () -> (() -> Void)? in
-            defer { ready = nil }
-            return ready
-        }) { callback() }
+    }
+
+    func handle(_ event: ClusterEvent) {
+        switch event.event {
+        case .ready:
+            let callback = lock.withLock { () -> (() -> Void)? in
+                if let s = event.step, s > 0 { checkpointStep = max(checkpointStep ?? 0, s) }
+                defer { ready = nil }
+                return ready
+            }
+            callback?()
+        case .checkpoint:
+            lock.withLock { if let s = event.step { checkpointStep = max(checkpointStep ?? 0, s) } }
+        case .listening:
+            break
+        }
     }
 }
 
 /// The highest `step` among the per-worker lines of a metrics file.
 func lastReportedStep(in path: String) -> Int? {
     guard let text = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+    let decoder = JSONDecoder()
     return text.split(separator: "\n").compactMap { line -> Int? in
-        guard line.contains("\"rank\""), let r = line.range(of: #""step":(\d+)"#, options: .regularExpression) else { return nil }
-        return Int(line[r].dropFirst(7))
+        guard let header = try? decoder.decode(MetricsLineHeader.self, from: Data(line.utf8)), header.rank != nil else { return nil }
+        return header.step
     }.max()
 }
 

@@ -6,7 +6,7 @@ import SqueezeTraining
 
 struct Train: ParsableCommand {
     static let configuration = CommandConfiguration(
-        abstract: "Train on CIFAR-10 in this process (the cluster's worker loop with one worker).")
+        abstract: "Train on CIFAR-10 in this process (the training loop every cluster worker runs, without the all-reduce).")
 
     @OptionGroup var training: TrainingOptions
     @Option(help: "Compute threads (oneDNN/OpenMP); data loading runs on one more thread.")
@@ -26,7 +26,7 @@ struct Train: ParsableCommand {
     }
 
     func run() throws {
-        StopSignals.install()  // first: threads started later inherit its signal mask
+        let stop = stopOnSignals()  // first: threads started later inherit its signal mask
         ComputeThreads.set(threads)
         do {
             let dir = try training.dataDirectory()
@@ -35,15 +35,10 @@ struct Train: ParsableCommand {
             let config = training.config(trainingRecords: trainSet.count)
             let trainer = try Trainer(config: config, trainSet: trainSet)
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
-            if checkpoints.resume, let checkpointDir = checkpoints.checkpointDir {
-                let (found, skipped) = Checkpoint.newestValid(in: checkpointDir)
-                for s in skipped { emit("skipping checkpoint \(s.path): \(s.reason)\n") }
-                if let found {
-                    try found.restore(into: trainer)
-                    emit("resuming from \(found.path!) at step \(found.step) (epoch \(trainer.epoch + 1), batch \(trainer.position.batch))\n")
-                } else {
-                    emit("no valid checkpoint in \(checkpointDir); starting from step 0\n")
-                }
+            if checkpoints.resume, let checkpointDir = checkpoints.checkpointDir,
+               let found = Resume.newest(in: checkpointDir, log: { emit($0 + "\n") }) {
+                try found.restore(into: trainer)
+                emit("resuming from \(found.path!) at step \(found.step) (epoch \(trainer.epoch + 1), batch \(trainer.position.batch))\n")
             }
             emit("training \(config.model.architecture.rawValue) (\(grouped(trainer.network.parameters.count)) parameters) on \(dir): "
                  + "\(trainSet.count) images, \(trainer.stepsPerEpoch) steps of \(config.batchSize) per epoch, "
@@ -54,7 +49,7 @@ struct Train: ParsableCommand {
             options.keepCheckpoints = checkpoints.keepCheckpoints
             options.metricsPath = metrics
             options.evaluateEachEpoch = !noEval
-            let summary = try runTraining(trainer, testSet: testSet, options: options)
+            let summary = try runTraining(trainer, testSet: testSet, options: options, stop: stop)
             if let saveWeights {
                 try trainer.network.saveWeights(to: saveWeights)
                 emit("weights written to \(saveWeights)\n")

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+@testable import SqueezeCluster
 
 /// The package root (…/Tests/SqueezeClusterTests/ProcessHelpers.swift → …).
 let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
@@ -77,16 +78,31 @@ final class Child {
         return false
     }
 
+    /// The events (`--events`) the process has printed so far.
+    var events: [ClusterEvent] { output.split(separator: "\n").compactMap { ClusterEvent(line: String($0)) } }
+
+    /// Waits until the process has printed an event of `kind` (or ends / `timeout` passes).
+    func waitForEvent(_ kind: ClusterEvent.Kind, timeout: Double = 60) -> ClusterEvent? {
+        let deadline = Date().addingTimeInterval(timeout)
+        while Date() < deadline {
+            if let e = events.first(where: { $0.event == kind }) { return e }
+            if !process.isRunning { break }
+            usleep(50_000)
+        }
+        return events.first { $0.event == kind }
+    }
+
     deinit { if process.isRunning { kill(process.processIdentifier, SIGKILL) } }
 }
 
-/// Starts a coordinator on an ephemeral loopback port and returns it with the endpoint it bound.
+/// Starts a coordinator on an ephemeral loopback port and returns it with the endpoint it bound
+/// (from its `listening` event).
 func startCoordinator(_ arguments: [String], in dir: String) throws -> (Child, String) {
-    let c = try Child(["coordinator", "--bind", "tcp://127.0.0.1:*"] + arguments, log: dir + "/coordinator.log")
-    guard c.waitForOutput("waiting for"), let range = c.output.range(of: #"tcp://127\.0\.0\.1:\d+"#, options: .regularExpression) else {
+    let c = try Child(["coordinator", "--bind", "tcp://127.0.0.1:*", "--events"] + arguments, log: dir + "/coordinator.log")
+    guard let event = c.waitForEvent(.listening), let endpoint = event.endpoint else {
         throw TestFailure("the coordinator did not start:\n\(c.output)")
     }
-    return (c, String(c.output[range]))
+    return (c, endpoint)
 }
 
 struct TestFailure: Error, CustomStringConvertible {
