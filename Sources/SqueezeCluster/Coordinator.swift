@@ -32,6 +32,8 @@ public struct CoordinatorOptions: Sendable {
     public var keepCheckpoints = 3
     /// Continue from the newest valid checkpoint in `checkpointDirectory`.
     public var resume = false
+    /// Delete the checkpoints already in `checkpointDirectory` and start at step 0.
+    public var startOver = false
     public var quiet = false
     public init(bind: String, workers: Int, config: TrainingConfig) {
         self.bind = bind; self.workers = workers; self.config = config
@@ -125,7 +127,7 @@ public final class Coordinator {
         let n = options.workers, config = options.config
         let reference = Network(config: config.model, seed: config.seed)
         if let path = options.initWeights { try reference.loadWeights(from: path) }
-        if options.resume, let dir = options.checkpointDirectory, let found = Resume.newest(in: dir, log: log) {
+        if let found = try Resume.start(directory: options.checkpointDirectory, resume: options.resume, startOver: options.startOver, log: log) {
             do { try found.checkCompatible(with: config) } catch { throw ClusterError("\(error)") }
             try found.copyWeights(into: reference)
             startStep = found.step

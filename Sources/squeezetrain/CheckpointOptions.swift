@@ -8,17 +8,23 @@ struct CheckpointOptions: ParsableArguments {
     var checkpointEvery = 0
     @Option(help: "Checkpoints to keep.")
     var keepCheckpoints = 3
-    @Flag(help: "Continue from the newest valid checkpoint in --checkpoint-dir (a corrupt one is skipped; a cluster may have another number of workers).")
+    @Flag(help: "Continue from the newest valid checkpoint in --checkpoint-dir (a corrupt one is skipped, and an error lists them when none verifies; a missing or empty directory starts fresh; a cluster may have another number of workers). Without it, a directory holding checkpoints is refused.")
     var resume = false
+    @Flag(help: "Delete the checkpoints already in --checkpoint-dir (an earlier run's) and start from step 0.")
+    var startOver = false
 
     func validate() throws {
-        guard checkpointEvery >= 0, keepCheckpoints >= 1 else { throw ValidationError("--checkpoint-every must be ≥ 0 and --keep-checkpoints ≥ 1") }
+        guard (0...1_000_000_000).contains(checkpointEvery) else { throw ValidationError("--checkpoint-every must be in 0...1000000000 (got \(checkpointEvery))") }
+        guard (1...1_000_000).contains(keepCheckpoints) else { throw ValidationError("--keep-checkpoints must be in 1...1000000 (got \(keepCheckpoints))") }
         if resume && checkpointDir == nil { throw ValidationError("--resume needs --checkpoint-dir") }
+        if startOver && checkpointDir == nil { throw ValidationError("--start-over needs --checkpoint-dir") }
+        if resume && startOver { throw ValidationError("--resume continues the checkpoints in --checkpoint-dir and --start-over deletes them: give one") }
     }
 
     /// These options as command-line arguments (for the processes `launch` starts), with an absolute directory.
     var arguments: [String] {
         ["--checkpoint-every", "\(checkpointEvery)", "--keep-checkpoints", "\(keepCheckpoints)"] + (resume ? ["--resume"] : [])
+            + (startOver ? ["--start-over"] : [])
             + (checkpointDir.map { ["--checkpoint-dir", absolutePath($0)] } ?? [])
     }
 }

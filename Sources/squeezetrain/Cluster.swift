@@ -98,6 +98,7 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.checkpointEvery = communication.checkpoints.checkpointEvery
     options.keepCheckpoints = communication.checkpoints.keepCheckpoints
     options.resume = communication.checkpoints.resume
+    options.startOver = communication.checkpoints.startOver
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     options.quiet = quiet

@@ -81,6 +81,7 @@ struct Launch: ParsableCommand {
         let exe = selfExecutable()
         var options = cluster
         options.checkpoints.resume = resume
+        if resume { options.checkpoints.startOver = false }  // a restart continues what the first attempt wrote
         var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--events"] + training.arguments + options.arguments
         if let metrics { coordinator += ["--metrics", absolutePath(metrics)] }
         if let initWeights { coordinator += ["--init-weights", absolutePath(initWeights)] }

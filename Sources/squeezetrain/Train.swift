@@ -35,8 +35,8 @@ struct Train: ParsableCommand {
             let config = training.config(trainingRecords: trainSet.count)
             let trainer = try Trainer(config: config, trainSet: trainSet)
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
-            if checkpoints.resume, let checkpointDir = checkpoints.checkpointDir,
-               let found = Resume.newest(in: checkpointDir, log: { emit($0 + "\n") }) {
+            if let found = try Resume.start(directory: checkpoints.checkpointDir, resume: checkpoints.resume,
+                                            startOver: checkpoints.startOver, log: { emit($0 + "\n") }) {
                 try found.restore(into: trainer)
                 emit("resuming from \(found.path!) at step \(found.step) (epoch \(trainer.epoch + 1), batch \(trainer.position.batch))\n")
             }
