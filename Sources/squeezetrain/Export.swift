@@ -1,5 +1,6 @@
 import ArgumentParser
 import Foundation
+import SqueezeCompress
 import SqueezeEngine
 import SqueezeTraining
 

@@ -202,7 +202,7 @@ struct TrainSignalTests {
         let dir = try temporaryDirectory("train-signal")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         for round in 0..<3 {  // a signal handler that ran inside an allocation used to corrupt the heap now and then
-            let train = try Child(["train", "--steps", "100000", "--batch-size", "16", "--no-eval", "--checkpoint-dir", dir + "/ckpt"],
+            let train = try Child(["train", "--steps", "100000", "--batch-size", "16", "--no-eval", "--checkpoint-dir", dir + "/ckpt\(round)"],
                                   log: dir + "/train\(round).log")
             #expect(train.waitForOutput("training squeezenet1_1"), "\(train.output)")
             usleep(UInt32(700_000 + 400_000 * round))
