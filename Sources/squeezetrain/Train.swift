@@ -9,6 +9,7 @@ struct Train: ParsableCommand {
         abstract: "Train on CIFAR-10 in this process (the cluster's worker loop with one worker).")
 
     @OptionGroup var training: TrainingOptions
+    @OptionGroup var precision: PrecisionOption
     @Option(help: "Compute threads (oneDNN/OpenMP); data loading runs on one more thread.")
     var threads = 1
     @Option(help: "Start from these weights (safetensors, torchvision names) instead of a fresh initialisation.")
@@ -32,7 +33,9 @@ struct Train: ParsableCommand {
             let dir = try training.dataDirectory()
             let trainSet = try CIFAR10(directory: dir, split: .train)
             let testSet = noEval ? nil : try CIFAR10(directory: dir, split: .test)
-            let config = training.config(trainingRecords: trainSet.count)
+            var config = training.config(trainingRecords: trainSet.count)
+            let precision = self.precision.resolved()
+            config.precision = precision == .fp32 ? nil : precision
             let trainer = try Trainer(config: config, trainSet: trainSet)
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
             if checkpoints.resume, let checkpointDir = checkpoints.checkpointDir {
@@ -47,7 +50,7 @@ struct Train: ParsableCommand {
             }
             emit("training \(config.model.architecture.rawValue) (\(grouped(trainer.network.parameters.count)) parameters) on \(dir): "
                  + "\(trainSet.count) images, \(trainer.stepsPerEpoch) steps of \(config.batchSize) per epoch, "
-                 + "\(config.totalSteps) steps, \(threads) thread(s)\n")
+                 + "\(config.totalSteps) steps, \(threads) thread(s)" + (precision == .fp32 ? "" : ", \(precision.rawValue)") + "\n")
             var options = RunOptions()
             options.checkpointDirectory = checkpoints.checkpointDir
             options.checkpointEvery = checkpoints.checkpointEvery
@@ -79,6 +82,7 @@ struct Eval: ParsableCommand {
         abstract: "Test-set accuracy of saved weights: overall, per class, and the confusion matrix.")
 
     @OptionGroup var model: ModelOptions
+    @OptionGroup var precision: PrecisionOption
     @Option(help: "Weights to evaluate (safetensors with torchvision names, e.g. from --save-weights or export).")
     var weights: String
     @Option(help: "CIFAR-10 directory (see train --help).")
@@ -107,6 +111,7 @@ struct Eval: ParsableCommand {
             let testSet = try CIFAR10(directory: try CIFAR10.resolveDirectory(explicit: data), split: .test)
             let net = Network(config: model.config)
             try net.loadWeights(from: weights)
+            net.precision = precision.resolved()
             let e = Trainer.evaluate(net, testSet, batchSize: batchSize, imageSize: model.config.cifarImageSize, flip: tta == "flip")
             let names = model.classes == 10 ? CIFAR10.classNames : (0..<model.classes).map { "class \($0)" }
             let report = Report(weights: weights, images: e.images, tta: tta, accuracy: e.accuracy, loss: e.loss, classes: names,
