@@ -15,6 +15,13 @@ public final class Network {
         set { workspace.precision = newValue }
     }
 
+    /// Training-mode fp32 k×k convolutions on oneDNN's convolution primitives instead of im2col +
+    /// GEMM (off by default; see docs/engine.md for speed and numerics).
+    public var useDirectConvolution: Bool {
+        get { workspace.directConvolution }
+        set { workspace.directConvolution = newValue }
+    }
+
     /// Builds the model and initialises it as torchvision does. SqueezeNet: kaiming-uniform
     /// convolutions (bound √(6 / fan_in)), normal(0, 0.01) for the final classifier convolution, zero
     /// biases; BatchNorm γ = 1, β = 0, running mean 0, variance 1. AlexNet keeps PyTorch's layer

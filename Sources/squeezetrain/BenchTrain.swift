@@ -36,6 +36,7 @@ struct BenchTrain: ParsableCommand {
         let config = modelOptions.config
         let net = Network(config: config, seed: 0)
         net.precision = precisionOption.resolved()
+        net.useDirectConvolution = directConvolutionRequested
         let size = config.inputSize
         let shape = Shape(c: 3, n: batchSize, h: size, w: size)
         let input = FloatBuffer(count: shape.count)

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import SqueezeEngine
 
 extension Precision: ExpressibleByArgument {}
@@ -21,3 +22,7 @@ struct PrecisionOption: ParsableArguments {
         return .fp32
     }
 }
+
+/// `SQUEEZETRAIN_CONVOLUTION=direct` (experimental, training only): fp32 k×k convolutions on oneDNN's
+/// convolution primitives instead of im2col + GEMM (`Network.useDirectConvolution`; docs/engine.md).
+var directConvolutionRequested: Bool { ProcessInfo.processInfo.environment["SQUEEZETRAIN_CONVOLUTION"] == "direct" }

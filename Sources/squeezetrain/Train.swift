@@ -37,6 +37,7 @@ struct Train: ParsableCommand {
             let precision = self.precision.resolved()
             config.precision = precision == .fp32 ? nil : precision
             let trainer = try Trainer(config: config, trainSet: trainSet)
+            trainer.network.useDirectConvolution = directConvolutionRequested
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
             if checkpoints.resume, let checkpointDir = checkpoints.checkpointDir {
                 let (found, skipped) = Checkpoint.newestValid(in: checkpointDir)
