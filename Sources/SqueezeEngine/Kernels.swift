@@ -181,10 +181,10 @@ enum Kernels {
         return s
     }
 
-    /// ReLU backward fused with the bias gradient: dy ← dy · [y > 0] (when `relu`), db[r] = Σ dy[r][·].
-    /// Sixteen partial sums per row (SIMD), so the reduction vectorises.
+    /// ReLU backward fused with the bias gradient: dy ← dy · [y > 0] (when `relu`), db[r] = Σ dy[r][·]
+    /// (when `biasGrad` is given). Sixteen partial sums per row (SIMD), so the reduction vectorises.
     @inline(never) static func reluBackwardBiasGrad(_ dy: UnsafeMutablePointer<Float>, y: UnsafePointer<Float>, rows: Int, columns: Int,
-                                     relu: Bool, biasGrad: UnsafeMutablePointer<Float>) {
+                                     relu: Bool, biasGrad: UnsafeMutablePointer<Float>?) {
         typealias V = SIMD16<Float>
         let lanes = V.scalarCount
         parallelFor(rows, minimumPerThread: max(1, 4096 / max(columns, 1))) { range in
@@ -206,21 +206,22 @@ enum Kernels {
                 sum += g[i]
                 i += 1
             }
-            biasGrad[r] = sum
+            biasGrad?[r] = sum
         }
         }
     }
 
-    /// Max pooling over each (c, n) plane; `argmax` records the winning offset within the input plane.
-    /// Ties go to the first maximum in scan order (as PyTorch). Windows are clipped at the far edges (ceil mode).
+    /// Max pooling over each (c, n) plane; `argmax` (when given: training) records the winning offset
+    /// within the input plane. Ties go to the first maximum in scan order (as PyTorch). Windows are
+    /// clipped at the far edges (ceil mode).
     @inline(never) static func maxPoolForward(_ x: Tensor, kernel k: Int, stride s: Int, ho: Int, wo: Int,
-                               y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>) {
+                               y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>?) {
         let (h, w) = (x.shape.h, x.shape.w)
         let planes = x.shape.c * x.shape.n
         parallelFor(planes, minimumPerThread: 16) { range in
         for pl in range {
             let src = x.data + pl * h * w
-            let dst = y + pl * ho * wo, idx = argmax + pl * ho * wo
+            let dst = y + pl * ho * wo, idx = argmax.map { $0 + pl * ho * wo }
             for oh in 0..<ho {
                 let h0 = oh * s, rows = min(k, h - h0)
                 for ow in 0..<wo {
@@ -244,7 +245,7 @@ enum Kernels {
                         }
                     }
                     dst[oh * wo + ow] = best
-                    idx[oh * wo + ow] = Int32(at)
+                    idx?[oh * wo + ow] = Int32(at)
                 }
             }
         }

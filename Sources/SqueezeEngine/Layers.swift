@@ -1,8 +1,10 @@
 /// A layer: a forward/backward pair over channel-major tensors (see `Shape`).
 ///
 /// Layers own their outputs and input gradients (workspaces reused across steps) and keep what the
-/// backward pass needs from the last forward pass. Parameters are views into the network's
-/// `ParameterStore`, bound once.
+/// backward pass needs from the last training-mode forward pass. An eval-mode forward keeps nothing:
+/// its outputs and im2col columns come from the network's shared `Workspace` (three activation
+/// buffers in rotation and one scratch), valid until the next forward, and backward after it traps.
+/// Parameters are `ParameterView`s of the network's `ParameterStore` (which they keep alive), bound once.
 public protocol Layer: AnyObject {
     var name: String { get }
     /// Trained parameters, in state_dict order, with PyTorch shapes.
@@ -23,9 +25,45 @@ extension Layer {
     public func bind(parameters: ParameterStore, buffers: ParameterStore) {}
 }
 
-/// Scratch memory shared by all layers of a network for values that live only inside one call.
+/// Memory shared by all layers of a network: scratch for values that live only inside one call
+/// (im2col columns in eval mode, column gradients in backward), the eval-mode activations, and the
+/// arithmetic of the convolution GEMMs.
 final class Workspace {
     let scratch = FloatBuffer()
+    var precision = Precision.fp32
+    /// Training-mode fp32 k×k convolutions (k > 1, not `flat`) on oneDNN's convolution primitives
+    /// (`DirectConvolution`) instead of im2col + GEMM. Off by default: faster, but its summation
+    /// order moves the 4-step PyTorch fixture's bias updates beyond that test's 1e-3 (docs/engine.md).
+    var directConvolution = false
+    let mixed = MixedPrecisionGEMM()
+    /// Eval-mode activations: a layer takes a buffer that does not hold its input (a Fire module
+    /// needs three at once: input, squeeze output, output).
+    private let arena = [FloatBuffer(), FloatBuffer(), FloatBuffer()]
+
+    init() {}
+
+    /// Eval-mode storage for `shape`, in an arena buffer holding none of `inUse`; valid until the
+    /// next eval-mode forward reuses it.
+    func transient(_ shape: Shape, avoiding inUse: [UnsafeMutablePointer<Float>]) -> Tensor {
+        for buffer in arena where !inUse.contains(where: { $0 >= buffer.pointer && $0 < buffer.pointer + buffer.capacity }) {
+            return Tensor(data: buffer.reserve(shape.count), shape: shape)
+        }
+        preconditionFailure("eval-mode arena exhausted")
+    }
+
+    /// C = op(A)·op(B) + beta·C in this network's precision (oneDNN sgemm; in bf16, inputs rounded).
+    @inline(__always)
+    func gemm(transA: Bool = false, transB: Bool = false, m: Int, n: Int, k: Int,
+              a: UnsafePointer<Float>, lda: Int, b: UnsafePointer<Float>, ldb: Int,
+              beta: Float, c: UnsafeMutablePointer<Float>, ldc: Int) {
+        if precision == .bf16 {
+            mixed.gemm(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
+                       beta: beta, c: c, ldc: ldc)
+        } else {
+            SqueezeEngine.gemm(transA: transA, transB: transB, m: m, n: n, k: k, a: a, lda: lda, b: b, ldb: ldb,
+                               beta: beta, c: c, ldc: ldc)
+        }
+    }
 }
 
 /// Conv2d, optionally followed by BatchNorm2d, optionally followed by ReLU (fused).
@@ -36,7 +74,8 @@ final class Workspace {
 /// only changes the weight's declared shape to PyTorch's (out, in) for the state_dict.
 ///
 /// Forward: col = im2col(x) (Cin·k·k, N·Ho·Wo) — skipped for 1×1/stride 1/pad 0, where col is x itself;
-/// z = W (Cout, Cin·k·k) · col + b; y = relu(bn(z)).
+/// z = W (Cout, Cin·k·k) · col + b; y = relu(bn(z)). In training, fp32 k×k convolutions use oneDNN's
+/// convolution primitives instead of im2col + GEMM (`DirectConvolution`), same formulas.
 /// Backward: dz = dy ⊙ [y > 0] (through BN when present); db = Σ_cols dz; dW = dz · colᵀ;
 /// dx = col2im(Wᵀ · dz).
 public final class Conv2d: Layer {
@@ -47,12 +86,16 @@ public final class Conv2d: Layer {
     let flat: Bool
     let bn: BatchNorm?
     private let workspace: Workspace
-    private var w: UnsafeMutablePointer<Float>!, b: UnsafeMutablePointer<Float>!
-    private var dw: UnsafeMutablePointer<Float>!, db: UnsafeMutablePointer<Float>!
-    private let col = FloatBuffer()
-    private let pre = FloatBuffer()  // z, kept for BatchNorm's backward
+    private var weight: ParameterView!  // (cout, cin·k·k)
+    private var bias: ParameterView!    // (cout)
+    private let col = FloatBuffer()     // (cin·k·k, N·Ho·Wo), training only: kept for dW
+    private let pre = FloatBuffer()     // z (cout, N·Ho·Wo), training only: kept for BatchNorm's backward
     private let out = Slot(), dxSlot = Slot()
-    private var x: Tensor?, y: Tensor?
+    private var x: Tensor?, y: Tensor?  // of the last training-mode forward
+    /// oneDNN's convolution primitives for the current input shape, when they run (see `useDirectConvolution`).
+    private var direct: DirectConvolution?, directInput: Shape?
+    private var usedDirect = false
+
 
     init(name: String, cin: Int, cout: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
          relu: Bool, batchNorm: Bool, flat: Bool = false, workspace: Workspace) {
@@ -74,8 +117,8 @@ public final class Conv2d: Layer {
     public var bufferSpecs: [ParameterSpec] { bn?.bufferSpecs ?? [] }
 
     public func bind(parameters: ParameterStore, buffers: ParameterStore) {
-        w = parameters.value(name + ".weight"); dw = parameters.gradient(name + ".weight")
-        b = parameters.value(name + ".bias"); db = parameters.gradient(name + ".bias")
+        weight = parameters.view(name + ".weight")
+        bias = parameters.view(name + ".bias")
         bn?.bind(parameters: parameters, buffers: buffers)
     }
 
@@ -87,32 +130,52 @@ public final class Conv2d: Layer {
     }
 
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
-        forward(x, into: out.tensor(outputShape(x.shape)).data, training: training)
+        let ys = outputShape(x.shape)
+        let y = training ? out.tensor(ys) : workspace.transient(ys, avoiding: [x.data])
+        return forward(x, into: y.data, training: training)
     }
 
     /// Writes y into `destination` (room for the output shape), e.g. a channel range of a concatenation.
     @discardableResult
     func forward(_ x: Tensor, into destination: UnsafeMutablePointer<Float>, training: Bool) -> Tensor {
         let ys = outputShape(x.shape)
+        let cols = ys.columns
+        // z is kept for BatchNorm's backward in training; eval normalises in place.
+        let z = bn == nil || !training ? destination : pre.reserve(cout * cols)
+        let fitsWindows = (ys.h - 1) * stride + kernel >= x.shape.h + padding && (ys.w - 1) * stride + kernel >= x.shape.w + padding
+        usedDirect = training && !isPointwise && !flat && fitsWindows && workspace.precision == .fp32 && workspace.directConvolution
+        if usedDirect {
+            if directInput != x.shape {
+                direct = DirectConvolution(cin: cin, cout: cout, kernel: kernel, stride: stride, padding: padding,
+                                           n: x.shape.n, h: x.shape.h, w: x.shape.w, ho: ys.h, wo: ys.w)
+                directInput = x.shape
+            }
+            direct!.forward(x: x.data, weight: weight.value, into: z)
+        } else {
+            im2colGEMM(x, ys, training: training, into: z)
+        }
+        if let bn {
+            Kernels.addBias(z, bias: bias.value, rows: cout, columns: cols, relu: false)
+            bn.forward(z, into: destination, columns: cols, training: training, relu: relu)
+        } else {
+            Kernels.addBias(z, bias: bias.value, rows: cout, columns: cols, relu: relu)
+        }
+        let y = Tensor(data: destination, shape: ys)
+        (self.x, self.y) = training ? (x, y) : (nil, nil)
+        return y
+    }
+
+    /// z (cout, N·Ho·Wo) = W · im2col(x).
+    private func im2colGEMM(_ x: Tensor, _ ys: Shape, training: Bool, into z: UnsafeMutablePointer<Float>) {
         let cols = ys.columns, depth = cin * kernel * kernel
         var source = UnsafePointer(x.data)
         if !isPointwise {
-            let c = col.reserve(depth * cols)
+            // Training keeps the columns for dW; eval borrows the shared scratch.
+            let c = (training ? col : workspace.scratch).reserve(depth * cols)
             Kernels.im2col(x, kernel: kernel, stride: stride, padding: padding, ho: ys.h, wo: ys.w, col: c)
             source = UnsafePointer(c)
         }
-        let z = bn == nil ? destination : pre.reserve(cout * cols)
-        gemm(m: cout, n: cols, k: depth, a: w, lda: depth, b: source, ldb: cols, beta: 0, c: z, ldc: cols)
-        if let bn {
-            Kernels.addBias(z, bias: b, rows: cout, columns: cols, relu: false)
-            bn.forward(z, into: destination, columns: cols, training: training, relu: relu)
-        } else {
-            Kernels.addBias(z, bias: b, rows: cout, columns: cols, relu: relu)
-        }
-        self.x = x
-        let y = Tensor(data: destination, shape: ys)
-        self.y = y
-        return y
+        workspace.gemm(m: cout, n: cols, k: depth, a: weight.value, lda: depth, b: source, ldb: cols, beta: 0, c: z, ldc: cols)
     }
 
     public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
@@ -126,24 +189,29 @@ public final class Conv2d: Layer {
     func backward(_ dy: Tensor, into dx: Tensor?, accumulate: Bool) {
         guard let x, let y else { preconditionFailure("\(name): backward before forward") }
         let cols = y.shape.columns, depth = cin * kernel * kernel
+        let db = bias.gradient
         if let bn {
-            Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: relu, biasGrad: db)
+            if relu { Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: true, biasGrad: nil) }
             bn.backward(dy.data, z: pre.pointer, columns: cols)  // dy ← dz
             Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: false, biasGrad: db)
         } else {
             Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: relu, biasGrad: db)
         }
+        if usedDirect {
+            direct!.backward(dy: dy.data, weight: weight.value, dw: weight.gradient, dx: dx?.data, accumulate: accumulate)
+            return
+        }
         let source = isPointwise ? UnsafePointer(x.data) : UnsafePointer(col.pointer)
-        gemm(transB: true, m: cout, n: depth, k: cols, a: dy.data, lda: cols, b: source, ldb: cols,
-             beta: 0, c: dw, ldc: depth)
+        workspace.gemm(transB: true, m: cout, n: depth, k: cols, a: dy.data, lda: cols, b: source, ldb: cols,
+                       beta: 0, c: weight.gradient, ldc: depth)
         guard let dx else { return }
         if isPointwise {
-            gemm(transA: true, m: cin, n: cols, k: cout, a: w, lda: depth, b: dy.data, ldb: cols,
-                 beta: accumulate ? 1 : 0, c: dx.data, ldc: cols)
+            workspace.gemm(transA: true, m: cin, n: cols, k: cout, a: weight.value, lda: depth, b: dy.data, ldb: cols,
+                           beta: accumulate ? 1 : 0, c: dx.data, ldc: cols)
         } else {
             let dcol = workspace.scratch.reserve(depth * cols)
-            gemm(transA: true, m: depth, n: cols, k: cout, a: w, lda: depth, b: dy.data, ldb: cols,
-                 beta: 0, c: dcol, ldc: cols)
+            workspace.gemm(transA: true, m: depth, n: cols, k: cout, a: weight.value, lda: depth, b: dy.data, ldb: cols,
+                           beta: 0, c: dcol, ldc: cols)
             if !accumulate { dx.data.update(repeating: 0, count: dx.shape.count) }
             Kernels.col2im(dcol, kernel: kernel, stride: stride, padding: padding, ho: y.shape.h, wo: y.shape.w, into: dx)
         }
@@ -156,9 +224,8 @@ public final class Conv2d: Layer {
 final class BatchNorm {
     let name: String, channels: Int
     let eps: Float = 1e-5, momentum: Float = 0.1
-    private var gamma: UnsafeMutablePointer<Float>!, beta: UnsafeMutablePointer<Float>!
-    private var dgamma: UnsafeMutablePointer<Float>!, dbeta: UnsafeMutablePointer<Float>!
-    private var runningMean: UnsafeMutablePointer<Float>!, runningVar: UnsafeMutablePointer<Float>!
+    private var weight: ParameterView!, bias: ParameterView!           // γ, β (channels)
+    private var runningMean: ParameterView!, runningVar: ParameterView!  // (channels), in the buffer store
     private let mean = FloatBuffer(), invStd = FloatBuffer()
 
     init(name: String, channels: Int) { self.name = name; self.channels = channels }
@@ -171,13 +238,14 @@ final class BatchNorm {
     }
 
     func bind(parameters: ParameterStore, buffers: ParameterStore) {
-        gamma = parameters.value(name + ".weight"); dgamma = parameters.gradient(name + ".weight")
-        beta = parameters.value(name + ".bias"); dbeta = parameters.gradient(name + ".bias")
-        runningMean = buffers.value(name + ".running_mean"); runningVar = buffers.value(name + ".running_var")
+        weight = parameters.view(name + ".weight"); bias = parameters.view(name + ".bias")
+        runningMean = buffers.view(name + ".running_mean"); runningVar = buffers.view(name + ".running_var")
     }
 
+    /// z (channels, m) and y may be the same buffer (eval mode normalises in place).
     func forward(_ z: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, columns m: Int, training: Bool, relu: Bool) {
         let means = mean.reserve(channels), invStds = invStd.reserve(channels)
+        let gamma = weight.value, beta = bias.value, runningMean = runningMean.value, runningVar = runningVar.value
         parallelFor(channels) { range in
         for c in range {
             let row = z + c * m
@@ -207,6 +275,7 @@ final class BatchNorm {
     /// g holds dL/dy (after the ReLU mask) and is overwritten with dL/dz (training-mode statistics).
     func backward(_ g: UnsafeMutablePointer<Float>, z: UnsafePointer<Float>, columns m: Int) {
         let means = mean.pointer, invStds = invStd.pointer
+        let gamma = weight.value, dgamma = weight.gradient, dbeta = bias.gradient
         parallelFor(channels) { range in
         for c in range {
             let row = g + c * m, zr = z + c * m
@@ -232,6 +301,7 @@ public final class Fire: Layer {
     public let name: String
     let squeeze: Conv2d, expand1x1: Conv2d, expand3x3: Conv2d
     let bypass: Bool
+    private let workspace: Workspace
     private let sOut = Slot(), out = Slot(), sum = Slot(), dS = Slot(), dX = Slot()
 
     init(name: String, input: Int, squeeze s: Int, expand1x1 e1: Int, expand3x3 e3: Int,
@@ -242,6 +312,7 @@ public final class Fire: Layer {
         expand3x3 = Conv2d(name: name + ".expand3x3", cin: s, cout: e3, kernel: 3, padding: 1, relu: true, batchNorm: batchNorm, workspace: workspace)
         precondition(!bypass || input == e1 + e3, "\(name): a simple bypass needs input channels == output channels")
         self.bypass = bypass
+        self.workspace = workspace
     }
 
     var outputChannels: Int { expand1x1.cout + expand3x3.cout }
@@ -253,11 +324,17 @@ public final class Fire: Layer {
     public func outputShape(_ s: Shape) -> Shape { Shape(c: outputChannels, n: s.n, h: s.h, w: s.w) }
 
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
-        let s = squeeze.forward(x, into: sOut.tensor(squeeze.outputShape(x.shape)).data, training: training)
-        let y = out.tensor(outputShape(x.shape))
+        let sShape = squeeze.outputShape(x.shape), yShape = outputShape(x.shape)
+        let sBuffer = training ? sOut.tensor(sShape) : workspace.transient(sShape, avoiding: [x.data])
+        let s = squeeze.forward(x, into: sBuffer.data, training: training)
+        let y = training ? out.tensor(yShape) : workspace.transient(yShape, avoiding: [x.data, s.data])
         expand1x1.forward(s, into: y.data, training: training)
         expand3x3.forward(s, into: y.channel(expand1x1.cout), training: training)
         guard bypass else { return y }
+        if !training {  // no backward: add in place
+            for i in 0..<y.shape.count { y.data[i] += x.data[i] }
+            return y
+        }
         // A separate buffer: the expands' ReLU masks in backward need their own outputs.
         let total = sum.tensor(y.shape)
         for i in 0..<y.shape.count { total.data[i] = y.data[i] + x.data[i] }
@@ -283,12 +360,14 @@ public final class Fire: Layer {
 public final class MaxPool: Layer {
     public let name: String
     let kernel: Int, stride: Int, ceilMode: Bool
+    private let workspace: Workspace
     private let out = Slot(), dX = Slot()
-    private var argmax = [Int32]()
-    private var inShape: Shape?
+    private var argmax = [Int32]()  // (C, N, Ho, Wo): offsets within the input plane, training only
+    private var inShape: Shape?     // of the last training-mode forward
 
-    init(name: String, kernel: Int = 3, stride: Int = 2, ceilMode: Bool = true) {
+    init(name: String, kernel: Int = 3, stride: Int = 2, ceilMode: Bool = true, workspace: Workspace = Workspace()) {
         self.name = name; self.kernel = kernel; self.stride = stride; self.ceilMode = ceilMode
+        self.workspace = workspace
     }
 
     public func outputShape(_ s: Shape) -> Shape {
@@ -298,6 +377,12 @@ public final class MaxPool: Layer {
 
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
         let ys = outputShape(x.shape)
+        guard training else {
+            let y = workspace.transient(ys, avoiding: [x.data])
+            Kernels.maxPoolForward(x, kernel: kernel, stride: stride, ho: ys.h, wo: ys.w, y: y.data, argmax: nil)
+            inShape = nil
+            return y
+        }
         let y = out.tensor(ys)
         if argmax.count < ys.count { argmax = [Int32](repeating: 0, count: ys.count) }
         argmax.withUnsafeMutableBufferPointer {
@@ -319,7 +404,8 @@ public final class MaxPool: Layer {
 }
 
 /// Dropout (inverted): in training y = x · m with m = 1/(1−p) with probability 1−p, else 0; identity in eval.
-/// Works in place on its input. The mask comes from the layer's own seeded generator (`rng`, checkpointed).
+/// Works in place on its input. The mask comes from the layer's own seeded generator (`rng`), which the
+/// trainer reseeds from (seed, rank, step) before every step, so nothing of it is checkpointed.
 public final class Dropout: Layer {
     public let name: String
     public let p: Float
@@ -358,15 +444,16 @@ public final class Dropout: Layer {
 /// Global average pooling: y[c][n] = mean over the H×W plane of x[c][n]. Output (C, N, 1, 1).
 public final class GlobalAvgPool: Layer {
     public let name: String
+    private let workspace: Workspace
     private let out = Slot(), dX = Slot()
     private var inShape: Shape?
 
-    init(name: String) { self.name = name }
+    init(name: String, workspace: Workspace = Workspace()) { self.name = name; self.workspace = workspace }
 
     public func outputShape(_ s: Shape) -> Shape { Shape(c: s.c, n: s.n, h: 1, w: 1) }
 
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
-        let y = out.tensor(outputShape(x.shape))
+        let y = training ? out.tensor(outputShape(x.shape)) : workspace.transient(outputShape(x.shape), avoiding: [x.data])
         let plane = x.shape.plane
         for i in 0..<(x.shape.c * x.shape.n) {
             var s: Float = 0
@@ -374,7 +461,7 @@ public final class GlobalAvgPool: Layer {
             for j in 0..<plane { s += src[j] }
             y.data[i] = s / Float(plane)
         }
-        inShape = x.shape
+        inShape = training ? x.shape : nil
         return y
     }
 
@@ -395,17 +482,18 @@ public final class GlobalAvgPool: Layer {
 public final class AdaptiveAvgPool: Layer {
     public let name: String
     let size: Int
+    private let workspace: Workspace
     private let out = Slot(), dX = Slot()
     private var inShape: Shape?
 
-    init(name: String, size: Int) { self.name = name; self.size = size }
+    init(name: String, size: Int, workspace: Workspace = Workspace()) { self.name = name; self.size = size; self.workspace = workspace }
 
     public func outputShape(_ s: Shape) -> Shape { Shape(c: s.c, n: s.n, h: size, w: size) }
 
     private func bin(_ i: Int, _ extent: Int) -> Range<Int> { (i * extent / size)..<(((i + 1) * extent + size - 1) / size) }
 
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
-        let y = out.tensor(outputShape(x.shape))
+        let y = training ? out.tensor(outputShape(x.shape)) : workspace.transient(outputShape(x.shape), avoiding: [x.data])
         let (h, w) = (x.shape.h, x.shape.w)
         for p in 0..<(x.shape.c * x.shape.n) {
             let src = x.data + p * h * w, dst = y.data + p * size * size
@@ -419,7 +507,7 @@ public final class AdaptiveAvgPool: Layer {
                 }
             }
         }
-        inShape = x.shape
+        inShape = training ? x.shape : nil
         return y
     }
 

@@ -8,7 +8,19 @@ public final class Network {
     /// The flat range of `parameters` owned by each layer (contiguous, in layer order).
     public let layerRanges: [Range<Int>]
     private let workspace = Workspace()
-    private let lossGradient = Slot()
+
+    /// The arithmetic of the convolution GEMMs (`Precision`); fp32 unless set.
+    public var precision: Precision {
+        get { workspace.precision }
+        set { workspace.precision = newValue }
+    }
+
+    /// Training-mode fp32 k×k convolutions on oneDNN's convolution primitives instead of im2col +
+    /// GEMM (off by default; see docs/engine.md for speed and numerics).
+    public var useDirectConvolution: Bool {
+        get { workspace.directConvolution }
+        set { workspace.directConvolution = newValue }
+    }
 
     /// Builds the model and initialises it as torchvision does. SqueezeNet: kaiming-uniform
     /// convolutions (bound √(6 / fan_in)), normal(0, 0.01) for the final classifier convolution, zero
@@ -68,6 +80,8 @@ public final class Network {
     }
 
     /// x is (3, N, H, W) channel-major. Returns the logits as (classes, N, 1, 1). The input is not modified.
+    /// Training mode keeps what `backward` needs; eval mode keeps nothing (its activations rotate
+    /// through three shared buffers, and the logits are valid until the next forward).
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
         layers.reduce(x) { $1.forward($0, training: training) }
     }
@@ -81,17 +95,6 @@ public final class Network {
             g = layers[i].backward(g!, needInputGradient: i > 0)
             if let gradientsReady, !layerRanges[i].isEmpty { gradientsReady(layerRanges[i]) }
         }
-    }
-
-    /// Forward, mean softmax cross-entropy and backward in one call (training mode).
-    public func forwardBackward(_ x: Tensor, labels: [Int32], gradientsReady: ((Range<Int>) -> Void)? = nil)
-        -> (loss: Float, correct: Int) {
-        let logits = forward(x, training: true)
-        let dl = lossGradient.tensor(logits.shape)
-        let result = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: logits.shape.n,
-                                         labels: labels, gradient: dl.data)
-        backward(dl, gradientsReady: gradientsReady)
-        return result
     }
 
     /// Eval-mode logits (no gradients), class-major: element `c * n + j` is class `c` of image `j`.

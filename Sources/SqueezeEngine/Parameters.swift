@@ -16,7 +16,7 @@ public final class ParameterStore: @unchecked Sendable {
     public let count: Int
     public let values: FloatBuffer
     public let gradients: FloatBuffer
-    private let index: [String: Int]
+    fileprivate let index: [String: Int]
 
     /// `specs` offsets are assigned here, in order.
     public init(_ declared: [ParameterSpec]) {
@@ -44,5 +44,25 @@ public final class ParameterStore: @unchecked Sendable {
     public func load(_ values: [Float]) {
         precondition(values.count == count, "parameter count \(values.count) != \(count)")
         values.withUnsafeBufferPointer { self.values.pointer.update(from: $0.baseAddress!, count: count) }
+    }
+}
+
+/// A named tensor of a `ParameterStore` that keeps the store alive: layers hold these instead of raw
+/// pointers, so a layer can never outlive the buffers it reads and writes. The pointers are computed
+/// on each access (one load of the store's buffer pointer).
+public struct ParameterView {
+    public let store: ParameterStore
+    public let spec: ParameterSpec
+    /// The values, `spec.count` floats.
+    @inline(__always) public var value: UnsafeMutablePointer<Float> { store.values.pointer + spec.offset }
+    /// The gradients, `spec.count` floats.
+    @inline(__always) public var gradient: UnsafeMutablePointer<Float> { store.gradients.pointer + spec.offset }
+}
+
+extension ParameterStore {
+    /// The view of parameter `name`, which must exist.
+    public func view(_ name: String) -> ParameterView {
+        guard let i = index[name] else { preconditionFailure("no parameter named \(name)") }
+        return ParameterView(store: self, spec: specs[i])
     }
 }

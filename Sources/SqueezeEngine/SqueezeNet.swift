@@ -67,12 +67,12 @@ extension Network {
                    flat: true, workspace: workspace)
         }
         return [
-            conv(0, 3, 64, kernel: 11, stride: 4, padding: 2), MaxPool(name: "features.2", ceilMode: false),
-            conv(3, 64, 192, kernel: 5, padding: 2), MaxPool(name: "features.5", ceilMode: false),
+            conv(0, 3, 64, kernel: 11, stride: 4, padding: 2), MaxPool(name: "features.2", ceilMode: false, workspace: workspace),
+            conv(3, 64, 192, kernel: 5, padding: 2), MaxPool(name: "features.5", ceilMode: false, workspace: workspace),
             conv(6, 192, 384, kernel: 3, padding: 1),
             conv(8, 384, 256, kernel: 3, padding: 1),
-            conv(10, 256, 256, kernel: 3, padding: 1), MaxPool(name: "features.12", ceilMode: false),
-            AdaptiveAvgPool(name: "avgpool", size: 6),
+            conv(10, 256, 256, kernel: 3, padding: 1), MaxPool(name: "features.12", ceilMode: false, workspace: workspace),
+            AdaptiveAvgPool(name: "avgpool", size: 6, workspace: workspace),
             Dropout(name: "classifier.0", p: config.dropout, rng: SeededRNG(seed: seed, stream: 0xD0)),
             linear(1, 256, 4096, kernel: 6, relu: true),
             Dropout(name: "classifier.3", p: config.dropout, rng: SeededRNG(seed: seed, stream: 0xD1)),
@@ -96,7 +96,7 @@ extension Network {
                                  relu: true, batchNorm: config.batchNorm, workspace: workspace))
         }
         // torchvision feature indices: 1 is the stem's ReLU, 2 the first pool.
-        if !config.lateDownsample { layers.append(MaxPool(name: "features.2")) }
+        if !config.lateDownsample { layers.append(MaxPool(name: "features.2", workspace: workspace)) }
         let poolsAfterFire: Set<Int> = v10 ? [2, 6] : [1, 3]  // Fire indices (0-based) followed by a pool
         var index = 3, channels = stemChannels
         for i in 0..<8 {
@@ -109,14 +109,14 @@ extension Network {
             channels = out
             index += 1
             if poolsAfterFire.contains(i) {
-                layers.append(MaxPool(name: "features.\(index)"))
+                layers.append(MaxPool(name: "features.\(index)", workspace: workspace))
                 index += 1
             }
         }
         layers.append(Dropout(name: "classifier.0", p: config.dropout, rng: dropoutRNG))
         layers.append(Conv2d(name: "classifier.1", cin: channels, cout: config.classes, kernel: 1,
                              relu: true, batchNorm: false, workspace: workspace))
-        layers.append(GlobalAvgPool(name: "classifier.3"))
+        layers.append(GlobalAvgPool(name: "classifier.3", workspace: workspace))
         return layers
     }
 }

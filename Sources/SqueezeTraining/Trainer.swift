@@ -60,6 +60,7 @@ public final class Trainer {
         self.trainSet = trainSet
         self.rank = rank; self.worldSize = worldSize
         network = Network(config: config.model, seed: config.seed)
+        network.precision = config.precision ?? .fp32
         optimizer = SGD(parameterCount: network.parameters.count, momentum: config.momentum,
                         weightDecay: config.weightDecay, nesterov: config.nesterov)
         do {

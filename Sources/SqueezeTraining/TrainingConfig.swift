@@ -22,6 +22,9 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     /// Label smoothing ε of the training loss (nil: none; optional for the same reason).
     public var labelSmoothing: Float?
     public var shuffle = true
+    /// Arithmetic of the convolution GEMMs (nil: fp32; optional so that older checkpoints decode).
+    /// Gradients stay fp32 either way, so the all-reduce is unchanged.
+    public var precision: Precision?
     /// Side of the (square) training images: 32, CIFAR-10's own, or 64 (upsampled) for AlexNet.
     public var imageSize: Int { model.cifarImageSize }
 

@@ -8,6 +8,7 @@ struct BenchTrain: ParsableCommand {
         abstract: "Training throughput (forward + backward + SGD step) on random data, after a warm-up.")
 
     @OptionGroup var modelOptions: ModelOptions
+    @OptionGroup var precisionOption: PrecisionOption
     @Option(help: "Images per step.") var batchSize = 128
     @Option(help: "Compute threads (oneDNN/OpenMP).") var threads = 1
     @Option(help: "Timed steps (the median is reported).") var steps = 20
@@ -20,6 +21,8 @@ struct BenchTrain: ParsableCommand {
         var secondsPerStepMedian: Double, secondsPerStepMin: Double
         var forwardSeconds: Double, backwardSeconds: Double, optimizerSeconds: Double
         var peakResidentBytes: Int
+        /// The precision that ran (bf16 falls back to fp32 on a CPU without AVX512_BF16).
+        var precision: String
     }
 
     func validate() throws {
@@ -32,6 +35,8 @@ struct BenchTrain: ParsableCommand {
         ComputeThreads.set(threads)
         let config = modelOptions.config
         let net = Network(config: config, seed: 0)
+        net.precision = precisionOption.resolved()
+        net.useDirectConvolution = directConvolutionRequested
         let size = config.inputSize
         let shape = Shape(c: 3, n: batchSize, h: size, w: size)
         let input = FloatBuffer(count: shape.count)
@@ -61,9 +66,10 @@ struct BenchTrain: ParsableCommand {
                             threads: threads, steps: steps, imagesPerSecond: Double(batchSize) / median,
                             secondsPerStepMedian: median, secondsPerStepMin: total.min()!,
                             forwardSeconds: fwd.sorted()[fwd.count / 2], backwardSeconds: bwd.sorted()[bwd.count / 2],
-                            optimizerSeconds: opt.sorted()[opt.count / 2], peakResidentBytes: peakResidentBytes())
+                            optimizerSeconds: opt.sorted()[opt.count / 2], peakResidentBytes: peakResidentBytes(),
+                            precision: net.precision.rawValue)
         if json { return try printJSON(report) }
-        print("\(report.model) \(report.stem) stem, batch \(batchSize), \(threads) thread(s), median of \(steps) steps:")
+        print("\(report.model) \(report.stem) stem, batch \(batchSize), \(threads) thread(s), \(report.precision), median of \(steps) steps:")
         print(String(format: "  %.0f images/s  (%.1f ms/step: forward %.1f, backward %.1f, optimizer %.1f)",
                      report.imagesPerSecond, median * 1e3, report.forwardSeconds * 1e3, report.backwardSeconds * 1e3,
                      report.optimizerSeconds * 1e3))

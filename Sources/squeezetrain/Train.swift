@@ -9,6 +9,7 @@ struct Train: ParsableCommand {
         abstract: "Train on CIFAR-10 in this process (the training loop every cluster worker runs, without the all-reduce).")
 
     @OptionGroup var training: TrainingOptions
+    @OptionGroup var precision: PrecisionOption
     @Option(help: "Compute threads (oneDNN/OpenMP); data loading runs on one more thread.")
     var threads = 1
     @Option(help: "Start from these weights (safetensors, torchvision names) instead of a fresh initialisation.")
@@ -32,8 +33,11 @@ struct Train: ParsableCommand {
             let dir = try training.dataDirectory()
             let trainSet = try CIFAR10(directory: dir, split: .train)
             let testSet = noEval ? nil : try CIFAR10(directory: dir, split: .test)
-            let config = training.config(trainingRecords: trainSet.count)
+            var config = training.config(trainingRecords: trainSet.count)
+            let precision = self.precision.resolved()
+            config.precision = precision == .fp32 ? nil : precision
             let trainer = try Trainer(config: config, trainSet: trainSet)
+            trainer.network.useDirectConvolution = directConvolutionRequested
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
             if let found = try Resume.start(directory: checkpoints.checkpointDir, resume: checkpoints.resume,
                                             startOver: checkpoints.startOver, log: { emit($0 + "\n") }) {
@@ -42,7 +46,7 @@ struct Train: ParsableCommand {
             }
             emit("training \(config.model.architecture.rawValue) (\(grouped(trainer.network.parameters.count)) parameters) on \(dir): "
                  + "\(trainSet.count) images, \(trainer.stepsPerEpoch) steps of \(config.batchSize) per epoch, "
-                 + "\(config.totalSteps) steps, \(threads) thread(s)\n")
+                 + "\(config.totalSteps) steps, \(threads) thread(s)" + (precision == .fp32 ? "" : ", \(precision.rawValue)") + "\n")
             var options = RunOptions()
             options.checkpointDirectory = checkpoints.checkpointDir
             options.checkpointEvery = checkpoints.checkpointEvery
@@ -74,6 +78,7 @@ struct Eval: ParsableCommand {
         abstract: "Test-set accuracy of saved weights: overall, per class, and the confusion matrix.")
 
     @OptionGroup(title: "Model options (read from the weights' metadata when they have it; given ones must agree)") var model: ModelOptions
+    @OptionGroup var precision: PrecisionOption
     @Option(help: "Weights to evaluate: safetensors with torchvision names (e.g. from --save-weights or export) or a compressed model (.sqz).")
     var weights: String
     @Option(help: "CIFAR-10 directory (see train --help).")
@@ -101,6 +106,7 @@ struct Eval: ParsableCommand {
         do {
             let testSet = try CIFAR10(directory: try CIFAR10.resolveDirectory(explicit: data), split: .test)
             let net = try loadNetwork(weights: weights, model: model)
+            net.precision = precision.resolved()
             let config = net.config
             let e = Trainer.evaluate(net, testSet, batchSize: batchSize, imageSize: config.cifarImageSize, flip: tta == "flip")
             let names = config.classes == 10 ? CIFAR10.classNames : (0..<config.classes).map { "class \($0)" }

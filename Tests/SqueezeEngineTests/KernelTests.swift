@@ -295,15 +295,13 @@ struct FastKernelTests {
         var outputs = [[Float]](), inputGradients = [[Float]](), weightGradients = [[Float]]()
         for bypass in [false, true] {
             let fire = Fire(name: "f", input: 8, squeeze: 3, expand1x1: 4, expand3x3: 4, bypass: bypass, batchNorm: true, workspace: Workspace())
-            // The layer keeps raw pointers into both stores, so they must outlive its use.
-            let params = ParameterStore(fire.parameterSpecs), buffers = ParameterStore(fire.bufferSpecs)
+            // The layer's views keep both stores alive; the buffer store is not referenced here again.
+            let params = ParameterStore(fire.parameterSpecs)
             params.load(randomArray(params.count, seed: 43))
-            fire.bind(parameters: params, buffers: buffers)
+            fire.bind(parameters: params, buffers: ParameterStore(fire.bufferSpecs))
             let x = HostTensor(xs, s), dy = HostTensor(dyv, s)
-            withExtendedLifetime(buffers) {
-                outputs.append(array(fire.forward(x.tensor, training: true)))
-                inputGradients.append(array(fire.backward(dy.tensor, needInputGradient: true)!))
-            }
+            outputs.append(array(fire.forward(x.tensor, training: true)))
+            inputGradients.append(array(fire.backward(dy.tensor, needInputGradient: true)!))
             weightGradients.append(params.copyGradients())
         }
         #expect(maxAbsDiff(outputs[1], zip(outputs[0], xs).map { $0 + $1 }) < 1e-5)
