@@ -103,6 +103,11 @@ public final class Worker {
         let trainSet = try CIFAR10(directory: dataDir, split: .train)
         let testSet = welcome.evaluate ? try CIFAR10(directory: dataDir, split: .test) : nil
         let trainer = try Trainer(config: config, trainSet: trainSet, rank: rank, worldSize: world)
+        if trainer.network.precision == .bf16 && !CPUFeatures.hasAVX512BF16 {
+            log("rank \(rank): warning: the run asks for bf16, which needs a CPU with AVX512_BF16; this one lacks it, running in fp32 "
+                + "(the gradients on the wire are fp32 either way)")
+            trainer.network.precision = .fp32
+        }
         if let path = welcome.initWeights { try trainer.network.loadWeights(from: path) }
         if let path = welcome.resumeFrom { try Checkpoint.load(path: path).restore(into: trainer) }
         let checksum = parametersChecksum(UnsafeBufferPointer(trainer.network.parameters.valueBuffer))

@@ -25,12 +25,16 @@ struct ClusterOptions: ParsableArguments {
     @Flag(help: "Skip the test-set evaluation at each epoch end (otherwise every worker evaluates 1/N of it).")
     var noEval = false
     @OptionGroup var checkpoints: CheckpointOptions
+    @OptionGroup var precision: PrecisionOption
 
     func validate() throws {
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc (got \(transport))") }
-        guard bucketMb > 0 else { throw ValidationError("--bucket-mb must be positive") }
+        guard bucketMb.isFinite, bucketMb >= 0.001, bucketMb <= 4096 else { throw ValidationError("--bucket-mb must be in 0.001...4096 (got \(bucketMb))") }
         do { _ = try GradientCompression(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
-        guard timeout > 0, joinTimeout > 0 else { throw ValidationError("--timeout and --join-timeout must be positive") }
+        guard timeout.isFinite, timeout >= 0.1, timeout <= 3600 else { throw ValidationError("--timeout must be in 0.1...3600 seconds (got \(timeout))") }
+        guard joinTimeout.isFinite, joinTimeout >= 0.1, joinTimeout <= 86_400 else {
+            throw ValidationError("--join-timeout must be in 0.1...86400 seconds (got \(joinTimeout))")
+        }
     }
 }
 
@@ -84,7 +88,9 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
                     events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) throws -> ClusterSummary {
     let stop = stopOnSignals()
     let records = trainingRecordCount(training.data)
-    var options = CoordinatorOptions(bind: bind, workers: workers, config: training.config(trainingRecords: records, workers: workers))
+    var config = training.config(trainingRecords: records, workers: workers)
+    config.precision = communication.precision.precision == .fp32 ? nil : communication.precision.precision  // each worker checks its CPU
+    var options = CoordinatorOptions(bind: bind, workers: workers, config: config)
     options.trainingRecords = records
     options.algorithm = communication.allreduce
     options.compression = try GradientCompression(parsing: communication.compress)
@@ -204,6 +210,7 @@ func absolutePath(_ path: String) -> String {
 extension ClusterOptions {
     var arguments: [String] {
         ["--allreduce", allreduce.rawValue, "--compress", compress, "--bucket-mb", "\(bucketMb)", "--transport", transport,
-         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)"] + (noEval ? ["--no-eval"] : []) + checkpoints.arguments
+         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)", "--precision", precision.precision.rawValue]
+            + (noEval ? ["--no-eval"] : []) + checkpoints.arguments
     }
 }
