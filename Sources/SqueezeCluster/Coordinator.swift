@@ -137,7 +137,7 @@ public final class Coordinator {
         do {
             let summary = try monitor(server, plan: plan, parameterCount: parameterCount, startStep: startStep)
             for id in identities { server.send(.stop(Stop(reason: "run complete")), to: id!) }
-            hubThread?.join()
+            if let failure = hubThread?.join() { throw failure }
             var s = summary
             if let hub { s.hubBytesSent = hub.counters.payloadBytesSent; s.hubBytesReceived = hub.counters.payloadBytesReceived }
             return s
@@ -145,7 +145,7 @@ public final class Coordinator {
             for id in identities { if let id { server.send(.abort(Abort(reason: String(describing: error))), to: id) } }
             // The hub's socket must not be closed under it: it ends within one receive timeout.
             hubThread?.cancel()
-            hubThread?.join()
+            if let failure = hubThread?.join(), !(error is StarHubError) { log("\(failure)") }
             throw error
         }
     }
@@ -342,26 +342,29 @@ public final class Coordinator {
 
 /// The star hub's reduce loop, on its own thread so the coordinator keeps watching the control plane.
 final class HubThread: @unchecked Sendable {
-    // @unchecked Sendable: the hub is used only by the thread; `finished` is guarded by `done`.
+    // @unchecked Sendable: the hub is used only by the thread; `isCancelled` is guarded by
+    // `cancelled`; `failure` is written by the thread before `done` is signalled.
     private let done = DispatchSemaphore(value: 0)
     private let cancelled = NSLock()
     private var isCancelled = false
+    private var failure: (any Error)?
     private let hub: StarAllReduceHub<ZMQTransport>
 
     init(hub: StarAllReduceHub<ZMQTransport>, plan: [Range<Int>], steps: Range<Int>) {
         self.hub = hub
         Thread {
             defer { self.done.signal() }
-            for step in steps {
-                for (k, range) in plan.enumerated() {
-                    if self.cancelled.withLock({ self.isCancelled }) { return }
-                    do { try self.hub.reduce(range: range, tag: CollectiveTag(step: UInt32(step), bucket: UInt32(k))) } catch { return }
-                }
-            }
+            do { try self.hub.serve(plan: plan, steps: steps) { self.cancelled.withLock { self.isCancelled } } } catch { self.failure = error }
         }.start()
     }
 
-    func join() { done.wait() }
+    /// Waits for the thread (again if called twice) and returns the hub's failure, if it had one.
+    @discardableResult
+    func join() -> (any Error)? {
+        done.wait()
+        done.signal()
+        return failure
+    }
     func cancel() { cancelled.withLock { isCancelled = true } }
 }
 
