@@ -48,6 +48,7 @@ let package = Package(
             ],
             swiftSettings: optimize),
 
+        .testTarget(name: "SqueezeSystemTests", dependencies: ["SqueezeSystem"]),
         .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
         .testTarget(name: "SqueezeCommTests", dependencies: ["SqueezeComm"]),

@@ -209,7 +209,7 @@ public final class RingAllReduce<T: Transport>: AllReducer {
         // feedback, and our values become what the next rank will decode).
         try forEachChunk(segment(r), chunk) { off, len in
             try send(.reduceScatter, step: 0, off, len,
-                     codec.encodeOwn(p + off, residual: residual.map { $0 + off }, count: len, scratch: outgoing))
+                     try codec.encodeOwn(p + off, residual: residual.map { $0 + off }, count: len, scratch: outgoing))
         }
 
         // Reduce-scatter: add each arriving partial sum of segment r−s−1 onto our own values and
@@ -224,7 +224,7 @@ public final class RingAllReduce<T: Transport>: AllReducer {
                     try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
                     codec.accumulate(payload.baseAddress!, into: p + off, count: len, first: false, divisor: last ? divisor : nil)
                 }
-                let out = codec.encodeSum(p + off, count: len, keepDecoded: last, scratch: outgoing)
+                let out = try codec.encodeSum(p + off, count: len, keepDecoded: last, scratch: outgoing)
                 try send(last ? .allGather : .reduceScatter, step: last ? 0 : s + 1, off, len, out)
             }
         }
@@ -236,7 +236,7 @@ public final class RingAllReduce<T: Transport>: AllReducer {
                 let expected = wireHeader(.allGather, from: left, step: s, off, len)
                 let forward = try transport.receive(from: left, timeout: timeout) { control, payload in
                     try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
-                    return codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: forwarding, scratch: outgoing)
+                    return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: forwarding, scratch: outgoing)
                 }
                 if let forward { try send(.allGather, step: s + 1, off, len, forward) }
             }
@@ -253,7 +253,7 @@ public final class RingAllReduce<T: Transport>: AllReducer {
         let pairBytes = SparseKernels.pairBytes
         // Vector j lives in slot j; a forwarded message is sent from the slot it was received into.
         outgoing.reset(capacity: n * k * pairBytes)
-        let slots = (0..<n).map { _ in outgoing.take(k * pairBytes) }
+        let slots = try (0..<n).map { _ in try outgoing.take(k * pairBytes) }
         var lengths = [Int](repeating: 0, count: n)
 
         // Our vector: the top k of g + residual; the residual keeps the rest.
@@ -371,7 +371,7 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
         let r = transport.rank, chunk = options.chunkElements
         outgoing.reset(capacity: codec.starScratchBytes(count: range.count, chunkBytes: options.chunkBytes))
         try forEachChunk(range, chunk) { off, len in
-            let out = codec.encodeOwn(p + off, residual: residual.map { $0 + off }, count: len, scratch: outgoing)
+            let out = try codec.encodeOwn(p + off, residual: residual.map { $0 + off }, count: len, scratch: outgoing)
             let h = WireHeader(kind: .starContribution, sender: r, tag: tag, offset: off, count: len, encoding: codec.encoding)
             try transport.send(control: header.encode(h),
                                payload: UnsafeRawBufferPointer(start: out, count: codec.payloadBytes(count: len)), to: hub)
@@ -380,7 +380,7 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
             let expected = WireHeader(kind: .starResult, sender: hub, tag: tag, offset: off, count: len, encoding: codec.encoding)
             _ = try transport.receive(from: hub, timeout: options.timeout) { control, payload in
                 try WireHeader.validate(control: control, payload: payload, from: hub, expected: expected)
-                return codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: false, scratch: outgoing)
+                return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: false, scratch: outgoing)
             }
         }
     }
@@ -391,7 +391,7 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
         let r = transport.rank, count = range.count, pairBytes = SparseKernels.pairBytes
         let k = GradientCompression.topkPairs(fraction: fraction, count: count)
         outgoing.reset(capacity: k * pairBytes)
-        let vector = outgoing.take(k * pairBytes)
+        let vector = try outgoing.take(k * pairBytes)
         FloatKernels.add(residual, UnsafeRawPointer(p), count: count)
         let pairs = SparseKernels.extractTopK(residual, count: count, k: k, into: vector)
         try sendSparse(pairs: pairs, perMessage: options.chunkBytes) { first, m, isLast in
@@ -508,7 +508,7 @@ public final class StarAllReduceHub<T: Transport> {
                                      divisor: i == workers.count - 1 ? divisor : nil)
                 }
             }
-            let out = codec.encodeSum(acc + off, count: len, keepDecoded: false, scratch: outgoing)
+            let out = try codec.encodeSum(acc + off, count: len, keepDecoded: false, scratch: outgoing)
             let control = header.encode(WireHeader(kind: .starResult, sender: r, tag: tag, offset: offset, count: len,
                                                    encoding: codec.encoding))
             for w in workers {
@@ -523,7 +523,7 @@ public final class StarAllReduceHub<T: Transport> {
         let k = GradientCompression.topkPairs(fraction: fraction, count: count)
         acc.update(repeating: 0, count: count)
         incoming.reset(capacity: k * pairBytes)
-        let vector = incoming.take(k * pairBytes)
+        let vector = try incoming.take(k * pairBytes)
         for w in workers {
             let expected = WireHeader(kind: .starContribution, sender: w, tag: tag, offset: range.lowerBound, count: 0,
                                       encoding: .sparse)
@@ -551,7 +551,7 @@ public final class StarAllReduceHub<T: Transport> {
         // The nonzero entries of the average, the same bytes to every worker.
         let nonzero = (0..<count).reduce(0) { acc[$1] != 0 ? $0 + 1 : $0 }
         outgoing.reset(capacity: nonzero * pairBytes)
-        let result = outgoing.take(nonzero * pairBytes)
+        let result = try outgoing.take(nonzero * pairBytes)
         _ = SparseKernels.gatherNonzero(acc, count: count, into: result)
         for w in workers {
             try sendSparse(pairs: nonzero, perMessage: options.chunkBytes) { first, m, isLast in

@@ -25,7 +25,7 @@ protocol ChunkCodec {
     /// This rank's own values p[0..<count] as a payload to send. With `residual` (error feedback),
     /// the residual is added first and `p` becomes what the receiver will decode.
     func encodeOwn(_ p: UnsafeMutablePointer<Float>, residual: UnsafeMutablePointer<Float>?, count: Int,
-                   scratch: ScratchBytes) -> UnsafeRawPointer
+                   scratch: ScratchBytes) throws -> UnsafeRawPointer
 
     /// Makes p[0..<count] this rank's contribution to a sum that arrives encoded: with `residual`,
     /// what the rank would have sent (as `encodeOwn`), so its error feedback applies; otherwise p.
@@ -38,12 +38,12 @@ protocol ChunkCodec {
 
     /// A sum p[0..<count] as a payload to send; with `keepDecoded`, p becomes the decoded payload,
     /// so the sender holds the same bits as every receiver.
-    func encodeSum(_ p: UnsafeMutablePointer<Float>, count: Int, keepDecoded: Bool, scratch: ScratchBytes) -> UnsafeRawPointer
+    func encodeSum(_ p: UnsafeMutablePointer<Float>, count: Int, keepDecoded: Bool, scratch: ScratchBytes) throws -> UnsafeRawPointer
 
     /// p[i] = decoded[i]. With `forwarding`, returns the payload to pass on unchanged (bytes that
     /// stay valid after the receive: the identity's are p itself, other codecs copy into scratch).
     func assign(_ payload: UnsafeRawPointer, into p: UnsafeMutablePointer<Float>, count: Int, forwarding: Bool,
-                scratch: ScratchBytes) -> UnsafeRawPointer?
+                scratch: ScratchBytes) throws -> UnsafeRawPointer?
 }
 
 /// Float32 as it is in memory: sent from the caller's buffer, reduced from the receive buffer.
@@ -56,7 +56,7 @@ struct Float32Codec: ChunkCodec {
 
     @inline(__always)
     func encodeOwn(_ p: UnsafeMutablePointer<Float>, residual: UnsafeMutablePointer<Float>?, count: Int,
-                   scratch: ScratchBytes) -> UnsafeRawPointer {
+                   scratch: ScratchBytes) throws -> UnsafeRawPointer {
         UnsafeRawPointer(p)
     }
 
@@ -76,13 +76,13 @@ struct Float32Codec: ChunkCodec {
     }
 
     @inline(__always)
-    func encodeSum(_ p: UnsafeMutablePointer<Float>, count: Int, keepDecoded: Bool, scratch: ScratchBytes) -> UnsafeRawPointer {
+    func encodeSum(_ p: UnsafeMutablePointer<Float>, count: Int, keepDecoded: Bool, scratch: ScratchBytes) throws -> UnsafeRawPointer {
         UnsafeRawPointer(p)
     }
 
     @inline(__always)
     func assign(_ payload: UnsafeRawPointer, into p: UnsafeMutablePointer<Float>, count: Int, forwarding: Bool,
-                scratch: ScratchBytes) -> UnsafeRawPointer? {
+                scratch: ScratchBytes) throws -> UnsafeRawPointer? {
         FloatKernels.copy(p, payload, count: count)
         return forwarding ? UnsafeRawPointer(p) : nil
     }
@@ -108,8 +108,8 @@ extension DenseCodec: ChunkCodec {
     }
 
     func encodeOwn(_ p: UnsafeMutablePointer<Float>, residual: UnsafeMutablePointer<Float>?, count: Int,
-                   scratch: ScratchBytes) -> UnsafeRawPointer {
-        let out = scratch.take(payloadBytes(count: count))
+                   scratch: ScratchBytes) throws -> UnsafeRawPointer {
+        let out = try scratch.take(payloadBytes(count: count))
         if let residual {
             encode(p, residual: residual, count: count, into: out)
         } else {
@@ -130,18 +130,18 @@ extension DenseCodec: ChunkCodec {
         if let divisor { FloatKernels.divide(p, p, count: count, divisor: divisor) }
     }
 
-    func encodeSum(_ p: UnsafeMutablePointer<Float>, count: Int, keepDecoded: Bool, scratch: ScratchBytes) -> UnsafeRawPointer {
-        let out = scratch.take(payloadBytes(count: count))
+    func encodeSum(_ p: UnsafeMutablePointer<Float>, count: Int, keepDecoded: Bool, scratch: ScratchBytes) throws -> UnsafeRawPointer {
+        let out = try scratch.take(payloadBytes(count: count))
         encode(p, count: count, into: out)
         if keepDecoded { decode(out, count: count, into: p, adding: false) }
         return UnsafeRawPointer(out)
     }
 
     func assign(_ payload: UnsafeRawPointer, into p: UnsafeMutablePointer<Float>, count: Int, forwarding: Bool,
-                scratch: ScratchBytes) -> UnsafeRawPointer? {
+                scratch: ScratchBytes) throws -> UnsafeRawPointer? {
         decode(payload, count: count, into: p, adding: false)
         guard forwarding else { return nil }
-        let bytes = payloadBytes(count: count), copy = scratch.take(bytes)
+        let bytes = payloadBytes(count: count), copy = try scratch.take(bytes)
         copy.copyMemory(from: payload, byteCount: bytes)
         return UnsafeRawPointer(copy)
     }
