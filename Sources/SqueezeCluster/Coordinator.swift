@@ -137,7 +137,9 @@ public final class Coordinator {
         do {
             let summary = try monitor(server, plan: plan, parameterCount: parameterCount, startStep: startStep)
             for id in identities { server.send(.stop(Stop(reason: "run complete")), to: id!) }
-            if let failure = hubThread?.join() { throw failure }
+            // A run stopped early leaves the hub waiting for a step that never comes; a complete
+            // run cannot finish without the hub, so its failure then is real.
+            if let failure = hubThread?.join(), summary.interruptedBy == nil { throw failure }
             var s = summary
             if let hub { s.hubBytesSent = hub.counters.payloadBytesSent; s.hubBytesReceived = hub.counters.payloadBytesReceived }
             return s
