@@ -1,7 +1,10 @@
 // swift-tools-version:6.0
 import PackageDescription
 
-let optimize: [SwiftSetting] = [.unsafeFlags(["-Ounchecked", "-wmo"], .when(configuration: .release))]
+// Every target keeps Swift's checks (no -Ounchecked): a failed precondition or an out-of-range
+// index traps instead of becoming undefined behaviour. The engine measured no faster with
+// -Ounchecked (`bench train`, see docs/engine.md), so it keeps them too.
+let optimize: [SwiftSetting] = [.unsafeFlags(["-wmo"], .when(configuration: .release))]
 
 let package = Package(
     name: "squeezetrain",
@@ -19,18 +22,21 @@ let package = Package(
         // Linux system calls Swift's Glibc module leaves out (CPU affinity).
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
 
+        // System errors (errno + function) and the atomic file write; no dependencies.
+        .target(name: "SqueezeSystem", swiftSettings: optimize),
+
         // Tensors, kernels (forward/backward pairs), layers, models, optimizer, safetensors.
-        .target(name: "SqueezeEngine", dependencies: ["CDNNL"], swiftSettings: optimize),
+        .target(name: "SqueezeEngine", dependencies: ["CDNNL", "SqueezeSystem"], swiftSettings: optimize),
         // CIFAR-10 reader, augmentation, sharded sampler.
         .target(name: "SqueezeData", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
         // ZeroMQ wrapper, transports, wire protocol, all-reduce algorithms, byte counters.
-        .target(name: "SqueezeComm", dependencies: ["CZeroMQ", "CLinux"], swiftSettings: optimize),
+        .target(name: "SqueezeComm", dependencies: ["CZeroMQ", "CLinux", "SqueezeSystem"], swiftSettings: optimize),
 
         // Deep Compression: pruning, weight sharing, Huffman coding, the .sqz file format.
         .target(name: "SqueezeCompress", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
 
         // Single-process training: trainer, checkpoints, metrics, progress.
-        .target(name: "SqueezeTraining", dependencies: ["SqueezeEngine", "SqueezeData"], swiftSettings: optimize),
+        .target(name: "SqueezeTraining", dependencies: ["SqueezeSystem", "SqueezeEngine", "SqueezeData"], swiftSettings: optimize),
 
         // Coordinator, worker loop, launcher.
         .target(name: "SqueezeCluster", dependencies: ["SqueezeEngine", "SqueezeData", "SqueezeTraining", "SqueezeComm"],
@@ -44,6 +50,7 @@ let package = Package(
             ],
             swiftSettings: optimize),
 
+        .testTarget(name: "SqueezeSystemTests", dependencies: ["SqueezeSystem"]),
         .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
         .testTarget(name: "SqueezeCommTests", dependencies: ["SqueezeComm"]),

@@ -26,7 +26,7 @@ public struct TrafficTheory: Sendable {
     /// at most one element between ranks): the reference of its compression ratio.
     public func uncompressedBytesSent(rank: Int) -> Int {
         algorithm == .star ? 4 * parameters : plan.reduce(0) {
-            $0 + RingAllReduce<InProcessTransport>.uncompressedPayloadBytes(count: $1.count, worldSize: workers, rank: rank).sent
+            $0 + ringPayloadBytes(count: $1.count, worldSize: workers, rank: rank).sent
         }
     }
 
@@ -43,8 +43,8 @@ public struct TrafficTheory: Sendable {
         let total = (0..<workers).reduce(0) { sum, rank in
             sum + plan.reduce(0) { acc, bucket in
                 acc + (algorithm == .ring
-                    ? RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: bucket.count, worldSize: workers, rank: rank,
-                                                                            compression: compression, chunkBytes: chunkBytes)!.sent
+                    ? ringPayloadBytes(count: bucket.count, worldSize: workers, rank: rank,
+                                       compression: compression, chunkBytes: chunkBytes)!.sent
                     : compression.densePayloadBytes(count: bucket.count, chunkBytes: chunkBytes)!)
             }
         }

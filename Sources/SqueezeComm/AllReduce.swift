@@ -55,6 +55,45 @@ public func evenSegment(_ k: Int, of parts: Int, count: Int) -> Range<Int> {
 @inline(__always)
 func chunkCount(_ length: Int, chunk: Int) -> Int { (length + chunk - 1) / chunk }
 
+/// Segment k (taken mod N) of a ring of N ranks over `count` elements.
+@inline(__always)
+func ringSegment(_ k: Int, worldSize n: Int, count: Int) -> Range<Int> {
+    evenSegment(((k % n) + n) % n, of: n, count: count)
+}
+
+/// Calls `body(offset, length)` for the consecutive chunks of at most `chunk` elements of `range`.
+@inline(__always)
+func forEachChunk(_ range: Range<Int>, _ chunk: Int, _ body: (Int, Int) throws -> Void) rethrows {
+    for off in stride(from: range.lowerBound, to: range.upperBound, by: chunk) {
+        try body(off, min(chunk, range.upperBound - off))
+    }
+}
+
+/// Throws unless `range` lies inside a buffer of `bufferCount` elements and its length fits a
+/// header's 32-bit count.
+func checkCollectiveRange(_ range: Range<Int>, bufferCount: Int) throws {
+    guard range.lowerBound >= 0, range.upperBound <= bufferCount else {
+        throw CommError.invalidArgument("range \(range) outside a buffer of \(bufferCount) Floats")
+    }
+    guard range.count <= UInt32.max else {
+        throw CommError.invalidArgument("range of \(range.count) elements: at most \(UInt32.max) per all-reduce")
+    }
+}
+
+extension Transport {
+    /// Runs one collective's sends and receives, then waits until the transport no longer holds
+    /// its payloads; on failure abandons them (so the caller may reuse the memory) and rethrows.
+    func collective(timeout: Duration, _ body: () throws -> Void) throws {
+        do {
+            try body()
+            try completeSends(timeout: timeout)
+        } catch {
+            abandonSends()
+            throw error
+        }
+    }
+}
+
 /// Reusable 32-byte header scratch (one allocation per collective object, not per message).
 final class HeaderScratch {
     let bytes = UnsafeMutableRawBufferPointer.allocate(byteCount: WireHeader.size, alignment: 8)
@@ -80,7 +119,7 @@ final class HeaderScratch {
 /// Each segment travels in chunks of `options.chunkBytes`; a received chunk is reduced
 /// straight from the transport's buffer and forwarded at once, so the next hop starts
 /// before the segment is complete. Each rank sends (and receives) 2(N−1)/N × 4 × count
-/// payload bytes, exactly `expectedPayloadBytes`.
+/// payload bytes, exactly `ringPayloadBytes`.
 ///
 /// Compression (`GradientCompression`; the same on every rank):
 /// - fp16, bf16, int8: the same schedule and chunks (chunkBytes/4 elements per message), with
@@ -101,7 +140,7 @@ final class HeaderScratch {
 ///   on the way without growing, so they are gathered: N−1 steps around the ring, each rank
 ///   forwarding what it received. Then every rank adds the N vectors into the zeroed range in
 ///   rank order 0…N−1 and divides by N, so all get the same bits. Each pair crosses N−1 links:
-///   see `expectedSparsePayloadBytes`. The N vectors are held until the sum (N × k × 8 bytes).
+///   see `ringSparsePayloadBytes`. The N vectors are held until the sum (N × k × 8 bytes).
 ///
 /// Compressed payloads are encoded into memory the reducer owns (a transport may send them
 /// without a copy), as much as the call sends; a group of one leaves the buffer as it is.
@@ -126,225 +165,78 @@ public final class RingAllReduce<T: Transport>: AllReducer {
 
     public var participants: Int { transport.worldSize }
 
-    /// Payload bytes rank `rank` sends and receives in one ring all-reduce of `count` Floats:
-    /// it sends every segment but r+1 in reduce-scatter and every segment but r+2 in
-    /// all-gather; it receives every segment but r, then every segment but r+1.
-    public static func expectedPayloadBytes(count: Int, worldSize n: Int, rank r: Int) -> (sent: Int, received: Int) {
-        guard n > 1 else { return (0, 0) }
-        let size = { (k: Int) in evenSegment(((k % n) + n) % n, of: n, count: count).count }
-        let sent = 2 * count - size(r + 1) - size(r + 2)
-        let received = 2 * count - size(r) - size(r + 1)
-        return (sent * 4, received * 4)
-    }
-
-    /// Messages (hence headers) rank `rank` sends and receives, given the chunking.
-    public static func expectedMessages(count: Int, worldSize n: Int, rank r: Int,
-                                        chunkBytes: Int) -> (sent: Int, received: Int) {
-        guard n > 1 else { return (0, 0) }
-        let chunk = max(1, chunkBytes / 4)
-        let chunks = { (k: Int) in chunkCount(evenSegment(((k % n) + n) % n, of: n, count: count).count, chunk: chunk) }
-        let all = (0..<n).reduce(0) { $0 + chunks($1) }
-        return (2 * all - chunks(r + 1) - chunks(r + 2), 2 * all - chunks(r) - chunks(r + 1))
-    }
-
-    /// `expectedPayloadBytes` for a dense compression: the same segments and messages, each
-    /// message `compression.densePayloadBytes` of its elements. So fp16 and bf16 move exactly
-    /// half the Float32 bytes, and int8 a quarter plus 4 bytes per message (`expectedMessages`).
-    /// nil for topk, whose bytes depend on the data: see `expectedSparsePayloadBytes`.
-    public static func expectedPayloadBytes(count: Int, worldSize n: Int, rank r: Int, compression: GradientCompression,
-                                            chunkBytes: Int) -> (sent: Int, received: Int)? {
-        if case .topk = compression { return nil }
-        guard n > 1 else { return (0, 0) }
-        let bytes = { (k: Int) in
-            compression.densePayloadBytes(count: evenSegment(((k % n) + n) % n, of: n, count: count).count, chunkBytes: chunkBytes)!
-        }
-        let all = (0..<n).reduce(0) { $0 + bytes($1) }
-        return (2 * all - bytes(r + 1) - bytes(r + 2), 2 * all - bytes(r) - bytes(r + 1))
-    }
-
-    /// Payload bytes rank `rank` sends and receives in one topk all-reduce in which rank j sent
-    /// `pairs[j]` pairs (k, or fewer when some of its k largest entries were zero): it sends
-    /// every vector but that of r+1 and receives every vector but its own, 8 bytes per pair.
-    /// Summed over the ranks, 8 × (N−1) × Σ pairs.
-    public static func expectedSparsePayloadBytes(pairs: [Int], rank r: Int) -> (sent: Int, received: Int) {
-        let n = pairs.count
-        guard n > 1 else { return (0, 0) }
-        let total = pairs.reduce(0, +)
-        return (8 * (total - pairs[(r + 1) % n]), 8 * (total - pairs[r]))
-    }
-
-    /// What rank `rank` would send and receive uncompressed (Float32): the reference for a
-    /// compression ratio, uncompressed / actual bytes.
-    public static func uncompressedPayloadBytes(count: Int, worldSize n: Int, rank r: Int) -> (sent: Int, received: Int) {
-        expectedPayloadBytes(count: count, worldSize: n, rank: r)
-    }
-
     public func allReduceAverage(_ buffer: UnsafeMutableBufferPointer<Float>, range: Range<Int>, tag: CollectiveTag) throws {
-        guard range.lowerBound >= 0, range.upperBound <= buffer.count else {
-            throw CommError.invalidArgument("range \(range) outside a buffer of \(buffer.count) Floats")
-        }
-        let n = transport.worldSize
-        guard n > 1, !range.isEmpty else { return }
-        guard range.count <= UInt32.max else {
-            throw CommError.invalidArgument("range of \(range.count) elements: at most \(UInt32.max) per all-reduce")
-        }
-        do {
-            let p = buffer.baseAddress! + range.lowerBound
+        try checkCollectiveRange(range, bufferCount: buffer.count)
+        guard transport.worldSize > 1, !range.isEmpty else { return }
+        let p = buffer.baseAddress! + range.lowerBound
+        try transport.collective(timeout: options.timeout) {
             switch compression {
             case .none:
-                try run(p, count: range.count, base: range.lowerBound, tag: tag, n: n)
+                try reduce(Float32Codec(), p, count: range.count, base: range.lowerBound, residual: nil, tag: tag)
             case .fp16, .bf16, .int8:
                 let feedback = compression == .int8 ? residual.base(forBufferOf: buffer.count) + range.lowerBound : nil
-                try runDense(DenseCodec(compression)!, p, count: range.count, base: range.lowerBound, residual: feedback,
-                             tag: tag, n: n)
+                try reduce(DenseCodec(compression)!, p, count: range.count, base: range.lowerBound, residual: feedback, tag: tag)
             case .topk(let fraction):
-                try runSparse(fraction: fraction, p, count: range.count, base: range.lowerBound,
-                              residual: residual.base(forBufferOf: buffer.count) + range.lowerBound, tag: tag, n: n)
-            }
-            try transport.completeSends(timeout: options.timeout)
-        } catch {
-            transport.abandonSends()
-            throw error
-        }
-    }
-
-    private func run(_ p: UnsafeMutablePointer<Float>, count: Int, base: Int, tag: CollectiveTag, n: Int) throws {
-        let r = transport.rank
-        let right = (r + 1) % n, left = (r + n - 1) % n
-        let chunk = options.chunkElements, timeout = options.timeout
-        let divisor = Float(n)
-        let segment = { (k: Int) in evenSegment(((k % n) + n) % n, of: n, count: count) }
-
-        func send(_ kind: WireHeader.Kind, step: Int, _ start: Int, _ length: Int) throws {
-            let h = WireHeader(kind: kind, sender: r, phaseStep: step, tag: tag, offset: base + start, count: length)
-            try transport.send(control: header.encode(h),
-                               payload: UnsafeRawBufferPointer(start: p + start, count: length * 4), to: right)
-        }
-
-        // Reduce-scatter, step 0: our own segment r goes out whole, chunk by chunk.
-        let first = segment(r)
-        for off in stride(from: first.lowerBound, to: first.upperBound, by: chunk) {
-            try send(.reduceScatter, step: 0, off, min(chunk, first.upperBound - off))
-        }
-
-        // Reduce-scatter: add each arriving chunk of segment r−s−1 and forward it at once
-        // (as step s+1, or, after the last step, divided by N as all-gather step 0).
-        for s in 0..<(n - 1) {
-            let seg = segment(r - s - 1)
-            let last = s == n - 2
-            for off in stride(from: seg.lowerBound, to: seg.upperBound, by: chunk) {
-                let len = min(chunk, seg.upperBound - off)
-                let expected = WireHeader(kind: .reduceScatter, sender: left, phaseStep: s, tag: tag,
-                                          offset: base + off, count: len)
-                try transport.receive(from: left, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
-                    if last {
-                        FloatKernels.addAndDivide(p + off, payload.baseAddress!, count: len, divisor: divisor)
-                    } else {
-                        FloatKernels.add(p + off, payload.baseAddress!, count: len)
-                    }
-                }
-                if last {
-                    try send(.allGather, step: 0, off, len)
-                } else {
-                    try send(.reduceScatter, step: s + 1, off, len)
-                }
-            }
-        }
-
-        // All-gather: copy each arriving final chunk of segment r−s and pass it on.
-        for s in 0..<(n - 1) {
-            let seg = segment(r - s)
-            for off in stride(from: seg.lowerBound, to: seg.upperBound, by: chunk) {
-                let len = min(chunk, seg.upperBound - off)
-                let expected = WireHeader(kind: .allGather, sender: left, phaseStep: s, tag: tag,
-                                          offset: base + off, count: len)
-                try transport.receive(from: left, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
-                    FloatKernels.copy(p + off, payload.baseAddress!, count: len)
-                }
-                if s < n - 2 { try send(.allGather, step: s + 1, off, len) }
+                try gatherSparse(fraction: fraction, p, count: range.count, base: range.lowerBound,
+                                 residual: residual.base(forBufferOf: buffer.count) + range.lowerBound, tag: tag)
             }
         }
     }
 
-    /// `run` with fp16, bf16 or int8 payloads (see the type's documentation). `residual`
-    /// (int8 only) is the error feedback of p[0..<count].
-    private func runDense(_ codec: DenseCodec, _ p: UnsafeMutablePointer<Float>, count: Int, base: Int,
-                          residual: UnsafeMutablePointer<Float>?, tag: CollectiveTag, n: Int) throws {
-        let r = transport.rank
+    /// The ring's schedule for p[0..<count] (elements base..<base+count of the caller's buffer):
+    /// reduce-scatter then all-gather, chunk by chunk, each chunk through `codec` (see the type's
+    /// documentation). `residual` (int8 only) is the error feedback of p[0..<count].
+    private func reduce<C: ChunkCodec>(_ codec: C, _ p: UnsafeMutablePointer<Float>, count: Int, base: Int,
+                                       residual: UnsafeMutablePointer<Float>?, tag: CollectiveTag) throws {
+        let n = transport.worldSize, r = transport.rank
         let right = (r + 1) % n, left = (r + n - 1) % n
         let chunk = options.chunkElements, timeout = options.timeout
         let divisor = Float(n)
-        let segment = { (k: Int) in evenSegment(((k % n) + n) % n, of: n, count: count) }
-        outgoing.reset(capacity: Self.expectedPayloadBytes(count: count, worldSize: n, rank: r, compression: compression,
-                                                           chunkBytes: options.chunkBytes)!.sent)
+        let segment = { (k: Int) in ringSegment(k, worldSize: n, count: count) }
+        outgoing.reset(capacity: codec.ringScratchBytes(count: count, worldSize: n, rank: r, chunkBytes: options.chunkBytes))
 
-        func send(_ kind: WireHeader.Kind, step: Int, _ start: Int, _ length: Int, _ payload: UnsafeMutableRawPointer) throws {
-            let h = WireHeader(kind: kind, sender: r, phaseStep: step, tag: tag, offset: base + start, count: length,
-                               encoding: codec.encoding)
-            try transport.send(control: header.encode(h),
-                               payload: UnsafeRawBufferPointer(start: payload, count: codec.payloadBytes(count: length)), to: right)
-        }
-        func expected(_ kind: WireHeader.Kind, step: Int, _ start: Int, _ length: Int) -> WireHeader {
-            WireHeader(kind: kind, sender: left, phaseStep: step, tag: tag, offset: base + start, count: length,
+        func wireHeader(_ kind: WireHeader.Kind, from sender: Int, step: Int, _ start: Int, _ length: Int) -> WireHeader {
+            WireHeader(kind: kind, sender: sender, phaseStep: step, tag: tag, offset: base + start, count: length,
                        encoding: codec.encoding)
         }
-
-        // Reduce-scatter, step 0: our own segment r, encoded (int8: with error feedback, and
-        // our values become what the next rank will decode).
-        let first = segment(r)
-        for off in stride(from: first.lowerBound, to: first.upperBound, by: chunk) {
-            let len = min(chunk, first.upperBound - off)
-            let out = outgoing.take(codec.payloadBytes(count: len))
-            if let residual {
-                codec.encode(p + off, residual: residual + off, count: len, into: out)
-            } else {
-                codec.encode(p + off, count: len, into: out)
-            }
-            try send(.reduceScatter, step: 0, off, len, out)
+        func send(_ kind: WireHeader.Kind, step: Int, _ start: Int, _ length: Int, _ payload: UnsafeRawPointer) throws {
+            try transport.send(control: header.encode(wireHeader(kind, from: r, step: step, start, length)),
+                               payload: UnsafeRawBufferPointer(start: payload, count: codec.payloadBytes(count: length)),
+                               to: right)
         }
 
-        // Reduce-scatter: decode each arriving partial sum onto our own values, then encode
-        // the sum for the next hop or, after the last step, the average for all-gather (which
-        // we keep in its decoded form too).
+        // Reduce-scatter, step 0: our own segment r goes out, chunk by chunk (int8: with error
+        // feedback, and our values become what the next rank will decode).
+        try forEachChunk(segment(r), chunk) { off, len in
+            try send(.reduceScatter, step: 0, off, len,
+                     try codec.encodeOwn(p + off, residual: residual.map { $0 + off }, count: len, scratch: outgoing))
+        }
+
+        // Reduce-scatter: add each arriving partial sum of segment r−s−1 onto our own values and
+        // send the sum on at once (as step s+1, or, after the last step, divided by N as
+        // all-gather step 0; an encoded average is kept in its decoded form, as others get it).
         for s in 0..<(n - 1) {
-            let seg = segment(r - s - 1)
             let last = s == n - 2
-            for off in stride(from: seg.lowerBound, to: seg.upperBound, by: chunk) {
-                let len = min(chunk, seg.upperBound - off)
-                if let residual {  // int8: our part of this sum is deq(q(g + residual)), with feedback
-                    let scratch = contribution.reusable(codec.payloadBytes(count: len))
-                    codec.encode(p + off, residual: residual + off, count: len, into: scratch)
-                }
+            try forEachChunk(segment(r - s - 1), chunk) { off, len in
+                codec.contribute(p + off, residual: residual.map { $0 + off }, count: len, scratch: contribution)
+                let expected = wireHeader(.reduceScatter, from: left, step: s, off, len)
                 try transport.receive(from: left, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: left,
-                                            expected: expected(.reduceScatter, step: s, off, len))
-                    codec.decode(payload.baseAddress!, count: len, into: p + off, adding: true)
+                    try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
+                    codec.accumulate(payload.baseAddress!, into: p + off, count: len, first: false, divisor: last ? divisor : nil)
                 }
-                if last { FloatKernels.divide(p + off, p + off, count: len, divisor: divisor) }
-                let out = outgoing.take(codec.payloadBytes(count: len))
-                codec.encode(p + off, count: len, into: out)
-                if last {
-                    codec.decode(out, count: len, into: p + off, adding: false)
-                    try send(.allGather, step: 0, off, len, out)
-                } else {
-                    try send(.reduceScatter, step: s + 1, off, len, out)
-                }
+                let out = try codec.encodeSum(p + off, count: len, keepDecoded: last, scratch: outgoing)
+                try send(last ? .allGather : .reduceScatter, step: last ? 0 : s + 1, off, len, out)
             }
         }
 
-        // All-gather: decode each arriving final chunk of segment r−s and pass its bytes on.
+        // All-gather: take over each arriving final chunk of segment r−s and pass its bytes on.
         for s in 0..<(n - 1) {
-            let seg = segment(r - s)
-            for off in stride(from: seg.lowerBound, to: seg.upperBound, by: chunk) {
-                let len = min(chunk, seg.upperBound - off), bytes = codec.payloadBytes(count: len)
-                let forward = s < n - 2 ? outgoing.take(bytes) : nil
-                try transport.receive(from: left, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: left,
-                                            expected: expected(.allGather, step: s, off, len))
-                    codec.decode(payload.baseAddress!, count: len, into: p + off, adding: false)
-                    forward?.copyMemory(from: payload.baseAddress!, byteCount: bytes)
+            let forwarding = s < n - 2
+            try forEachChunk(segment(r - s), chunk) { off, len in
+                let expected = wireHeader(.allGather, from: left, step: s, off, len)
+                let forward = try transport.receive(from: left, timeout: timeout) { control, payload in
+                    try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
+                    return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: forwarding, scratch: outgoing)
                 }
                 if let forward { try send(.allGather, step: s + 1, off, len, forward) }
             }
@@ -353,15 +245,15 @@ public final class RingAllReduce<T: Transport>: AllReducer {
 
     /// Top-k all-reduce (see the type's documentation): an all-gather of sparse vectors, sent
     /// as all-gather messages, step s carrying the vector of rank r−s.
-    private func runSparse(fraction: Double, _ p: UnsafeMutablePointer<Float>, count: Int, base: Int,
-                           residual: UnsafeMutablePointer<Float>, tag: CollectiveTag, n: Int) throws {
-        let r = transport.rank
+    private func gatherSparse(fraction: Double, _ p: UnsafeMutablePointer<Float>, count: Int, base: Int,
+                              residual: UnsafeMutablePointer<Float>, tag: CollectiveTag) throws {
+        let n = transport.worldSize, r = transport.rank
         let right = (r + 1) % n, left = (r + n - 1) % n, timeout = options.timeout
         let k = GradientCompression.topkPairs(fraction: fraction, count: count)
         let pairBytes = SparseKernels.pairBytes
         // Vector j lives in slot j; a forwarded message is sent from the slot it was received into.
         outgoing.reset(capacity: n * k * pairBytes)
-        let slots = (0..<n).map { _ in outgoing.take(k * pairBytes) }
+        let slots = try (0..<n).map { _ in try outgoing.take(k * pairBytes) }
         var lengths = [Int](repeating: 0, count: n)
 
         // Our vector: the top k of g + residual; the residual keeps the rest.
@@ -454,101 +346,52 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
     /// Workers of the group: every rank except the hub.
     public var participants: Int { transport.worldSize - 1 }
 
-    /// Payload bytes a worker sends and receives per call with a dense compression (each
-    /// way, `compression.densePayloadBytes`); nil for topk: see `expectedSparsePayloadBytes`.
-    public static func expectedPayloadBytes(count: Int, compression: GradientCompression,
-                                            chunkBytes: Int) -> (sent: Int, received: Int)? {
-        compression.densePayloadBytes(count: count, chunkBytes: chunkBytes).map { ($0, $0) }
-    }
-
-    /// Payload bytes of a topk call in which the worker sent `pairsSent` pairs and the average
-    /// had `resultPairs` nonzero entries (at most the number of distinct indices all sent).
-    public static func expectedSparsePayloadBytes(pairsSent: Int, resultPairs: Int) -> (sent: Int, received: Int) {
-        (8 * pairsSent, 8 * resultPairs)
-    }
-
-    /// What a worker would send and receive uncompressed: 4 × count each way.
-    public static func uncompressedPayloadBytes(count: Int) -> (sent: Int, received: Int) {
-        (4 * count, 4 * count)
-    }
-
     public func allReduceAverage(_ buffer: UnsafeMutableBufferPointer<Float>, range: Range<Int>, tag: CollectiveTag) throws {
-        guard range.lowerBound >= 0, range.upperBound <= buffer.count else {
-            throw CommError.invalidArgument("range \(range) outside a buffer of \(buffer.count) Floats")
-        }
+        try checkCollectiveRange(range, bufferCount: buffer.count)
         guard !range.isEmpty else { return }
-        guard range.count <= UInt32.max else {
-            throw CommError.invalidArgument("range of \(range.count) elements: at most \(UInt32.max) per all-reduce")
-        }
-        do {
+        let p = buffer.baseAddress!
+        try transport.collective(timeout: options.timeout) {
             switch compression {
             case .none:
-                try runFloat32(buffer.baseAddress!, range: range, tag: tag)
+                try reduce(Float32Codec(), p, range: range, residual: nil, tag: tag)
             case .fp16, .bf16, .int8:
                 let feedback = compression == .int8 ? residual.base(forBufferOf: buffer.count) : nil
-                try runDense(DenseCodec(compression)!, buffer.baseAddress!, range: range, residual: feedback, tag: tag)
+                try reduce(DenseCodec(compression)!, p, range: range, residual: feedback, tag: tag)
             case .topk(let fraction):
-                try runSparse(fraction: fraction, buffer.baseAddress! + range.lowerBound, range: range,
-                              residual: residual.base(forBufferOf: buffer.count) + range.lowerBound, tag: tag)
-            }
-            try transport.completeSends(timeout: options.timeout)
-        } catch {
-            transport.abandonSends()
-            throw error
-        }
-    }
-
-    private func runFloat32(_ p: UnsafeMutablePointer<Float>, range: Range<Int>, tag: CollectiveTag) throws {
-        let r = transport.rank, chunk = options.chunkElements
-        for off in stride(from: range.lowerBound, to: range.upperBound, by: chunk) {
-            let len = min(chunk, range.upperBound - off)
-            let h = WireHeader(kind: .starContribution, sender: r, tag: tag, offset: off, count: len)
-            try transport.send(control: header.encode(h),
-                               payload: UnsafeRawBufferPointer(start: p + off, count: len * 4), to: hub)
-        }
-        for off in stride(from: range.lowerBound, to: range.upperBound, by: chunk) {
-            let len = min(chunk, range.upperBound - off)
-            let expected = WireHeader(kind: .starResult, sender: hub, tag: tag, offset: off, count: len)
-            try transport.receive(from: hub, timeout: options.timeout) { control, payload in
-                try WireHeader.validate(control: control, payload: payload, from: hub, expected: expected)
-                FloatKernels.copy(p + off, payload.baseAddress!, count: len)
+                try gatherSparse(fraction: fraction, p + range.lowerBound, range: range,
+                                 residual: residual.base(forBufferOf: buffer.count) + range.lowerBound, tag: tag)
             }
         }
     }
 
-    /// Chunks as in `runFloat32`, encoded; `residual` (int8 only) is indexed like `p`.
-    private func runDense(_ codec: DenseCodec, _ p: UnsafeMutablePointer<Float>, range: Range<Int>,
-                          residual: UnsafeMutablePointer<Float>?, tag: CollectiveTag) throws {
+    /// The star's schedule for a worker: every chunk of p[range] to the hub through `codec`, then
+    /// every chunk of the average back. `residual` (int8 only) is indexed like `p`.
+    private func reduce<C: ChunkCodec>(_ codec: C, _ p: UnsafeMutablePointer<Float>, range: Range<Int>,
+                                       residual: UnsafeMutablePointer<Float>?, tag: CollectiveTag) throws {
         let r = transport.rank, chunk = options.chunkElements
-        outgoing.reset(capacity: compression.densePayloadBytes(count: range.count, chunkBytes: options.chunkBytes)!)
-        for off in stride(from: range.lowerBound, to: range.upperBound, by: chunk) {
-            let len = min(chunk, range.upperBound - off), bytes = codec.payloadBytes(count: len)
-            let out = outgoing.take(bytes)
-            if let residual {
-                codec.encode(p + off, residual: residual + off, count: len, into: out)
-            } else {
-                codec.encode(p + off, count: len, into: out)
-            }
+        outgoing.reset(capacity: codec.starScratchBytes(count: range.count, chunkBytes: options.chunkBytes))
+        try forEachChunk(range, chunk) { off, len in
+            let out = try codec.encodeOwn(p + off, residual: residual.map { $0 + off }, count: len, scratch: outgoing)
             let h = WireHeader(kind: .starContribution, sender: r, tag: tag, offset: off, count: len, encoding: codec.encoding)
-            try transport.send(control: header.encode(h), payload: UnsafeRawBufferPointer(start: out, count: bytes), to: hub)
+            try transport.send(control: header.encode(h),
+                               payload: UnsafeRawBufferPointer(start: out, count: codec.payloadBytes(count: len)), to: hub)
         }
-        for off in stride(from: range.lowerBound, to: range.upperBound, by: chunk) {
-            let len = min(chunk, range.upperBound - off)
+        try forEachChunk(range, chunk) { off, len in
             let expected = WireHeader(kind: .starResult, sender: hub, tag: tag, offset: off, count: len, encoding: codec.encoding)
-            try transport.receive(from: hub, timeout: options.timeout) { control, payload in
+            _ = try transport.receive(from: hub, timeout: options.timeout) { control, payload in
                 try WireHeader.validate(control: control, payload: payload, from: hub, expected: expected)
-                codec.decode(payload.baseAddress!, count: len, into: p + off, adding: false)
+                return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: false, scratch: outgoing)
             }
         }
     }
 
     /// `p` is the start of the range.
-    private func runSparse(fraction: Double, _ p: UnsafeMutablePointer<Float>, range: Range<Int>,
-                           residual: UnsafeMutablePointer<Float>, tag: CollectiveTag) throws {
+    private func gatherSparse(fraction: Double, _ p: UnsafeMutablePointer<Float>, range: Range<Int>,
+                              residual: UnsafeMutablePointer<Float>, tag: CollectiveTag) throws {
         let r = transport.rank, count = range.count, pairBytes = SparseKernels.pairBytes
         let k = GradientCompression.topkPairs(fraction: fraction, count: count)
         outgoing.reset(capacity: k * pairBytes)
-        let vector = outgoing.take(k * pairBytes)
+        let vector = try outgoing.take(k * pairBytes)
         FloatKernels.add(residual, UnsafeRawPointer(p), count: count)
         let pairs = SparseKernels.extractTopK(residual, count: count, k: k, into: vector)
         try sendSparse(pairs: pairs, perMessage: options.chunkBytes) { first, m, isLast in
@@ -605,48 +448,24 @@ public final class StarAllReduceHub<T: Transport> {
 
     deinit { scratch.deallocate() }
 
-    /// Payload bytes the hub sends and receives per call with a dense compression: a
-    /// worker's figure times `workers`; nil for topk: see `expectedSparsePayloadBytes`.
-    public static func expectedPayloadBytes(count: Int, workers: Int, compression: GradientCompression,
-                                            chunkBytes: Int) -> (sent: Int, received: Int)? {
-        compression.densePayloadBytes(count: count, chunkBytes: chunkBytes).map { ($0 * workers, $0 * workers) }
-    }
-
-    /// Payload bytes of a topk call in which worker i sent `pairs[i]` pairs and the average
-    /// had `resultPairs` nonzero entries (sent to every worker).
-    public static func expectedSparsePayloadBytes(pairs: [Int], resultPairs: Int) -> (sent: Int, received: Int) {
-        (8 * resultPairs * pairs.count, 8 * pairs.reduce(0, +))
-    }
-
-    /// What the hub would send and receive uncompressed: 4 × count × workers each way.
-    public static func uncompressedPayloadBytes(count: Int, workers: Int) -> (sent: Int, received: Int) {
-        (4 * count * workers, 4 * count * workers)
-    }
-
     /// Serves one all-reduce of the workers' `range` (the range they pass; the hub needs
     /// no buffer of its own: it reduces into an internal scratch buffer, reused across calls).
     public func reduce(range: Range<Int>, tag: CollectiveTag) throws {
         guard range.lowerBound >= 0, !workers.isEmpty else {
             throw CommError.invalidArgument("range \(range) with \(workers.count) workers")
         }
+        try checkCollectiveRange(range, bufferCount: range.upperBound)
         guard !range.isEmpty else { return }
-        guard range.count <= UInt32.max else {
-            throw CommError.invalidArgument("range of \(range.count) elements: at most \(UInt32.max) per all-reduce")
-        }
         if scratch.count < range.count {
             scratch.deallocate()
             scratch = .allocate(capacity: range.count)
         }
-        do {
+        try transport.collective(timeout: options.timeout) {
             switch compression {
-            case .none: try reduceFloat32(range: range, tag: tag)
-            case .fp16, .bf16, .int8: try reduceDense(DenseCodec(compression)!, range: range, tag: tag)
+            case .none: try reduce(Float32Codec(), range: range, tag: tag)
+            case .fp16, .bf16, .int8: try reduce(DenseCodec(compression)!, range: range, tag: tag)
             case .topk(let fraction): try reduceSparse(fraction: fraction, range: range, tag: tag)
             }
-            try transport.completeSends(timeout: options.timeout)
-        } catch {
-            transport.abandonSends()
-            throw error
         }
     }
 
@@ -655,59 +474,46 @@ public final class StarAllReduceHub<T: Transport> {
         try reduce(range: 0..<count, tag: tag)
     }
 
-    private func reduceFloat32(range: Range<Int>, tag: CollectiveTag) throws {
-        let acc = scratch.baseAddress!
-        let r = transport.rank, chunk = options.chunkElements, divisor = Float(workers.count)
-        for off in stride(from: 0, to: range.count, by: chunk) {
-            let len = min(chunk, range.count - off)
-            let offset = range.lowerBound + off
-            for (i, w) in workers.enumerated() {
-                let expected = WireHeader(kind: .starContribution, sender: w, tag: tag, offset: offset, count: len)
-                try transport.receive(from: w, timeout: options.timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: w, expected: expected)
-                    let src = payload.baseAddress!
-                    if workers.count == 1 {
-                        FloatKernels.divide(acc + off, src, count: len, divisor: divisor)
-                    } else if i == 0 {
-                        FloatKernels.copy(acc + off, src, count: len)
-                    } else if i == workers.count - 1 {
-                        FloatKernels.addAndDivide(acc + off, src, count: len, divisor: divisor)
-                    } else {
-                        FloatKernels.add(acc + off, src, count: len)
-                    }
+    /// Serves the all-reduces of a run: for each step, one per bucket of `plan` (tagged step and
+    /// bucket index), in order, until all are done or `shouldStop` returns true (checked before
+    /// each). The first failure ends it and is thrown: the caller reports it.
+    public func serve(plan: [Range<Int>], steps: Range<Int>, shouldStop: () -> Bool = { false }) throws {
+        for step in steps {
+            for (k, range) in plan.enumerated() {
+                if shouldStop() { return }
+                do {
+                    try reduce(range: range, tag: CollectiveTag(step: UInt32(step), bucket: UInt32(k)))
+                } catch {
+                    throw StarHubError(step: step, bucket: k, underlying: error)
                 }
-            }
-            let h = WireHeader(kind: .starResult, sender: r, tag: tag, offset: offset, count: len)
-            let control = header.encode(h)
-            for w in workers {
-                try transport.send(control: control,
-                                   payload: UnsafeRawBufferPointer(start: acc + off, count: len * 4), to: w)
             }
         }
     }
 
-    private func reduceDense(_ codec: DenseCodec, range: Range<Int>, tag: CollectiveTag) throws {
+    /// The star's schedule at the hub, chunk by chunk: every worker's chunk through `codec`,
+    /// summed in worker order and divided by the number of workers, then the average encoded
+    /// once and sent to every worker.
+    private func reduce<C: ChunkCodec>(_ codec: C, range: Range<Int>, tag: CollectiveTag) throws {
         let acc = scratch.baseAddress!
         let r = transport.rank, chunk = options.chunkElements, divisor = Float(workers.count)
-        outgoing.reset(capacity: compression.densePayloadBytes(count: range.count, chunkBytes: options.chunkBytes)!)
-        for off in stride(from: 0, to: range.count, by: chunk) {
-            let len = min(chunk, range.count - off), bytes = codec.payloadBytes(count: len)
+        outgoing.reset(capacity: codec.starScratchBytes(count: range.count, chunkBytes: options.chunkBytes))
+        try forEachChunk(0..<range.count, chunk) { off, len in
             let offset = range.lowerBound + off
             for (i, w) in workers.enumerated() {
                 let expected = WireHeader(kind: .starContribution, sender: w, tag: tag, offset: offset, count: len,
                                           encoding: codec.encoding)
                 try transport.receive(from: w, timeout: options.timeout) { control, payload in
                     try WireHeader.validate(control: control, payload: payload, from: w, expected: expected)
-                    codec.decode(payload.baseAddress!, count: len, into: acc + off, adding: i > 0)
+                    codec.accumulate(payload.baseAddress!, into: acc + off, count: len, first: i == 0,
+                                     divisor: i == workers.count - 1 ? divisor : nil)
                 }
             }
-            FloatKernels.divide(acc + off, acc + off, count: len, divisor: divisor)
-            let out = outgoing.take(bytes)
-            codec.encode(acc + off, count: len, into: out)
+            let out = try codec.encodeSum(acc + off, count: len, keepDecoded: false, scratch: outgoing)
             let control = header.encode(WireHeader(kind: .starResult, sender: r, tag: tag, offset: offset, count: len,
                                                    encoding: codec.encoding))
             for w in workers {
-                try transport.send(control: control, payload: UnsafeRawBufferPointer(start: out, count: bytes), to: w)
+                try transport.send(control: control,
+                                   payload: UnsafeRawBufferPointer(start: out, count: codec.payloadBytes(count: len)), to: w)
             }
         }
     }
@@ -717,7 +523,7 @@ public final class StarAllReduceHub<T: Transport> {
         let k = GradientCompression.topkPairs(fraction: fraction, count: count)
         acc.update(repeating: 0, count: count)
         incoming.reset(capacity: k * pairBytes)
-        let vector = incoming.take(k * pairBytes)
+        let vector = try incoming.take(k * pairBytes)
         for w in workers {
             let expected = WireHeader(kind: .starContribution, sender: w, tag: tag, offset: range.lowerBound, count: 0,
                                       encoding: .sparse)
@@ -745,7 +551,7 @@ public final class StarAllReduceHub<T: Transport> {
         // The nonzero entries of the average, the same bytes to every worker.
         let nonzero = (0..<count).reduce(0) { acc[$1] != 0 ? $0 + 1 : $0 }
         outgoing.reset(capacity: nonzero * pairBytes)
-        let result = outgoing.take(nonzero * pairBytes)
+        let result = try outgoing.take(nonzero * pairBytes)
         _ = SparseKernels.gatherNonzero(acc, count: count, into: result)
         for w in workers {
             try sendSparse(pairs: nonzero, perMessage: options.chunkBytes) { first, m, isLast in
@@ -756,7 +562,15 @@ public final class StarAllReduceHub<T: Transport> {
                                    to: w)
             }
         }
-    }
+    }}
+
+/// The star hub failed while serving a run: at which step and bucket, and why.
+public struct StarHubError: Error, CustomStringConvertible {
+    public let step: Int
+    public let bucket: Int
+    public let underlying: any Error
+
+    public var description: String { "star hub failed at step \(step), bucket \(bucket): \(underlying)" }
 }
 
 extension RingAllReduce: ErrorFeedbackReducer {

@@ -38,13 +38,6 @@ public enum CommBenchmark {
         }
     }
 
-    /// Runs `iterations` all-reduces of `floats` Floats with `reducer` and returns the
-    /// median seconds per all-reduce (see `allReduceSeconds`).
-    public static func allReduceMedianSeconds(_ reducer: some AllReducer, floats: Int, iterations: Int,
-                                              warmup: Int = 3) throws -> Double {
-        median(try allReduceSeconds(reducer, floats: floats, iterations: iterations, warmup: warmup))
-    }
-
     /// The hub's side of `allReduceSeconds` for a star.
     public static func hubSeconds<T: Transport>(_ hub: StarAllReduceHub<T>, floats: Int, iterations: Int,
                                                 warmup: Int = 3) throws -> [Double] {

@@ -5,6 +5,7 @@
 #if os(Linux)
 import CLinux
 import Glibc
+import SqueezeSystem
 
 public enum CPUAffinity {
     private static let words = 16  // 1,024 CPUs
@@ -18,7 +19,9 @@ public enum CPUAffinity {
         return (0..<(words * bits)).filter { mask[$0 / bits] & (1 << UInt($0 % bits)) != 0 }
     }
 
-    /// Restricts the calling thread, and every thread it starts afterwards, to `cpus`.
+    /// Restricts the calling thread, and every thread it starts afterwards, to `cpus`. Throws
+    /// `CommError.invalidArgument` for an empty list or an impossible CPU number, `SystemError`
+    /// when the system refuses.
     public static func bindCurrentThread(to cpus: [Int]) throws {
         let bits = UInt.bitWidth
         guard !cpus.isEmpty, cpus.allSatisfy({ (0..<(words * bits)).contains($0) }) else {
@@ -26,9 +29,12 @@ public enum CPUAffinity {
         }
         var mask = [UInt](repeating: 0, count: words)
         for c in cpus { mask[c / bits] |= 1 << UInt(c % bits) }
-        let r = mask.withUnsafeBufferPointer { sqz_sched_setaffinity(UInt(words * MemoryLayout<UInt>.size), $0.baseAddress) }
-        guard r == 0 else {
-            throw CommError.invalidArgument("cannot bind to CPU(s) \(cpus): \(String(cString: strerror(errno)))")
+        // An argument error is `CommError.invalidArgument` (above); the kernel refusing (EINVAL
+        // for CPUs outside the cpuset, EPERM) is a `SystemError` with its errno.
+        _ = try mask.withUnsafeBufferPointer { m throws(SystemError) in
+            try systemCallRequired("sched_setaffinity", operation: "bind to CPU(s) \(cpus)") {
+                sqz_sched_setaffinity(UInt(words * MemoryLayout<UInt>.size), m.baseAddress)
+            }
         }
     }
 

@@ -141,9 +141,12 @@ final class ScratchBytes {
         used = 0
     }
 
-    /// The next `bytes` bytes.
-    func take(_ bytes: Int) -> UnsafeMutableRawPointer {
-        precondition(used + bytes <= capacity, "scratch of \(capacity) bytes exhausted (a collective miscounted its messages)")
+    /// The next `bytes` bytes. Throws rather than hand out memory beyond what `reset` sized (a
+    /// collective that miscounted its messages, e.g. for a peer's unexpected sizes).
+    func take(_ bytes: Int) throws -> UnsafeMutableRawPointer {
+        guard bytes >= 0, used + bytes <= capacity else {
+            throw CommError.invalidArgument("scratch of \(capacity) bytes cannot give \(bytes) more after \(used) (a collective miscounted its messages)")
+        }
         defer { used += bytes }
         return base + used
     }
@@ -151,7 +154,8 @@ final class ScratchBytes {
     /// The first `bytes` bytes, for a buffer reused piece after piece (not for sends).
     func reusable(_ bytes: Int) -> UnsafeMutableRawPointer {
         reset(capacity: bytes)
-        return take(bytes)
+        used = bytes
+        return base
     }
 }
 

@@ -5,10 +5,11 @@
 //   buffer silently truncates and is never used;
 // - every socket gets ZMQ_LINGER = 0, so closing it drops unsent messages and
 //   `zmq_ctx_term` can never block forever;
-// - a C failure (-1 + errno) becomes `ZMQError` (errno, function, zmq_strerror);
+// - a C failure (-1 + errno) becomes `ZMQError`, i.e. `SystemError` (errno, function, zmq_strerror);
 //   EINTR is retried; EAGAIN is not an error (the call returns nil / false).
 
 import CZeroMQ
+import SqueezeSystem
 
 #if canImport(Glibc)
 import Glibc
@@ -18,22 +19,15 @@ import Darwin
 
 // MARK: - Error
 
-/// The one error type of the ZeroMQ wrapper: a libzmq call returned -1.
-public struct ZMQError: Error, CustomStringConvertible, Sendable, Equatable {
-    /// The errno value reported by `zmq_errno()`.
-    public let code: Int32
-    /// The libzmq function that failed, e.g. "zmq_bind".
-    public let function: String
-    /// `zmq_strerror(code)`.
-    public let message: String
+/// The ZeroMQ wrapper's errors are the project's one system-error type, with libzmq's own
+/// message for the code (`zmq_strerror`, which also knows ZeroMQ's codes such as ETERM).
+public typealias ZMQError = SystemError
 
-    public init(code: Int32, function: String) {
-        self.code = code
-        self.function = function
-        self.message = String(cString: zmq_strerror(code))
+extension SystemError {
+    /// A libzmq call failed with `code` (from `zmq_errno()`).
+    init(zmq code: Int32, function: String) {
+        self.init(code: code, function: function, message: String(cString: zmq_strerror(code)))
     }
-
-    public var description: String { "\(function) failed: \(message) (errno \(code))" }
 }
 
 /// Runs a libzmq call that returns -1 on failure. Retries EINTR; returns nil on EAGAIN;
@@ -46,7 +40,7 @@ func zmqCall(_ function: StaticString, _ body: () -> Int32) throws(ZMQError) -> 
         let e = zmq_errno()
         if e == EINTR { continue }
         if e == EAGAIN { return nil }
-        throw ZMQError(code: e, function: "\(function)")
+        throw ZMQError(zmq: e, function: "\(function)")
     }
 }
 
@@ -75,7 +69,7 @@ public final class ZMQContext: @unchecked Sendable {
 
     /// - Parameter ioThreads: libzmq I/O threads (ZMQ_IO_THREADS); 1 is enough for ~1 GB/s per thread.
     public init(ioThreads: Int = 1) throws(ZMQError) {
-        guard let h = zmq_ctx_new() else { throw ZMQError(code: zmq_errno(), function: "zmq_ctx_new") }
+        guard let h = zmq_ctx_new() else { throw ZMQError(zmq: zmq_errno(), function: "zmq_ctx_new") }
         handle = h
         if ioThreads != 1 {
             _ = try zmqCall("zmq_ctx_set") { zmq_ctx_set(h, ZMQ_IO_THREADS, Int32(ioThreads)) }
@@ -130,7 +124,7 @@ public final class ZMQMessage {
         if zmq_msg_init_size(msg, bytes.count) == -1 {
             let e = zmq_errno()
             zmq_msg_init(msg)
-            throw ZMQError(code: e, function: "zmq_msg_init_size")
+            throw ZMQError(zmq: e, function: "zmq_msg_init_size")
         }
         if let base = bytes.baseAddress, bytes.count > 0 {
             zmq_msg_data(msg).copyMemory(from: base, byteCount: bytes.count)
@@ -153,7 +147,7 @@ public final class ZMQMessage {
             let e = zmq_errno()
             zmqReleaseCallback(nil, hint)
             zmq_msg_init(msg)
-            throw ZMQError(code: e, function: "zmq_msg_init_data")
+            throw ZMQError(zmq: e, function: "zmq_msg_init_data")
         }
     }
 
@@ -266,7 +260,7 @@ public final class ZMQSocket: @unchecked Sendable {
 
     public init(context: ZMQContext, type: ZMQSocketType) throws(ZMQError) {
         guard let h = zmq_socket(context.handle, type.raw) else {
-            throw ZMQError(code: zmq_errno(), function: "zmq_socket")
+            throw ZMQError(zmq: zmq_errno(), function: "zmq_socket")
         }
         self.handle = h
         self.context = context
@@ -292,7 +286,7 @@ public final class ZMQSocket: @unchecked Sendable {
     public var isClosed: Bool { handle == nil }
 
     func raw() throws(ZMQError) -> UnsafeMutableRawPointer {
-        guard let h = handle else { throw ZMQError(code: ENOTSOCK, function: "ZMQSocket (already closed)") }
+        guard let h = handle else { throw ZMQError(zmq: ENOTSOCK, function: "ZMQSocket (already closed)") }
         return h
     }
 
@@ -313,7 +307,7 @@ public final class ZMQSocket: @unchecked Sendable {
     public func setOption(_ option: Int32, bytes: [UInt8]) throws(ZMQError) {
         let s = try raw()
         let rc = bytes.withUnsafeBytes { b in zmq_setsockopt(s, option, b.baseAddress, b.count) }
-        if rc == -1 { throw ZMQError(code: zmq_errno(), function: "zmq_setsockopt") }
+        if rc == -1 { throw ZMQError(zmq: zmq_errno(), function: "zmq_setsockopt") }
     }
 
     public func int32Option(_ option: Int32) throws(ZMQError) -> Int32 {
@@ -421,7 +415,7 @@ public final class ZMQSocket: @unchecked Sendable {
         if rc == -1 {
             let e = zmq_errno()
             if e == EINTR { return false }
-            throw ZMQError(code: e, function: "zmq_poll")
+            throw ZMQError(zmq: e, function: "zmq_poll")
         }
         return rc > 0 && (item.revents & events) != 0
     }

@@ -189,7 +189,8 @@ private final class LoaderState: @unchecked Sendable {
             let t0 = DispatchTime.now().uptimeNanoseconds
             let indices = sampler.localBatch(position.batch, of: order)
             let target = buffers[slot].pointer
-            let labels = dataset.fillBatch(indices: indices, epoch: position.epoch, augmentSeed: augmentSeed,
+            // The sampler covers exactly the data set's records (checked in init).
+            let labels = try! dataset.fillBatch(indices: indices, epoch: position.epoch, augmentSeed: augmentSeed,
                                            cutout: cutout, into: scratch ?? target)
             if let scratch {
                 upsampleBilinear(scratch, planes: 3 * indices.count, from: side, to: imageSize, into: target)

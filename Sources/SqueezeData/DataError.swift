@@ -21,6 +21,8 @@ public enum DataError: Error, CustomStringConvertible, Equatable, Sendable {
     case badFileSize(file: String, size: Int)
     /// A record's label byte is above 9.
     case badLabel(file: String, record: Int, label: UInt8)
+    /// A record index outside the data set's 0..<count.
+    case recordOutOfRange(record: Int, count: Int)
     /// Inconsistent sampler or batching settings (e.g. a global batch not divisible by the shard count).
     case invalidConfiguration(String)
 
@@ -46,6 +48,8 @@ public enum DataError: Error, CustomStringConvertible, Equatable, Sendable {
                 + "\(CIFAR10.recordSize)-byte record size (truncated or not a CIFAR-10 binary batch?)"
         case .badLabel(let file, let record, let label):
             return "CIFAR-10 file \(file), record \(record): label \(label) is not in 0...9"
+        case .recordOutOfRange(let record, let count):
+            return "record index \(record) is outside the data set's \(count) records"
         case .invalidConfiguration(let message):
             return "invalid data configuration: \(message)"
         }

@@ -95,23 +95,26 @@ extension CIFAR10 {
     @discardableResult
     public func fillBatch(
         indices: [Int], epoch: Int = 0, augmentSeed: UInt64? = nil, cutout: Int = 0, into images: UnsafeMutablePointer<Float>
-    ) -> [Int32] {
+    ) throws -> [Int32] {
         let transforms = augmentSeed.map { seed in indices.map { CropFlip.random(seed: seed, epoch: epoch, index: $0, cutout: cutout) } }
-        return fillBatch(indices: indices, transforms: transforms, into: images)
+        return try fillBatch(indices: indices, transforms: transforms, into: images)
     }
 
     /// As `fillBatch(indices:epoch:augmentSeed:into:)`, with each slot's augmentation given
-    /// explicitly (`transforms[n]` for slot n; nil for none).
+    /// explicitly (`transforms[n]` for slot n; nil for none). Throws `DataError.recordOutOfRange`
+    /// (before writing anything) for an index outside the data set.
     @discardableResult
-    public func fillBatch(indices: [Int], transforms: [CropFlip]?, into images: UnsafeMutablePointer<Float>) -> [Int32] {
+    public func fillBatch(indices: [Int], transforms: [CropFlip]?, into images: UnsafeMutablePointer<Float>) throws -> [Int32] {
         precondition(transforms == nil || transforms!.count == indices.count, "one transform per index")
+        if let bad = indices.first(where: { !(0..<count).contains($0) }) {
+            throw DataError.recordOutOfRange(record: bad, count: count)
+        }
         let n = indices.count
         let plane = Self.imageSide * Self.imageSide
         var labels = [Int32](repeating: 0, count: n)
         self.images.withUnsafeBufferPointer { all in
             Normalization.table.withUnsafeBufferPointer { table in
                 for (slot, record) in indices.enumerated() {
-                    precondition(record >= 0 && record < count, "record index \(record) out of range 0..<\(count)")
                     labels[slot] = Int32(self.labels[record])
                     let src = all.baseAddress! + record * Self.imageBytes
                     for c in 0..<Self.channels {

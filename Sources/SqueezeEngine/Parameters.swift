@@ -41,8 +41,9 @@ public final class ParameterStore: @unchecked Sendable {
     public var gradientBuffer: UnsafeMutableBufferPointer<Float> { UnsafeMutableBufferPointer(start: gradients.pointer, count: count) }
     public func copyValues() -> [Float] { Array(UnsafeBufferPointer(valueBuffer)) }
     public func copyGradients() -> [Float] { Array(UnsafeBufferPointer(gradientBuffer)) }
-    public func load(_ values: [Float]) {
-        precondition(values.count == count, "parameter count \(values.count) != \(count)")
+    /// Replaces all values; throws `ParameterCountMismatch` unless `values` has exactly `count`.
+    public func load(_ values: [Float]) throws {
+        guard values.count == count else { throw ParameterCountMismatch(expected: count, found: values.count) }
         values.withUnsafeBufferPointer { self.values.pointer.update(from: $0.baseAddress!, count: count) }
     }
 }
@@ -65,4 +66,11 @@ extension ParameterStore {
         guard let i = index[name] else { preconditionFailure("no parameter named \(name)") }
         return ParameterView(store: self, spec: specs[i])
     }
+}
+
+/// `ParameterStore.load` was given another number of values than the store holds.
+public struct ParameterCountMismatch: Error, CustomStringConvertible, Sendable, Equatable {
+    public let expected: Int
+    public let found: Int
+    public var description: String { "\(found) parameter values for a store of \(expected)" }
 }

@@ -1,10 +1,7 @@
-/// A small, fast, seedable generator (xoshiro256**, seeded through SplitMix64) whose whole state
-/// is four words, so checkpoints can save and restore it exactly.
+/// A small, fast, seedable generator (xoshiro256**, seeded through SplitMix64). Checkpoints do not
+/// save it: every stream is derived from the seed, the purpose and the rank (see `init(seed:stream:)`).
 public struct SeededRNG: RandomNumberGenerator, Sendable, Equatable {
     private var s0: UInt64, s1: UInt64, s2: UInt64, s3: UInt64
-
-    /// The whole state, four words (for checkpoints).
-    public var state: [UInt64] { [s0, s1, s2, s3] }
 
     public init(seed: UInt64) {
         var z = seed
@@ -17,12 +14,6 @@ public struct SeededRNG: RandomNumberGenerator, Sendable, Equatable {
             words.append(x ^ (x >> 31))
         }
         (s0, s1, s2, s3) = (words[0], words[1], words[2], words[3])
-    }
-
-    /// Restores a generator from a saved `state` (four words).
-    public init(state: [UInt64]) {
-        precondition(state.count == 4, "SeededRNG state has four words")
-        (s0, s1, s2, s3) = (state[0], state[1], state[2], state[3])
     }
 
     /// An independent stream for a purpose and rank (e.g. dropout on rank 3), derived from one seed.

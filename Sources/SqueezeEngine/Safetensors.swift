@@ -8,6 +8,7 @@
 // memory copies.
 
 import Foundation
+import SqueezeSystem
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -424,11 +425,15 @@ public enum Safetensors {
         var prefix = withUnsafeBytes(of: UInt64(header.count).littleEndian) { Array($0) }
         prefix += header
 
-        try writeAtomically(path: path) { fd in
-            try writeAll(fd, prefix, path: path)
-            for item in items {
-                try item.withBytes { try writeAll(fd, $0, path: path) }
+        do {
+            try AtomicFile.write(to: path) { file in
+                try file.write(prefix)
+                for item in items {
+                    try item.withBytes { try file.write($0) }
+                }
             }
+        } catch let error as SystemError {
+            throw SafetensorsError.io(file: path, operation: error.operation ?? error.function, reason: error.message)
         }
     }
 
@@ -449,39 +454,6 @@ public enum Safetensors {
             }
         }
         return out + "\""
-    }
-
-    /// Creates a temporary file beside `path`, lets `body` fill it, fsyncs it, renames it to `path`
-    /// and fsyncs the directory. On failure the temporary file is removed and `path` is untouched.
-    private static func writeAtomically(path: String, _ body: (Int32) throws -> Void) throws {
-        let slash = path.lastIndex(of: "/")
-        let directory = slash.map { $0 == path.startIndex ? "/" : String(path[..<$0]) } ?? "."
-        let base = slash.map { String(path[path.index(after: $0)...]) } ?? path
-        guard !base.isEmpty else {
-            throw SafetensorsError.io(file: path, operation: "write", reason: "the path names a directory")
-        }
-        let temporary = (slash.map { String(path[...$0]) } ?? "")
-            + ".\(base).tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 36))"
-
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw osError(path, "create temporary file '\(temporary)'") }
-        var renamed = false
-        defer { if !renamed { unlink(temporary) } }
-        do {
-            try body(fd)
-            guard fsync(fd) == 0 else { throw osError(path, "fsync '\(temporary)'") }
-        } catch {
-            close(fd)
-            throw error
-        }
-        guard close(fd) == 0 else { throw osError(path, "close '\(temporary)'") }
-        guard rename(temporary, path) == 0 else { throw osError(path, "rename '\(temporary)' to it") }
-        renamed = true
-
-        let directoryFD = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-        guard directoryFD >= 0 else { throw osError(path, "open directory '\(directory)'") }
-        defer { close(directoryFD) }
-        guard fsync(directoryFD) == 0 else { throw osError(path, "fsync directory '\(directory)'") }
     }
 
     // MARK: Checking
@@ -545,25 +517,4 @@ public enum Safetensors {
             initialized = count
         }
     }
-
-    private static func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, path: String) throws {
-        var done = 0
-        while done < bytes.count {
-            let n = systemWrite(fd, bytes.baseAddress! + done, min(bytes.count - done, 1 << 30))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw osError(path, "write")
-            }
-            done += n
-        }
-    }
-
-    private static func writeAll(_ fd: Int32, _ bytes: [UInt8], path: String) throws {
-        try bytes.withUnsafeBytes { try writeAll(fd, $0, path: path) }
-    }
-}
-
-/// The C library's write(2), which `Safetensors.write` hides inside the enum.
-private func systemWrite(_ fd: Int32, _ buffer: UnsafeRawPointer, _ count: Int) -> Int {
-    write(fd, buffer, count)
 }

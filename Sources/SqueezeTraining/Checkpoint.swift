@@ -1,5 +1,6 @@
 import Foundation
 import SqueezeEngine
+import SqueezeSystem
 
 /// A checkpoint: one safetensors file holding everything needed to continue a run exactly.
 ///
@@ -62,7 +63,7 @@ public struct Checkpoint {
         try withFloatViews(names) { views in
             try Safetensors.write(path: path, tensors: zip(names, views).map { ($0, shapes[$0] ?? [$1.count], $1) }, metadata: meta)
         }
-        try writeAtomically(Data((name + "\n").utf8), to: (directory as NSString).appendingPathComponent("latest"))
+        try AtomicFile.write(Array((name + "\n").utf8), to: (directory as NSString).appendingPathComponent("latest"))
         try prune(directory: directory, current: name, keep: max(keep, 1))
         return path
     }
@@ -269,21 +270,4 @@ public struct Checkpoint {
         try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent("latest"))
         return found.count
     }
-}
-
-/// Writes `data` to `path` through a temporary file in the same directory: write, fsync, rename,
-/// fsync the directory. A crash leaves either the old file or the new one, never a torn one.
-func writeAtomically(_ data: Data, to path: String) throws {
-    let dir = (path as NSString).deletingLastPathComponent
-    let tmp = (dir as NSString).appendingPathComponent(".\((path as NSString).lastPathComponent).tmp-\(getpid())")
-    let fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    guard fd >= 0 else { throw TrainingError.checkpoint("cannot create \(tmp): \(String(cString: strerror(errno)))") }
-    let ok = data.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) == $0.count } && fsync(fd) == 0
-    close(fd)
-    guard ok, rename(tmp, path) == 0 else {
-        unlink(tmp)
-        throw TrainingError.checkpoint("cannot write \(path): \(String(cString: strerror(errno)))")
-    }
-    let dfd = open(dir.isEmpty ? "." : dir, O_RDONLY)
-    if dfd >= 0 { fsync(dfd); close(dfd) }
 }

@@ -56,6 +56,10 @@ public final class Trainer {
         guard config.batchSize % worldSize == 0 else {
             throw TrainingError.invalidConfiguration("--batch-size \(config.batchSize) does not divide evenly over \(worldSize) workers")
         }
+        guard config.model.classes >= CIFAR10.classNames.count else {
+            throw TrainingError.invalidConfiguration(
+                "--classes \(config.model.classes): CIFAR-10's labels go up to \(CIFAR10.classNames.count - 1), so the model needs at least \(CIFAR10.classNames.count) classes")
+        }
         self.config = config
         self.trainSet = trainSet
         self.rank = rank; self.worldSize = worldSize
@@ -138,7 +142,8 @@ public final class Trainer {
         for start in stride(from: 0, to: all.count, by: batchSize) {
             let indices = Array(all[start..<min(start + batchSize, all.count)])
             let n = indices.count
-            let labels = dataset.fillBatch(indices: indices, into: raw.pointer)
+            let labels: [Int32]
+            do { labels = try dataset.fillBatch(indices: indices, into: raw.pointer) } catch { preconditionFailure("evaluate: \(error)") }
             var input = raw.pointer
             if imageSize != 32 {
                 upsampleBilinear(raw.pointer, planes: 3 * n, from: 32, to: imageSize, into: sized.pointer)

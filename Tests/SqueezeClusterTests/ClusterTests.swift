@@ -37,7 +37,7 @@ struct ClusterTests {
         let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 524_288)
         for line in lines {
             let rank = line["rank"] as! Int
-            let expected = plan.map { RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: $0.count, worldSize: n, rank: rank) }
+            let expected = plan.map { ringPayloadBytes(count: $0.count, worldSize: n, rank: rank) }
             #expect(line["allreduce_bytes_sent"] as? Int == expected.reduce(0) { $0 + $1.sent })
             #expect(line["allreduce_bytes_received"] as? Int == expected.reduce(0) { $0 + $1.received })
             #expect(line["world_size"] as? Int == n)

@@ -202,15 +202,16 @@ struct GradientCompressionSettingTests {
         #expect(GradientCompression.topk(fraction: 0.1).densePayloadBytes(count: 1003, chunkBytes: 40) == nil)
         for n in 1...5 {
             for r in 0..<n {
-                let plain = RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: 1003, worldSize: n, rank: r)
-                let none = RingAllReduce<InProcessTransport>.expectedPayloadBytes(
+                let plain = ringPayloadBytes(count: 1003, worldSize: n, rank: r)
+                let none = ringPayloadBytes(
                     count: 1003, worldSize: n, rank: r, compression: .none, chunkBytes: 40)
                 #expect(none?.sent == plain.sent && none?.received == plain.received)
-                #expect(RingAllReduce<InProcessTransport>.uncompressedPayloadBytes(count: 1003, worldSize: n, rank: r) == plain)
             }
         }
-        #expect(RingAllReduce<InProcessTransport>.expectedSparsePayloadBytes(pairs: [3, 5, 7], rank: 1) == (8 * 8, 8 * 10))
-        #expect(StarAllReduceHub<InProcessTransport>.expectedSparsePayloadBytes(pairs: [3, 5], resultPairs: 6) == (96, 64))
+        #expect(ringSparsePayloadBytes(pairs: [3, 5, 7], rank: 1) == (8 * 8, 8 * 10))
+        #expect(starHubSparsePayloadBytes(pairs: [3, 5], resultPairs: 6) == (96, 64))
+        #expect(starWorkerPayloadBytes(count: 1003)! == (4012, 4012))
+        #expect(starHubPayloadBytes(count: 1003, workers: 3)! == (3 * 4012, 3 * 4012))
     }
 }
 
@@ -385,13 +386,13 @@ struct CompressedAllReduceTests {
 
             for r in 0..<n {
                 let c = out[r].counters
-                let expected = RingAllReduce<InProcessTransport>.expectedPayloadBytes(
+                let expected = ringPayloadBytes(
                     count: count, worldSize: n, rank: r, compression: compression, chunkBytes: chunkBytes)!
                 #expect(c.payloadBytesSent == expected.sent, "\(label)")
                 #expect(c.payloadBytesReceived == expected.received, "\(label)")
                 // Independently: the Float32 schedule's messages, each smaller.
-                let plain = RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: count, worldSize: n, rank: r)
-                let messages = RingAllReduce<InProcessTransport>.expectedMessages(
+                let plain = ringPayloadBytes(count: count, worldSize: n, rank: r)
+                let messages = ringMessages(
                     count: count, worldSize: n, rank: r, chunkBytes: chunkBytes)
                 #expect(c.messagesSent == messages.sent && c.messagesReceived == messages.received, "\(label)")
                 #expect(c.controlBytesSent == WireHeader.size * messages.sent)
@@ -420,7 +421,7 @@ struct CompressedAllReduceTests {
             }
             #expect(worstRatio(out[0].result, doubleAverage(inputs), bound: codecBound(compression, inputs: inputs, ring: false)) <= 1,
                     "\(label)")
-            let each = StarAllReduceWorker<InProcessTransport>.expectedPayloadBytes(
+            let each = starWorkerPayloadBytes(
                 count: count, compression: compression, chunkBytes: chunkBytes)!
             let messages = (count + chunkBytes / 4 - 1) / (chunkBytes / 4)
             #expect(each.sent == (compression == .int8 ? count + 4 * messages : 2 * count))
@@ -428,7 +429,7 @@ struct CompressedAllReduceTests {
                 #expect(out[r].counters.payloadBytesSent == each.sent, "\(label)")
                 #expect(out[r].counters.payloadBytesReceived == each.received, "\(label)")
             }
-            let total = StarAllReduceHub<InProcessTransport>.expectedPayloadBytes(
+            let total = starHubPayloadBytes(
                 count: count, workers: n, compression: compression, chunkBytes: chunkBytes)!
             #expect(hub[0].payloadBytesSent == total.sent && hub[0].payloadBytesReceived == total.received, "\(label)")
             #expect(total.sent == n * each.sent)
@@ -517,7 +518,7 @@ struct CompressedAllReduceTests {
             #expect(maxToleranceViolation(rings[0].result, exact: doubleAverage(inputs), inputs: inputs) <= 1, "\(label)")
             for r in 0..<n {
                 #expect(firstMismatch(rings[r].result, reference) == nil, "rank \(r), \(label)")
-                let expected = RingAllReduce<InProcessTransport>.expectedSparsePayloadBytes(pairs: pairs, rank: r)
+                let expected = ringSparsePayloadBytes(pairs: pairs, rank: r)
                 #expect(rings[r].counters.payloadBytesSent == expected.sent, "\(label)")
                 #expect(rings[r].counters.payloadBytesReceived == expected.received, "\(label)")
             }
@@ -531,7 +532,7 @@ struct CompressedAllReduceTests {
                 #expect(workers[0][r].counters.payloadBytesSent == 8 * pairs[r])
                 #expect(workers[0][r].counters.payloadBytesReceived == 8 * resultPairs)
             }
-            let hubBytes = StarAllReduceHub<InProcessTransport>.expectedSparsePayloadBytes(pairs: pairs, resultPairs: resultPairs)
+            let hubBytes = starHubSparsePayloadBytes(pairs: pairs, resultPairs: resultPairs)
             #expect(hub[0].payloadBytesReceived == hubBytes.received && hub[0].payloadBytesSent == hubBytes.sent)
         }
     }
@@ -616,15 +617,15 @@ struct CompressedAllReduceTests {
                     let ringExpected = n == 1 ? calls[c][0] : reference[c].result
                     #expect(firstMismatch(rings[c][r].result, ringExpected) == nil, "ring call \(c) rank \(r), \(label)")
                     #expect(firstMismatch(stars[c][r].result, reference[c].result) == nil, "star call \(c) rank \(r), \(label)")
-                    let expected = RingAllReduce<InProcessTransport>.expectedSparsePayloadBytes(pairs: pairs, rank: r)
+                    let expected = ringSparsePayloadBytes(pairs: pairs, rank: r)
                     #expect(rings[c][r].counters.payloadBytesSent == expected.sent, "\(label)")
                     #expect(rings[c][r].counters.payloadBytesReceived == expected.received, "\(label)")
-                    let worker = StarAllReduceWorker<InProcessTransport>.expectedSparsePayloadBytes(
+                    let worker = starWorkerSparsePayloadBytes(
                         pairsSent: pairs[r], resultPairs: resultPairs)
                     #expect(stars[c][r].counters.payloadBytesSent == worker.sent, "\(label)")
                     #expect(stars[c][r].counters.payloadBytesReceived == worker.received, "\(label)")
                 }
-                let hubBytes = StarAllReduceHub<InProcessTransport>.expectedSparsePayloadBytes(pairs: pairs, resultPairs: resultPairs)
+                let hubBytes = starHubSparsePayloadBytes(pairs: pairs, resultPairs: resultPairs)
                 #expect(hub[c].payloadBytesSent == hubBytes.sent && hub[c].payloadBytesReceived == hubBytes.received)
                 #expect(pairs.allSatisfy { $0 == GradientCompression.topkPairs(fraction: fraction, count: count) })
             }

@@ -63,7 +63,7 @@ struct InProcessAllReduceTests {
         let messagesPerSegment = { (k: Int) in (evenSegment(k, of: n, count: count).count + chunk / 4 - 1) / (chunk / 4) }
         for r in 0..<n {
             let c = first[r].counters
-            let expected = RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: count, worldSize: n, rank: r)
+            let expected = ringPayloadBytes(count: count, worldSize: n, rank: r)
             #expect(c.payloadBytesSent == expected.sent)
             #expect(c.payloadBytesReceived == expected.received)
             // Independent check of the formula: all segments but r+1, then all but r+2.
@@ -73,7 +73,7 @@ struct InProcessAllReduceTests {
                 #expect(c.payloadBytesSent == 2 * (n - 1) * 4 * count / n)
                 #expect(c.payloadBytesReceived == 2 * (n - 1) * 4 * count / n)
             }
-            let messages = RingAllReduce<InProcessTransport>.expectedMessages(
+            let messages = ringMessages(
                 count: count, worldSize: n, rank: r, chunkBytes: chunk)
             let allChunks = (0..<n).reduce(0) { $0 + messagesPerSegment($1) }
             #expect(messages.sent == (n == 1 ? 0 : 2 * allChunks - messagesPerSegment((r + 1) % n) - messagesPerSegment((r + 2) % n)))

@@ -112,8 +112,8 @@ private func checkRing(_ outcomes: [RankOutcome], inputs: [[Float]], chunkBytes:
     #expect(maxToleranceViolation(outcomes[0].result, exact: doubleAverage(inputs), inputs: inputs) <= 1)
     for r in 0..<n {
         #expect(firstMismatch(outcomes[r].result, reference) == nil, "rank \(r) differs from the reference")
-        let expected = RingAllReduce<ZMQTransport>.expectedPayloadBytes(count: count, worldSize: n, rank: r)
-        let messages = RingAllReduce<ZMQTransport>.expectedMessages(count: count, worldSize: n, rank: r, chunkBytes: chunkBytes)
+        let expected = ringPayloadBytes(count: count, worldSize: n, rank: r)
+        let messages = ringMessages(count: count, worldSize: n, rank: r, chunkBytes: chunkBytes)
         let c = outcomes[r].counters
         #expect(c.payloadBytesSent == 3 * expected.sent)
         #expect(c.payloadBytesReceived == 3 * expected.received)

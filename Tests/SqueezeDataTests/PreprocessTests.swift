@@ -24,6 +24,17 @@ import Testing
         #expect(abs(Normalization.normalize(255, channel: 2) - 2.1158257) < 1e-5)  // (1 − 0.4465) / 0.2616
     }
 
+    @Test func aRecordIndexOutsideTheDataSetIsAnError() throws {
+        let data = try syntheticDataset(count: 3)
+        var out = [Float](repeating: 0, count: 2 * 3072)
+        for bad in [3, -1] {
+            #expect(throws: DataError.recordOutOfRange(record: bad, count: 3)) {
+                try out.withUnsafeMutableBufferPointer { _ = try data.fillBatch(indices: [0, bad], transforms: nil, into: $0.baseAddress!) }
+            }
+        }
+        #expect(out.allSatisfy { $0 == 0 })  // nothing written
+    }
+
     @Test func batchIsChannelMajor() throws {
         // Image n, channel c is the constant byte 10·n + c + 1.
         var bytes = [UInt8]()
@@ -48,7 +59,7 @@ import Testing
         func src(_ c: Int, _ y: Int, _ x: Int) -> Float { Normalization.normalize(img[c * 1024 + y * 32 + x], channel: c) }
         func run(_ t: CropFlip) -> [Float] {
             var out = [Float](repeating: .nan, count: 3072)
-            out.withUnsafeMutableBufferPointer { _ = data.fillBatch(indices: [0], transforms: [t], into: $0.baseAddress!) }
+            out.withUnsafeMutableBufferPointer { _ = try! data.fillBatch(indices: [0], transforms: [t], into: $0.baseAddress!) }
             return out
         }
         let pad = (0..<3).map { Normalization.normalize(0, channel: $0) }
@@ -87,7 +98,7 @@ import Testing
         let data = try syntheticDataset(count: 1, seed: 5)
         func run(_ t: CropFlip) -> [Float] {
             var out = [Float](repeating: .nan, count: 3072)
-            out.withUnsafeMutableBufferPointer { _ = data.fillBatch(indices: [0], transforms: [t], into: $0.baseAddress!) }
+            out.withUnsafeMutableBufferPointer { _ = try! data.fillBatch(indices: [0], transforms: [t], into: $0.baseAddress!) }
             return out
         }
         // Centre (10, 20), side 8: rows 6..<14, columns 16..<24. Centre (0, 31), side 8: rows 0..<4, columns 27..<32.
@@ -128,7 +139,7 @@ import Testing
         let (explicit, _) = { () -> ([Float], [Int32]) in
             var out = [Float](repeating: 0, count: 3072)
             let labels = out.withUnsafeMutableBufferPointer {
-                data.fillBatch(indices: [11], transforms: [CropFlip.random(seed: 99, epoch: 2, index: 11)], into: $0.baseAddress!)
+                try! data.fillBatch(indices: [11], transforms: [CropFlip.random(seed: 99, epoch: 2, index: 11)], into: $0.baseAddress!)
             }
             return (out, labels)
         }()

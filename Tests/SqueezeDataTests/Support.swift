@@ -37,7 +37,7 @@ func syntheticDataset(count: Int, seed: UInt64 = 1) throws -> CIFAR10 {
 func assemble(_ data: CIFAR10, _ indices: [Int], epoch: Int = 0, augmentSeed: UInt64? = nil) -> ([Float], [Int32]) {
     var out = [Float](repeating: .nan, count: 3 * indices.count * 1024)
     let labels = out.withUnsafeMutableBufferPointer {
-        data.fillBatch(indices: indices, epoch: epoch, augmentSeed: augmentSeed, into: $0.baseAddress!)
+        try! data.fillBatch(indices: indices, epoch: epoch, augmentSeed: augmentSeed, into: $0.baseAddress!)
     }
     return (out, labels)
 }

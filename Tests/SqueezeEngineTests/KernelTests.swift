@@ -124,7 +124,7 @@ struct FiniteDifferenceTests {
                     numericalGradient(x, f), tolerance: 1e-7, "smoothed xent")
     }
 
-    @Test func batchNormFastBackwardMatchesFiniteDifferences() {
+    @Test func batchNormFastBackwardMatchesFiniteDifferences() throws {
         // The fast BatchNorm backward (Float) against finite differences of the Double reference forward.
         let channels = 3, m = 10
         let z: [Double] = randomArray(channels * m, seed: 21, as: Double.self).map { $0 * 2 + 0.5 }
@@ -137,7 +137,7 @@ struct FiniteDifferenceTests {
 
         let params = ParameterStore([ParameterSpec(name: "bn.weight", shape: [channels]), ParameterSpec(name: "bn.bias", shape: [channels])])
         let buffers = ParameterStore([ParameterSpec(name: "bn.running_mean", shape: [channels]), ParameterSpec(name: "bn.running_var", shape: [channels])])
-        params.load(gamma.map(Float.init) + beta.map(Float.init))
+        try params.load(gamma.map(Float.init) + beta.map(Float.init))
         let bn = BatchNorm(name: "bn", channels: channels)
         bn.bind(parameters: params, buffers: buffers)
         let zf = z.map(Float.init)
@@ -163,13 +163,13 @@ struct FiniteDifferenceTests {
 
 @Suite("Fast kernels against the reference kernels")
 struct FastKernelTests {
-    func checkConv(batch: Int, hw: Int, cin: Int, cout: Int, kernel: Int, stride: Int, padding: Int, relu: Bool) {
+    func checkConv(batch: Int, hw: Int, cin: Int, cout: Int, kernel: Int, stride: Int, padding: Int, relu: Bool) throws {
         let s = Shape(c: cin, n: batch, h: hw, w: hw)
         let conv = Conv2d(name: "c", cin: cin, cout: cout, kernel: kernel, stride: stride, padding: padding,
                           relu: relu, batchNorm: false, workspace: Workspace())
         let params = ParameterStore(conv.parameterSpecs)
         let w: [Float] = randomArray(cout * cin * kernel * kernel, seed: 5), b: [Float] = randomArray(cout, seed: 6)
-        params.load(w + b)
+        try params.load(w + b)
         conv.bind(parameters: params, buffers: ParameterStore([]))
         let xs: [Float] = randomArray(s.count, seed: 7)
         let x = HostTensor(xs, s)
@@ -191,13 +191,13 @@ struct FastKernelTests {
     }
 
     @Test(arguments: [1, 3])
-    func convolutions(batch: Int) {
+    func convolutions(batch: Int) throws {
         for hw in [7, 13] {
-            checkConv(batch: batch, hw: hw, cin: 5, cout: 6, kernel: 1, stride: 1, padding: 0, relu: true)
-            checkConv(batch: batch, hw: hw, cin: 5, cout: 6, kernel: 3, stride: 1, padding: 1, relu: true)
-            checkConv(batch: batch, hw: hw, cin: 3, cout: 4, kernel: 3, stride: 2, padding: 0, relu: false)
-            checkConv(batch: batch, hw: hw, cin: 3, cout: 4, kernel: 7, stride: 2, padding: 0, relu: true)
-            checkConv(batch: batch, hw: hw, cin: 3, cout: 4, kernel: 3, stride: 2, padding: 1, relu: true)
+            try checkConv(batch: batch, hw: hw, cin: 5, cout: 6, kernel: 1, stride: 1, padding: 0, relu: true)
+            try checkConv(batch: batch, hw: hw, cin: 5, cout: 6, kernel: 3, stride: 1, padding: 1, relu: true)
+            try checkConv(batch: batch, hw: hw, cin: 3, cout: 4, kernel: 3, stride: 2, padding: 0, relu: false)
+            try checkConv(batch: batch, hw: hw, cin: 3, cout: 4, kernel: 7, stride: 2, padding: 0, relu: true)
+            try checkConv(batch: batch, hw: hw, cin: 3, cout: 4, kernel: 3, stride: 2, padding: 1, relu: true)
         }
     }
 
@@ -252,13 +252,13 @@ struct FastKernelTests {
         #expect(array(d.forward(e.tensor, training: false)).allSatisfy { $0 == 1 })
     }
 
-    @Test func fireMatchesReferenceComposition() {
+    @Test func fireMatchesReferenceComposition() throws {
         // Fire = concat(relu(e1(relu(sq(x)))), relu(e3(relu(sq(x))))) with a bypass, forward and backward.
         let s = Shape(c: 8, n: 3, h: 7, w: 7)
         let fire = Fire(name: "f", input: 8, squeeze: 3, expand1x1: 4, expand3x3: 4, bypass: true, batchNorm: false, workspace: Workspace())
         let params = ParameterStore(fire.parameterSpecs)
         let values: [Float] = randomArray(params.count, seed: 31)
-        params.load(values)
+        try params.load(values)
         fire.bind(parameters: params, buffers: ParameterStore([]))
         func v(_ name: String) -> [Float] { let sp = params.spec(name)!; return Array(values[sp.range]) }
         let xs: [Float] = randomArray(s.count, seed: 32)
@@ -287,7 +287,7 @@ struct FastKernelTests {
         #expect(maxAbsDiff(Array(grads[params.spec("f.squeeze.bias")!.range]), d0.db) < 1e-4)
     }
 
-    @Test func bypassAddsTheIdentityWithBatchNorm() {
+    @Test func bypassAddsTheIdentityWithBatchNorm() throws {
         // With BatchNorm (whose backward works in place on dy), a bypassed Fire must still be the
         // same Fire without the bypass plus its input: y' = y + x, dx' = dx + dy, equal weight gradients.
         let s = Shape(c: 8, n: 3, h: 5, w: 5)
@@ -297,7 +297,7 @@ struct FastKernelTests {
             let fire = Fire(name: "f", input: 8, squeeze: 3, expand1x1: 4, expand3x3: 4, bypass: bypass, batchNorm: true, workspace: Workspace())
             // The layer's views keep both stores alive; the buffer store is not referenced here again.
             let params = ParameterStore(fire.parameterSpecs)
-            params.load(randomArray(params.count, seed: 43))
+            try params.load(randomArray(params.count, seed: 43))
             fire.bind(parameters: params, buffers: ParameterStore(fire.bufferSpecs))
             let x = HostTensor(xs, s), dy = HostTensor(dyv, s)
             outputs.append(array(fire.forward(x.tensor, training: true)))

@@ -35,7 +35,7 @@ struct PrecisionTests {
             let conv = Conv2d(name: "c", cin: s.c, cout: cout, kernel: kernel, stride: stride, padding: padding,
                               relu: false, batchNorm: false, workspace: workspace)
             let params = ParameterStore(conv.parameterSpecs)
-            params.load(w + b)
+            try params.load(w + b)
             conv.bind(parameters: params, buffers: ParameterStore([]))
             let x = HostTensor(xs, s)
             let y = conv.forward(x.tensor, training: true)
@@ -73,7 +73,7 @@ struct PrecisionTests {
             let fire = Fire(name: "f", input: 8, squeeze: 3, expand1x1: 4, expand3x3: 4, bypass: false,
                             batchNorm: true, workspace: workspace)
             let params = ParameterStore(fire.parameterSpecs)
-            params.load(randomArray(params.count, seed: 23))
+            try params.load(randomArray(params.count, seed: 23))
             fire.bind(parameters: params, buffers: ParameterStore(fire.bufferSpecs))
             let x = HostTensor(xs, s), dy = HostTensor(dyv, s)
             outputs.append(array(fire.forward(x.tensor, training: true)))
@@ -157,7 +157,7 @@ struct DirectConvolutionTests {
             let conv = Conv2d(name: "c", cin: s.c, cout: cout, kernel: kernel, stride: stride, padding: padding,
                               relu: true, batchNorm: false, workspace: workspace)
             let params = ParameterStore(conv.parameterSpecs)
-            params.load(randomArray(params.count, seed: 32))
+            try params.load(randomArray(params.count, seed: 32))
             conv.bind(parameters: params, buffers: ParameterStore([]))
             let x = HostTensor(xs, s)
             let y = conv.forward(x.tensor, training: true)
