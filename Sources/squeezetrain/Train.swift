@@ -108,6 +108,9 @@ struct Eval: ParsableCommand {
             let net = try loadNetwork(weights: weights, model: model)
             net.precision = precision.resolved()
             let config = net.config
+            guard config.classes >= CIFAR10.classNames.count else {
+                throw ValidationError("\(weights) holds a model with \(config.classes) classes; CIFAR-10's test set has \(CIFAR10.classNames.count)")
+            }
             let e = Trainer.evaluate(net, testSet, batchSize: batchSize, imageSize: config.cifarImageSize, flip: tta == "flip")
             let names = config.classes == 10 ? CIFAR10.classNames : (0..<config.classes).map { "class \($0)" }
             let report = Report(weights: weights, images: e.images, tta: tta, accuracy: e.accuracy, loss: e.loss, classes: names,
