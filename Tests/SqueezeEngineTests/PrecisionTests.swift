@@ -23,7 +23,7 @@ struct PrecisionTests {
     /// A convolution in bf16 is the Double reference on bf16-rounded inputs (fp32 accumulation), and
     /// within bf16's precision of the fp32 layer.
     @Test(arguments: [(1, 1, 0), (3, 1, 1), (3, 2, 1)])
-    func convolution(kernel: Int, stride: Int, padding: Int) {
+    func convolution(kernel: Int, stride: Int, padding: Int) throws {
         let s = Shape(c: 6, n: 3, h: 9, w: 9), cout = 5
         let xs: [Float] = randomArray(s.count, seed: 11)
         let w: [Float] = randomArray(cout * s.c * kernel * kernel, seed: 12), b: [Float] = randomArray(cout, seed: 13)
@@ -63,7 +63,7 @@ struct PrecisionTests {
     }
 
     /// A Fire module with BatchNorm (fp32 statistics) in bf16 tracks the fp32 one.
-    @Test func fireWithBatchNorm() {
+    @Test func fireWithBatchNorm() throws {
         let s = Shape(c: 8, n: 4, h: 6, w: 6)
         let xs: [Float] = randomArray(s.count, seed: 21), dyv: [Float] = randomArray(s.count, seed: 22)
         var outputs = [[Float]](), dxs = [[Float]](), grads = [[Float]]()
@@ -147,7 +147,7 @@ struct InferenceTests {
 struct DirectConvolutionTests {
     /// Training forward and backward (dx written and accumulated) agree between the two algorithms.
     @Test(arguments: [(3, 1, 1, 9), (3, 2, 1, 9), (3, 2, 0, 13), (5, 1, 2, 8)])
-    func sameResults(kernel: Int, stride: Int, padding: Int, hw: Int) {
+    func sameResults(kernel: Int, stride: Int, padding: Int, hw: Int) throws {
         let s = Shape(c: 5, n: 3, h: hw, w: hw), cout = 7
         let xs: [Float] = randomArray(s.count, seed: 31)
         var results = [[Float]]()
