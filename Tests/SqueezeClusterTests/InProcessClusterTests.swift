@@ -101,7 +101,7 @@ struct InProcessClusterTests {
         let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 524_288)
         for line in run.metrics {
             let rank = line["rank"] as! Int
-            let expected = plan.map { RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: $0.count, worldSize: n, rank: rank) }
+            let expected = plan.map { ringPayloadBytes(count: $0.count, worldSize: n, rank: rank) }
             #expect(line["allreduce_bytes_sent"] as? Int == expected.reduce(0) { $0 + $1.sent })
             #expect(line["allreduce_bytes_received"] as? Int == expected.reduce(0) { $0 + $1.received })
             #expect(line["world_size"] as? Int == n)
@@ -142,7 +142,7 @@ struct InProcessClusterTests {
         for line in run.metrics {
             let rank = line["rank"] as! Int, sent = line["allreduce_bytes_sent"] as! Int
             let dense = algorithm == .ring
-                ? plan.reduce(0) { $0 + RingAllReduce<InProcessTransport>.expectedPayloadBytes(count: $1.count, worldSize: 2, rank: rank).sent }
+                ? plan.reduce(0) { $0 + ringPayloadBytes(count: $1.count, worldSize: 2, rank: rank).sent }
                 : 4 * modelParameters
             #expect(line["dense_bytes_sent"] as? Int == dense)
             let ratio = try #require(line["compression_ratio"] as? Double)
@@ -154,7 +154,7 @@ struct InProcessClusterTests {
                 #expect(line["theory_bytes_sent"] as? Int == 8 * k)
             } else {
                 let expected = algorithm == .ring
-                    ? plan.reduce(0) { $0 + RingAllReduce<InProcessTransport>.expectedPayloadBytes(
+                    ? plan.reduce(0) { $0 + ringPayloadBytes(
                         count: $1.count, worldSize: 2, rank: rank, compression: compression, chunkBytes: chunk)!.sent }
                     : plan.reduce(0) { $0 + compression.densePayloadBytes(count: $1.count, chunkBytes: chunk)! }
                 #expect(sent == expected)
