@@ -1,4 +1,5 @@
 import Foundation
+import SqueezeSystem
 
 /// Appends JSON lines (one object per line) to a metrics file, flushing each line so that a killed
 /// run loses nothing already reported. Each line is one `MetricsLine` type; values are numbers,
@@ -6,6 +7,8 @@ import Foundation
 public final class MetricsWriter: MetricsSink {
     private let handle: FileHandle
     public let path: String
+    /// The first failed write (the disk is full, say), reported once on standard error; training goes on.
+    public private(set) var failure: SystemError?
 
     public init(path: String, append: Bool) throws {
         self.path = path
@@ -20,8 +23,26 @@ public final class MetricsWriter: MetricsSink {
 
     deinit { try? handle.close() }
 
+    /// Appends the line with write(2) (FileHandle.write would trap on an I/O error). A failure is
+    /// kept in `failure` and reported once, naming the file; later lines are still tried.
     public func record<Line: MetricsLine>(_ line: Line) {
-        handle.write(Data((MetricsLineEncoder.line(line) + "\n").utf8))
+        let bytes = Array((MetricsLineEncoder.line(line) + "\n").utf8)
+        do {
+            try bytes.withUnsafeBytes { buffer in
+                var done = 0
+                while done < buffer.count {
+                    let n = try systemCallRequired("write", operation: "append to the metrics file \(path)") {
+                        write(handle.fileDescriptor, buffer.baseAddress! + done, buffer.count - done)
+                    }
+                    done += n
+                }
+            }
+        } catch let error as SystemError {
+            if failure == nil {
+                failure = error
+                FileHandle.standardError.write(Data("squeezetrain: warning: metrics lines are being lost: \(error)\n".utf8))
+            }
+        } catch {}
     }
 
     static func encode(_ v: Any) -> String {

@@ -308,3 +308,22 @@ struct CheckpointDirectoryTests {
         #expect(FileManager.default.fileExists(atPath: dir + "/notes.txt"))  // nothing but checkpoints is deleted
     }
 }
+
+/// A metrics file that cannot be written (the disk is full) loses lines with one warning, never a trap.
+@Test func metricsWriteFailureIsReportedNotATrap() throws {
+    guard FileManager.default.fileExists(atPath: "/dev/full") else { return }
+    let writer = try MetricsWriter(path: "/dev/full", append: true)
+    let line = RestartEvent(restart: 1, process: "worker 0", reason: "test", failedStep: 3, resumeStep: 2, recoverySeconds: 0.5)
+    writer.record(line)
+    writer.record(line)
+    #expect(writer.failure?.code == ENOSPC)
+    #expect(writer.failure.map { "\($0)".contains("/dev/full") } == true)
+
+    // A writable file gets the line whole.
+    let dir = try temporaryDirectory("metrics")
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    let ok = try MetricsWriter(path: dir + "/m.jsonl", append: false)
+    ok.record(line)
+    #expect(ok.failure == nil)
+    #expect(try String(contentsOfFile: dir + "/m.jsonl", encoding: .utf8).hasPrefix("{\"event\":\"restart\""))
+}
