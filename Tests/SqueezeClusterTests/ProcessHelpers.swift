@@ -29,7 +29,8 @@ func temporaryDirectory(_ name: String) throws -> String {
 func byteDifference(_ a: String, _ b: String) throws -> String? {
     let x = try Data(contentsOf: URL(fileURLWithPath: a)), y = try Data(contentsOf: URL(fileURLWithPath: b))
     if x == y { return nil }
-    let at = (0..<min(x.count, y.count)).first { x[x.startIndex + $0] != y[y.startIndex + $0] } ?? min(x.count, y.count)
+    let common: Int = min(x.count, y.count)
+    let at: Int = (0..<common).first { (i: Int) -> Bool in x[x.startIndex + i] != y[y.startIndex + i] } ?? common
     return "\(a) (\(x.count) bytes) and \(b) (\(y.count) bytes) first differ at byte \(at)"
 }
 

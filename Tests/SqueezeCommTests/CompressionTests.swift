@@ -105,8 +105,9 @@ private func topkReference(_ calls: [[[Float]]], fraction: Double) -> [(result: 
         var pairs = [Int]()
         for r in 0..<n {
             for i in 0..<count { residual[r][i] += inputs[r][i] }
-            let order = (0..<count).sorted {
-                abs(residual[r][$0]) != abs(residual[r][$1]) ? abs(residual[r][$0]) > abs(residual[r][$1]) : $0 < $1
+            let magnitude: [Float] = residual[r].map { abs($0) }
+            let order: [Int] = (0..<count).sorted { (a: Int, b: Int) -> Bool in
+                magnitude[a] != magnitude[b] ? magnitude[a] > magnitude[b] : a < b
             }
             let chosen = order.prefix(k).filter { residual[r][$0] != 0 }
             pairs.append(chosen.count)

@@ -34,9 +34,10 @@ func runRanks<R: Sendable>(_ count: Int, _ body: @escaping @Sendable (Int) throw
 /// sums round differently depending on their order.
 func rankData(rank: Int, count: Int, salt: UInt64 = 0) -> [Float] {
     var state = 0x9E37_79B9_7F4A_7C15 &* UInt64(rank + 1) &+ salt &* 0xD1B5_4A32_D192_ED03
-    return (0..<count).map { _ in
+    return (0..<count).map { (_: Int) -> Float in
         state = state &* 6_364_136_223_846_793_005 &+ 1_442_695_040_888_963_407
-        return Float(Double(state >> 40) / Double(1 << 24) * 4 - 2)
+        let unit: Double = Double(state >> 40) / Double(1 << 24)
+        return Float(unit * 4 - 2)
     }
 }
 

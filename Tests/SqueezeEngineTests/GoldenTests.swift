@@ -54,7 +54,7 @@ struct GoldenTests {
         let net = try model()
         let logits = net.predict(x.tensor)  // (10, 8)
         let expectedLogits = try expected["logits"]!.floats()       // (8, 10)
-        let transposed = (0..<80).map { expectedLogits[($0 % 8) * 10 + $0 / 8] }
+        let transposed: [Float] = (0..<80).map { (i: Int) -> Float in expectedLogits[(i % 8) * 10 + i / 8] }
         #expect(relativeError(logits, transposed) < 1e-5)
 
         let (loss, _) = lossAndGradients(net, x.tensor, labels: labels)

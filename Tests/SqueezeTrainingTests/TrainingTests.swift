@@ -210,7 +210,7 @@ struct TrainingTests {
     let whole = trainer.evaluate(subset, batchSize: 64)
     let shards = (0..<3).map { r in trainer.evaluate(subset, indices: Array(stride(from: r, to: 300, by: 3)), batchSize: 64) }
     #expect(shards.map(\.images) == [100, 100, 100])
-    let correct = shards.reduce(0) { $0 + Int(($1.accuracy * Double($1.images)).rounded()) }
+    let correct: Int = shards.reduce(0) { (sum: Int, s: Evaluation) -> Int in sum + Int((s.accuracy * Double(s.images)).rounded()) }
     #expect(correct == Int((whole.accuracy * 300).rounded()))
     #expect(whole.confusion.flatMap { $0 }.reduce(0, +) == 300)
 }
