@@ -58,7 +58,7 @@ struct CoordinatorCommand: ParsableCommand {
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
-        guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
+        try requireRange("--workers", workers, 1...1024)
         guard training.batchSize % workers == 0 else {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }
@@ -170,6 +170,7 @@ struct WorkerCommand: ParsableCommand {
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
+        try requireRange("--threads", threads, 1...256)
         if let cpus {
             do { _ = try CPUAffinity.parseList(cpus) } catch { throw ValidationError("--cpus: \(error)") }
         }

@@ -27,8 +27,13 @@ struct Launch: ParsableCommand {
     var maxRestarts = 0
 
     func validate() throws {
-        guard workers >= 1 else { throw ValidationError("--workers must be at least 1") }
-        guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+        guard workers >= 1, workers <= maxLocalWorkers else {
+            throw ValidationError("--workers must be in 1...\(maxLocalWorkers) (got \(workers)): launch starts every worker on this machine, "
+                + "which has \(ProcessInfo.processInfo.activeProcessorCount) CPU(s); more than four processes per CPU only thrash. "
+                + "Across machines, start workers there (cluster/README.md)")
+        }
+        try requireRange("--threads", threads, 1...256)
+        if let port { try requireRange("--port", port, 1...65535) }
         guard training.batchSize % workers == 0 else {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }

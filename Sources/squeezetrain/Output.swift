@@ -1,4 +1,5 @@
 import Foundation
+import ArgumentParser
 
 /// JSON with snake_case keys, one object per call.
 func printJSON<T: Encodable>(_ value: T) throws {
@@ -42,3 +43,20 @@ func peakResidentBytes() -> Int {
 enum FileHandleOutput {
     static func standardError(_ text: String) { FileHandle.standardError.write(Data(text.utf8)) }
 }
+
+/// Throws a `ValidationError` naming `flag` unless `value` lies in `range`.
+func requireRange<T: Comparable>(_ flag: String, _ value: T, _ range: ClosedRange<T>, _ unit: String = "") throws {
+    guard range.contains(value) else {
+        throw ValidationError("\(flag) must be in \(range.lowerBound)...\(range.upperBound)\(unit) (got \(value))")
+    }
+}
+
+/// Throws unless `value` is finite and in `range`.
+func requireFinite(_ flag: String, _ value: Double, _ range: ClosedRange<Double>) throws {
+    guard value.isFinite, range.contains(value) else {
+        throw ValidationError("\(flag) must be a finite number in \(range.lowerBound)...\(range.upperBound) (got \(value))")
+    }
+}
+
+/// Most worker processes `launch` starts on this machine: more than four per CPU only thrash.
+var maxLocalWorkers: Int { max(2, 4 * ProcessInfo.processInfo.activeProcessorCount) }

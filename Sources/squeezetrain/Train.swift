@@ -23,7 +23,7 @@ struct Train: ParsableCommand {
     var noEval = false
 
     func validate() throws {
-        guard threads >= 1 else { throw ValidationError("--threads must be at least 1") }
+        try requireRange("--threads", threads, 1...256)
     }
 
     func run() throws {
@@ -99,6 +99,8 @@ struct Eval: ParsableCommand {
 
     func validate() throws {
         guard ["none", "flip"].contains(tta) else { throw ValidationError("--tta must be none or flip, not '\(tta)'") }
+        try requireRange("--batch-size", batchSize, 1...10_000)
+        try requireRange("--threads", threads, 1...256)
     }
 
     func run() throws {

@@ -45,13 +45,14 @@ struct TrainingOptions: ParsableArguments {
     var noShuffle = false
 
     func validate() throws {
-        guard batchSize >= 1 else { throw ValidationError("--batch-size must be at least 1 (got \(batchSize))") }
-        if let epochs, epochs < 1 { throw ValidationError("--epochs must be at least 1 (got \(epochs))") }
-        if let steps, steps < 1 { throw ValidationError("--steps must be at least 1 (got \(steps))") }
-        guard lr > 0, lr.isFinite else { throw ValidationError("--lr must be a positive number (got \(lr))") }
+        try requireRange("--batch-size", batchSize, 1...50_000)
+        // Bounded so that epochs × steps per epoch cannot overflow (a billion steps is decades here).
+        if let epochs { try requireRange("--epochs", epochs, 1...100_000) }
+        if let steps { try requireRange("--steps", steps, 1...1_000_000_000) }
+        guard lr > 0, lr.isFinite, lr <= 1000 else { throw ValidationError("--lr must be a positive finite number up to 1000 (got \(lr))") }
         guard momentum >= 0, momentum < 1 else { throw ValidationError("--momentum must be in [0, 1) (got \(momentum))") }
-        guard weightDecay >= 0 else { throw ValidationError("--weight-decay must not be negative") }
-        guard warmupEpochs >= 0 else { throw ValidationError("--warmup-epochs must not be negative") }
+        guard weightDecay >= 0, weightDecay <= 1 else { throw ValidationError("--weight-decay must be in 0...1 (got \(weightDecay))") }
+        try requireFinite("--warmup-epochs", warmupEpochs, 0...100_000)
         guard dropout >= 0, dropout < 1 else { throw ValidationError("--dropout must be in [0, 1) (got \(dropout))") }
         guard (0...CIFAR10.imageSide).contains(cutout) else { throw ValidationError("--cutout must be in 0...32 pixels (got \(cutout))") }
         guard labelSmoothing >= 0, labelSmoothing < 1 else { throw ValidationError("--label-smoothing must be in [0, 1) (got \(labelSmoothing))") }

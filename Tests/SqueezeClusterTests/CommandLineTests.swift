@@ -78,3 +78,30 @@ import Testing
         }
     }
 }
+
+/// Every numeric flag is checked before anything starts: an error naming the flag and the value.
+@Suite struct NumericFlagTests {
+    @Test(arguments: [
+        (["launch", "--port", "70000"], "--port"),
+        (["launch", "--workers", "100000"], "--workers"),
+        (["train", "--epochs", "9223372036854775807"], "--epochs"),
+        (["train", "--steps", "0"], "--steps"),
+        (["train", "--lr", "inf"], "--lr"),
+        (["train", "--warmup-epochs", "nan"], "--warmup-epochs"),
+        (["launch", "--timeout", "inf"], "--timeout"),
+        (["launch", "--join-timeout", "1e18"], "--join-timeout"),
+        (["launch", "--bucket-mb", "inf"], "--bucket-mb"),
+        (["eval", "--weights", "w.safetensors", "--batch-size", "0"], "--batch-size"),
+        (["train", "--threads", "0"], "--threads"),
+        (["coordinator", "--bind", "tcp://127.0.0.1:1", "--workers", "5000"], "--workers"),
+    ])
+    func badNumbersAreRefusedNamingTheFlag(arguments: [String], flag: String) throws {
+        let dir = try temporaryDirectory("numbers")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let c = try Child(arguments, log: dir + "/out.log")
+        let status = c.wait(timeout: 60)
+        #expect(status != 0, "\(arguments) exited 0: \(c.output)")
+        #expect(c.output.contains(flag) && c.output.contains("must"), "\(arguments): \(c.output)")
+        #expect(!c.output.contains("training squeezenet") && !c.output.contains("waiting for"), "\(arguments) started: \(c.output)")
+    }
+}
