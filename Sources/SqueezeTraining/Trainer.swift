@@ -105,6 +105,13 @@ public final class Trainer {
         let (loss, correct) = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: logits.shape.n,
                                                   labels: batch.labels, labelSmoothing: config.labelSmoothing ?? 0,
                                                   gradient: dl.data)
+        // Before backward and the all-reduce: a non-finite loss must not reach the weights (or, in a
+        // cluster, every other worker's weights through the average).
+        guard loss.isFinite else {
+            throw TrainingError.nonFinite("step \(step + 1) (epoch \(epoch + 1)): the training loss is \(loss); the weights of step \(step) "
+                + "are kept. The usual cause is a learning rate too high for this model (--lr \(config.learningRate), now "
+                + "\(schedule.rate(at: step))); lower it, or add --warmup-epochs")
+        }
         if let reducer {
             network.backward(dl) { reducer.gradientsReady($0, of: grads) }
         } else {
@@ -186,11 +193,14 @@ func mirrorRows(_ data: UnsafeMutablePointer<Float>, rows: Int, width: Int) {
 public enum TrainingError: Error, CustomStringConvertible {
     case invalidConfiguration(String)
     case checkpoint(String)
+    /// The loss (or a gradient) stopped being a finite number.
+    case nonFinite(String)
 
     public var description: String {
         switch self {
         case .invalidConfiguration(let m): return m
         case .checkpoint(let m): return m
+        case .nonFinite(let m): return "training diverged at " + m
         }
     }
 }

@@ -327,3 +327,26 @@ struct CheckpointDirectoryTests {
     #expect(ok.failure == nil)
     #expect(try String(contentsOfFile: dir + "/m.jsonl", encoding: .utf8).hasPrefix("{\"event\":\"restart\""))
 }
+
+/// A loss that is no longer a number stops training at that step with an error naming it and the likely
+/// cause, before the weights change: nothing trains on with NaN weights.
+@Test func nonFiniteLossStopsTrainingNamingTheStep() throws {
+    var config = deterministicConfig(steps: 30, batch: 16)
+    config.learningRate = 1e6
+    let trainer = try Trainer(config: config, trainSet: firstTrainingFile)
+    let loader = trainer.makeLoader()
+    defer { loader.stop() }
+    var failure: String?
+    var weightsBefore = [Float]()
+    for _ in 0..<30 {
+        guard let batch = loader.next() else { break }
+        weightsBefore = trainer.network.parameters.copyValues()
+        do { _ = try trainer.trainStep(batch) } catch { failure = String(describing: error); break }
+    }
+    let message = try #require(failure, "30 steps at --lr 1e6 never produced a non-finite loss")
+    #expect(message.contains("training diverged at step \(trainer.step + 1)") && message.contains("--lr"), "\(message)")
+    // The step that failed changed nothing, and the weights are still numbers.
+    let after = trainer.network.parameters.copyValues()
+    #expect(after == weightsBefore)
+    #expect(after.allSatisfy { $0.isFinite })
+}
