@@ -269,11 +269,7 @@ extension CompressedModel {
 
     /// Reads and decodes the file at `path`.
     public static func load(path: String) throws -> CompressedModel {
-        let data: Data
-        do { data = try Data(contentsOf: URL(fileURLWithPath: path)) } catch {
-            throw CompressedFormatError(file: path, reason: "cannot read: \((error as NSError).localizedDescription)")
-        }
-        return try decode(Array(data), file: path)
+        try decode(try readWholeFile(path), file: path)
     }
 
     /// Writes the file atomically.
@@ -286,6 +282,13 @@ extension CompressedModel {
         var values = [String: [Float]]()
         for t in tensors { values[t.name] = t.dense() }
         try network.loadState(values)
+    }
+}
+
+/// The bytes of the file at `path`; an error naming it when it cannot be read.
+public func readWholeFile(_ path: String) throws -> [UInt8] {
+    do { return Array(try Data(contentsOf: URL(fileURLWithPath: path))) } catch {
+        throw CompressedFormatError(file: path, reason: "cannot read: \((error as NSError).localizedDescription)")
     }
 }
 

@@ -23,8 +23,9 @@ struct Inspect: ParsableCommand {
 
     func run() throws {
         do {
-            let model = try CompressedModel.load(path: file)
-            let fileBytes = try model.encoded().count
+            let bytes = try readWholeFile(file)
+            let model = try CompressedModel.decode(bytes, file: file)
+            let fileBytes = bytes.count
             let layers = model.byteCounts().map {
                 Report.Layer(name: $0.name, parameters: $0.parameters, density: $0.density, bits: $0.bits, codeBytes: $0.codeBytes,
                              indexBytes: $0.indexBytes, codebookBytes: $0.codebookBytes, plainBytes: $0.plainBytes, totalBytes: $0.total)
