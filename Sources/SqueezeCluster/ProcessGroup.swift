@@ -40,11 +40,14 @@ public final class ProcessGroup: @unchecked Sendable {
 
     public let specs: [ProcessSpec]
     private var processes = [Process]()
+    private var pipes = [Pipe]()
     private let outputLock = NSLock()
     private let write: @Sendable (String) -> Void
     private let onEvent: @Sendable (String, ClusterEvent) -> Void
     private let stopLock = NSLock()
     private var stopSignal: Int32?
+    /// One member per pipe until its end of file: `wait` returns only after every line is written.
+    private let outputOpen = DispatchGroup()
 
     /// `write` receives whole prefixed lines (default: standard output); `onEvent` gets the
     /// `ClusterEvent` lines (with the process's name), which are not written.
@@ -64,11 +67,11 @@ public final class ProcessGroup: @unchecked Sendable {
             p.standardInput = FileHandle.nullDevice  // never stuck reading the terminal
             p.standardOutput = pipe
             p.standardError = pipe
-            attachPrefixer(pipe, name: spec.name)
             do { try p.run() } catch {
                 terminateAll(gracePeriod: .seconds(2))
                 throw ClusterError("cannot start \(spec.name) (\(spec.executable)): \(error)")
             }
+            forwardOutput(pipe, name: spec.name)
             processes.append(p)
         }
     }
@@ -89,9 +92,19 @@ public final class ProcessGroup: @unchecked Sendable {
         if kill(-p.processIdentifier, signal) != 0 { kill(p.processIdentifier, signal) }
     }
 
-    /// Waits until the group is finished. When `primary` (a name) exits 0 the others get
-    /// `gracePeriod` to finish on their own before they are stopped.
+    /// Waits until the group is finished and every line it printed has been written. When `primary`
+    /// (a name) exits 0 the others get `gracePeriod` to finish on their own before they are stopped.
     public func wait(primary: String? = nil, gracePeriod: Duration = .seconds(10)) -> Outcome {
+        let outcome = waitForExit(primary: primary, gracePeriod: gracePeriod)
+        // Every process is reaped and its process group killed, so the pipes reach end of file
+        // unless something escaped the group and holds one open; do not hang on that.
+        if outputOpen.wait(timeout: .now() + 5) == .timedOut {
+            emitLine("launch", "output of a finished process is still open after 5 s; not waiting for it")
+        }
+        return outcome
+    }
+
+    private func waitForExit(primary: String?, gracePeriod: Duration) -> Outcome {
         while true {
             if let s = stopLock.withLock({ stopSignal }) {
                 terminateAll(gracePeriod: gracePeriod)
@@ -150,20 +163,25 @@ public final class ProcessGroup: @unchecked Sendable {
         while processes.contains(where: \.isRunning) && ContinuousClock.now < deadline { usleep(50_000) }
         for p in processes { signalGroup(p, SIGKILL) }  // also whatever a finished child left behind
         for p in processes { p.waitUntilExit() }
-        usleep(100_000)  // let the pipes drain their last lines
     }
 
-    private func attachPrefixer(_ pipe: Pipe, name: String) {
-        let pending = LineBuffer()
-        pipe.fileHandleForReading.readabilityHandler = { [weak self] handle in
-            let data = handle.availableData
-            guard let self else { return }
-            if data.isEmpty {  // end of file: flush a last line without newline
-                handle.readabilityHandler = nil
-                if let rest = pending.flush() { self.emitLine(name, rest) }
-                return
+    /// Reads the child's output on a thread of its own until end of file (blocking reads: Foundation's
+    /// `readabilityHandler` can miss the end of file on Linux), writing it line by line.
+    private func forwardOutput(_ pipe: Pipe, name: String) {
+        pipes.append(pipe)  // keeps the descriptor open while the thread reads it
+        let fd = pipe.fileHandleForReading.fileDescriptor
+        outputOpen.enter()
+        Thread.detachNewThread { [self] in
+            let pending = LineBuffer()
+            var chunk = [UInt8](repeating: 0, count: 1 << 16)
+            while true {
+                let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+                if n < 0 && errno == EINTR { continue }
+                if n <= 0 { break }
+                for line in pending.append(Data(chunk[..<n])) { emitLine(name, line) }
             }
-            for line in pending.append(data) { self.emitLine(name, line) }
+            if let rest = pending.flush() { emitLine(name, rest) }  // a last line without newline
+            outputOpen.leave()
         }
     }
 
@@ -175,7 +193,7 @@ public final class ProcessGroup: @unchecked Sendable {
 
 /// Splits a byte stream into lines (a carriage-return progress bar counts as a line end too).
 final class LineBuffer: @unchecked Sendable {
-    // @unchecked Sendable: used by one pipe's readability handler at a time.
+    // @unchecked Sendable: used by one pipe's reader thread.
     private var buffer = Data()
 
     func append(_ data: Data) -> [String] {
