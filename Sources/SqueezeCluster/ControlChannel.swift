@@ -1,6 +1,10 @@
 import Foundation
 import SqueezeComm
 
+/// The largest control frame either end accepts; a larger one disconnects its sender. The largest
+/// real one is `start` with every worker's endpoint (about 50 bytes each, 1,024 workers at most).
+public let controlFrameLimit = 256 << 10
+
 /// The coordinator's end of the control plane over ZeroMQ: a ROUTER socket that knows each peer
 /// by its ZeroMQ identity. Counts every byte it moves.
 public final class ZMQControlServer: ControlServerChannel {
@@ -8,9 +12,12 @@ public final class ZMQControlServer: ControlServerChannel {
     public let endpoint: String
     public private(set) var bytesSent = 0, bytesReceived = 0
 
-    public init(context: ZMQContext, bind: String) throws {
+    public init(context: ZMQContext, bind: String, security: PeerSecurity) throws {
         socket = try ZMQSocket(context: context, type: .router)
-        try socket.setRouterHandover(true)
+        try socket.setRouterHandover(false)  // a second connection with a live peer's identity is refused, not handed its rank
+        try socket.setMaxMessageSize(controlFrameLimit)
+        try socket.setReceiveHighWaterMark(1_000)
+        try socket.secureAsServer(security)
         do { try socket.bind(bind) } catch {
             throw ClusterError("cannot bind the coordinator to \(bind): \(error)")
         }
@@ -47,13 +54,25 @@ public final class ZMQControlClient: ControlClientChannel {
     let socket: ZMQSocket
     public private(set) var bytesSent = 0, bytesReceived = 0
     private let linger: Duration
+    private let monitor: HandshakeMonitor
 
-    public init(context: ZMQContext, coordinator: String, linger: Duration = .milliseconds(500)) throws {
+    /// `identity`: the routing id the coordinator knows this connection by.
+    public init(context: ZMQContext, coordinator: String, identity: [UInt8], security: PeerSecurity,
+                linger: Duration = .milliseconds(500)) throws {
         self.linger = linger
         socket = try ZMQSocket(context: context, type: .dealer)
+        try socket.setRoutingID(identity)
+        try socket.setMaxMessageSize(controlFrameLimit)
+        try socket.secureAsClient(security)
+        monitor = try HandshakeMonitor(socket)
         do { try socket.connect(coordinator) } catch {
             throw ClusterError("cannot connect to the coordinator at \(coordinator): \(error)")
         }
+    }
+
+    public var handshakeFailure: String? {
+        monitor.update()
+        return monitor.succeeded == 0 ? monitor.failure : nil
     }
 
     public func send(_ frame: [UInt8]) throws {
@@ -71,7 +90,10 @@ public final class ZMQControlClient: ControlClientChannel {
         return message.withUnsafeBytes { Array($0) }
     }
 
-    public func close() { socket.close(linger: linger) }
+    public func close() {
+        monitor.close()
+        socket.close(linger: linger)
+    }
 }
 
 /// Connections to a coordinator over ZeroMQ, sharing one context.
@@ -79,8 +101,13 @@ public struct ZMQControlConnector: ControlConnector, @unchecked Sendable {
     // @unchecked Sendable: ZMQContext is thread-safe.
     public let context: ZMQContext
     public let coordinator: String
-    public init(context: ZMQContext, coordinator: String) { self.context = context; self.coordinator = coordinator }
-    public func connect() throws -> any ControlClientChannel { try ZMQControlClient(context: context, coordinator: coordinator) }
+    public let security: PeerSecurity
+    public init(context: ZMQContext, coordinator: String, security: PeerSecurity) {
+        self.context = context; self.coordinator = coordinator; self.security = security
+    }
+    public func connect(identity: [UInt8]) throws -> any ControlClientChannel {
+        try ZMQControlClient(context: context, coordinator: coordinator, identity: identity, security: security)
+    }
 }
 
 extension ControlServerChannel {

@@ -40,6 +40,14 @@ public struct CoordinatorOptions: Sendable {
     }
 }
 
+/// The run was stopped (a signal, a worker's request) before training began.
+public struct Interrupted: Error, CustomStringConvertible, Sendable {
+    public var reason: String
+    public var signal: Int32?
+    public init(reason: String, signal: Int32? = nil) { self.reason = reason; self.signal = signal }
+    public var description: String { "stopped: \(reason)" }
+}
+
 /// Per-rank totals for the summary table.
 public struct RankTraffic: Sendable {
     public var steps = 0
@@ -93,6 +101,9 @@ public final class Coordinator {
     private var names = [String]()
     private var endpoints = [String?]()
     private var joinDeadline = ContinuousClock.Instant.now
+    /// Messages dropped: from peers that hold no rank, or that speak for a rank they do not hold.
+    public private(set) var droppedMessages = 0
+    private lazy var dropLog = RateLimitedLog(interval: .seconds(5)) { [log] in log($0) }
     // Training.
     private var progress: Progress!
     private var lastHeard = [ContinuousClock.Instant]()
@@ -139,10 +150,14 @@ public final class Coordinator {
         plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
         if metrics == nil { metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) } }
         // The hub's data plane (star only): rank n of a group of n + 1.
-        if options.algorithm == .star { hub = try dataPlane.makeTransport(rank: n, worldSize: n + 1, kind: options.transport) }
+        if options.algorithm == .star {
+            hub = try dataPlane.makeTransport(rank: n, worldSize: n + 1, kind: options.transport,
+                                              maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0))
+        }
         identities = Array(repeating: nil, count: n)
         names = Array(repeating: "", count: n)
         endpoints = Array(repeating: nil, count: n)
+        lastHeard = Array(repeating: clock.now, count: n)
         joinDeadline = clock.now + options.joinTimeout
         phase = .rendezvous
         events(ClusterEvent(.listening, endpoint: channel.endpoint, workers: n))
@@ -179,15 +194,48 @@ public final class Coordinator {
 
     private func rankOf(_ id: [UInt8]) -> Int? { identities.firstIndex { $0 == id } }
 
+    /// The rank whose holder sent `id`'s frames: its main connection, or its heartbeat connection.
+    private func holder(_ id: [UInt8]) -> (rank: Int, heartbeat: Bool)? {
+        if let rank = rankOf(id) { return (rank, false) }
+        return ControlIdentity.mainIdentity(ofHeartbeat: id).flatMap(rankOf).map { ($0, true) }
+    }
+
     private func handle(_ frame: [UInt8], from id: [UInt8]) throws {
-        let rank = rankOf(id)
-        let peer = rank.map { phase == .rendezvous ? "worker rank \($0) (\(names[$0]))" : "worker rank \($0)" } ?? "an unregistered peer"
+        let sender = holder(id)
+        if let sender { lastHeard[sender.rank] = clock.now }
+        guard let sender else {
+            // A peer without a rank may only ask for one; anything else is dropped (it cannot stop the run).
+            let message: ControlMessage
+            do { message = try frame.withUnsafeBytes { try ControlMessage.decode($0, from: "a peer that holds no rank") } } catch {
+                channel.send(.reject(Reject(reason: String(describing: error))), to: id)  // e.g. another protocol version
+                return drop("\(error)")
+            }
+            guard case .hello(let h) = message else { return drop("a \(message.kind) message from a peer that holds no rank") }
+            return phase == .rendezvous ? welcome(h, id: id)
+                : channel.send(.reject(Reject(reason: "the run is already training with \(options.workers) worker(s)")), to: id)
+        }
+        let peer = phase == .rendezvous ? "worker rank \(sender.rank) (\(names[sender.rank]))" : "worker rank \(sender.rank)"
         guard let message = decodeOrReject(frame, from: peer, id: id) else { return }
+        // Heartbeats may come from the heartbeat connection; everything else from the main one.
+        switch message {
+        case .heartbeat(let h):
+            guard h.rank == sender.rank else { return drop("a heartbeat for rank \(h.rank) from rank \(sender.rank)'s holder") }
+            if phase == .training { lastStep[sender.rank] = max(lastStep[sender.rank], h.step) }
+            return
+        default:
+            guard !sender.heartbeat else { return drop("a \(message.kind) message on rank \(sender.rank)'s heartbeat connection") }
+        }
         switch phase {
-        case .rendezvous: try rendezvous(message, from: id)
-        case .training: try training(message, from: id, rank: rank)
+        case .rendezvous: try rendezvous(message, rank: sender.rank, id: id)
+        case .training: try training(message, rank: sender.rank)
         case .created, .finished: break
         }
+    }
+
+    /// Counts a message that is not acted on, and says so at a bounded rate.
+    private func drop(_ what: String) {
+        droppedMessages += 1
+        dropLog.line("dropped \(what) (\(droppedMessages) dropped so far)")
     }
 
     /// A valid message, or nil after logging the problem and sending the peer a `reject` (the run goes on).
@@ -203,12 +251,12 @@ public final class Coordinator {
 
     // MARK: Rendezvous
 
-    private func rendezvous(_ message: ControlMessage, from id: [UInt8]) throws {
+    private func rendezvous(_ message: ControlMessage, rank: Int, id: [UInt8]) throws {
         switch message {
-        case .hello(let h): welcome(h, id: id)
         case .ready(let r): try ready(r, id: id)
-        case .failure(let f): throw ClusterError("worker rank \(f.rank) failed before training: \(f.message)")
-        default: break
+        case .failure(let f) where f.rank == rank: throw ClusterError("worker rank \(rank) failed before training: \(f.message)")
+        case .stop(let s): throw Interrupted(reason: "worker rank \(rank) was stopped before training (\(s.reason))")
+        default: drop("a \(message.kind) message from rank \(rank) during the rendezvous")
         }
     }
 
@@ -226,6 +274,7 @@ public final class Coordinator {
         if let r = h.requestedRank, r != rank { log("\(h.host) pid \(h.pid) asked for rank \(r), which is taken or out of range; gave rank \(rank)") }
         identities[rank] = id
         names[rank] = "\(h.host) pid \(h.pid)"
+        lastHeard[rank] = clock.now
         channel.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
                                       compression: options.compression, bucketBytes: options.bucketBytes, transport: options.transport,
                                       timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
@@ -275,23 +324,18 @@ public final class Coordinator {
 
     // MARK: Training
 
-    private func training(_ message: ControlMessage, from id: [UInt8], rank: Int?) throws {
-        let n = options.workers
-        if let rank { lastHeard[rank] = clock.now }
+    private func training(_ message: ControlMessage, rank: Int) throws {
         switch message {
-        case .stepReport(let r):
-            guard let rank, r.rank == rank else { return }
+        case .stepReport(let r) where r.rank == rank:
             lastStep[rank] = r.step
             progress.add(r)
             if progress.isComplete { phase = .finished }
-        case .heartbeat(let h):
-            if (0..<n).contains(h.rank) { lastHeard[h.rank] = clock.now; lastStep[h.rank] = max(lastStep[h.rank], h.step) }
-        case .failure(let f):
-            throw ClusterError("worker rank \(f.rank) failed at step \(f.step): \(f.message)")
-        case .hello:
-            channel.send(.reject(Reject(reason: "the run is already training with \(n) worker(s)")), to: id)
+        case .failure(let f) where f.rank == rank:
+            throw ClusterError("worker rank \(rank) failed at step \(f.step): \(f.message)")
+        case .stop(let s):
+            if progress.stopRequest == nil { requestStop("worker rank \(rank) asks to stop (\(s.reason))") }
         default:
-            break
+            drop("a \(message.kind) message from rank \(rank) that it may not send now")
         }
     }
 
@@ -301,6 +345,12 @@ public final class Coordinator {
         let now = clock.now
         switch phase {
         case .rendezvous:
+            if let reason = stop.reason { throw Interrupted(reason: "\(reason) while waiting for workers", signal: stop.signal) }
+            // A rank whose holder went silent before it was ready is free again for another worker.
+            for rank in identities.indices where identities[rank] != nil && endpoints[rank] == nil && now - lastHeard[rank] > options.timeout {
+                log("worker rank \(rank) (\(names[rank])) went silent before it was ready; the rank is free again")
+                identities[rank] = nil
+            }
             guard now >= joinDeadline else { return }
             let n = options.workers
             let joined = (0..<n).filter { identities[$0] != nil }

@@ -29,22 +29,27 @@ public final class Worker {
     let dataPlane: any DataPlaneFactory
     let clock: any ClusterClock
     let events: (ClusterEvent) -> Void
+    /// Set by a signal to this process: before training the worker leaves at once; during training it
+    /// asks the coordinator to stop the run (after a checkpoint), as a signal to the coordinator does.
+    let signals: StopToken
     /// The step being trained (reported with a failure).
     private var step = 0
+    /// This process's control identities (`ControlIdentity`).
+    private let session = ControlIdentity.newSession()
 
     /// `events` gets rank 0's `checkpoint` events.
     public init(options: WorkerOptions, control: any ControlConnector, dataPlane: any DataPlaneFactory,
-                clock: any ClusterClock = SystemClock(), events: @escaping (ClusterEvent) -> Void = { _ in },
-                log: @escaping (String) -> Void) {
+                clock: any ClusterClock = SystemClock(), signals: StopToken = StopToken(),
+                events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) {
         self.options = options; self.control = control; self.dataPlane = dataPlane; self.clock = clock
-        self.events = events; self.log = log
+        self.signals = signals; self.events = events; self.log = log
     }
 
     private var coordinator: String { control.coordinator }
 
     /// Runs until the coordinator says stop. Throws on any failure (after telling the coordinator).
     public func run() throws {
-        let channel = try control.connect()
+        let channel = try control.connect(identity: session + [ControlIdentity.main])
         defer { channel.close() }
         try channel.send(.hello(Hello(protocolVersion: ControlMessage.version, host: ProcessInfo.processInfo.hostName,
                                       pid: getpid(), requestedRank: options.rank, threads: options.threads)))
@@ -52,30 +57,35 @@ public final class Worker {
             if case .welcome(let w) = $0 { w } else { nil }
         }
         do {
-            try train(welcome, channel: channel)
+            // From now on the coordinator watches this rank's silence, also while it loads data.
+            let heartbeat = try HeartbeatSender(channel: try control.connect(identity: session + [ControlIdentity.heartbeat]), rank: welcome.rank,
+                                                interval: .milliseconds(Int(welcome.timeoutSeconds * 250)))
+            defer { heartbeat.stop() }
+            try train(welcome, channel: channel, heartbeat: heartbeat)
+        } catch let error as Interrupted {
+            throw error
         } catch {
             try? channel.send(.failure(Failure(rank: welcome.rank, step: step, message: String(describing: error))))
             throw error
         }
     }
 
-    private func train(_ welcome: Welcome, channel: any ControlClientChannel) throws {
+    private func train(_ welcome: Welcome, channel: any ControlClientChannel, heartbeat: HeartbeatSender) throws {
         let (rank, world) = (welcome.rank, welcome.worldSize)
         let timeout = Duration.milliseconds(Int(welcome.timeoutSeconds * 1000))
         let model = try prepareModel(welcome)
+        let plan = bucketPlan(layerRanges: model.trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
         let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm == .star ? world + 1 : world,
-                                                    kind: welcome.transport)
+                                                    kind: welcome.transport, maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0))
         defer { transport.close(flushTimeout: .milliseconds(500)) }
         try joinDataPlane(welcome, model: model, transport: transport, channel: channel)
         let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout)
         defer { reducer.close() }
-        let heartbeat = try HeartbeatSender(channel: try control.connect(), rank: rank, interval: timeout / 4)
-        defer { heartbeat.stop() }
         log("rank \(rank) of \(world): \(model.trainer.trainSet.count) images from \(model.dataDirectory), data plane \(transport.boundEndpoint)")
 
         let stop = StopToken()
         let hooks = WorkerHooks(welcome: welcome, model: model, channel: channel, transport: transport, reducer: reducer,
-                                feedback: feedback, heartbeat: heartbeat, stop: stop, clock: clock, timeout: timeout,
+                                feedback: feedback, heartbeat: heartbeat, stop: stop, signals: signals, clock: clock, timeout: timeout,
                                 coordinator: coordinator, events: events, log: log) { [unowned self] in self.step = $0 }
         let loop = TrainingLoop(trainer: model.trainer, reducer: reducer, policy: CheckpointPolicy(every: welcome.checkpointEvery), stop: stop)
         do {
@@ -160,7 +170,11 @@ public final class Worker {
                            _ match: (ControlMessage) -> T?) throws -> T {
         let deadline = clock.now + timeout
         while clock.now < deadline {
-            guard let message = try channel.receiveMessage(timeout: min(.milliseconds(500), deadline - clock.now), from: coordinator) else { continue }
+            if let reason = signals.reason { throw Interrupted(reason: "\(reason) while waiting for \(what)", signal: signals.signal) }
+            if let failure = channel.handshakeFailure {
+                throw ClusterError("authentication failed: \(failure). Give every process of the run the same --key-file (or --insecure to all)")
+            }
+            guard let message = try channel.receiveMessage(timeout: min(.milliseconds(200), deadline - clock.now), from: coordinator) else { continue }
             if let value = match(message) { return value }
             switch message {
             case .reject(let r): throw ClusterError("the coordinator at \(coordinator) refused this worker: \(r.reason)")
@@ -197,8 +211,9 @@ final class WorkerHooks: TrainingLoopHooks {
     let welcome: Welcome, model: WorkerModel
     let channel: any ControlClientChannel, transport: any DataPlaneTransport
     let reducer: BucketedReducer, feedback: (any ErrorFeedbackReducer)?
-    let heartbeat: HeartbeatSender, stop: StopToken, clock: any ClusterClock, timeout: Duration, coordinator: String
+    let heartbeat: HeartbeatSender, stop: StopToken, signals: StopToken, clock: any ClusterClock, timeout: Duration, coordinator: String
     let events: (ClusterEvent) -> Void, log: (String) -> Void, stepStarted: (Int) -> Void
+    private var forwardedSignal = false
     private var trainer: Trainer { model.trainer }
     private var rank: Int { welcome.rank }
     private var heardFromCoordinator: ContinuousClock.Instant
@@ -208,10 +223,10 @@ final class WorkerHooks: TrainingLoopHooks {
 
     init(welcome: Welcome, model: WorkerModel, channel: any ControlClientChannel, transport: any DataPlaneTransport,
          reducer: BucketedReducer, feedback: (any ErrorFeedbackReducer)?, heartbeat: HeartbeatSender, stop: StopToken,
-         clock: any ClusterClock, timeout: Duration, coordinator: String, events: @escaping (ClusterEvent) -> Void,
+         signals: StopToken, clock: any ClusterClock, timeout: Duration, coordinator: String, events: @escaping (ClusterEvent) -> Void,
          log: @escaping (String) -> Void, stepStarted: @escaping (Int) -> Void) {
         self.welcome = welcome; self.model = model; self.channel = channel; self.transport = transport; self.reducer = reducer
-        self.feedback = feedback; self.heartbeat = heartbeat; self.stop = stop; self.clock = clock; self.timeout = timeout
+        self.feedback = feedback; self.heartbeat = heartbeat; self.stop = stop; self.signals = signals; self.clock = clock; self.timeout = timeout
         self.coordinator = coordinator; self.events = events; self.log = log; self.stepStarted = stepStarted
         heardFromCoordinator = clock.now
     }
@@ -265,6 +280,12 @@ final class WorkerHooks: TrainingLoopHooks {
 
     func stepFinished(_ r: StepResult) throws {
         if let report { try channel.send(.stepReport(report)) }
+        if !forwardedSignal, let reason = signals.reason {
+            // The coordinator picks the step every rank stops after (and rank 0 checkpoints there).
+            forwardedSignal = true
+            log("rank \(rank): \(reason): asking the coordinator to stop the run")
+            try channel.send(.stop(Stop(reason: reason)))
+        }
         // At the last step the coordinator's next word is the final stop, read after the loop.
         if trainer.isFinished || stop.stopStep(current: trainer.step) == trainer.step { return }
         while let message = try channel.receiveMessage(timeout: .zero, from: coordinator) {

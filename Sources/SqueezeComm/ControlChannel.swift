@@ -24,6 +24,9 @@ public protocol ControlClientChannel: AnyObject {
     func trySend(_ frame: [UInt8])
     /// The next frame from the coordinator, or nil after `timeout` (zero: don't wait).
     func receive(timeout: Duration) throws -> [UInt8]?
+    /// Why the coordinator refused this connection at the handshake (no key, another key), while no
+    /// handshake has succeeded; nil otherwise.
+    var handshakeFailure: String? { get }
     func close()
 }
 
@@ -31,5 +34,26 @@ public protocol ControlClientChannel: AnyObject {
 public protocol ControlConnector: Sendable {
     /// The coordinator's address, for messages.
     var coordinator: String { get }
-    func connect() throws -> any ControlClientChannel
+    /// A connection the coordinator knows by `identity` (1–255 bytes, not starting with 0).
+    func connect(identity: [UInt8]) throws -> any ControlClientChannel
+}
+
+/// A worker's control identities: a random session id, one byte for its main connection and
+/// another for its heartbeat connection, so the coordinator can tell that a heartbeat comes from
+/// the process that holds the rank (and nobody can guess the id to speak for it).
+public enum ControlIdentity {
+    public static let main: UInt8 = 0x6d, heartbeat: UInt8 = 0x68  // "m", "h"
+
+    /// A fresh random session: 16 bytes, the first never 0 (ZeroMQ reserves those ids).
+    public static func newSession() -> [UInt8] {
+        var session = (0..<16).map { _ in UInt8.random(in: 0...255) }
+        session[0] = UInt8.random(in: 1...255)
+        return session
+    }
+
+    /// The main connection's identity of the session a heartbeat identity belongs to, if it is one.
+    public static func mainIdentity(ofHeartbeat id: [UInt8]) -> [UInt8]? {
+        guard id.count == 17, id.last == heartbeat else { return nil }
+        return Array(id.dropLast()) + [main]
+    }
 }

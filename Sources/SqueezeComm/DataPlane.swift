@@ -22,13 +22,36 @@ extension ZMQTransport: DataPlaneTransport {}
 
 /// Makes rank `rank`'s transport of a group of `worldSize`.
 public protocol DataPlaneFactory: Sendable {
-    func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind) throws -> any DataPlaneTransport
+    /// `maxFrameBytes`: the largest frame a peer may send it (`dataFrameLimit`); larger ones disconnect the sender.
+    func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int) throws -> any DataPlaneTransport
 }
 
+/// The largest data-plane frame for buckets of at most `largestBucket` floats: a sparse top-k chunk
+/// (an index and a value per entry, 8 bytes) of a whole bucket, plus room for headers.
+public func dataFrameLimit(largestBucket: Int) -> Int { 8 * largestBucket + 4096 }
+
 /// The one place the ipc:// path of a local endpoint is spelled: `tag` names the rank ("rank0",
-/// "hub"); the process id keeps concurrent runs apart.
-public func ipcEndpoint(_ tag: String, pid: Int32 = getpid()) -> String {
-    "ipc://\(NSTemporaryDirectory())squeezetrain-\(pid)-\(tag).ipc"
+/// "hub"); the process id keeps concurrent runs apart. The socket lives in `privateSocketDirectory()`.
+public func ipcEndpoint(_ tag: String, pid: Int32 = getpid()) throws -> String {
+    "ipc://\(try privateSocketDirectory())/\(pid)-\(tag).ipc"
+}
+
+/// `$TMPDIR/squeezetrain-UID`, mode 0700: only this user can reach the ipc sockets inside (ipc
+/// endpoints are files; their permissions are the directory's). Made if missing; refused if it is
+/// a symbolic link, another user's, or open to others.
+public func privateSocketDirectory() throws -> String {
+    let uid = getuid()
+    let path = NSTemporaryDirectory() + "squeezetrain-\(uid)"
+    if mkdir(path, 0o700) != 0 && errno != EEXIST {
+        throw CommError.invalidArgument("cannot create the socket directory \(path): \(String(cString: strerror(errno)))")
+    }
+    var info = stat()
+    guard lstat(path, &info) == 0 else { throw CommError.invalidArgument("cannot inspect \(path): \(String(cString: strerror(errno)))") }
+    guard info.st_mode & S_IFMT == S_IFDIR, info.st_uid == uid, info.st_mode & 0o077 == 0 else {
+        throw CommError.invalidArgument("the socket directory \(path) is not a private directory of user \(uid) (mode \(String(info.st_mode & 0o7777, radix: 8)), "
+                                        + "owner \(info.st_uid)); remove it, and squeezetrain makes it again with mode 0700")
+    }
+    return path
 }
 
 /// ZeroMQ transports: tcp on `host` (an ephemeral port), or ipc in the temporary directory.
@@ -46,8 +69,10 @@ public final class ZMQDataPlane: DataPlaneFactory, @unchecked Sendable {
         self.context = context; self.host = host; self.options = options; self.hubRank = hubRank
     }
 
-    public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind) throws -> any DataPlaneTransport {
-        let bind = kind == .ipc ? ipcEndpoint(rank == hubRank ? "hub" : "rank\(rank)") : "tcp://\(try host()):*"
+    public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int) throws -> any DataPlaneTransport {
+        let bind = kind == .ipc ? try ipcEndpoint(rank == hubRank ? "hub" : "rank\(rank)") : "tcp://\(try host()):*"
+        var options = options
+        options.maxMessageBytes = maxFrameBytes
         return try ZMQTransport(rank: rank, worldSize: worldSize, bind: bind, context: context, options: options)
     }
 }
@@ -63,7 +88,7 @@ public final class InProcessDataPlane: DataPlaneFactory, @unchecked Sendable {
 
     public init(wrap: @escaping @Sendable (InProcessTransport) -> any DataPlaneTransport = { $0 }) { self.wrap = wrap }
 
-    public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind) throws -> any DataPlaneTransport {
+    public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int) throws -> any DataPlaneTransport {
         let g = lock.withLock { () -> InProcessGroup in
             if let group, group.worldSize == worldSize { return group }
             let made = InProcessGroup(worldSize: worldSize)

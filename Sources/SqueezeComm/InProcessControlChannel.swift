@@ -16,14 +16,16 @@ public final class InProcessControlPlane: ControlConnector, @unchecked Sendable 
 
     public init(endpoint: String = "inproc://coordinator") { coordinator = endpoint }
 
-    public func connect() throws -> any ControlClientChannel { connectClient() }
+    public func connect(identity: [UInt8]) throws -> any ControlClientChannel { connectClient(identity: identity) }
 
-    /// A worker end with its concrete type (tests read its identity).
-    public func connectClient() -> InProcessControlClient {
+    /// A worker end with its concrete type (tests read its identity): `identity`, or "peer-0",
+    /// "peer-1", … in connection order.
+    public func connectClient(identity: [UInt8]? = nil) -> InProcessControlClient {
         let id = monitor.withLock { () -> [UInt8] in
             defer { connections += 1 }
-            let id = Array("peer-\(connections)".utf8)
+            let id = identity ?? Array("peer-\(connections)".utf8)
             toClients[id] = []
+            closed.remove(id)
             return id
         }
         return InProcessControlClient(plane: self, identity: id)
@@ -76,6 +78,7 @@ public final class InProcessControlClient: ControlClientChannel, @unchecked Send
     private let plane: InProcessControlPlane
     public let identity: [UInt8]
     public private(set) var bytesSent = 0, bytesReceived = 0
+    public var handshakeFailure: String? { nil }
 
     fileprivate init(plane: InProcessControlPlane, identity: [UInt8]) {
         self.plane = plane; self.identity = identity

@@ -66,6 +66,7 @@ public final class ZMQContext: @unchecked Sendable {
     let handle: UnsafeMutableRawPointer
     private let lock = Monitor()
     private var terminated = false
+    private var zap: ZAPAuthenticator?
 
     /// - Parameter ioThreads: libzmq I/O threads (ZMQ_IO_THREADS); 1 is enough for ~1 GB/s per thread.
     public init(ioThreads: Int = 1) throws(ZMQError) {
@@ -75,6 +76,17 @@ public final class ZMQContext: @unchecked Sendable {
             _ = try zmqCall("zmq_ctx_set") { zmq_ctx_set(h, ZMQ_IO_THREADS, Int32(ioThreads)) }
         }
     }
+
+    /// Starts the context's ZAP handler for `security` (once; nothing for `.insecure`). Every CURVE
+    /// server socket of the context needs it: without one, libzmq would admit any client.
+    public func authenticate(_ security: PeerSecurity, log: @escaping @Sendable (String) -> Void) throws {
+        guard case .curve(let key) = security, authenticator == nil else { return }
+        let made = try ZAPAuthenticator(context: self, key: key, log: log)
+        lock.withLock { zap = made }
+    }
+
+    /// The running ZAP handler, if `authenticate` started one.
+    public var authenticator: ZAPAuthenticator? { lock.withLock { zap } }
 
     /// Terminates the context (`zmq_ctx_term`, idempotent). Blocks until every socket of
     /// the context is closed and their pending messages are sent or their linger expired.

@@ -21,6 +21,14 @@ public enum Topology: Sendable, Equatable {
     /// Every other rank exchanges messages with `hub` only.
     case star(hub: Int)
 
+    /// The peers a rank receives from: the only ones whose frames it accepts.
+    public func inboundPeers(rank: Int, worldSize: Int) -> [Int] {
+        switch self {
+        case .ring: worldSize > 1 ? [(rank + worldSize - 1) % worldSize] : []
+        case .star: outboundPeers(rank: rank, worldSize: worldSize)
+        }
+    }
+
     public func outboundPeers(rank: Int, worldSize: Int) -> [Int] {
         switch self {
         case .ring:
@@ -44,6 +52,11 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         public var tcpKeepAlive = true
         /// Inbound frames larger than this disconnect the sender; -1 = no limit.
         public var maxMessageBytes = -1
+        /// Complete inbound messages queued per peer before libzmq stops reading from it (back
+        /// pressure, never loss: senders queue on their side).
+        public var receiveQueueMessages = 1_000
+        /// CURVE on the ROUTER (server) and every DEALER (client), or plain.
+        public var security = PeerSecurity.insecure
         /// Kernel socket buffer size (ZMQ_SNDBUF / ZMQ_RCVBUF) in bytes; nil keeps the OS default.
         public var kernelBufferBytes: Int? = nil
         /// I/O threads, when the transport creates its own context.
@@ -71,6 +84,12 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
     private let tracker = ZMQReleaseTracker()
     /// Complete messages that arrived from a peer other than the one being waited for.
     private var stash: [[(control: ZMQMessage, payload: ZMQMessage)]]
+    /// The ranks this one receives from, once `connect(topology:)` said; frames from others are dropped.
+    private var inboundPeers: Set<Int>?
+    /// Messages dropped: from an unknown routing id or an unexpected rank, malformed, or over the stash bound.
+    public private(set) var droppedMessages = 0
+    /// A message that keeps arriving from a peer nobody waits for cannot grow memory without bound.
+    static let stashLimit = 4_096
     // Reusable receive/send frames: no allocation per message on the hot path.
     private let idFrame = ZMQMessage()
     private let controlFrame = ZMQMessage()
@@ -95,8 +114,9 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         self.outboundEndpoints = Array(repeating: nil, count: worldSize)
         self.stash = Array(repeating: [], count: worldSize)
         let router = try ZMQSocket(context: self.context, type: .router)
-        try router.setReceiveHighWaterMark(0)
-        try router.setRouterHandover(true)  // a restarted peer may reuse its routing id
+        try router.setReceiveHighWaterMark(options.receiveQueueMessages)
+        try router.setRouterHandover(false)  // a second connection announcing a live rank's id is refused, not handed the rank
+        try router.secureAsServer(options.security)
         if options.tcpKeepAlive { try router.setTCPKeepAlive(true) }
         if options.maxMessageBytes >= 0 { try router.setMaxMessageSize(options.maxMessageBytes) }
         if let bytes = options.kernelBufferBytes { try router.setKernelBuffers(bytes) }
@@ -160,6 +180,7 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         guard endpoints.count == worldSize else {
             throw CommError.invalidArgument("\(endpoints.count) endpoints for a group of \(worldSize)")
         }
+        inboundPeers = Set(topology.inboundPeers(rank: rank, worldSize: worldSize))
         for peer in topology.outboundPeers(rank: rank, worldSize: worldSize) {
             try connect(to: peer, endpoint: endpoints[peer])
         }
@@ -182,6 +203,7 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         let dealer = try ZMQSocket(context: context, type: .dealer)
         try dealer.setSendHighWaterMark(0)  // collectives bound the queue; never block in send
         try dealer.setRoutingID(Self.routingID(rank: rank))
+        try dealer.secureAsClient(options.security)
         if options.tcpKeepAlive { try dealer.setTCPKeepAlive(true) }
         if let bytes = options.kernelBufferBytes { try dealer.setKernelBuffers(bytes) }
         try dealer.connect(endpoint)
@@ -263,6 +285,10 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
                     defer { controlFrame.reset(); payloadFrame.reset() }
                     return try deliver(control: controlFrame, payload: payloadFrame, body)
                 }
+                guard stash[sender].count < Self.stashLimit else {
+                    droppedMessages += 1
+                    continue
+                }
                 let c = ZMQMessage(), p = ZMQMessage()
                 c.take(from: controlFrame)
                 p.take(from: payloadFrame)
@@ -285,10 +311,18 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         return try body(c, p)
     }
 
-    /// Reads one complete message into idFrame/controlFrame/payloadFrame if one is waiting.
-    /// Returns the sender's rank, or nil if nothing is available.
+    /// Reads one complete message into idFrame/controlFrame/payloadFrame if one is waiting and
+    /// returns the sender's rank; nil if nothing is available. A message that is not [control,
+    /// payload] from an expected rank is dropped and counted: the run goes on (a stranger cannot stop it).
     private func readMessage() throws -> Int? {
-        guard try inbound.receive(into: idFrame, dontWait: true) else { return nil }
+        while true {
+            guard try inbound.receive(into: idFrame, dontWait: true) else { return nil }
+            if let sender = try readRest() { return sender }
+            droppedMessages += 1
+        }
+    }
+
+    private func readRest() throws -> Int? {
         // The remaining frames of a multipart message are delivered atomically with the first.
         var frames = 0
         var more = idFrame.hasMore
@@ -312,13 +346,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
             more = spareFrame.hasMore
         }
         spareFrame.reset()
-        guard let sender = Self.rank(fromRoutingID: idFrame.bytes), sender < worldSize, sender != rank else {
-            throw CommError.malformedMessage(
-                peer: -1, reason: "message from an unknown routing id \(Array(idFrame.bytes)) on rank \(rank)")
-        }
-        guard frames <= 2 else {
-            throw CommError.malformedMessage(peer: sender, reason: "\(frames) frames, expected control + payload")
-        }
+        guard let sender = Self.rank(fromRoutingID: idFrame.bytes), sender < worldSize, sender != rank,
+              inboundPeers?.contains(sender) ?? true, frames == 2 else { return nil }
         return sender
     }
 }

@@ -121,6 +121,13 @@ public final class Trainer {
         try reducer?.finish(grads)
         let t2 = DispatchTime.now().uptimeNanoseconds
         let lr = schedule.rate(at: step)
+        // A finite loss can still give an overflowing gradient (or, in a cluster, a peer's average
+        // can): it must not reach the weights either.
+        if let bad = firstNonFinite(UnsafeBufferPointer(grads)) {
+            throw TrainingError.nonFinite("step \(step + 1) (epoch \(epoch + 1)): gradient entry \(bad) is \(grads[bad]) after "
+                + (reducer == nil ? "backward" : "the all-reduce") + " (loss \(loss)); the weights of step \(step) are kept. "
+                + "The usual cause is a learning rate too high (--lr \(config.learningRate), now \(lr)); lower it, or add --warmup-epochs")
+        }
         optimizer.step(network.parameters, learningRate: lr)
         let t3 = DispatchTime.now().uptimeNanoseconds
         let result = StepResult(step: step, epoch: epoch, loss: loss, correct: correct, images: batch.count,
@@ -203,4 +210,12 @@ public enum TrainingError: Error, CustomStringConvertible {
         case .nonFinite(let m): return "training diverged at " + m
         }
     }
+}
+
+/// The index of the first NaN or infinity in `values`, if any: 0·x is NaN exactly when x is NaN or
+/// infinite, so one branch-free pass decides, and only a bad gradient pays for the search.
+func firstNonFinite(_ values: UnsafeBufferPointer<Float>) -> Int? {
+    var sum: Float = 0
+    for v in values { sum += v * 0 }  // 0·x is NaN exactly for NaN and ±infinity
+    return sum.isNaN ? values.firstIndex { !$0.isFinite } : nil
 }

@@ -3,6 +3,7 @@ import Foundation
 import SqueezeCluster
 import SqueezeComm
 import SqueezeEngine
+import SqueezeTraining
 
 /// The executable itself, for spawning helper processes.
 func selfExecutable() -> String {
@@ -28,14 +29,18 @@ struct BenchAllReduce: ParsableCommand {
     @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 or topk:F.") var compress = "none"
     @Option(help: "core: bind participant r (and its I/O thread) to the r-th allowed CPU, round-robin, as mpirun --bind-to core does; none: leave placement to the scheduler.")
     var bindTo: WorkerBinding = .core
+    @Flag(help: "Measure plain sockets instead of the default: CURVE authentication and encryption with a fresh run key.")
+    var insecure = false
     @Flag(help: "Print a JSON object.") var json = false
 
     // Internal: one participant (spawned by the command above).
     @Option(help: .hidden) var rank: Int?
     @Option(help: .hidden) var endpoints: String?
+    @Option(help: .hidden) var keyFile: String?
 
     struct Report: Codable {
         var workers: Int, floats: Int, algorithm: String, transport: String, compress: String, bindTo: String, iterations: Int
+        var encrypted: Bool
         var secondsPerAllreduce: Double, secondsPerAllreduceMin: Double
         var busBandwidthGbps: Double
         var bytesSentPerWorker: Int, bytesReceivedPerWorker: Int
@@ -54,7 +59,8 @@ struct BenchAllReduce: ParsableCommand {
         do {
             let report = try launch()
             if json { return try printJSON(report) }
-            print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport), bound to \(bindTo == .core ? "cores" : "no core")"
+            print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport)"
+                  + (insecure ? " (plain)" : " (CURVE-encrypted)") + ", bound to \(bindTo == .core ? "cores" : "no core")"
                   + (compress == "none" ? ":" : ", --compress \(compress) (bus bandwidth counts float32 bytes):"))
             print(String(format: "  %.3f ms per all-reduce (median of %d; best %.3f ms), bus bandwidth %.2f GB/s",
                          report.secondsPerAllreduce * 1e3, iterations, report.secondsPerAllreduceMin * 1e3, report.busBandwidthGbps))
@@ -68,9 +74,11 @@ struct BenchAllReduce: ParsableCommand {
     private func launch() throws -> Report {
         let group = workers + (algorithm == .star ? 1 : 0)
         let endpoints = try (0..<group).map { r -> String in
-            transport == "ipc" ? ipcEndpoint("bench-\(r)")
+            transport == "ipc" ? try ipcEndpoint("bench-\(r)")
                                : "tcp://127.0.0.1:\(try freeTCPPort())"
         }
+        let key = insecure ? nil : try EphemeralKey()
+        defer { key?.remove() }
         var children = [(Process, Pipe)]()
         for r in 0..<group {
             let p = Process(), out = Pipe()
@@ -79,6 +87,7 @@ struct BenchAllReduce: ParsableCommand {
                            "--transport", transport, "--iterations", "\(iterations)", "--warmup", "\(warmup)", "--chunk-kb", "\(chunkKb)",
                            "--compress", compress, "--bind-to", bindTo.rawValue,
                            "--rank", "\(r)", "--endpoints", endpoints.joined(separator: ",")]
+                + (key.map { ["--key-file", $0.path] } ?? ["--insecure"])
             p.standardOutput = out
             try p.run()
             children.append((p, out))
@@ -101,7 +110,13 @@ struct BenchAllReduce: ParsableCommand {
         let group = endpoints.count
         // Before libzmq starts its I/O thread, which inherits the binding.
         if bindTo == .core { try CPUAffinity.bindCurrentThread(to: CPUAffinity.cpus(forLocalRank: rank)) }
-        let transport = try ZMQTransport(rank: rank, worldSize: group, bind: endpoints[rank])
+        let security: PeerSecurity = try keyFile.map { .curve(try RunKey.read(from: $0)) } ?? .insecure
+        let context = try ZMQContext()
+        defer { context.terminate() }
+        try context.authenticate(security) { emit("\($0)\n") }
+        var transportOptions = ZMQTransport.Options()
+        transportOptions.security = security
+        let transport = try ZMQTransport(rank: rank, worldSize: group, bind: endpoints[rank], context: context, options: transportOptions)
         defer { transport.close() }
         let topology: Topology = algorithm == .star ? .star(hub: workers) : .ring
         try transport.connect(topology: topology, endpoints: endpoints)
@@ -123,7 +138,7 @@ struct BenchAllReduce: ParsableCommand {
         let median = CommBenchmark.median(times)
         let bus = workers > 1 ? 2 * Double(workers - 1) / Double(workers) * Double(4 * floats) / median / 1e9 : 0
         let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport, compress: compress, bindTo: bindTo.rawValue,
-                            iterations: iterations, secondsPerAllreduce: median, secondsPerAllreduceMin: times.min()!,
+                            iterations: iterations, encrypted: security.isEncrypted, secondsPerAllreduce: median, secondsPerAllreduceMin: times.min()!,
                             busBandwidthGbps: bus, bytesSentPerWorker: sent, bytesReceivedPerWorker: received)
         if rank == 0 {
             let encoder = JSONEncoder()
@@ -148,10 +163,12 @@ struct BenchClusterCommand: ParsableCommand {
     @OptionGroup var model: ModelOptions
     @OptionGroup var communication: ClusterOptions
     @Option(help: "CIFAR-10 directory.") var data: String?
+    @Flag(help: "Measure plain sockets instead of the default: CURVE authentication and encryption with a fresh run key.")
+    var insecure = false
     @Flag(help: "Print a JSON object.") var json = false
 
     struct Report: Encodable {
-        var workers: Int, batchSize: Int, threadsPerWorker: Int, model: String, allreduce: String, steps: Int
+        var workers: Int, batchSize: Int, threadsPerWorker: Int, model: String, allreduce: String, steps: Int, encrypted: Bool
         var imagesPerSecond: Double, secondsPerStepMedian: Double
         var bytesSentPerWorkerPerStep: Double, bytesReceivedPerWorkerPerStep: Double, theoryBytesSentPerWorkerPerStep: Double
         var allreduceShareOfStep: Double
@@ -169,15 +186,18 @@ struct BenchClusterCommand: ParsableCommand {
             defer { try? FileManager.default.removeItem(atPath: dir) }
             let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
             let exe = selfExecutable()
+            let key = insecure ? nil : try EphemeralKey()
+            defer { key?.remove() }
+            let security = key.map { ["--key-file", $0.path] } ?? ["--insecure"]
             var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--steps", "\(warmup + steps)",
-                               "--batch-size", "\(batchSize)", "--metrics", dir + "/metrics.jsonl"] + model.arguments
+                               "--batch-size", "\(batchSize)", "--metrics", dir + "/metrics.jsonl"] + model.arguments + security
             var comm = communication
             comm.noEval = true  // a throughput benchmark: no test-set evaluation at the end
             coordinator += comm.arguments
             if let data { coordinator += ["--data", data] }
             var specs = [ProcessSpec(name: "coordinator", executable: exe, arguments: coordinator)]
             for r in 0..<workers {
-                var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)"]
+                var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)"] + security
                 if let data { args += ["--data", data] }
                 args += bindTo.arguments(rank: r, threads: threads)
                 specs.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))
@@ -189,7 +209,8 @@ struct BenchClusterCommand: ParsableCommand {
             guard outcome == .success else { throw ClusterError("\(outcome)\n" + log.text) }
             let report = try summarise(dir + "/metrics.jsonl")
             if json { return try printJSON(report) }
-            print("\(workers) workers × \(threads) thread(s), global batch \(batchSize), \(report.model), \(report.allreduce) all-reduce:")
+            print("\(workers) workers × \(threads) thread(s), global batch \(batchSize), \(report.model), \(report.allreduce) all-reduce"
+                  + (insecure ? ", plain sockets:" : ", CURVE-encrypted:"))
             print(String(format: "  %.0f images/s (median step %.1f ms over %d steps)", report.imagesPerSecond,
                          report.secondsPerStepMedian * 1e3, steps))
             print(String(format: "  sent per worker per step %@ (theory %@), received %@; all-reduce busy %.0f%% of the step",
@@ -210,7 +231,7 @@ struct BenchClusterCommand: ParsableCommand {
         let median = stepTimes[stepTimes.count / 2]
         let n = Double(lines.count)
         return Report(workers: workers, batchSize: batchSize, threadsPerWorker: threads, model: model.config.architecture.rawValue,
-                      allreduce: communication.allreduce.rawValue, steps: bySteps.count,
+                      allreduce: communication.allreduce.rawValue, steps: bySteps.count, encrypted: !insecure,
                       imagesPerSecond: Double(batchSize) / median, secondsPerStepMedian: median,
                       bytesSentPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_sent") } / n,
                       bytesReceivedPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_received") } / n,

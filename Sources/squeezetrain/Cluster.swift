@@ -55,6 +55,7 @@ struct CoordinatorCommand: ParsableCommand {
     var initWeights: String?
     @Option(help: "Rank 0 writes the final weights here (safetensors, torchvision names).")
     var saveWeights: String?
+    @OptionGroup var security: SecurityOptions
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
@@ -67,6 +68,7 @@ struct CoordinatorCommand: ParsableCommand {
     func run() throws {
         do {
             let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
+                                             security: try security.security(endpoint: bind),
                                              metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
                                              events: eventWriter(events), log: { emit("\($0)\n") })
             printSummary(summary, workers: workers)
@@ -77,6 +79,9 @@ struct CoordinatorCommand: ParsableCommand {
             }
         } catch let e as ExitCode {
             throw e
+        } catch let e as Interrupted {
+            emit("\(e)\n")
+            throw ExitCode(e.signal.map { 128 + $0 } ?? 1)
         } catch {
             throw fail(String(describing: error))
         }
@@ -84,7 +89,7 @@ struct CoordinatorCommand: ParsableCommand {
 }
 
 func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: ClusterOptions,
-                    metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
+                    security: PeerSecurity, metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
                     events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) throws -> ClusterSummary {
     let stop = stopOnSignals()
     let records = trainingRecordCount(training.data)
@@ -108,12 +113,16 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     options.quiet = quiet
+    raiseDescriptorLimit()
     let context = try ZMQContext()
     defer { context.terminate() }
-    let server = try ZMQControlServer(context: context, bind: bind)
+    try authenticate(context, security)
+    let server = try ZMQControlServer(context: context, bind: bind, security: security)
     defer { server.close() }
     let endpoint = server.endpoint
-    let dataPlane = ZMQDataPlane(context: context, host: { try localAddress(towards: endpoint) }, hubRank: workers)
+    var transportOptions = ZMQTransport.Options()
+    transportOptions.security = security
+    let dataPlane = ZMQDataPlane(context: context, host: { try localAddress(towards: endpoint) }, options: transportOptions, hubRank: workers)
     return try Coordinator(options: options, channel: server, dataPlane: dataPlane, stop: stop, events: events, log: log).run()
 }
 
@@ -167,10 +176,12 @@ struct WorkerCommand: ParsableCommand {
     var joinTimeout: Double = 120
     @Option(help: "Run this worker, all its threads, on these CPUs only, e.g. 0-3 or 0,2 (default: wherever the scheduler puts them).")
     var cpus: String?
+    @OptionGroup var security: SecurityOptions
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
         try requireRange("--threads", threads, 1...256)
+        try requireFinite("--join-timeout", joinTimeout, 0.1...86_400)
         if let cpus {
             do { _ = try CPUAffinity.parseList(cpus) } catch { throw ValidationError("--cpus: \(error)") }
         }
@@ -182,21 +193,28 @@ struct WorkerCommand: ParsableCommand {
             do { try CPUAffinity.bindCurrentThread(to: try CPUAffinity.parseList(cpus)) } catch { throw fail("--cpus \(cpus): \(error)") }
             emit("bound to CPU(s) \(CPUAffinity.allowedCPUs().map(String.init).joined(separator: ","))\n")
         }
+        let signals = stopOnSignals()
         ComputeThreads.set(threads)
-        ignoreStopSignals()
+        raiseDescriptorLimit()
         var options = WorkerOptions()
         options.threads = threads; options.data = data; options.rank = rank
         options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
         do {
+            let security = try self.security.security(endpoint: coordinator)
             let context = try ZMQContext()
             defer { context.terminate() }
+            try authenticate(context, security)
             var transportOptions = ZMQTransport.Options()
             transportOptions.abandonTimeout = .seconds(5)
+            transportOptions.security = security
             let (advertise, coordinator) = (advertise, coordinator)
             let dataPlane = ZMQDataPlane(context: context, host: { try advertise ?? localAddress(towards: coordinator) },
                                          options: transportOptions)
-            try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator), dataPlane: dataPlane,
-                       events: eventWriter(events), log: { emit("\($0)\n") }).run()
+            try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator, security: security),
+                       dataPlane: dataPlane, signals: signals, events: eventWriter(events), log: { emit("\($0)\n") }).run()
+        } catch let e as Interrupted {
+            emit("\(e)\n")
+            throw ExitCode(e.signal.map { 128 + $0 } ?? 1)
         } catch {
             throw fail(String(describing: error))
         }

@@ -25,6 +25,7 @@ struct Launch: ParsableCommand {
     @Option(help: "Rank 0 writes the final weights here.") var saveWeights: String?
     @Option(help: "After a failure, restart every process from the newest checkpoint, at most R times (needs --checkpoint-dir).")
     var maxRestarts = 0
+    @OptionGroup var security: SecurityOptions
 
     func validate() throws {
         guard workers >= 1, workers <= maxLocalWorkers else {
@@ -48,9 +49,14 @@ struct Launch: ParsableCommand {
             let current = CurrentGroup()
             let forwarder = SignalForwarder { current.terminate($0) }
             defer { withExtendedLifetime(forwarder) {} }
+            // Without --key-file or --insecure, a fresh key for this run only, readable by this user only.
+            var security = self.security
+            let key = security.insecure || security.keyPath != nil ? nil : try EphemeralKey()
+            defer { key?.remove() }
+            if let key { security.keyFile = key.path }
             var restarts = 0
             while true {
-                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0), write: current.write,
+                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0, security: security), write: current.write,
                                          onEvent: { current.handle($1) })
                 current.set(group)
                 try group.start()
@@ -81,20 +87,21 @@ struct Launch: ParsableCommand {
         }
     }
 
-    func specs(resume: Bool) throws -> [ProcessSpec] {
+    func specs(resume: Bool, security: SecurityOptions) throws -> [ProcessSpec] {
         let endpoint = "tcp://\(host):\(try port ?? freeTCPPort(host: host))"
         let exe = selfExecutable()
         var options = cluster
         options.checkpoints.resume = resume
         if resume { options.checkpoints.startOver = false }  // a restart continues what the first attempt wrote
         var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--events"] + training.arguments + options.arguments
+            + security.arguments
         if let metrics { coordinator += ["--metrics", absolutePath(metrics)] }
         if let initWeights { coordinator += ["--init-weights", absolutePath(initWeights)] }
         if let saveWeights { coordinator += ["--save-weights", absolutePath(saveWeights)] }
         var all = [ProcessSpec(name: "coordinator", executable: exe, arguments: coordinator)]
         for r in 0..<workers {
             var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)", "--events",
-                        "--join-timeout", "\(cluster.joinTimeout)"]
+                        "--join-timeout", "\(cluster.joinTimeout)"] + security.arguments
             if let data = training.data { args += ["--data", data] }
             args += bindTo.arguments(rank: r, threads: threads)
             all.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))

@@ -31,13 +31,6 @@ func stopOnSignals() -> StopToken {
     return token
 }
 
-/// Ignores SIGINT and SIGTERM: a worker's stop is the coordinator's to decide (under `launch` it
-/// gets them too), and rank 0 checkpoints where it says.
-func ignoreStopSignals() {
-    signal(SIGINT, SIG_IGN)
-    signal(SIGTERM, SIG_IGN)
-}
-
 /// Routes SIGINT and SIGTERM of this (launcher) process to `handler` on a background queue.
 final class SignalForwarder: @unchecked Sendable {
     // @unchecked Sendable: the sources are only touched at init.
@@ -57,4 +50,17 @@ final class SignalForwarder: @unchecked Sendable {
 /// Writes `ClusterEvent` lines on standard output when asked to (`--events`), else nothing.
 func eventWriter(_ enabled: Bool) -> (ClusterEvent) -> Void {
     enabled ? { emit($0.line + "\n") } : { _ in }
+}
+
+/// Raises the soft limit on open descriptors to the hard limit (at most 65,536): every connection,
+/// also one that never authenticates, holds a descriptor until its handshake times out, and a
+/// process at its limit can accept no worker (and libzmq's listener spins on EMFILE).
+func raiseDescriptorLimit() {
+    var limit = rlimit()
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 else { return }
+    let target = min(limit.rlim_max, 65_536)
+    if limit.rlim_cur < target {
+        limit.rlim_cur = target
+        _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+    }
 }

@@ -28,7 +28,7 @@ struct ClusterRun {
 
 /// Runs a cluster of `options.workers` workers to its end.
 func runInProcess(_ options: CoordinatorOptions, dataPlane: InProcessDataPlane = InProcessDataPlane(),
-                  stop: StopToken = StopToken()) throws -> ClusterRun {
+                  stop: StopToken = StopToken(), onEvent: @escaping (ClusterEvent) -> Void = { _ in }) throws -> ClusterRun {
     let plane = InProcessControlPlane(), clock = ManualClock(), log = Log(), metrics = MemoryMetrics()
     let n = options.workers
     let errors = WorkerErrors(n)
@@ -46,7 +46,7 @@ func runInProcess(_ options: CoordinatorOptions, dataPlane: InProcessDataPlane =
         }.start()
     }
     let coordinator = Coordinator(options: options, channel: plane.server, dataPlane: dataPlane, stop: stop, clock: clock,
-                                  metrics: metrics, events: { log.add($0) }, log: { log.add($0) })
+                                  metrics: metrics, events: { log.add($0); onEvent($0) }, log: { log.add($0) })
     let summary = Result { try coordinator.run() }
     for _ in 0..<n { done.wait() }
     let lines = try metrics.lines.map { try JSONSerialization.jsonObject(with: Data($0.utf8)) as! [String: Any] }
@@ -165,7 +165,7 @@ struct InProcessClusterTests {
         }
     }
 
-    /// A stop requested (as a signal would) before training: the coordinator stops everyone
+    /// A stop requested (as a signal would) as training begins: the coordinator stops everyone
     /// after step 2, rank 0 checkpoints there (every rank its error feedback), and a resumed run
     /// ends bit for bit where an uninterrupted one does; then 3 workers continue the 2-worker run.
     @Test(arguments: ["none", "int8"])
@@ -184,8 +184,7 @@ struct InProcessClusterTests {
         _ = try straight.summary.get()
 
         let stop = StopToken()
-        stop.request(signal: SIGTERM)
-        let stopped = try runInProcess(options { _ in }, stop: stop)
+        let stopped = try runInProcess(options { _ in }, stop: stop) { if $0.event == .ready { stop.request(signal: SIGTERM) } }
         let summary = try stopped.summary.get()
         #expect(summary.interruptedBy == SIGTERM && summary.finalStep == 2)
         #expect(stopped.log.text.contains("rank 1: stopping after step 2 (signal 15)"))

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import SqueezeComm
 @testable import SqueezeCluster
 
 /// The package root (…/Tests/SqueezeClusterTests/ProcessHelpers.swift → …).
@@ -16,6 +17,16 @@ let squeezetrain: String = {
     candidates += ["release", "debug"].map { packageRoot.appendingPathComponent(".build/\($0)").path }
     for dir in candidates where fm.isExecutableFile(atPath: dir + "/squeezetrain") { return dir + "/squeezetrain" }
     return "squeezetrain executable not found next to the tests (\(candidates)); run `swift build` first"
+}()
+
+/// The run key every child process gets through $SQUEEZETRAIN_KEY_FILE, so the tests run the
+/// default, encrypted path (a private directory, removed with the machine's temporary files).
+let testKeyFile: String = {
+    let dir = FileManager.default.temporaryDirectory.appendingPathComponent("squeezetrain-test-key-\(getpid())").path
+    mkdir(dir, 0o700)
+    let path = dir + "/run.key"
+    if !FileManager.default.fileExists(atPath: path) { try! RunKey.generate().write(to: path) }
+    return path
 }()
 
 func temporaryDirectory(_ name: String) throws -> String {
@@ -49,6 +60,7 @@ final class Child {
         process.standardError = handle
         var env = ProcessInfo.processInfo.environment
         env["CIFAR10_DIR"] = cifarDirectory
+        env["SQUEEZETRAIN_KEY_FILE"] = testKeyFile
         process.environment = env
         try process.run()
     }

@@ -144,7 +144,7 @@ struct CoordinatorProtocolTests {
     }
 
     @Test func rendezvousTimeoutNamesTheMissingRanks() throws {
-        let h = try Harness(workers: 3, steps: 1) { $0.joinTimeout = .seconds(30) }
+        let h = try Harness(workers: 3, steps: 1) { $0.joinTimeout = .seconds(30); $0.timeout = .seconds(60) }
         let w0 = h.worker()
         w0.hello(rank: 0)
         try h.pump()
@@ -227,6 +227,98 @@ struct CoordinatorProtocolTests {
         #expect(summary.interruptedBy == SIGTERM && summary.finalStep == 4)
     }
 
+    /// Membership: only the holder of a rank speaks for it; strangers are dropped and counted, and
+    /// nothing they send stops, fails or advances the run.
+    @Test func strangersAndImpostorsCannotStopFailOrReportForARank() throws {
+        let h = try Harness(workers: 2, steps: 3)
+        let w = try h.join(2)
+        let stranger = h.worker()
+        stranger.send(.failure(Failure(rank: 1, step: 0, message: "forged")))
+        stranger.send(.stop(Stop(reason: "forged")))
+        stranger.send(.stepReport(StepReport(step: 0, epoch: 0, rank: 0, loss: 1, correct: 0, images: 8, learningRate: 0.1,
+                                             allreduceBytesSent: 0, allreduceBytesReceived: 0, controlBytes: 0, allreduceSeconds: 0,
+                                             computeSeconds: 0, stepSeconds: 0, dataWaitSeconds: 0)))
+        stranger.send(.heartbeat(Heartbeat(rank: 0, step: 99)))
+        // Rank 0's holder speaking for rank 1; a heartbeat identity of a session that holds no rank.
+        w[0].send(.failure(Failure(rank: 1, step: 0, message: "forged by rank 0")))
+        h.report(w[0], rank: 1, step: 0)
+        let ghost = FakeWorker(channel: h.plane.connectClient(identity: ControlIdentity.newSession() + [ControlIdentity.heartbeat]))
+        ghost.send(.stop(Stop(reason: "ghost")))
+        try h.pump()
+        #expect(h.coordinator.droppedMessages == 7)
+        #expect(h.coordinator.phase == .training && h.metrics.lines.isEmpty)
+        #expect(h.log.text.contains("dropped a failure message from a peer that holds no rank (1 dropped so far)"))
+        #expect(!h.log.text.contains("dropped a stop"))  // one line per 5 s at most
+        for x in w { #expect(try !x.received().contains { if case .stop = $0 { true } else { false } }) }
+        // The real workers finish the run.
+        for step in 0..<3 { h.report(w[0], rank: 0, step: step); h.report(w[1], rank: 1, step: step) }
+        try h.pump()
+        #expect(h.coordinator.isFinished && h.metrics.lines.count == 6)
+    }
+
+    /// A worker's heartbeats may come from its own heartbeat connection (same session, last byte "h").
+    @Test func heartbeatsCountOnlyFromTheHolderSession() throws {
+        let h = try Harness(workers: 1, steps: 100) { $0.timeout = .seconds(10) }
+        let session = ControlIdentity.newSession()
+        let main = FakeWorker(channel: h.plane.connectClient(identity: session + [ControlIdentity.main]))
+        let beat = FakeWorker(channel: h.plane.connectClient(identity: session + [ControlIdentity.heartbeat]))
+        main.hello(rank: 0)
+        try h.pump()
+        main.send(.ready(Ready(rank: 0, model: h.options.config.model, parameterCount: Network(config: h.options.config.model).parameters.count,
+                               parametersChecksum: checksum(h.options.config), dataEndpoint: "inproc://rank0")))
+        try h.pump()
+        #expect(h.coordinator.phase == .training)
+        for _ in 0..<3 {
+            h.clock.advance(by: .seconds(8))
+            beat.send(.heartbeat(Heartbeat(rank: 0, step: 1)))
+            try h.pump()
+        }
+        #expect(h.coordinator.droppedMessages == 0)
+        beat.send(.failure(Failure(rank: 0, step: 1, message: "not on the heartbeat connection")))
+        try h.pump()
+        #expect(h.coordinator.droppedMessages == 1 && h.coordinator.phase == .training)
+    }
+
+    /// A rank whose holder falls silent before it is ready goes to the next worker that asks.
+    @Test func aRankSilentBeforeReadyIsGivenBack() throws {
+        let h = try Harness(workers: 1, steps: 1) { $0.timeout = .seconds(10) }
+        let squatter = h.worker()
+        squatter.hello()
+        try h.pump()
+        let late = h.worker()
+        late.hello()
+        try h.pump()
+        #expect(reasons(try late.received()) == ["the run already has its 1 worker(s)"])
+        h.clock.advance(by: .seconds(11))
+        try h.pump()
+        #expect(h.log.text.contains("worker rank 0 (test pid 1) went silent before it was ready; the rank is free again"))
+        late.hello()
+        try h.pump()
+        #expect(try late.received().contains { if case .welcome(let w) = $0 { w.rank == 0 } else { false } })
+    }
+
+    /// SIGTERM while waiting for workers ends the rendezvous at the next poll, naming the signal.
+    @Test func aSignalDuringTheRendezvousStopsAtOnce() throws {
+        let h = try Harness(workers: 2, steps: 1)
+        h.worker().hello()
+        try h.pump()
+        h.stop.request(signal: SIGTERM)
+        #expect { try h.pump() } throws: { ($0 as? Interrupted)?.signal == SIGTERM && "\($0)".contains("signal 15 while waiting for workers") }
+    }
+
+    /// A worker that got a signal asks to stop; the coordinator stops every rank at one step.
+    @Test func aWorkersStopRequestStopsTheRun() throws {
+        let h = try Harness(workers: 2, steps: 100)
+        let w = try h.join(2)
+        h.report(w[0], rank: 0, step: 0); h.report(w[1], rank: 1, step: 0)
+        w[1].send(.stop(Stop(reason: "signal 15")))
+        try h.pump()
+        for x in w {
+            #expect(try x.received().contains { if case .stop(let s) = $0 { s.afterStep == 3 } else { false } })
+        }
+        #expect(h.log.text.contains("worker rank 1 asks to stop (signal 15): stopping after step 3"))
+    }
+
     @Test func aWorkerFailureIsReportedWithRankAndStep() throws {
         let h = try Harness(workers: 2, steps: 100)
         let w = try h.join(2)
@@ -258,7 +350,7 @@ struct CoordinatorProtocolTests {
         let refused = reasons(try stranger.received())
         #expect(refused.count == 3)
         for (reason, words) in zip(refused, ["protocol version 7", "truncated", "unknown message kind 42"]) {
-            #expect(reason.contains(words) && reason.contains("unregistered peer"), "\(reason)")
+            #expect(reason.contains(words) && reason.contains("a peer that holds no rank"), "\(reason)")
         }
         // A worker whose Ready describes a different model is refused, and its rank is free again.
         let impostor = h.worker()
