@@ -12,8 +12,14 @@ public final class ZMQControlServer: ControlServerChannel {
     public let endpoint: String
     public private(set) var bytesSent = 0, bytesReceived = 0
 
-    public init(context: ZMQContext, bind: String, security: PeerSecurity) throws {
+    private let monitor: HandshakeMonitor
+    private let refusals: RateLimitedLog
+
+    /// `log` gets a line (at most one per 5 s) about connections refused at the handshake.
+    public init(context: ZMQContext, bind: String, security: PeerSecurity, log: @escaping (String) -> Void = { _ in }) throws {
+        refusals = RateLimitedLog(interval: .seconds(5), log)
         socket = try ZMQSocket(context: context, type: .router)
+        monitor = try HandshakeMonitor(socket)
         try socket.setRouterHandover(false)  // a second connection with a live peer's identity is refused, not handed its rank
         try socket.setMaxMessageSize(controlFrameLimit)
         try socket.setReceiveHighWaterMark(1_000)
@@ -26,6 +32,9 @@ public final class ZMQControlServer: ControlServerChannel {
 
     /// The next frame from any peer, or nil after `timeout`. Frames that are not [identity, body] are dropped.
     public func receive(timeout: Duration) throws -> (peer: [UInt8], frame: [UInt8])? {
+        if let last = monitor.update().last {
+            refusals.line("refused a connection: \(last) (\(monitor.failed) refused so far)")
+        }
         guard let parts = try socket.receiveMultipart(timeout: timeout) else { return nil }
         let size = parts.reduce(0) { $0 + $1.count }
         bytesReceived += size
@@ -46,7 +55,10 @@ public final class ZMQControlServer: ControlServerChannel {
         bytesSent += peer.count + frame.count
     }
 
-    public func close() { socket.close(linger: .milliseconds(200)) }
+    public func close() {
+        monitor.close()
+        socket.close(linger: .milliseconds(200))
+    }
 }
 
 /// A worker's end of the control plane over ZeroMQ: a DEALER connected to the coordinator.

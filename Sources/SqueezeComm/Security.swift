@@ -273,8 +273,14 @@ public final class HandshakeMonitor {
         try pair.connect(endpoint)
     }
 
-    /// Reads the events that arrived (never blocks).
-    public func update() {
+    /// Handshakes that failed so far.
+    public private(set) var failed = 0
+
+    /// Reads the events that arrived (never blocks); returns the new failures, as text.
+    @discardableResult
+    public func update() -> [String] {
+        var failures = [String]()
+        defer { failed += failures.count }
         while (try? pair.receive(into: frame, dontWait: true)) == true {
             var event: UInt16 = 0, value: UInt32 = 0
             if frame.count == 6 {
@@ -291,13 +297,16 @@ public final class HandshakeMonitor {
                 failure = nil
             case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
                 failure = "\(address) refused this process's key (ZAP status \(value))"
+                failures.append(failure!)
             case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL, ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 failure = "the handshake with \(address) failed (\(Int32(event) == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL ? "protocol error \(value)" : "connection dropped")): "
                     + "the other side holds another key, or none"
+                failures.append(failure!)
             default:
                 break
             }
         }
+        return failures
     }
 
     public func close() { pair.close() }

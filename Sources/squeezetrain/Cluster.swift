@@ -117,7 +117,7 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     let context = try ZMQContext()
     defer { context.terminate() }
     try authenticate(context, security)
-    let server = try ZMQControlServer(context: context, bind: bind, security: security)
+    let server = try ZMQControlServer(context: context, bind: bind, security: security, log: log)
     defer { server.close() }
     let endpoint = server.endpoint
     var transportOptions = ZMQTransport.Options()

@@ -50,7 +50,8 @@ final class Child {
     let process = Process()
     let logPath: String
 
-    init(_ arguments: [String], log: String) throws {
+    /// `environment` is added to (and overrides) this process's, which also gives CIFAR10_DIR and the test key.
+    init(_ arguments: [String], log: String, environment: [String: String] = [:]) throws {
         logPath = log
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
@@ -61,6 +62,7 @@ final class Child {
         var env = ProcessInfo.processInfo.environment
         env["CIFAR10_DIR"] = cifarDirectory
         env["SQUEEZETRAIN_KEY_FILE"] = testKeyFile
+        env.merge(environment) { $1 }
         process.environment = env
         try process.run()
     }
