@@ -147,7 +147,7 @@ func printSummary(_ s: ClusterSummary, workers: Int) {
         let sent = Double(t.bytesSent) / steps
         totalSent += t.bytesSent; totalReceived += t.bytesReceived
         print(pad("\(rank)", 6) + pad(megabytes(sent), 14, right: true) + pad(megabytes(Double(t.bytesReceived) / steps), 15, right: true)
-              + pad(megabytes(s.theoryBytesPerWorker), 14, right: true) + pad(String(format: "%.4f", sent / s.theoryBytesPerWorker), 8, right: true)
+              + pad(megabytes(s.theoryBytesPerWorker), 14, right: true) + pad(s.theoryBytesPerWorker > 0 ? String(format: "%.4f", sent / s.theoryBytesPerWorker) : "-", 8, right: true)
               + pad(String(format: "%.0f B", Double(t.controlBytes) / steps), 14, right: true)
               + pad(String(format: "%.1f%%", 100 * t.allreduceSeconds / max(t.stepSeconds, 1e-9)), 12, right: true))
     }
