@@ -14,6 +14,8 @@
 // development machine a 727,626-Float ring all-reduce took about half as long over ipc://
 // as over tcp://127.0.0.1 (both copy twice; TCP's per-segment work is what ipc saves).
 
+import Foundation
+
 /// Which peers a rank sends to (and so must connect to).
 public enum Topology: Sendable, Equatable {
     /// Rank r sends to r+1 mod N and receives from r−1 mod N.
@@ -147,6 +149,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         isClosed = true
         for s in outbound { s?.close(linger: flushTimeout) }
         inbound.close()
+        // libzmq unlinks an ipc socket file only if its I/O thread gets to it before the process ends.
+        if boundEndpoint.hasPrefix("ipc://") { unlink(String(boundEndpoint.dropFirst(6))) }
         if ownsContext { context.terminate() }
         guard tracker.waitUntilAllReleased(timeout: flushTimeout + options.abandonTimeout) else {
             fatalError("ZMQTransport: libzmq did not release lent send buffers after closing")
