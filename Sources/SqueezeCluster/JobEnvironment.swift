@@ -48,6 +48,10 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
         var isEmpty: Bool { rank == nil && worldSize == nil && localRank == nil && masterAddr == nil && masterPort == nil }
     }
 
+    /// Compute threads for this process when none are asked for: its share of the `allowedCPUs` it may
+    /// run on, divided among the job's processes on this host (one when the launcher does not say), at least 1.
+    public func threadShare(allowedCPUs: Int) -> Int { max(1, allowedCPUs / max(1, localWorldSize ?? 1)) }
+
     public var description: String {
         "\(source.rawValue): rank \(rank) of \(worldSize) (local rank \(localRank)\(localWorldSize.map { " of \($0)" } ?? "")), "
             + "coordinator \(coordinatorHost):\(coordinatorPort)"

@@ -83,10 +83,14 @@ struct CoordinatorCommand: ParsableCommand {
     }
 }
 
+/// Runs a coordinator bound to `bind` until the run ends. `stop` is the caller's when it already takes
+/// the signals (`join`), else SIGINT/SIGTERM are taken here; `hubHost` is the address the star hub's
+/// data plane binds (default: the local address on the route to the bound endpoint).
 func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: ClusterOptions,
                     metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
+                    stop: StopToken? = nil, hubHost: (@Sendable () throws -> String)? = nil,
                     events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) throws -> ClusterSummary {
-    let stop = stopOnSignals()
+    let stop = stop ?? stopOnSignals()
     let records = trainingRecordCount(training.data)
     var config = training.config(trainingRecords: records, workers: workers)
     config.precision = communication.precision.precision == .fp32 ? nil : communication.precision.precision  // each worker checks its CPU
@@ -113,7 +117,7 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     let server = try ZMQControlServer(context: context, bind: bind)
     defer { server.close() }
     let endpoint = server.endpoint
-    let dataPlane = ZMQDataPlane(context: context, host: { try localAddress(towards: endpoint) }, hubRank: workers)
+    let dataPlane = ZMQDataPlane(context: context, host: hubHost ?? { try localAddress(towards: endpoint) }, hubRank: workers)
     return try Coordinator(options: options, channel: server, dataPlane: dataPlane, stop: stop, events: events, log: log).run()
 }
 
@@ -188,19 +192,26 @@ struct WorkerCommand: ParsableCommand {
         options.threads = threads; options.data = data; options.rank = rank
         options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
         do {
-            let context = try ZMQContext()
-            defer { context.terminate() }
-            var transportOptions = ZMQTransport.Options()
-            transportOptions.abandonTimeout = .seconds(5)
             let (advertise, coordinator) = (advertise, coordinator)
-            let dataPlane = ZMQDataPlane(context: context, host: { try advertise ?? localAddress(towards: coordinator) },
-                                         options: transportOptions)
-            try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator), dataPlane: dataPlane,
-                       events: eventWriter(events), log: { emit("\($0)\n") }).run()
+            try runWorker(coordinator: coordinator, options: options, dataHost: { try advertise ?? localAddress(towards: coordinator) },
+                          events: eventWriter(events))
         } catch {
             throw fail(String(describing: error))
         }
     }
+}
+
+/// Runs a worker connected to the control endpoint `coordinator` until the run ends; its data plane
+/// binds on `dataHost()` (asked once the worker has its rank).
+func runWorker(coordinator: String, options: WorkerOptions, dataHost: @escaping @Sendable () throws -> String,
+               events: @escaping (ClusterEvent) -> Void = { _ in }) throws {
+    let context = try ZMQContext()
+    defer { context.terminate() }
+    var transportOptions = ZMQTransport.Options()
+    transportOptions.abandonTimeout = .seconds(5)
+    let dataPlane = ZMQDataPlane(context: context, host: dataHost, options: transportOptions)
+    try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator), dataPlane: dataPlane,
+               events: events, log: { emit("\($0)\n") }).run()
 }
 
 /// Paths sent to workers are made absolute: a worker may run in another directory.

@@ -39,16 +39,18 @@ final class Child {
     let process = Process()
     let logPath: String
 
-    init(_ arguments: [String], log: String) throws {
+    /// `executable` (default: squeezetrain) runs with this process's environment, CIFAR10_DIR and `environment` on top.
+    init(_ arguments: [String], log: String, executable: String = squeezetrain, environment: [String: String] = [:]) throws {
         logPath = log
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        process.executableURL = URL(fileURLWithPath: squeezetrain)
+        process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         process.standardOutput = handle
         process.standardError = handle
         var env = ProcessInfo.processInfo.environment
         env["CIFAR10_DIR"] = cifarDirectory
+        env.merge(environment) { $1 }
         process.environment = env
         try process.run()
     }

@@ -1,0 +1,157 @@
+import Foundation
+import Testing
+import SqueezeComm
+import SqueezeEngine
+@testable import SqueezeCluster
+
+/// `squeezetrain join` under real launchers: processes started by hand with torchrun's variables,
+/// Open MPI's `mpirun`, and a real one-node SLURM (`scripts/slurm-local`) with `srun` and the
+/// shipped `cluster/slurm/train.sbatch`. Tiny runs: 3 processes, 2 steps, 1 thread each.
+@Suite("join (real launchers)", .serialized)
+struct JoinTests {
+    static let steps = 2
+    /// 3 processes × 8 images; no evaluation, so a run is start-up plus two steps.
+    static func options(metrics: String, steps: Int = steps) -> [String] {
+        ["--steps", "\(steps)", "--batch-size", "24", "--threads", "1", "--no-eval", "--join-timeout", "90", "--metrics", metrics]
+    }
+
+    /// Blanks every launcher variable this test process may have inherited (an empty value counts as unset),
+    /// so that only what a test sets describes the job.
+    static var noLauncher: [String: String] {
+        let prefixes = ["SLURM_", "OMPI_", "PMIX_", "MASTER_"]
+        var env = [String: String]()
+        for key in ProcessInfo.processInfo.environment.keys
+        where prefixes.contains(where: key.hasPrefix) || ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"].contains(key) {
+            env[key] = ""
+        }
+        return env
+    }
+
+    /// Every per-worker step line of `metrics` carries exactly the ring's bytes for `n` workers (default
+    /// 1 MB buckets): per bucket, what `RingAllReduce` sends and receives.
+    static func expectRingBytes(_ metrics: String, workers n: Int, steps: ClosedRange<Int>) throws {
+        let lines = try readMetrics(metrics)
+        #expect(Set(lines.compactMap { $0["step"] as? Int }) == Set(steps), "steps in \(metrics)")
+        #expect(lines.count == n * steps.count)
+        let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 1 << 20)
+        for line in lines {
+            let rank = try #require(line["rank"] as? Int)
+            let expected = plan.map { ringPayloadBytes(count: $0.count, worldSize: n, rank: rank) }
+            #expect(line["world_size"] as? Int == n)
+            #expect(line["allreduce_bytes_sent"] as? Int == expected.reduce(0) { $0 + $1.sent }, "rank \(rank) step \(line["step"] ?? "?")")
+            #expect(line["allreduce_bytes_received"] as? Int == expected.reduce(0) { $0 + $1.received }, "rank \(rank)")
+        }
+        #expect(Set(lines.compactMap { $0["rank"] as? Int }) == Set(0..<n))
+    }
+
+    @Test func torchrunConventionThreeProcesses() throws {
+        let dir = try temporaryDirectory("join-torchrun")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = try freeTCPPort()
+        let children = try (0..<3).map { r in
+            try Child(["join"] + Self.options(metrics: dir + "/metrics.jsonl"), log: dir + "/rank\(r).log",
+                      environment: Self.noLauncher.merging(["RANK": "\(r)", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
+                                                            "MASTER_PORT": "\(port)"]) { $1 })
+        }
+        for (r, c) in children.enumerated().reversed() {
+            #expect(c.wait() == 0, "rank \(r):\n\(c.output)")
+            #expect(c.output.contains("join: torchrun: rank \(r) of 3 (local rank 0), coordinator 127.0.0.1:\(port); 1 compute thread(s)"),
+                    "\(c.output)")
+        }
+        #expect(children[0].output.contains("\(Self.steps) steps in"), "rank 0 prints the summary:\n\(children[0].output)")
+        try Self.expectRingBytes(dir + "/metrics.jsonl", workers: 3, steps: 0...(Self.steps - 1))
+    }
+
+    /// The shipped cluster/mpi/run.sh: `mpirun -np 3 … squeezetrain join …`, every rank on this machine.
+    @Test func openMPIThreeRanks() throws {
+        guard let mpirun = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: FileManager.default.isExecutableFile) else {
+            try Test.cancel("skipped: mpirun not found (Debian's openmpi-bin; scripts/bootstrap installs it)")
+        }
+        let dir = try temporaryDirectory("join-mpi")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = try freeTCPPort()
+        let c = try Child(Self.options(metrics: dir + "/metrics.jsonl"), log: dir + "/mpirun.log", executable: packageRoot.appendingPathComponent("cluster/mpi/run.sh").path,
+                          environment: Self.noLauncher.merging(["NP": "3", "MPIRUN_ARGS": "--oversubscribe", "MASTER_PORT": "\(port)",
+                                                                "SQUEEZETRAIN": squeezetrain, "PATH": (mpirun as NSString).deletingLastPathComponent
+                                                                    + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "")]) { $1 })
+        #expect(c.wait(timeout: 180) == 0, "\(c.output)")
+        for r in 0..<3 { #expect(c.output.contains("join: open-mpi: rank \(r) of 3 (local rank \(r) of 3), coordinator 127.0.0.1:\(port)"), "\(c.output)") }
+        try Self.expectRingBytes(dir + "/metrics.jsonl", workers: 3, steps: 0...(Self.steps - 1))
+    }
+
+    /// Brings up SLURM with scripts/slurm-local (root only), runs `srun -n 3 … join`, then the shipped
+    /// sbatch script twice: 3 tasks for 2 steps, then a resubmission with 2 tasks and --steps 3 that
+    /// resumes from the first one's checkpoint. Stops the daemons at the end.
+    @Test func slurmSrunAndTheShippedSbatchScript() throws {
+        let script = packageRoot.appendingPathComponent("scripts/slurm-local").path
+        let up = try Child(["up"], log: FileManager.default.temporaryDirectory.path + "/slurm-local-up-\(getpid()).log", executable: script)
+        guard up.wait(timeout: 300) == 0 else {
+            try Test.cancel("skipped: SLURM cannot run here: \(up.output.trimmingCharacters(in: .whitespacesAndNewlines))")
+        }
+        defer {
+            let down = try? Child(["down"], log: up.logPath + ".down", executable: script)
+            down?.wait(timeout: 60)
+        }
+        let slurm = ["SLURM_CONF": "/tmp/squeezetrain-slurm/slurm.conf"]
+        let dir = try temporaryDirectory("join-slurm")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+
+        // srun: every task gets SLURM_PROCID/NTASKS/LOCALID; the host is the first of SLURM_JOB_NODELIST.
+        let port = try freeTCPPort()
+        let srun = try Child(["-n", "3", "--time=5", "--kill-on-bad-exit=1", squeezetrain, "join"] + Self.options(metrics: dir + "/srun-metrics.jsonl"),
+                             log: dir + "/srun.log", executable: "/usr/bin/srun",
+                             environment: Self.noLauncher.merging(slurm.merging(["MASTER_PORT": "\(port)"]) { $1 }) { $1 })
+        #expect(srun.wait(timeout: 180) == 0, "\(srun.output)")
+        let host = ProcessInfo.processInfo.hostName.split(separator: ".").first.map(String.init) ?? ""
+        for r in 0..<3 { #expect(srun.output.contains("join: slurm: rank \(r) of 3 (local rank \(r) of 3), coordinator \(host):\(port)"), "\(srun.output)") }
+        try Self.expectRingBytes(dir + "/srun-metrics.jsonl", workers: 3, steps: 0...(Self.steps - 1))
+
+        // The shipped script, as a user submits it (command-line options override its #SBATCH lines).
+        let sbatchScript = packageRoot.appendingPathComponent("cluster/slurm/train.sbatch").path
+        func sbatch(tasks: Int, steps: Int, name: String) throws -> (status: Int32, output: String) {
+            let c = try Child(["--wait", "--nodes=1", "--ntasks=\(tasks)", "--ntasks-per-node=\(tasks)", "--cpus-per-task=1", "--time=5",
+                               "--output=\(dir)/\(name).out", sbatchScript] + Self.options(metrics: dir + "/sbatch-metrics.jsonl", steps: steps),
+                              log: dir + "/\(name).log", executable: "/usr/bin/sbatch",
+                              environment: Self.noLauncher.merging(slurm.merging(["SQUEEZETRAIN": squeezetrain, "CHECKPOINT_DIR": dir + "/checkpoints"]) { $1 }) { $1 })
+            let status = c.wait(timeout: 240)
+            let output = c.output + ((try? String(contentsOfFile: "\(dir)/\(name).out", encoding: .utf8)) ?? "(no \(name).out)")
+            return (status, output)
+        }
+        let first = try sbatch(tasks: 3, steps: 2, name: "first")
+        #expect(first.status == 0, "\(first.output)")
+        #expect(first.output.contains("join: slurm: rank 2 of 3"), "\(first.output)")
+        try Self.expectRingBytes(dir + "/sbatch-metrics.jsonl", workers: 3, steps: 0...1)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir + "/checkpoints").contains { $0.hasPrefix("checkpoint-") },
+                "a checkpoint at the end of the run")
+
+        // Resubmitted with 2 tasks and a longer run: continues at step 2 (the script always passes --resume).
+        let second = try sbatch(tasks: 2, steps: 3, name: "second")
+        #expect(second.status == 0, "\(second.output)")
+        #expect(second.output.contains("resuming from") && second.output.contains("at step 2"), "\(second.output)")
+        let resumed = try readMetrics(dir + "/sbatch-metrics.jsonl").filter { $0["world_size"] as? Int == 2 }
+        #expect(resumed.map { $0["step"] as? Int } == [2, 2], "the resumed job trains step 2 only, on 2 ranks")
+    }
+
+    /// What `join` says when the environment does not describe a job, through the binary.
+    @Test func badEnvironmentsAreRefusedNamingTheVariables() throws {
+        let dir = try temporaryDirectory("join-env")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        func join(_ env: [String: String], _ extra: [String] = []) throws -> (Int32, String) {
+            let c = try Child(["join", "--steps", "1", "--batch-size", "24"] + extra, log: dir + "/\(UUID().uuidString).log",
+                              environment: Self.noLauncher.merging(env) { $1 })
+            return (c.wait(timeout: 30), c.output)
+        }
+        let none = try join([:])
+        #expect(none.0 == 1 && none.1.contains("no launcher environment found") && none.1.contains("SLURM_PROCID"), "\(none.1)")
+        let partial = try join(["RANK": "1", "MASTER_ADDR": "127.0.0.1"])
+        #expect(partial.0 == 1 && partial.1.contains("RANK is set but WORLD_SIZE is not"), "\(partial.1)")
+        let contradictory = try join(["OMPI_COMM_WORLD_RANK": "1", "PMIX_RANK": "2", "OMPI_COMM_WORLD_SIZE": "3", "MASTER_ADDR": "h"])
+        #expect(contradictory.0 == 1 && contradictory.1.contains("OMPI_COMM_WORLD_RANK=1 and PMIX_RANK=2 contradict"), "\(contradictory.1)")
+        let noHost = try join(["OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "3"])
+        #expect(noHost.0 == 1 && noHost.1.contains("MASTER_ADDR"), "\(noHost.1)")
+        let batch = try join(["RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "h"])
+        #expect(batch.0 == 1 && batch.1.contains("--batch-size 24") && batch.1.contains("5 processes"), "\(batch.1)")
+        let flag = try join(["RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "h"], ["--rank", "3"])
+        #expect(flag.0 == 1 && flag.1.contains("with the flags applied gives rank 3"), "\(flag.1)")
+    }
+}
