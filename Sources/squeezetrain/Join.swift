@@ -71,12 +71,13 @@ struct Join: ParsableCommand {
             throw fail("join: --batch-size \(training.batchSize) is the global batch; it must divide evenly over the \(job.worldSize) processes of the run")
         }
         let allowed = CPUAffinity.allowedCPUs().count
-        let threads = self.threads ?? job.threadShare(allowedCPUs: allowed)
+        let share = job.threadShare(allowedCPUs: allowed)
+        let threads = self.threads ?? share.threads
         let given = [("--rank", rank), ("--world-size", worldSize), ("--local-rank", localRank), ("--master-port", masterPort)]
             .compactMap { $0.1 == nil ? nil : $0.0 } + (masterAddr == nil ? [] : ["--master-addr"])
         emit("join: \(job)" + (given.isEmpty ? "" : " (\(given.joined(separator: ", ")) from the command line)")
              + "; \(threads) compute thread(s)"
-             + (self.threads == nil ? " (\(allowed) allowed CPU(s) / \(job.localWorldSize.map { "\($0) local processes" } ?? "1 process: the launcher does not say how many share this host"))" : "")
+             + (self.threads == nil ? " (\(share.reason))" : "")
              + "\n")
         // Before any thread starts (signals, compute, libzmq I/O): they inherit the binding.
         if bindTo == .core {

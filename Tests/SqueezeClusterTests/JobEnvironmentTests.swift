@@ -111,13 +111,22 @@ import Testing
         #expect(error([:], .init(rank: 0)).contains("no launcher environment found"))
     }
 
-    @Test func threadsDefaultToThisProcesssShareOfTheCPUs() {
+    @Test func threadsDefaultToThisProcesssShareOfTheCPUs() throws {
         func job(local: Int?) -> JobEnvironment {
             JobEnvironment(source: .slurm, rank: 0, worldSize: 8, localRank: 0, localWorldSize: local, coordinatorHost: "h", coordinatorPort: 1)
         }
-        #expect(job(local: 4).threadShare(allowedCPUs: 16) == 4)
-        #expect(job(local: 3).threadShare(allowedCPUs: 8) == 2)
-        #expect(job(local: 3).threadShare(allowedCPUs: 2) == 1, "never below one thread")
-        #expect(job(local: nil).threadShare(allowedCPUs: 6) == 6, "unknown: one process per host")
+        #expect(job(local: 4).threadShare(allowedCPUs: 16).threads == 4)
+        #expect(job(local: 3).threadShare(allowedCPUs: 8).threads == 2)
+        #expect(job(local: 3).threadShare(allowedCPUs: 2).threads == 1, "never below one thread")
+        #expect(job(local: nil).threadShare(allowedCPUs: 6).threads == 6, "unknown: one process per host")
+        // SLURM with --cpus-per-task: what it reserved (its task/affinity plugin may already have
+        // narrowed the allowed CPUs to exactly those), never more than the allowed CPUs.
+        var slurm = job(local: 4)
+        slurm.cpusPerProcess = 8
+        #expect(slurm.threadShare(allowedCPUs: 8).threads == 8)
+        #expect(slurm.threadShare(allowedCPUs: 32).threads == 8)
+        #expect(slurm.threadShare(allowedCPUs: 2).threads == 2)
+        let env = ["SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_PER_TASK": "6"]
+        #expect(try JobEnvironment.detect(env).cpusPerProcess == 6)
     }
 }

@@ -11,8 +11,8 @@ import SqueezeEngine
 struct JoinTests {
     static let steps = 2
     /// 3 processes × 8 images; no evaluation, so a run is start-up plus two steps.
-    static func options(metrics: String, steps: Int = steps) -> [String] {
-        ["--steps", "\(steps)", "--batch-size", "24", "--threads", "1", "--no-eval", "--join-timeout", "90", "--metrics", metrics]
+    static func options(metrics: String, steps: Int = steps, threads: [String] = ["--threads", "1"]) -> [String] {
+        ["--steps", "\(steps)", "--batch-size", "24", "--no-eval", "--join-timeout", "90", "--metrics", metrics] + threads
     }
 
     /// Blanks every launcher variable this test process may have inherited (an empty value counts as unset),
@@ -62,7 +62,8 @@ struct JoinTests {
         try Self.expectRingBytes(dir + "/metrics.jsonl", workers: 3, steps: 0...(Self.steps - 1))
     }
 
-    /// The shipped cluster/mpi/run.sh: `mpirun -np 3 … squeezetrain join …`, every rank on this machine.
+    /// The shipped cluster/mpi/run.sh: `mpirun -np 3 … squeezetrain join …`, every rank on this machine;
+    /// the thread count left to join (its share of the CPUs) and `--bind-to core` by local rank.
     @Test func openMPIThreeRanks() throws {
         guard let mpirun = ["/usr/bin/mpirun", "/usr/local/bin/mpirun"].first(where: FileManager.default.isExecutableFile) else {
             try Test.cancel("skipped: mpirun not found (Debian's openmpi-bin; scripts/bootstrap installs it)")
@@ -70,12 +71,20 @@ struct JoinTests {
         let dir = try temporaryDirectory("join-mpi")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let port = try freeTCPPort()
-        let c = try Child(Self.options(metrics: dir + "/metrics.jsonl"), log: dir + "/mpirun.log", executable: packageRoot.appendingPathComponent("cluster/mpi/run.sh").path,
+        let c = try Child(Self.options(metrics: dir + "/metrics.jsonl", threads: ["--bind-to", "core"]), log: dir + "/mpirun.log", executable: packageRoot.appendingPathComponent("cluster/mpi/run.sh").path,
                           environment: Self.noLauncher.merging(["NP": "3", "MPIRUN_ARGS": "--oversubscribe", "MASTER_PORT": "\(port)",
                                                                 "SQUEEZETRAIN": squeezetrain, "PATH": (mpirun as NSString).deletingLastPathComponent
                                                                     + ":" + (ProcessInfo.processInfo.environment["PATH"] ?? "")]) { $1 })
         #expect(c.wait(timeout: 180) == 0, "\(c.output)")
-        for r in 0..<3 { #expect(c.output.contains("join: open-mpi: rank \(r) of 3 (local rank \(r) of 3), coordinator 127.0.0.1:\(port)"), "\(c.output)") }
+        let allowed = CPUAffinity.allowedCPUs()
+        let threads = max(1, allowed.count / 3)
+        for r in 0..<3 {
+            #expect(c.output.contains("join: open-mpi: rank \(r) of 3 (local rank \(r) of 3), coordinator 127.0.0.1:\(port); "
+                                      + "\(threads) compute thread(s) (\(allowed.count) allowed CPU(s) / 3 local processes)"), "\(c.output)")
+        }
+        let bound = c.output.split(separator: "\n").filter { $0.hasPrefix("join: bound to CPU(s) ") }.map { String($0.dropFirst(22)) }
+        let expected = (0..<3).map { CPUAffinity.cpus(forLocalRank: $0, count: threads).sorted().map(String.init).joined(separator: ",") }
+        #expect(bound.sorted() == expected.sorted(), "\(c.output)")
         try Self.expectRingBytes(dir + "/metrics.jsonl", workers: 3, steps: 0...(Self.steps - 1))
     }
 
@@ -131,6 +140,20 @@ struct JoinTests {
         #expect(second.output.contains("resuming from") && second.output.contains("at step 2"), "\(second.output)")
         let resumed = try readMetrics(dir + "/sbatch-metrics.jsonl").filter { $0["world_size"] as? Int == 2 }
         #expect(resumed.map { $0["step"] as? Int } == [2, 2], "the resumed job trains step 2 only, on 2 ranks")
+    }
+
+    /// No Kubernetes runs here: cluster/kubernetes/validate checks the manifests against the API schemas
+    /// (PyPI's kubernetes-validate, strict) and that they set what join reads.
+    @Test func kubernetesManifestsValidateOffline() throws {
+        let dir = try temporaryDirectory("join-kube")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = try runToEnd(packageRoot.appendingPathComponent("cluster/kubernetes/validate").path, [], log: dir + "/validate.log")
+        if r.status == 2 { try Test.cancel("skipped: \(r.output.trimmingCharacters(in: .whitespacesAndNewlines))") }
+        #expect(r.status == 0, "\(r.output)")
+        for check in ["schemas (strict)", "RANK is the pod's completion index: yes", "MASTER_ADDR is pod 0's name: yes",
+                      "SQUEEZETRAIN_KEY_FILE is inside the mounted Secret: yes", "checkpoints on the shared volume, with --resume: yes"] {
+            #expect(r.output.contains(check), "\(r.output)")
+        }
     }
 
     /// What `join` says when the environment does not describe a job, through the binary.
