@@ -16,8 +16,8 @@ struct Join: ParsableCommand {
         launcher found winning: torchrun/PyTorchJob (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, \
         MASTER_ADDR, MASTER_PORT), Open MPI (OMPI_COMM_WORLD_RANK or PMIX_RANK, OMPI_COMM_WORLD_SIZE, \
         OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_SIZE; the host from MASTER_ADDR), SLURM \
-        (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_TASKS_PER_NODE; the host is the first of \
-        SLURM_JOB_NODELIST unless MASTER_ADDR is set). The port is MASTER_PORT, else 29500. Flags \
+        (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_TASKS_PER_NODE, SLURM_CPUS_PER_TASK; the host is the \
+        first of SLURM_JOB_NODELIST unless MASTER_ADDR is set). The port is MASTER_PORT, else 29500. Flags \
         override the environment. Rank 0 binds the coordinator on all interfaces at that port and also \
         trains as worker 0; the others connect to MASTER_ADDR:MASTER_PORT, retrying until \
         --join-timeout. Paths (--checkpoint-dir, --metrics, --init-weights, --save-weights) are used by \
@@ -104,6 +104,15 @@ struct Join: ParsableCommand {
 
     /// The coordinator on a thread of its own, worker 0 on this one (connected over loopback).
     private func runRankZero(_ job: JobEnvironment, worker: WorkerOptions, dataHost: @escaping @Sendable () throws -> String) throws {
+        switch isThisHost(job.coordinatorHost) {
+        case false:
+            throw fail("join: rank 0 runs the coordinator on this machine (\(ProcessInfo.processInfo.hostName)), but the others will look for it at "
+                       + "\(job.coordinatorHost), which is not an address of this machine; set MASTER_ADDR (or --master-addr) to rank 0's host")
+        case nil:
+            emit("join: warning: \(job.coordinatorHost) does not resolve here (yet); the other ranks must reach this machine by that name\n")
+        case true:
+            break
+        }
         let stop = stopOnSignals()  // before any other thread starts: they inherit the blocked signals
         let coordinator = CoordinatorThread { [training, cluster, metrics, initWeights, saveWeights] in
             try runCoordinator(bind: "tcp://0.0.0.0:\(job.coordinatorPort)", workers: job.worldSize, training: training,

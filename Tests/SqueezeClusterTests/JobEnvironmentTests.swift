@@ -1,3 +1,4 @@
+import Foundation
 @testable import SqueezeCluster
 import Testing
 
@@ -128,5 +129,13 @@ import Testing
         #expect(slurm.threadShare(allowedCPUs: 2).threads == 2)
         let env = ["SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_PER_TASK": "6"]
         #expect(try JobEnvironment.detect(env).cpusPerProcess == 6)
+    }
+
+    @Test func whetherAHostIsThisMachine() {
+        #expect(isThisHost("127.0.0.1") == true)
+        #expect(isThisHost("localhost") == true)
+        #expect(isThisHost(ProcessInfo.processInfo.hostName) == true)
+        #expect(isThisHost("192.0.2.1") == false, "TEST-NET-1 is nobody's address")
+        #expect(isThisHost("no-such-host.invalid") == nil)
     }
 }

@@ -175,6 +175,9 @@ struct JoinTests {
         #expect(noHost.0 == 1 && noHost.1.contains("MASTER_ADDR"), "\(noHost.1)")
         let batch = try join(["RANK": "1", "WORLD_SIZE": "5", "MASTER_ADDR": "h"])
         #expect(batch.0 == 1 && batch.1.contains("--batch-size 24") && batch.1.contains("5 processes"), "\(batch.1)")
+        // Rank 0 would wait where nobody looks: MASTER_ADDR (TEST-NET-1) is not this machine.
+        let elsewhere = try join(["RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "192.0.2.1"])
+        #expect(elsewhere.0 == 1 && elsewhere.1.contains("192.0.2.1, which is not an address of this machine"), "\(elsewhere.1)")
         let flag = try join(["RANK": "1", "WORLD_SIZE": "3", "MASTER_ADDR": "h"], ["--rank", "3"])
         #expect(flag.0 == 1 && flag.1.contains("with the flags applied gives rank 3"), "\(flag.1)")
     }
