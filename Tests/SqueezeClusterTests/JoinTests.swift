@@ -156,6 +156,17 @@ struct JoinTests {
         }
     }
 
+    /// No container engine runs here: cluster/check-runtime-libs checks that the runtime stage of
+    /// cluster/Containerfile installs every library the executable names.
+    @Test func containerRuntimeStageHasTheLibrariesTheExecutableNeeds() throws {
+        let dir = try temporaryDirectory("join-libs")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = try runToEnd(packageRoot.appendingPathComponent("cluster/check-runtime-libs").path, [squeezetrain], log: dir + "/libs.log")
+        if r.status == 2 { try Test.cancel("skipped: \(r.output.trimmingCharacters(in: .whitespacesAndNewlines))") }
+        #expect(r.status == 0, "\(r.output)")
+        for lib in ["libzmq.so.5: libzmq5", "libdnnl.so.2: libdnnl2", "libgomp.so.1: libgomp1"] { #expect(r.output.contains(lib), "\(r.output)") }
+    }
+
     /// What `join` says when the environment does not describe a job, through the binary.
     @Test func badEnvironmentsAreRefusedNamingTheVariables() throws {
         let dir = try temporaryDirectory("join-env")
