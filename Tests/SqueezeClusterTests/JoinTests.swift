@@ -44,22 +44,37 @@ struct JoinTests {
         #expect(Set(lines.compactMap { $0["rank"] as? Int }) == Set(0..<n))
     }
 
+    /// Processes started by the test with torchrun's four variables only. Ranks 2 and 1 start first and
+    /// keep trying to reach rank 0, which starts a moment later. Then a restart with 2 processes and
+    /// `--resume` continues from the first run's checkpoint (the scheduler-free version of the sbatch test).
     @Test func torchrunConventionThreeProcesses() throws {
         let dir = try temporaryDirectory("join-torchrun")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let port = try freeTCPPort()
-        let children = try (0..<3).map { r in
-            try Child(["join"] + Self.options(metrics: dir + "/metrics.jsonl"), log: dir + "/rank\(r).log",
-                      environment: Self.noLauncher.merging(["RANK": "\(r)", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1",
-                                                            "MASTER_PORT": "\(port)"]) { $1 })
+        func run(_ n: Int, steps: Int, _ extra: [String]) throws -> [Child] {
+            let port = try freeTCPPort()
+            let children = try (0..<n).reversed().map { r in
+                if r == 0 { usleep(500_000) }
+                return try Child(["join"] + Self.options(metrics: dir + "/metrics.jsonl", steps: steps) + extra, log: dir + "/\(n)-rank\(r).log",
+                                 environment: Self.noLauncher.merging(["RANK": "\(r)", "WORLD_SIZE": "\(n)", "MASTER_ADDR": "127.0.0.1",
+                                                                       "MASTER_PORT": "\(port)"]) { $1 })
+            }.reversed()
+            for (r, c) in children.enumerated() {
+                #expect(c.wait() == 0, "rank \(r):\n\(c.output)")
+                #expect(c.output.contains("join: torchrun: rank \(r) of \(n) (local rank 0), coordinator 127.0.0.1:\(port); 1 compute thread(s)"),
+                        "\(c.output)")
+            }
+            return Array(children)
         }
-        for (r, c) in children.enumerated().reversed() {
-            #expect(c.wait() == 0, "rank \(r):\n\(c.output)")
-            #expect(c.output.contains("join: torchrun: rank \(r) of 3 (local rank 0), coordinator 127.0.0.1:\(port); 1 compute thread(s)"),
-                    "\(c.output)")
-        }
-        #expect(children[0].output.contains("\(Self.steps) steps in"), "rank 0 prints the summary:\n\(children[0].output)")
+        let checkpoints = ["--checkpoint-dir", dir + "/checkpoints"]
+        let first = try run(3, steps: Self.steps, checkpoints)
+        #expect(first[0].output.contains("\(Self.steps) steps in"), "rank 0 prints the summary:\n\(first[0].output)")
         try Self.expectRingBytes(dir + "/metrics.jsonl", workers: 3, steps: 0...(Self.steps - 1))
+
+        let second = try run(2, steps: Self.steps + 1, checkpoints + ["--resume"])
+        #expect(second[0].output.contains("resuming from") && second[0].output.contains("at step \(Self.steps) (written by 3 worker(s))"),
+                "\(second[0].output)")
+        let resumed = try readMetrics(dir + "/metrics.jsonl").filter { $0["world_size"] as? Int == 2 }
+        #expect(resumed.map { $0["step"] as? Int } == [Self.steps, Self.steps], "the resumed run trains one more step, on 2 ranks")
     }
 
     /// The shipped cluster/mpi/run.sh: `mpirun -np 3 … squeezetrain join …`, every rank on this machine;
