@@ -7,7 +7,7 @@ import Foundation
 /// - torchrun and Kubeflow's PyTorchJob: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (`LOCAL_WORLD_SIZE`),
 ///   `MASTER_ADDR`, `MASTER_PORT`;
 /// - SLURM (`srun`): `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` (`SLURM_NTASKS_PER_NODE` or
-///   `SLURM_TASKS_PER_NODE`); the coordinator runs on the first host of `SLURM_JOB_NODELIST` unless
+///   `SLURM_TASKS_PER_NODE`, and `SLURM_CPUS_PER_TASK` for the thread count); the coordinator runs on the first host of `SLURM_JOB_NODELIST` unless
 ///   `MASTER_ADDR` names one; the port is `MASTER_PORT` or `defaultPort`;
 /// - Open MPI (`mpirun`): `OMPI_COMM_WORLD_RANK` (and PMIx's `PMIX_RANK`, which must agree),
 ///   `OMPI_COMM_WORLD_SIZE`, `OMPI_COMM_WORLD_LOCAL_RANK` (`OMPI_COMM_WORLD_LOCAL_SIZE`); the
@@ -28,6 +28,8 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
     public var localWorldSize: Int?
     public var coordinatorHost: String
     public var coordinatorPort: Int
+    /// CPUs the launcher reserved for each process (SLURM's `SLURM_CPUS_PER_TASK`), when it says.
+    public var cpusPerProcess: Int? = nil
 
     /// The port when neither `MASTER_PORT` nor a flag gives one (torchrun's default).
     public static let defaultPort = 29500
@@ -46,6 +48,18 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
             self.masterAddr = masterAddr; self.masterPort = masterPort
         }
         var isEmpty: Bool { rank == nil && worldSize == nil && localRank == nil && masterAddr == nil && masterPort == nil }
+    }
+
+    /// Compute threads for this process when none are asked for, and why: the CPUs the launcher reserved
+    /// per process (SLURM's `--cpus-per-task`, at most the `allowedCPUs` it may run on); else its share of
+    /// the allowed CPUs, divided among the job's processes on this host (one when the launcher does not
+    /// say). At least 1.
+    public func threadShare(allowedCPUs: Int) -> (threads: Int, reason: String) {
+        if let cpusPerProcess {
+            return (max(1, min(allowedCPUs, cpusPerProcess)), "SLURM_CPUS_PER_TASK=\(cpusPerProcess), \(allowedCPUs) allowed CPU(s)")
+        }
+        let sharing = localWorldSize.map { "\($0) local processes" } ?? "1 process, as the launcher does not say how many share this host"
+        return (max(1, allowedCPUs / max(1, localWorldSize ?? 1)), "\(allowedCPUs) allowed CPU(s) / \(sharing)")
     }
 
     public var description: String {
@@ -173,7 +187,8 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
             return JobEnvironment(
                 source: .slurm, rank: try int("SLURM_PROCID", context: context)!, worldSize: size,
                 localRank: try int("SLURM_LOCALID", required: false, context: context) ?? 0, localWorldSize: localSize,
-                coordinatorHost: host, coordinatorPort: try masterPort())
+                coordinatorHost: host, coordinatorPort: try masterPort(),
+                cpusPerProcess: try int("SLURM_CPUS_PER_TASK", required: false, context: context))
         }
     }
 }

@@ -17,3 +17,25 @@ public func freeTCPPort(host: String = "127.0.0.1") throws -> Int {
     guard ok else { throw ClusterError("cannot find a free TCP port on \(host): \(String(cString: strerror(errno)))") }
     return Int(UInt16(bigEndian: address.sin_port))
 }
+
+/// Whether `host` names this machine: it resolves (IPv4) to an address a socket here can bind.
+/// nil when it does not resolve (yet: a Kubernetes Service's name may appear a moment later).
+/// Rank 0 of `join` checks MASTER_ADDR with it: the other ranks will look for the coordinator there.
+public func isThisHost(_ host: String) -> Bool? {
+    var hints = addrinfo()
+    hints.ai_family = AF_INET
+    hints.ai_socktype = Int32(SOCK_DGRAM.rawValue)
+    var info: UnsafeMutablePointer<addrinfo>?
+    guard getaddrinfo(host, nil, &hints, &info) == 0, let info else { return nil }
+    defer { freeaddrinfo(info) }
+    var entry: UnsafeMutablePointer<addrinfo>? = info
+    while let e = entry {
+        let fd = socket(AF_INET, Int32(SOCK_DGRAM.rawValue), 0)
+        if fd >= 0 {
+            defer { close(fd) }
+            if bind(fd, e.pointee.ai_addr, e.pointee.ai_addrlen) == 0 { return true }  // port 0: any free port
+        }
+        entry = e.pointee.ai_next
+    }
+    return false
+}

@@ -88,10 +88,14 @@ struct CoordinatorCommand: ParsableCommand {
     }
 }
 
+/// Runs a coordinator bound to `bind` until the run ends. `stop` is the caller's when it already takes
+/// the signals (`join`), else SIGINT/SIGTERM are taken here; `hubHost` is the address the star hub's
+/// data plane binds (default: the local address on the route to the bound endpoint).
 func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: ClusterOptions,
                     security: PeerSecurity, metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
+                    stop: StopToken? = nil, hubHost: (@Sendable () throws -> String)? = nil,
                     events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) throws -> ClusterSummary {
-    let stop = stopOnSignals()
+    let stop = stop ?? stopOnSignals()
     let records = trainingRecordCount(training.data)
     var config = training.config(trainingRecords: records, workers: workers)
     config.precision = communication.precision.precision == .fp32 ? nil : communication.precision.precision  // each worker checks its CPU
@@ -122,7 +126,8 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     let endpoint = server.endpoint
     var transportOptions = ZMQTransport.Options()
     transportOptions.security = security
-    let dataPlane = ZMQDataPlane(context: context, host: { try localAddress(towards: endpoint) }, options: transportOptions, hubRank: workers)
+    let dataPlane = ZMQDataPlane(context: context, host: hubHost ?? { try localAddress(towards: endpoint) }, options: transportOptions,
+                                 hubRank: workers)
     return try Coordinator(options: options, channel: server, dataPlane: dataPlane, stop: stop, events: events, log: log).run()
 }
 
@@ -195,23 +200,13 @@ struct WorkerCommand: ParsableCommand {
         }
         let signals = stopOnSignals()
         ComputeThreads.set(threads)
-        raiseDescriptorLimit()
         var options = WorkerOptions()
         options.threads = threads; options.data = data; options.rank = rank
         options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
         do {
-            let security = try self.security.security(endpoint: coordinator)
-            let context = try ZMQContext()
-            defer { context.terminate() }
-            try authenticate(context, security)
-            var transportOptions = ZMQTransport.Options()
-            transportOptions.abandonTimeout = .seconds(5)
-            transportOptions.security = security
             let (advertise, coordinator) = (advertise, coordinator)
-            let dataPlane = ZMQDataPlane(context: context, host: { try advertise ?? localAddress(towards: coordinator) },
-                                         options: transportOptions)
-            try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator, security: security),
-                       dataPlane: dataPlane, signals: signals, events: eventWriter(events), log: { emit("\($0)\n") }).run()
+            try runWorker(coordinator: coordinator, options: options, dataHost: { try advertise ?? localAddress(towards: coordinator) },
+                          security: try self.security.security(endpoint: coordinator), signals: signals, events: eventWriter(events))
         } catch let e as Interrupted {
             emit("\(e)\n")
             throw ExitCode(e.signal.map { 128 + $0 } ?? 1)
@@ -219,6 +214,22 @@ struct WorkerCommand: ParsableCommand {
             throw fail(String(describing: error))
         }
     }
+}
+
+/// Runs a worker connected to the control endpoint `coordinator` until the run ends; its data plane
+/// binds on `dataHost()` (asked once the worker has its rank).
+func runWorker(coordinator: String, options: WorkerOptions, dataHost: @escaping @Sendable () throws -> String,
+               security: PeerSecurity, signals: StopToken, events: @escaping (ClusterEvent) -> Void = { _ in }) throws {
+    raiseDescriptorLimit()
+    let context = try ZMQContext()
+    defer { context.terminate() }
+    try authenticate(context, security)
+    var transportOptions = ZMQTransport.Options()
+    transportOptions.abandonTimeout = .seconds(5)
+    transportOptions.security = security
+    let dataPlane = ZMQDataPlane(context: context, host: dataHost, options: transportOptions)
+    try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator, security: security),
+               dataPlane: dataPlane, signals: signals, events: events, log: { emit("\($0)\n") }).run()
 }
 
 /// Paths sent to workers are made absolute: a worker may run in another directory.

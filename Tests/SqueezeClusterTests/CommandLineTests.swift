@@ -94,6 +94,11 @@ import Testing
         (["eval", "--weights", "w.safetensors", "--batch-size", "0"], "--batch-size"),
         (["train", "--threads", "0"], "--threads"),
         (["coordinator", "--bind", "tcp://127.0.0.1:1", "--workers", "5000"], "--workers"),
+        (["join", "--master-port", "70000"], "--master-port"),
+        (["join", "--world-size", "0"], "--world-size"),
+        (["join", "--rank=-1"], "--rank"),
+        (["join", "--threads", "0"], "--threads"),
+        (["join", "--join-timeout", "0"], "--join-timeout"),
     ])
     func badNumbersAreRefusedNamingTheFlag(arguments: [String], flag: String) throws {
         let dir = try temporaryDirectory("numbers")

@@ -1,3 +1,4 @@
+import Foundation
 @testable import SqueezeCluster
 import Testing
 
@@ -82,5 +83,59 @@ import Testing
         for bad in ["n[1-2", "n1-2]", "n[[1]]", "n[]", "n[a-b]", "n[5-3]", "a,,b", "", "n[1-]", "n[-1]", "n[1-2-3]"] {
             #expect(throws: (any Error).self, "\(bad)") { try expandHostList(bad) }
         }
+    }
+
+    @Test func launchersNestedInOneAnother() throws {
+        // torchrun (or a PyTorchJob) inside a SLURM allocation: torchrun's own ranks win.
+        let torchrun = ["RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_JOB_NODELIST": "n1"]
+        #expect(try JobEnvironment.detect(torchrun).source == .torchrun)
+        // PMIx alone (Open MPI 5's mpirun, or srun --mpi=pmix without Open MPI's variables).
+        let pmix = try JobEnvironment.detect(["PMIX_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "MASTER_ADDR": "h"])
+        #expect(pmix.source == .openMPI && pmix.rank == 2 && pmix.worldSize == 4 && pmix.localRank == 0)
+        // srun --mpi=pmix sets PMIX_RANK beside SLURM's variables: SLURM describes the job then.
+        let srun = try JobEnvironment.detect(["PMIX_RANK": "1", "SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n[1-2]"])
+        #expect(srun.source == .slurm && srun.rank == 1 && srun.coordinatorHost == "n1")
+    }
+
+    @Test func slurmFallbacks() throws {
+        // Older SLURMs: SLURM_NPROCS and SLURM_NODELIST; uneven tasks per node: the first node's count.
+        let found = try JobEnvironment.detect(["SLURM_PROCID": "0", "SLURM_NPROCS": "7", "SLURM_NODELIST": "a[3-4],b",
+                                               "SLURM_TASKS_PER_NODE": "2(x3),1"])
+        #expect(found == JobEnvironment(source: .slurm, rank: 0, worldSize: 7, localRank: 0, localWorldSize: 2,
+                                        coordinatorHost: "a3", coordinatorPort: 29500))
+        #expect(error(["SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1", "SLURM_LOCALID": "x"]).contains("SLURM_LOCALID=x"))
+        #expect(error(["SLURM_PROCID": "3", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "n1"]).contains("rank 3, not in 0..<2"))
+    }
+
+    @Test func flagsWithoutAHostNameTheMissingPiece() {
+        #expect(error([:], .init(rank: 0, worldSize: 2)).contains("MASTER_ADDR is not, and no --master-addr was given"))
+        #expect(error([:], .init(rank: 0)).contains("no launcher environment found"))
+    }
+
+    @Test func threadsDefaultToThisProcesssShareOfTheCPUs() throws {
+        func job(local: Int?) -> JobEnvironment {
+            JobEnvironment(source: .slurm, rank: 0, worldSize: 8, localRank: 0, localWorldSize: local, coordinatorHost: "h", coordinatorPort: 1)
+        }
+        #expect(job(local: 4).threadShare(allowedCPUs: 16).threads == 4)
+        #expect(job(local: 3).threadShare(allowedCPUs: 8).threads == 2)
+        #expect(job(local: 3).threadShare(allowedCPUs: 2).threads == 1, "never below one thread")
+        #expect(job(local: nil).threadShare(allowedCPUs: 6).threads == 6, "unknown: one process per host")
+        // SLURM with --cpus-per-task: what it reserved (its task/affinity plugin may already have
+        // narrowed the allowed CPUs to exactly those), never more than the allowed CPUs.
+        var slurm = job(local: 4)
+        slurm.cpusPerProcess = 8
+        #expect(slurm.threadShare(allowedCPUs: 8).threads == 8)
+        #expect(slurm.threadShare(allowedCPUs: 32).threads == 8)
+        #expect(slurm.threadShare(allowedCPUs: 2).threads == 2)
+        let env = ["SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_NODELIST": "n1", "SLURM_CPUS_PER_TASK": "6"]
+        #expect(try JobEnvironment.detect(env).cpusPerProcess == 6)
+    }
+
+    @Test func whetherAHostIsThisMachine() {
+        #expect(isThisHost("127.0.0.1") == true)
+        #expect(isThisHost("localhost") == true)
+        #expect(isThisHost(ProcessInfo.processInfo.hostName) == true)
+        #expect(isThisHost("192.0.2.1") == false, "TEST-NET-1 is nobody's address")
+        #expect(isThisHost("no-such-host.invalid") == nil)
     }
 }

@@ -50,12 +50,13 @@ final class Child {
     let process = Process()
     let logPath: String
 
-    /// `environment` is added to (and overrides) this process's, which also gives CIFAR10_DIR and the test key.
-    init(_ arguments: [String], log: String, environment: [String: String] = [:]) throws {
+    /// `executable` (default: squeezetrain) runs with this process's environment, CIFAR10_DIR, the test
+    /// key and `environment` on top.
+    init(_ arguments: [String], log: String, executable: String = squeezetrain, environment: [String: String] = [:]) throws {
         logPath = log
         _ = FileManager.default.createFile(atPath: log, contents: nil)
         let handle = try FileHandle(forWritingTo: URL(fileURLWithPath: log))
-        process.executableURL = URL(fileURLWithPath: squeezetrain)
+        process.executableURL = URL(fileURLWithPath: executable)
         process.arguments = arguments
         process.standardOutput = handle
         process.standardError = handle

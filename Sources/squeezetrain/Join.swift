@@ -1,0 +1,182 @@
+import ArgumentParser
+import Foundation
+import SqueezeCluster
+import SqueezeComm
+import SqueezeEngine
+import SqueezeTraining
+
+/// One process of a run placed by a scheduler: every process runs the same command line, and each
+/// learns its place from the launcher's environment (`JobEnvironment`). Rank 0 runs the coordinator
+/// on threads of its own beside its worker; every rank runs a worker.
+struct Join: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Be one process of a run started by torchrun, SLURM (srun), Open MPI (mpirun) or Kubernetes: the same command line everywhere.",
+        discussion: """
+        Rank, world size, local rank and the coordinator's address come from the environment, the first \
+        launcher found winning: torchrun/PyTorchJob (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, \
+        MASTER_ADDR, MASTER_PORT), Open MPI (OMPI_COMM_WORLD_RANK or PMIX_RANK, OMPI_COMM_WORLD_SIZE, \
+        OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_SIZE; the host from MASTER_ADDR), SLURM \
+        (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_TASKS_PER_NODE, SLURM_CPUS_PER_TASK; the host is the \
+        first of SLURM_JOB_NODELIST unless MASTER_ADDR is set). The port is MASTER_PORT, else 29500. Flags \
+        override the environment. Rank 0 binds the coordinator on all interfaces at that port and also \
+        trains as worker 0; the others connect to MASTER_ADDR:MASTER_PORT, retrying until \
+        --join-timeout. Paths (--checkpoint-dir, --metrics, --init-weights, --save-weights) are used by \
+        rank 0's coordinator and workers alike: put them on a shared filesystem. After a requeue or a \
+        restart, the same command with --resume continues from the newest checkpoint, with the same or \
+        another number of processes.
+        """)
+
+    @OptionGroup var training: TrainingOptions
+    @OptionGroup var cluster: ClusterOptions
+    @Option(help: "This process's rank (default: RANK, OMPI_COMM_WORLD_RANK or SLURM_PROCID).")
+    var rank: Int?
+    @Option(help: "Processes in the run (default: WORLD_SIZE, OMPI_COMM_WORLD_SIZE or SLURM_NTASKS).")
+    var worldSize: Int?
+    @Option(help: "This process's index among the run's processes on this host, for --bind-to core (default: LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_RANK or SLURM_LOCALID, else 0).")
+    var localRank: Int?
+    @Option(help: "Host of rank 0, where the coordinator listens (default: MASTER_ADDR; under SLURM the first host of SLURM_JOB_NODELIST).")
+    var masterAddr: String?
+    @Option(help: "The coordinator's port (default: MASTER_PORT, else 29500).")
+    var masterPort: Int?
+    @Option(help: "Compute threads (default: this process's share of the CPUs it may use: the allowed CPUs divided by the run's processes on this host).")
+    var threads: Int?
+    @Option(help: "core: run on --threads CPUs of its own, chosen by local rank (as mpirun --bind-to core); none: leave placement to the scheduler.")
+    var bindTo: WorkerBinding = .none
+    @Option(help: "Address other processes use to reach this one's data plane (default: the local address on the route to the coordinator).")
+    var advertise: String?
+    @Option(help: "Rank 0 writes JSON lines here: one per worker per step.")
+    var metrics: String?
+    @Option(help: "Initial weights (safetensors) for every worker, instead of the seed.")
+    var initWeights: String?
+    @Option(help: "Rank 0 writes the final weights here (safetensors, torchvision names).")
+    var saveWeights: String?
+    @OptionGroup var security: SecurityOptions
+
+    func validate() throws {
+        if let threads { try requireRange("--threads", threads, 1...256) }
+        if let rank { try requireRange("--rank", rank, 0...JobEnvironment.maxWorldSize - 1) }
+        if let worldSize { try requireRange("--world-size", worldSize, 1...JobEnvironment.maxWorldSize) }
+        if let localRank { try requireRange("--local-rank", localRank, 0...JobEnvironment.maxWorldSize - 1) }
+        if let masterPort { try requireRange("--master-port", masterPort, 1...65535) }
+    }
+
+    /// The flags that override the environment.
+    var overrides: JobEnvironment.Overrides {
+        .init(rank: rank, worldSize: worldSize, localRank: localRank, masterAddr: masterAddr, masterPort: masterPort)
+    }
+
+    func run() throws {
+        let job: JobEnvironment
+        do { job = try JobEnvironment.detect(ProcessInfo.processInfo.environment, overrides: overrides) } catch { throw fail("join: \(error)") }
+        guard training.batchSize % job.worldSize == 0 else {
+            throw fail("join: --batch-size \(training.batchSize) is the global batch; it must divide evenly over the \(job.worldSize) processes of the run")
+        }
+        let allowed = CPUAffinity.allowedCPUs().count
+        let share = job.threadShare(allowedCPUs: allowed)
+        let threads = self.threads ?? share.threads
+        let given = [("--rank", rank), ("--world-size", worldSize), ("--local-rank", localRank), ("--master-port", masterPort)]
+            .compactMap { $0.1 == nil ? nil : $0.0 } + (masterAddr == nil ? [] : ["--master-addr"])
+        emit("join: \(job)" + (given.isEmpty ? "" : " (\(given.joined(separator: ", ")) from the command line)")
+             + "; \(threads) compute thread(s)"
+             + (self.threads == nil ? " (\(share.reason))" : "")
+             + "\n")
+        // Before any thread starts (signals, compute, libzmq I/O): they inherit the binding.
+        if bindTo == .core {
+            let cpus = CPUAffinity.cpus(forLocalRank: job.localRank, count: threads)
+            do { try CPUAffinity.bindCurrentThread(to: cpus) } catch { throw fail("join: --bind-to core (local rank \(job.localRank)): \(error)") }
+            emit("join: bound to CPU(s) \(CPUAffinity.allowedCPUs().map(String.init).joined(separator: ","))\n")
+        }
+        ComputeThreads.set(threads)
+
+        var options = WorkerOptions()
+        options.threads = threads; options.data = training.data; options.rank = job.rank
+        options.joinTimeout = .milliseconds(Int(cluster.joinTimeout * 1000))
+        // Every process finds its own address on the route to rank 0's host.
+        let route = "tcp://\(job.coordinatorHost):\(job.coordinatorPort)"
+        let advertise = advertise
+        let dataHost: @Sendable () throws -> String = { try advertise ?? localAddress(towards: route) }
+        let peers: PeerSecurity
+        do { peers = try security.security(endpoint: route) } catch { throw fail("join: \(error)") }
+        guard job.rank == 0 else {
+            // A signal before training ends this process; during training it asks the coordinator to stop the run.
+            let signals = stopOnSignals()
+            do {
+                try runWorker(coordinator: route, options: options, dataHost: dataHost, security: peers, signals: signals)
+            } catch let e as Interrupted {
+                emit("\(e)\n")
+                throw ExitCode(e.signal.map { 128 + $0 } ?? 1)
+            } catch {
+                throw fail(String(describing: error))
+            }
+            return
+        }
+        try runRankZero(job, worker: options, dataHost: dataHost, security: peers)
+    }
+
+    /// The coordinator on a thread of its own, worker 0 on this one (connected over loopback).
+    private func runRankZero(_ job: JobEnvironment, worker: WorkerOptions, dataHost: @escaping @Sendable () throws -> String,
+                             security: PeerSecurity) throws {
+        switch isThisHost(job.coordinatorHost) {
+        case false:
+            throw fail("join: rank 0 runs the coordinator on this machine (\(ProcessInfo.processInfo.hostName)), but the others will look for it at "
+                       + "\(job.coordinatorHost), which is not an address of this machine; set MASTER_ADDR (or --master-addr) to rank 0's host")
+        case nil:
+            emit("join: warning: \(job.coordinatorHost) does not resolve here (yet); the other ranks must reach this machine by that name\n")
+        case true:
+            break
+        }
+        let stop = stopOnSignals()  // before any other thread starts: they inherit the blocked signals
+        let coordinator = CoordinatorThread { [training, cluster, metrics, initWeights, saveWeights] in
+            try runCoordinator(bind: "tcp://0.0.0.0:\(job.coordinatorPort)", workers: job.worldSize, training: training,
+                               communication: cluster, security: security, metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
+                               stop: stop, hubHost: dataHost, log: { emit("\($0)\n") })
+        }
+        do {
+            // The signals are the coordinator's (it stops every rank at one step); this worker follows it.
+            try runWorker(coordinator: "tcp://127.0.0.1:\(job.coordinatorPort)", options: worker, dataHost: dataHost,
+                          security: security, signals: StopToken())
+        } catch {
+            // The coordinator has been told; give it the time to tell the others before exiting.
+            FileHandleOutput.standardError("squeezetrain: error: \(error)\n")
+            _ = coordinator.wait(timeout: .seconds(Int(cluster.timeout.rounded(.up)) + 5))
+            throw ExitCode(1)
+        }
+        guard let summary = coordinator.wait(timeout: .seconds(Int(cluster.timeout.rounded(.up)) * 4 + 30)) else {
+            throw fail("join: worker 0 finished but the coordinator did not")
+        }
+        printSummary(summary, workers: job.worldSize)
+        if let sig = summary.interruptedBy {
+            emit("stopped by signal \(sig) after step \(summary.finalStep)"
+                 + (cluster.checkpoints.checkpointDir != nil ? "; continue with join --resume\n" : "\n"))
+            throw ExitCode(128 + sig)
+        }
+    }
+}
+
+/// Runs the coordinator on a thread of its own. A coordinator that fails ends the process (exit
+/// status 1, the error on standard error): worker 0 could otherwise wait for it until its timeouts.
+final class CoordinatorThread: @unchecked Sendable {
+    // @unchecked Sendable: `summary` is written once, before `done` is signalled, and read after.
+    private var summary: ClusterSummary?
+    private let done = DispatchSemaphore(value: 0)
+
+    init(_ body: @escaping @Sendable () throws -> ClusterSummary) {
+        let thread = Thread { [self] in
+            do {
+                summary = try body()
+                done.signal()
+            } catch {
+                FileHandleOutput.standardError("squeezetrain: error: coordinator: \(error)\n")
+                exit(1)
+            }
+        }
+        thread.name = "coordinator"
+        thread.start()
+    }
+
+    /// The coordinator's summary once it has finished, or nil after `timeout`.
+    func wait(timeout: Duration) -> ClusterSummary? {
+        let seconds = Double(timeout.components.seconds)
+        return done.wait(timeout: .now() + seconds) == .success ? summary : nil
+    }
+}
