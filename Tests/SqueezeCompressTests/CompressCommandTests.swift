@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import SqueezeEngine
 
 /// The `squeezetrain` executable built alongside the tests.
 let squeezetrain: String = {
@@ -33,20 +34,29 @@ func runSqueezetrain(_ arguments: [String]) throws -> (status: Int32, output: St
 
 @Suite("squeezetrain compress (the binary)")
 struct CompressCommandTests {
-    let shipped = packageRoot.appendingPathComponent("docs/results/squeezenet-bn-late-80-epochs.safetensors").path
+    /// Weights of a small SqueezeNet with BatchNorm (so that evaluating the test set is quick), written into `dir`.
+    func smallWeights(in dir: String) throws -> String {
+        let path = dir + "/small.safetensors"
+        try Network(config: smallConfig(steps: 0).model, seed: 1).saveWeights(to: path)
+        return path
+    }
 
     @Test func aTinyRunWritesAFileThatInspectAndEvalAccept() throws {
         let dir = try temporaryDirectory("compress")
         defer { try? FileManager.default.removeItem(atPath: dir) }
+        let weights = try smallWeights(in: dir)
         let output = dir + "/m.sqz", report = dir + "/report.json"
-        let run = try runSqueezetrain(["compress", "--weights", shipped, "--output", output, "--bits", "6", "--prune-steps", "2",
-                                       "--quantize-steps", "2", "--batch-size", "16", "--eval-images", "100", "--report", report])
+        let run = try runSqueezetrain(["compress", "--weights", weights, "--output", output, "--bits", "6", "--prune-steps", "2",
+                                       "--quantize-steps", "2", "--batch-size", "16", "--report", report])
         #expect(run.status == 0, "\(run.output)")
         for stage in ["dense", "pruned to", "after pruning retraining", "quantized to 6 bits", "after quantized fine-tuning", "wrote \(output)"] {
             #expect(run.output.contains(stage), "\(stage) in \(run.output)")
         }
         let json = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: report))) as? [String: Any])
-        #expect((json["stages"] as? [Any])?.count == 5)
+        let stages = try #require(json["stages"] as? [[String: Any]])
+        let names = stages.map { $0["stage"] as? String ?? "" }
+        #expect(names.count == 5 && names[1].hasPrefix("pruned to "), "\(names)")
+        #expect([names[0]] + names.dropFirst(2) == ["dense", "after pruning retraining", "quantized to 6 bits", "after quantized fine-tuning"])
         let bytes = try #require(json["compressed_bytes"] as? Int)
         #expect(bytes == (try FileManager.default.attributesOfItem(atPath: output)[.size] as? Int))
 
@@ -57,29 +67,30 @@ struct CompressCommandTests {
         let layers = try #require(table["layers"] as? [[String: Any]])
         let expand = try #require(layers.first { $0["name"] as? String == "features.3.expand3x3.weight" })
         #expect(expand["bits"] as? Int == 6)
-        #expect(abs((expand["density"] as? Double ?? 0) - 0.33) < 0.001)
+        #expect(abs((expand["density"] as? Double ?? 0) - 0.33) < 0.01)
 
+        // eval decodes the file into the model compress last evaluated: the same test accuracy, to the last digit.
         let eval = try runSqueezetrain(["eval", "--weights", output, "--json"])
         #expect(eval.status == 0, "\(eval.output)")
         let accuracy = try #require((try JSONSerialization.jsonObject(with: Data(eval.output.utf8)) as? [String: Any])?["accuracy"] as? Double)
-        #expect(accuracy > 0.5)  // a trained model, pruned and quantized, not a broken one (chance is 0.1)
+        #expect(accuracy == stages.last?["test_accuracy"] as? Double)
 
         // The output is not replaced without --force.
-        let again = try runSqueezetrain(["compress", "--weights", shipped, "--output", output])
+        let again = try runSqueezetrain(["compress", "--weights", weights, "--output", output])
         #expect(again.status != 0 && again.output.contains("--output \(output) exists; give --force"), "\(again.output)")
     }
 
     @Test func badInputIsRefusedBeforeAnyTrainingNamingTheProblem() throws {
         let dir = try temporaryDirectory("compress-bad")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let out = dir + "/m.sqz"
+        let out = dir + "/m.sqz", weights = try smallWeights(in: dir)
         let cases: [([String], String)] = [
             (["--weights", dir + "/missing.safetensors", "--output", out], "missing.safetensors: no such file"),
-            (["--weights", shipped, "--output", out, "--bits", "9"], "--bits must be in 1...8 (got 9)"),
-            (["--weights", shipped, "--output", out, "--density", "expand3x3=1.5"], "--density 'expand3x3=1.5': the density must be in (0, 1]"),
-            (["--weights", shipped, "--output", out, "--density", "fc7=0.1"], "'fc7' is neither a group"),
-            (["--weights", shipped, "--output", out, "--density", "features.99.weight=0.1"], "holds no weight tensor 'features.99.weight'"),
-            (["--weights", shipped, "--output", dir + "/no/such/dir/m.sqz"], "does not exist"),
+            (["--weights", weights, "--output", out, "--bits", "9"], "--bits must be in 1...8 (got 9)"),
+            (["--weights", weights, "--output", out, "--density", "expand3x3=1.5"], "--density 'expand3x3=1.5': the density must be in (0, 1]"),
+            (["--weights", weights, "--output", out, "--density", "fc7=0.1"], "'fc7' is neither a group"),
+            (["--weights", weights, "--output", out, "--density", "features.99.weight=0.1"], "holds no weight tensor 'features.99.weight'"),
+            (["--weights", weights, "--output", dir + "/no/such/dir/m.sqz"], "does not exist"),
         ]
         for (arguments, message) in cases {
             let run = try runSqueezetrain(["compress"] + arguments)
