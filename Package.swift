@@ -32,8 +32,8 @@ let package = Package(
         // ZeroMQ wrapper, transports, wire protocol, all-reduce algorithms, byte counters.
         .target(name: "SqueezeComm", dependencies: ["CZeroMQ", "CLinux", "SqueezeSystem"], swiftSettings: optimize),
 
-        // Deep Compression: pruning, weight sharing, Huffman coding, the .sqz file format.
-        .target(name: "SqueezeCompress", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
+        // Deep Compression: pruning, weight sharing (and their retraining), Huffman coding, the .sqz file format.
+        .target(name: "SqueezeCompress", dependencies: ["SqueezeEngine", "SqueezeTraining"], swiftSettings: optimize),
 
         // Single-process training: trainer, checkpoints, metrics, progress.
         .target(name: "SqueezeTraining", dependencies: ["SqueezeSystem", "SqueezeEngine", "SqueezeData"], swiftSettings: optimize),
@@ -54,7 +54,7 @@ let package = Package(
         .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
         .testTarget(name: "SqueezeCommTests", dependencies: ["SqueezeComm"]),
-        .testTarget(name: "SqueezeCompressTests", dependencies: ["SqueezeCompress", "SqueezeEngine"]),
+        .testTarget(name: "SqueezeCompressTests", dependencies: ["SqueezeCompress", "SqueezeEngine", "SqueezeData", "SqueezeTraining"]),
         .testTarget(name: "SqueezeTrainingTests", dependencies: ["SqueezeTraining"], exclude: ["Fixtures"]),
         .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeCluster", "SqueezeComm", "SqueezeEngine", "SqueezeTraining"]),
     ]

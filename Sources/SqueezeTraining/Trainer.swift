@@ -50,6 +50,8 @@ public final class Trainer {
     public let rank: Int, worldSize: Int
     /// Steps completed (global, counting steps before a resume).
     public var step = 0
+    /// Applied around every optimizer step (pruning masks, weight sharing); nil: plain SGD.
+    public var constraint: ParameterConstraint?
     private let lossGradient = FloatBuffer()
 
     public init(config: TrainingConfig, trainSet: CIFAR10, rank: Int = 0, worldSize: Int = 1) throws {
@@ -128,7 +130,9 @@ public final class Trainer {
                 + (reducer == nil ? "backward" : "the all-reduce") + " (loss \(loss)); the weights of step \(step) are kept. "
                 + "The usual cause is a learning rate too high (--lr \(config.learningRate), now \(lr)); lower it, or add --warmup-epochs")
         }
+        constraint?.willUpdate(network.parameters, optimizer: optimizer, learningRate: lr)
         optimizer.step(network.parameters, learningRate: lr)
+        constraint?.didUpdate(network.parameters)
         let t3 = DispatchTime.now().uptimeNanoseconds
         let result = StepResult(step: step, epoch: epoch, loss: loss, correct: correct, images: batch.count,
                                 learningRate: lr, computeSeconds: Double(t1 - t0 + t3 - t2) * 1e-9,
