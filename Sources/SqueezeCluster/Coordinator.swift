@@ -483,7 +483,7 @@ final class Progress {
                               imagesPerSecond: Double((completed - startStep) * options.config.batchSize) / max(total, 1e-9),
                               perRank: traffic, theoryBytesPerWorker: theory, hubBytesSent: 0, hubBytesReceived: 0,
                               testAccuracy: testAccuracies.last, interruptedBy: stopRequest != nil ? stop.signal : nil,
-                              finalStep: completed, stoppedEarly: stopRequest)
+                              finalStep: completed, stoppedEarly: completed < options.config.totalSteps ? stopRequest : nil)
     }
 }
 

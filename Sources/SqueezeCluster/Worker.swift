@@ -95,7 +95,8 @@ public final class Worker {
         }
         step = model.trainer.step
         // Wait for the coordinator's word that everyone is done (it may still need our data plane).
-        _ = try expect(channel, timeout: timeout * 4, waitingFor: "the stop signal") {
+        // A signal now changes nothing: the coordinator's stop ends the run in a moment.
+        _ = try expect(channel, timeout: timeout * 4, waitingFor: "the stop signal", interruptible: false) {
             if case .stop(let s) = $0, s.afterStep == nil { true } else { nil }
         }
         if rank == 0, model.trainer.isFinished, let path = welcome.saveWeights {
@@ -165,12 +166,13 @@ public final class Worker {
         return (BucketedReducer(reducer: allReducer, plan: plan), feedback)
     }
 
-    /// Waits for the message `match` accepts; an abort or reject ends the wait with an error.
+    /// Waits for the message `match` accepts; an abort or reject ends the wait with an error, and so does
+    /// a signal to this process (when `interruptible`) or a refused handshake.
     private func expect<T>(_ channel: any ControlClientChannel, timeout: Duration, waitingFor what: String,
-                           _ match: (ControlMessage) -> T?) throws -> T {
+                           interruptible: Bool = true, _ match: (ControlMessage) -> T?) throws -> T {
         let deadline = clock.now + timeout
         while clock.now < deadline {
-            if let reason = signals.reason { throw Interrupted(reason: "\(reason) while waiting for \(what)", signal: signals.signal) }
+            if interruptible, let reason = signals.reason { throw Interrupted(reason: "\(reason) while waiting for \(what)", signal: signals.signal) }
             if let failure = channel.handshakeFailure {
                 throw ClusterError("authentication failed: \(failure). Give every process of the run the same --key-file (or --insecure to all)")
             }

@@ -77,6 +77,12 @@ struct CoordinatorCommand: ParsableCommand {
                      + (communication.checkpoints.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
                 throw ExitCode(128 + sig)
             }
+            if let reason = summary.stoppedEarly {
+                // A worker asked for the stop (a signal to it): the run is not complete.
+                emit("stopped early after step \(summary.finalStep): \(reason)"
+                     + (communication.checkpoints.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
+                throw ExitCode(1)
+            }
         } catch let e as ExitCode {
             throw e
         } catch let e as Interrupted {

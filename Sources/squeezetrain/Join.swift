@@ -150,6 +150,12 @@ struct Join: ParsableCommand {
                  + (cluster.checkpoints.checkpointDir != nil ? "; continue with join --resume\n" : "\n"))
             throw ExitCode(128 + sig)
         }
+        if let reason = summary.stoppedEarly {
+            // A worker asked for the stop (a signal to it): the run is not complete.
+            emit("stopped early after step \(summary.finalStep): \(reason)"
+                 + (cluster.checkpoints.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
+            throw ExitCode(1)
+        }
     }
 }
 

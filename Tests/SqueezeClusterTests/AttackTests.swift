@@ -263,4 +263,25 @@ struct AttackTests {
         #expect(c.output.contains("signal 15 while waiting for workers"), "\(c.output)")
         #expect(w.output.contains("signal 15 while waiting for a rank"), "\(w.output)")
     }
+
+    /// SIGTERM to one worker during training: it asks the coordinator to stop, every rank stops after
+    /// the same step, rank 0 checkpoints there, and the coordinator says the run is incomplete.
+    @Test func aSignalToAWorkerStopsTheRunAtOneStepWithACheckpoint() throws {
+        let dir = try temporaryDirectory("worker-signal")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let (c, endpoint) = try startCoordinator(["--workers", "2", "--steps", "2000", "--batch-size", "16", "--no-eval",
+                                                  "--checkpoint-dir", dir + "/ckpt"], in: dir)
+        let w = try workers(endpoint, dir: dir, tag: "signal")
+        #expect(c.waitForOutput("all 2 worker(s) ready"), "\(c.output)")
+        #expect(w[1].waitForOutput("rank 1 of 2"), "\(w[1].output)")
+        kill(w[1].process.processIdentifier, SIGTERM)
+        #expect(c.wait(timeout: 60) == 1, "\(c.output)")
+        for x in w { #expect(x.wait(timeout: 30) == 0, "\(x.output)") }
+        #expect(w[1].output.contains("rank 1: signal 15: asking the coordinator to stop the run"), "\(w[1].output)")
+        guard let range = c.output.range(of: #"worker rank 1 asks to stop \(signal 15\): stopping after step (\d+)"#, options: .regularExpression)
+        else { Issue.record("no stop line:\n\(c.output)"); return }
+        let step = Int(c.output[range].split(separator: " ").last!)!
+        #expect(c.output.contains("stopped early after step \(step): worker rank 1 asks to stop"), "\(c.output)")
+        #expect(FileManager.default.fileExists(atPath: dir + String(format: "/ckpt/checkpoint-%09d.safetensors", step)))
+    }
 }
