@@ -71,23 +71,11 @@ struct CoordinatorCommand: ParsableCommand {
                                              security: try security.security(endpoint: bind),
                                              metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
                                              events: eventWriter(events), log: { emit("\($0)\n") })
-            printSummary(summary, workers: workers)
-            if let sig = summary.interruptedBy {
-                emit("stopped by signal \(sig) after step \(summary.finalStep)"
-                     + (communication.checkpoints.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
-                throw ExitCode(128 + sig)
-            }
-            if let reason = summary.stoppedEarly {
-                // A worker asked for the stop (a signal to it): the run is not complete.
-                emit("stopped early after step \(summary.finalStep): \(reason)"
-                     + (communication.checkpoints.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
-                throw ExitCode(1)
-            }
+            try endRun(summary, workers: workers, resume: communication.checkpoints.checkpointDir != nil ? "--resume" : nil)
         } catch let e as ExitCode {
             throw e
         } catch let e as Interrupted {
-            emit("\(e)\n")
-            throw ExitCode(e.signal.map { 128 + $0 } ?? 1)
+            throw stoppedBeforeTraining(e)
         } catch {
             throw fail(String(describing: error))
         }
@@ -214,12 +202,33 @@ struct WorkerCommand: ParsableCommand {
             try runWorker(coordinator: coordinator, options: options, dataHost: { try advertise ?? localAddress(towards: coordinator) },
                           security: try self.security.security(endpoint: coordinator), signals: signals, events: eventWriter(events))
         } catch let e as Interrupted {
-            emit("\(e)\n")
-            throw ExitCode(e.signal.map { 128 + $0 } ?? 1)
+            throw stoppedBeforeTraining(e)
         } catch {
             throw fail(String(describing: error))
         }
     }
+}
+
+/// Prints a finished run's summary; a run that stopped before its last step (a signal to the
+/// coordinator: 128 + the signal; a worker's request: 1) ends with a non-zero exit code, and says how
+/// to continue (`resume`, e.g. "--resume", when there are checkpoints).
+func endRun(_ summary: ClusterSummary, workers: Int, resume: String?) throws {
+    printSummary(summary, workers: workers)
+    let hint = resume.map { "; continue with \($0)\n" } ?? "\n"
+    if let sig = summary.interruptedBy {
+        emit("stopped by signal \(sig) after step \(summary.finalStep)" + hint)
+        throw ExitCode(128 + sig)
+    }
+    if let reason = summary.stoppedEarly {
+        emit("stopped early after step \(summary.finalStep): \(reason)" + hint)
+        throw ExitCode(1)
+    }
+}
+
+/// A stop before training (a signal while waiting): said plainly, exit 128 + the signal (1 without one).
+func stoppedBeforeTraining(_ e: Interrupted) -> ExitCode {
+    emit("\(e)\n")
+    return ExitCode(e.signal.map { 128 + $0 } ?? 1)
 }
 
 /// Runs a worker connected to the control endpoint `coordinator` until the run ends; its data plane

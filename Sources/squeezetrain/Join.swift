@@ -103,8 +103,7 @@ struct Join: ParsableCommand {
             do {
                 try runWorker(coordinator: route, options: options, dataHost: dataHost, security: peers, signals: signals)
             } catch let e as Interrupted {
-                emit("\(e)\n")
-                throw ExitCode(e.signal.map { 128 + $0 } ?? 1)
+                throw stoppedBeforeTraining(e)
             } catch {
                 throw fail(String(describing: error))
             }
@@ -144,18 +143,7 @@ struct Join: ParsableCommand {
         guard let summary = coordinator.wait(timeout: .seconds(Int(cluster.timeout.rounded(.up)) * 4 + 30)) else {
             throw fail("join: worker 0 finished but the coordinator did not")
         }
-        printSummary(summary, workers: job.worldSize)
-        if let sig = summary.interruptedBy {
-            emit("stopped by signal \(sig) after step \(summary.finalStep)"
-                 + (cluster.checkpoints.checkpointDir != nil ? "; continue with join --resume\n" : "\n"))
-            throw ExitCode(128 + sig)
-        }
-        if let reason = summary.stoppedEarly {
-            // A worker asked for the stop (a signal to it): the run is not complete.
-            emit("stopped early after step \(summary.finalStep): \(reason)"
-                 + (cluster.checkpoints.checkpointDir != nil ? "; continue with --resume\n" : "\n"))
-            throw ExitCode(1)
-        }
+        try endRun(summary, workers: job.worldSize, resume: cluster.checkpoints.checkpointDir != nil ? "join --resume" : nil)
     }
 }
 

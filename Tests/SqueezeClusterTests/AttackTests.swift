@@ -37,18 +37,6 @@ func rawSend(_ fd: Int32, _ bytes: [UInt8]) {
 
 func port(of endpoint: String) -> Int { Int(endpoint.split(separator: ":").last!)! }
 
-/// A deterministic generator for the fuzzer (SplitMix64).
-struct FuzzRandom: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 /// Attacks on both planes of a run, from a thread of its own, until told to stop.
 final class Attacker: @unchecked Sendable {
     // @unchecked Sendable: `lock` guards every field the test reads.
@@ -71,7 +59,7 @@ final class Attacker: @unchecked Sendable {
     func stop() { lock.withLock { running = false }; done.wait() }
 
     private func run() {
-        var rng = FuzzRandom(state: seed)
+        var rng = SeededRNG(seed: seed, stream: 0)
         let context = try! ZMQContext()
         defer { context.terminate() }
         var sockets = [ZMQSocket]()
