@@ -105,6 +105,33 @@ final class HeaderScratch {
     }
 }
 
+/// What the ring and the tree share: every rank a participant, its transport, the settings, and the
+/// reducer's own memory (headers, compressed payloads, the error-feedback residual).
+public class PeerCollective<T: Transport> {
+    public let transport: T
+    public let options: CollectiveOptions
+    public let compression: GradientCompression
+    let header = HeaderScratch()
+    /// Payloads this call sends (compressed only).
+    let outgoing = ScratchBytes()
+    /// int8: this rank's encoded contribution to a sum it receives (not sent itself).
+    let contribution = ScratchBytes()
+    let residual = Residual()
+
+    public init(transport: T, options: CollectiveOptions = CollectiveOptions(),
+                compression: GradientCompression = .none) {
+        compression.checkValid()
+        self.transport = transport
+        self.options = options
+        self.compression = compression
+    }
+
+    public var participants: Int { transport.worldSize }
+
+    public func errorFeedback(count: Int) -> [Float] { residual.snapshot(count: count) }
+    public func restoreErrorFeedback(_ saved: [Float]) { residual.restore(saved) }
+}
+
 // MARK: - Ring
 
 /// Ring all-reduce: reduce-scatter then all-gather, rank r sending to r+1 and receiving
@@ -144,27 +171,7 @@ final class HeaderScratch {
 ///
 /// Compressed payloads are encoded into memory the reducer owns (a transport may send them
 /// without a copy), as much as the call sends; a group of one leaves the buffer as it is.
-public final class RingAllReduce<T: Transport>: AllReducer {
-    public let transport: T
-    public let options: CollectiveOptions
-    public let compression: GradientCompression
-    private let header = HeaderScratch()
-    /// Payloads this call sends (compressed only).
-    private let outgoing = ScratchBytes()
-    /// int8: this rank's encoded contribution to a chunk it receives (not sent itself).
-    private let contribution = ScratchBytes()
-    fileprivate let residual = Residual()
-
-    public init(transport: T, options: CollectiveOptions = CollectiveOptions(),
-                compression: GradientCompression = .none) {
-        compression.checkValid()
-        self.transport = transport
-        self.options = options
-        self.compression = compression
-    }
-
-    public var participants: Int { transport.worldSize }
-
+public final class RingAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
     public func allReduceAverage(_ buffer: UnsafeMutableBufferPointer<Float>, range: Range<Int>, tag: CollectiveTag) throws {
         try checkCollectiveRange(range, bufferCount: buffer.count)
         guard transport.worldSize > 1, !range.isEmpty else { return }
@@ -603,27 +610,7 @@ public func treeChildren(_ r: Int, worldSize n: Int) -> [Int] { [2 * r + 1, 2 * 
 /// of partial sums on its way to the root (the ring: N − 2), plus the average's one encoding.
 /// topk is refused (`CommError.invalidArgument`): a sparse partial sum grows with every merge, so
 /// the tree would move no fewer bytes than a gather; use the ring or the star.
-public final class TreeAllReduce<T: Transport>: AllReducer {
-    public let transport: T
-    public let options: CollectiveOptions
-    public let compression: GradientCompression
-    private let header = HeaderScratch()
-    /// Payloads this call sends (compressed only).
-    private let outgoing = ScratchBytes()
-    /// int8: this rank's encoded contribution to a sum it receives (not sent itself).
-    private let contribution = ScratchBytes()
-    fileprivate let residual = Residual()
-
-    public init(transport: T, options: CollectiveOptions = CollectiveOptions(),
-                compression: GradientCompression = .none) {
-        compression.checkValid()
-        self.transport = transport
-        self.options = options
-        self.compression = compression
-    }
-
-    public var participants: Int { transport.worldSize }
-
+public final class TreeAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
     public func allReduceAverage(_ buffer: UnsafeMutableBufferPointer<Float>, range: Range<Int>, tag: CollectiveTag) throws {
         try checkCollectiveRange(range, bufferCount: buffer.count)
         if case .topk = compression {
@@ -699,17 +686,11 @@ public final class TreeAllReduce<T: Transport>: AllReducer {
     }
 }
 
-extension RingAllReduce: ErrorFeedbackReducer {
-    public func errorFeedback(count: Int) -> [Float] { residual.snapshot(count: count) }
-    public func restoreErrorFeedback(_ saved: [Float]) { residual.restore(saved) }
-}
+extension RingAllReduce: ErrorFeedbackReducer {}
 
 extension StarAllReduceWorker: ErrorFeedbackReducer {
     public func errorFeedback(count: Int) -> [Float] { residual.snapshot(count: count) }
     public func restoreErrorFeedback(_ saved: [Float]) { residual.restore(saved) }
 }
 
-extension TreeAllReduce: ErrorFeedbackReducer {
-    public func errorFeedback(count: Int) -> [Float] { residual.snapshot(count: count) }
-    public func restoreErrorFeedback(_ saved: [Float]) { residual.restore(saved) }
-}
+extension TreeAllReduce: ErrorFeedbackReducer {}

@@ -227,12 +227,13 @@ struct BenchClusterCommand: ParsableCommand {
         let stepTimes = bySteps.values.map { $0.map { number($0, "step_seconds") }.max() ?? 0 }.sorted()
         let median = stepTimes[stepTimes.count / 2]
         let n = Double(lines.count)
+        func mean(_ k: String) -> Double { lines.reduce(0) { $0 + number($1, k) } / n }
         return Report(workers: workers, batchSize: batchSize, threadsPerWorker: threads, model: model.config.architecture.rawValue,
                       allreduce: communication.allreduce.rawValue, steps: bySteps.count, encrypted: !insecure,
                       imagesPerSecond: Double(batchSize) / median, secondsPerStepMedian: median,
-                      bytesSentPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_sent") } / n,
-                      bytesReceivedPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_received") } / n,
-                      theoryBytesSentPerWorkerPerStep: number(lines[0], "theory_bytes_sent"),
+                      bytesSentPerWorkerPerStep: mean("allreduce_bytes_sent"), bytesReceivedPerWorkerPerStep: mean("allreduce_bytes_received"),
+                      // The mean over the lines like the bytes (ring and star lines carry one figure, the tree's differ by rank).
+                      theoryBytesSentPerWorkerPerStep: mean("theory_bytes_sent"),
                       allreduceShareOfStep: lines.reduce(0) { $0 + number($1, "allreduce_seconds") } / max(lines.reduce(0) { $0 + number($1, "step_seconds") }, 1e-9))
     }
 }
