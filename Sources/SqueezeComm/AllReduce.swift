@@ -1,5 +1,7 @@
 // All-reduce (average) of Float buffers: ring and star.
 
+import SqueezeSystem
+
 /// Settings shared by the collectives. Every rank of a group must use the same chunk size.
 public struct CollectiveOptions: Sendable {
     /// Payload bytes per message; segments are cut into chunks of this size so that
@@ -146,6 +148,8 @@ final class HeaderScratch {
 /// without a copy), as much as the call sends; a group of one leaves the buffer as it is.
 public final class RingAllReduce<T: Transport>: AllReducer {
     public let transport: T
+    /// Records each chunk's sends, receives and reduces (nil: not traced).
+    public var tracer: Tracer?
     public let options: CollectiveOptions
     public let compression: GradientCompression
     private let header = HeaderScratch()
@@ -200,9 +204,11 @@ public final class RingAllReduce<T: Transport>: AllReducer {
                        encoding: codec.encoding)
         }
         func send(_ kind: WireHeader.Kind, step: Int, _ start: Int, _ length: Int, _ payload: UnsafeRawPointer) throws {
-            try transport.send(control: header.encode(wireHeader(kind, from: r, step: step, start, length)),
-                               payload: UnsafeRawBufferPointer(start: payload, count: codec.payloadBytes(count: length)),
-                               to: right)
+            let bytes = codec.payloadBytes(count: length)
+            try traced(tracer, .allReduce, "send", "send", ["to": right, "bytes": bytes]) {
+                try transport.send(control: header.encode(wireHeader(kind, from: r, step: step, start, length)),
+                                   payload: UnsafeRawBufferPointer(start: payload, count: bytes), to: right)
+            }
         }
 
         // Reduce-scatter, step 0: our own segment r goes out, chunk by chunk (int8: with error
@@ -220,9 +226,13 @@ public final class RingAllReduce<T: Transport>: AllReducer {
             try forEachChunk(segment(r - s - 1), chunk) { off, len in
                 codec.contribute(p + off, residual: residual.map { $0 + off }, count: len, scratch: contribution)
                 let expected = wireHeader(.reduceScatter, from: left, step: s, off, len)
-                try transport.receive(from: left, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
-                    codec.accumulate(payload.baseAddress!, into: p + off, count: len, first: false, divisor: last ? divisor : nil)
+                try traced(tracer, .allReduce, "receive", "receive", ["from": left, "bytes": codec.payloadBytes(count: len)]) {
+                    try transport.receive(from: left, timeout: timeout) { control, payload in
+                        try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
+                        traced(tracer, .allReduce, "reduce", "reduce", ["elements": len]) {
+                            codec.accumulate(payload.baseAddress!, into: p + off, count: len, first: false, divisor: last ? divisor : nil)
+                        }
+                    }
                 }
                 let out = try codec.encodeSum(p + off, count: len, keepDecoded: last, scratch: outgoing)
                 try send(last ? .allGather : .reduceScatter, step: last ? 0 : s + 1, off, len, out)
@@ -234,9 +244,11 @@ public final class RingAllReduce<T: Transport>: AllReducer {
             let forwarding = s < n - 2
             try forEachChunk(segment(r - s), chunk) { off, len in
                 let expected = wireHeader(.allGather, from: left, step: s, off, len)
-                let forward = try transport.receive(from: left, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
-                    return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: forwarding, scratch: outgoing)
+                let forward = try traced(tracer, .allReduce, "receive", "receive", ["from": left, "bytes": codec.payloadBytes(count: len)]) {
+                    try transport.receive(from: left, timeout: timeout) { control, payload in
+                        try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
+                        return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: forwarding, scratch: outgoing)
+                    }
                 }
                 if let forward { try send(.allGather, step: s + 1, off, len, forward) }
             }
@@ -326,6 +338,8 @@ func sendSparse(pairs: Int, perMessage bytes: Int, _ send: (Int, Int, Bool) thro
 /// g + residual as a sparse vector and gets back the nonzero entries of the average.
 public final class StarAllReduceWorker<T: Transport>: AllReducer {
     public let transport: T
+    /// Records each chunk's sends, receives and reduces (nil: not traced).
+    public var tracer: Tracer?
     public let hub: Int
     public let options: CollectiveOptions
     public let compression: GradientCompression
@@ -373,14 +387,18 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
         try forEachChunk(range, chunk) { off, len in
             let out = try codec.encodeOwn(p + off, residual: residual.map { $0 + off }, count: len, scratch: outgoing)
             let h = WireHeader(kind: .starContribution, sender: r, tag: tag, offset: off, count: len, encoding: codec.encoding)
-            try transport.send(control: header.encode(h),
-                               payload: UnsafeRawBufferPointer(start: out, count: codec.payloadBytes(count: len)), to: hub)
+            let bytes = codec.payloadBytes(count: len)
+            try traced(tracer, .allReduce, "send", "send", ["to": hub, "bytes": bytes]) {
+                try transport.send(control: header.encode(h), payload: UnsafeRawBufferPointer(start: out, count: bytes), to: hub)
+            }
         }
         try forEachChunk(range, chunk) { off, len in
             let expected = WireHeader(kind: .starResult, sender: hub, tag: tag, offset: off, count: len, encoding: codec.encoding)
-            _ = try transport.receive(from: hub, timeout: options.timeout) { control, payload in
-                try WireHeader.validate(control: control, payload: payload, from: hub, expected: expected)
-                return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: false, scratch: outgoing)
+            _ = try traced(tracer, .allReduce, "receive", "receive", ["from": hub, "bytes": codec.payloadBytes(count: len)]) {
+                try transport.receive(from: hub, timeout: options.timeout) { control, payload in
+                    try WireHeader.validate(control: control, payload: payload, from: hub, expected: expected)
+                    return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: false, scratch: outgoing)
+                }
             }
         }
     }
@@ -426,6 +444,8 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
 /// the nonzero entries of the average go back as one sparse vector.
 public final class StarAllReduceHub<T: Transport> {
     public let transport: T
+    /// Records each chunk's sends, receives and reduces (nil: not traced).
+    public var tracer: Tracer?
     /// Worker ranks, in summation order.
     public let workers: [Int]
     public let options: CollectiveOptions
@@ -502,18 +522,24 @@ public final class StarAllReduceHub<T: Transport> {
             for (i, w) in workers.enumerated() {
                 let expected = WireHeader(kind: .starContribution, sender: w, tag: tag, offset: offset, count: len,
                                           encoding: codec.encoding)
-                try transport.receive(from: w, timeout: options.timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: w, expected: expected)
-                    codec.accumulate(payload.baseAddress!, into: acc + off, count: len, first: i == 0,
-                                     divisor: i == workers.count - 1 ? divisor : nil)
+                try traced(tracer, .allReduce, "receive", "receive", ["from": w, "bytes": codec.payloadBytes(count: len)]) {
+                    try transport.receive(from: w, timeout: options.timeout) { control, payload in
+                        try WireHeader.validate(control: control, payload: payload, from: w, expected: expected)
+                        traced(tracer, .allReduce, "reduce", "reduce", ["elements": len]) {
+                            codec.accumulate(payload.baseAddress!, into: acc + off, count: len, first: i == 0,
+                                             divisor: i == workers.count - 1 ? divisor : nil)
+                        }
+                    }
                 }
             }
             let out = try codec.encodeSum(acc + off, count: len, keepDecoded: false, scratch: outgoing)
             let control = header.encode(WireHeader(kind: .starResult, sender: r, tag: tag, offset: offset, count: len,
                                                    encoding: codec.encoding))
+            let bytes = codec.payloadBytes(count: len)
             for w in workers {
-                try transport.send(control: control,
-                                   payload: UnsafeRawBufferPointer(start: out, count: codec.payloadBytes(count: len)), to: w)
+                try traced(tracer, .allReduce, "send", "send", ["to": w, "bytes": bytes]) {
+                    try transport.send(control: control, payload: UnsafeRawBufferPointer(start: out, count: bytes), to: w)
+                }
             }
         }
     }
