@@ -95,7 +95,9 @@ public struct TrainingLoop {
         func checkpoint(_ why: String) throws {
             guard checkpointed != trainer.step else { return }
             checkpointed = trainer.step
-            try traced(trainer.tracer, .compute, "checkpoint", "checkpoint (\(why))", ["step": trainer.step]) { try hooks.checkpoint(reason: why) }
+            try traced(trainer.tracer, .compute, "checkpoint", "checkpoint (\(why))", ["step": trainer.step - 1]) {  // the step just done
+                try hooks.checkpoint(reason: why)
+            }
         }
         var stoppedEarly: String?
         let tracer = trainer.tracer

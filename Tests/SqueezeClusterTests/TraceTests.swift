@@ -8,9 +8,8 @@ import SqueezeSystem
 @Suite("--trace timelines (real processes)", .serialized)
 struct TraceTests {
     /// The default model's layers (`train` and `launch` without model flags).
-    static let network = Network(config: ModelConfig())
-    static var layerNames: [String] { network.layers.map(\.name) }
-    static var bucketCount: Int { bucketPlan(layerRanges: network.layerRanges, bucketBytes: 1 << 20).count }
+    static let layerNames = Network(config: ModelConfig()).layers.map(\.name)
+    static let bucketCount = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 1 << 20).count
 
     /// The trace at `path`: standard JSON (read without our decoder first), then its events.
     func read(_ path: String) throws -> [TraceEvent] {
