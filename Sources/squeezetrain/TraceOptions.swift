@@ -8,7 +8,7 @@ import SqueezeTraining
 struct TraceOptions: ParsableArguments {
     @Option(help: ArgumentHelp(
         "Write a timeline here: Chrome trace-event JSON (open it in https://ui.perfetto.dev or chrome://tracing), one track per rank.",
-        discussion: "Off by default, at no cost. See docs/operations.md (\"Timeline\") for what each command records."))
+        discussion: "Off by default, at no cost. See docs/cluster.md (\"Timeline\") for what each command records."))
     var trace: String?
     @Option(help: "Steps the timeline records: N (the N steps after this run's first step, a warm-up) or A:B (steps A to B-1 as the metrics number them); at most 1000 steps. Default: 5.")
     var traceSteps: String?
