@@ -1,5 +1,6 @@
 import Foundation
 import SqueezeComm
+import SqueezeSystem
 import SqueezeTraining
 
 /// Gradient buckets: contiguous slices of the flat gradient buffer, built from whole layers in
@@ -37,6 +38,8 @@ public final class BucketedReducer: GradientReducer, @unchecked Sendable {
     public var step = 0
     /// Seconds the communication thread spent in all-reduces during the last step.
     public private(set) var busySeconds = 0.0
+    /// Records each bucket's all-reduce on the communication thread (nil: not traced); set before the first step.
+    public var tracer: Tracer?
 
     public init(reducer: any AllReducer, plan: [Range<Int>]) {
         self.reducer = reducer
@@ -87,8 +90,12 @@ public final class BucketedReducer: GradientReducer, @unchecked Sendable {
             let t0 = DispatchTime.now().uptimeNanoseconds
             if !failed {
                 do {
-                    try reducer.allReduceAverage(job.buffer, range: plan[job.bucket],
-                                                 tag: CollectiveTag(step: UInt32(truncatingIfNeeded: job.step), bucket: UInt32(job.bucket)))
+                    let range = plan[job.bucket]
+                    try traced(tracer, .allReduce, "allreduce", "all-reduce bucket \(job.bucket)",
+                               ["step": job.step, "bucket": job.bucket, "bytes": range.count * MemoryLayout<Float>.size]) {
+                        try reducer.allReduceAverage(job.buffer, range: range,
+                                                     tag: CollectiveTag(step: UInt32(truncatingIfNeeded: job.step), bucket: UInt32(job.bucket)))
+                    }
                 } catch let e { error = e }
             }
             lock.lock()

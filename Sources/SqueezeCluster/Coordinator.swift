@@ -1,6 +1,7 @@
 import Foundation
 import SqueezeComm
 import SqueezeEngine
+import SqueezeSystem
 import SqueezeTraining
 
 /// How the coordinator runs a cluster.
@@ -35,6 +36,8 @@ public struct CoordinatorOptions: Sendable {
     /// Delete the checkpoints already in `checkpointDirectory` and start at step 0.
     public var startOver = false
     public var quiet = false
+    /// The star hub's timeline (nil: not traced; a ring has no hub).
+    public var tracer: Tracer?
     public init(bind: String, workers: Int, config: TrainingConfig) {
         self.bind = bind; self.workers = workers; self.config = config
     }
@@ -313,7 +316,7 @@ public final class Coordinator {
             all.append(hub.boundEndpoint)
             try hub.connect(topology: .star(hub: n), endpoints: all)
             hubThread = HubThread(hub: hub, options: CollectiveOptions(timeout: options.timeout), compression: options.compression,
-                                  plan: plan, steps: startStep..<config.totalSteps)
+                                  plan: plan, steps: startStep..<config.totalSteps, tracer: options.tracer)
         }
         for id in identities { channel.send(.start(Start(step: startStep, endpoints: all)), to: id!) }
         progress = Progress(options: options, plan: plan, startStep: startStep, metrics: metrics)
@@ -501,14 +504,20 @@ final class HubThread: @unchecked Sendable {
     private var error: Error?
 
     init(hub transport: any DataPlaneTransport, options: CollectiveOptions, compression: GradientCompression,
-         plan: [Range<Int>], steps: Range<Int>) {
-        let reduce = HubReduce(makeHubReduce(transport, options: options, compression: compression))
+         plan: [Range<Int>], steps: Range<Int>, tracer: Tracer?) {
+        let reduce = HubReduce(makeHubReduce(transport, options: options, compression: compression, tracer: tracer))
         Thread {
-            defer { self.done.signal() }
+            defer { self.done.signal(); tracer?.endRecording() }
             for step in steps {
+                tracer?.beginStep(step)
                 for (k, range) in plan.enumerated() {
                     if self.lock.withLock({ self.isCancelled }) { return }
-                    do { try reduce.call(range, CollectiveTag(step: UInt32(step), bucket: UInt32(k))) } catch {
+                    do {
+                        try traced(tracer, .allReduce, "allreduce", "all-reduce bucket \(k)",
+                                   ["step": step, "bucket": k, "bytes": range.count * MemoryLayout<Float>.size]) {
+                            try reduce.call(range, CollectiveTag(step: UInt32(step), bucket: UInt32(k)))
+                        }
+                    } catch {
                         // Cancelled (the run is over or failed elsewhere), or the hub's own failure to report.
                         self.lock.withLock { if !self.isCancelled { self.error = error } }
                         return
@@ -532,9 +541,10 @@ private final class HubReduce: @unchecked Sendable {
 }
 
 /// The hub's reduce for a transport of any type (the collectives are generic over it).
-private func makeHubReduce<T: Transport>(_ transport: T, options: CollectiveOptions, compression: GradientCompression)
+private func makeHubReduce<T: Transport>(_ transport: T, options: CollectiveOptions, compression: GradientCompression, tracer: Tracer?)
     -> (Range<Int>, CollectiveTag) throws -> Void {
     let hub = StarAllReduceHub(transport: transport, options: options, compression: compression)
+    hub.tracer = tracer
     return { try hub.reduce(range: $0, tag: $1) }
 }
 

@@ -2,6 +2,7 @@ import Foundation
 import SqueezeComm
 import SqueezeData
 import SqueezeEngine
+import SqueezeSystem
 import SqueezeTraining
 
 /// How a worker joins a run.
@@ -13,6 +14,10 @@ public struct WorkerOptions: Sendable {
     /// Ask for this rank (the launcher does); nil takes any free one.
     public var rank: Int?
     public var joinTimeout: Duration = .seconds(120)
+    /// Write this rank's timeline here (Chrome trace-event JSON; nil: no trace) ...
+    public var tracePath: String?
+    /// ... for these steps.
+    public var traceWindow = try! TraceWindow(parsing: "5")
     public init() {}
 }
 
@@ -74,12 +79,17 @@ public final class Worker {
         let (rank, world) = (welcome.rank, welcome.worldSize)
         let timeout = Duration.milliseconds(Int(welcome.timeoutSeconds * 1000))
         let model = try prepareModel(welcome)
+        let tracer = options.tracePath.map { Tracer(path: $0, pid: rank, processName: "rank \(rank)", window: options.traceWindow) }
+        model.trainer.tracer = tracer
+        defer {  // also after a failure: the trace of what was recorded
+            do { try tracer?.write() } catch { log("rank \(rank): warning: the trace was not written: \(error)") }
+        }
         let plan = bucketPlan(layerRanges: model.trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
         let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm.groupSize(workers: world),
                                                     kind: welcome.transport, maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0))
         defer { transport.close(flushTimeout: .milliseconds(500)) }
         try joinDataPlane(welcome, model: model, transport: transport, channel: channel)
-        let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout)
+        let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout, tracer: tracer)
         defer { reducer.close() }
         log("rank \(rank) of \(world): \(model.trainer.trainSet.count) images from \(model.dataDirectory), data plane \(transport.boundEndpoint)")
 
@@ -147,10 +157,10 @@ public final class Worker {
 
     /// The bucketed all-reduce over `transport`, with this rank's error-feedback residual restored on a resume.
     private func makeReducer(_ welcome: Welcome, trainer: Trainer, transport: any DataPlaneTransport,
-                             timeout: Duration) -> (BucketedReducer, (any ErrorFeedbackReducer)?) {
+                             timeout: Duration, tracer: Tracer?) -> (BucketedReducer, (any ErrorFeedbackReducer)?) {
         let (rank, world) = (welcome.rank, welcome.worldSize)
         let allReducer = makeAllReducer(transport, algorithm: welcome.algorithm, hub: world, options: CollectiveOptions(timeout: timeout),
-                                        compression: welcome.compression)
+                                        compression: welcome.compression, tracer: tracer)
         let count = trainer.network.parameters.count
         let feedback = welcome.compression.usesErrorFeedback ? allReducer as? any ErrorFeedbackReducer : nil
         if let feedback, let resumed = welcome.resumeFrom {
@@ -163,7 +173,9 @@ public final class Worker {
             }
         }
         let plan = bucketPlan(layerRanges: trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
-        return (BucketedReducer(reducer: allReducer, plan: plan), feedback)
+        let reducer = BucketedReducer(reducer: allReducer, plan: plan)
+        reducer.tracer = tracer
+        return (reducer, feedback)
     }
 
     /// Waits for the message `match` accepts; an abort or reject ends the wait with an error, and so does
@@ -188,13 +200,23 @@ public final class Worker {
     }
 }
 
-/// A worker's all-reduce over a transport of any type (the collectives are generic over it); a star's hub is rank `hub`.
+/// A worker's all-reduce over a transport of any type (the collectives are generic over it); a star's hub
+/// is rank `hub`; `tracer` records its sends, receives and reduces.
 public func makeAllReducer<T: Transport>(_ transport: T, algorithm: AllReduceAlgorithm, hub: Int, options: CollectiveOptions,
-                                         compression: GradientCompression) -> any AllReducer {
+                                         compression: GradientCompression, tracer: Tracer? = nil) -> any AllReducer {
     switch algorithm {
-    case .ring: RingAllReduce(transport: transport, options: options, compression: compression)
-    case .star: StarAllReduceWorker(transport: transport, hub: hub, options: options, compression: compression)
-    case .tree: TreeAllReduce(transport: transport, options: options, compression: compression)
+    case .ring:
+        let ring = RingAllReduce(transport: transport, options: options, compression: compression)
+        ring.tracer = tracer
+        return ring
+    case .star:
+        let star = StarAllReduceWorker(transport: transport, hub: hub, options: options, compression: compression)
+        star.tracer = tracer
+        return star
+    case .tree:
+        let tree = TreeAllReduce(transport: transport, options: options, compression: compression)
+        tree.tracer = tracer
+        return tree
     }
 }
 

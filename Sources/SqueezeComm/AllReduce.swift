@@ -1,5 +1,7 @@
 // All-reduce (average) of Float buffers: ring, star and tree.
 
+import SqueezeSystem
+
 /// Settings shared by the collectives. Every rank of a group must use the same chunk size.
 public struct CollectiveOptions: Sendable {
     /// Payload bytes per message; segments are cut into chunks of this size so that
@@ -111,6 +113,8 @@ public class PeerCollective<T: Transport> {
     public let transport: T
     public let options: CollectiveOptions
     public let compression: GradientCompression
+    /// Records each chunk's sends, receives and reduces (nil: not traced).
+    public var tracer: Tracer?
     let header = HeaderScratch()
     /// Payloads this call sends (compressed only).
     let outgoing = ScratchBytes()
@@ -207,9 +211,11 @@ public final class RingAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
                        encoding: codec.encoding)
         }
         func send(_ kind: WireHeader.Kind, step: Int, _ start: Int, _ length: Int, _ payload: UnsafeRawPointer) throws {
-            try transport.send(control: header.encode(wireHeader(kind, from: r, step: step, start, length)),
-                               payload: UnsafeRawBufferPointer(start: payload, count: codec.payloadBytes(count: length)),
-                               to: right)
+            let bytes = codec.payloadBytes(count: length)
+            try traced(tracer, .allReduce, "send", "send", ["to": right, "bytes": bytes]) {
+                try transport.send(control: header.encode(wireHeader(kind, from: r, step: step, start, length)),
+                                   payload: UnsafeRawBufferPointer(start: payload, count: bytes), to: right)
+            }
         }
 
         // Reduce-scatter, step 0: our own segment r goes out, chunk by chunk (int8: with error
@@ -227,9 +233,13 @@ public final class RingAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
             try forEachChunk(segment(r - s - 1), chunk) { off, len in
                 codec.contribute(p + off, residual: residual.map { $0 + off }, count: len, scratch: contribution)
                 let expected = wireHeader(.reduceScatter, from: left, step: s, off, len)
-                try transport.receive(from: left, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
-                    codec.accumulate(payload.baseAddress!, into: p + off, count: len, first: false, divisor: last ? divisor : nil)
+                try traced(tracer, .allReduce, "receive", "receive", ["from": left, "bytes": codec.payloadBytes(count: len)]) {
+                    try transport.receive(from: left, timeout: timeout) { control, payload in
+                        try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
+                        traced(tracer, .allReduce, "reduce", "reduce", ["elements": len]) {
+                            codec.accumulate(payload.baseAddress!, into: p + off, count: len, first: false, divisor: last ? divisor : nil)
+                        }
+                    }
                 }
                 let out = try codec.encodeSum(p + off, count: len, keepDecoded: last, scratch: outgoing)
                 try send(last ? .allGather : .reduceScatter, step: last ? 0 : s + 1, off, len, out)
@@ -241,9 +251,11 @@ public final class RingAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
             let forwarding = s < n - 2
             try forEachChunk(segment(r - s), chunk) { off, len in
                 let expected = wireHeader(.allGather, from: left, step: s, off, len)
-                let forward = try transport.receive(from: left, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
-                    return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: forwarding, scratch: outgoing)
+                let forward = try traced(tracer, .allReduce, "receive", "receive", ["from": left, "bytes": codec.payloadBytes(count: len)]) {
+                    try transport.receive(from: left, timeout: timeout) { control, payload in
+                        try WireHeader.validate(control: control, payload: payload, from: left, expected: expected)
+                        return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: forwarding, scratch: outgoing)
+                    }
                 }
                 if let forward { try send(.allGather, step: s + 1, off, len, forward) }
             }
@@ -333,6 +345,8 @@ func sendSparse(pairs: Int, perMessage bytes: Int, _ send: (Int, Int, Bool) thro
 /// g + residual as a sparse vector and gets back the nonzero entries of the average.
 public final class StarAllReduceWorker<T: Transport>: AllReducer {
     public let transport: T
+    /// Records each chunk's sends, receives and reduces (nil: not traced).
+    public var tracer: Tracer?
     public let hub: Int
     public let options: CollectiveOptions
     public let compression: GradientCompression
@@ -380,14 +394,18 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
         try forEachChunk(range, chunk) { off, len in
             let out = try codec.encodeOwn(p + off, residual: residual.map { $0 + off }, count: len, scratch: outgoing)
             let h = WireHeader(kind: .starContribution, sender: r, tag: tag, offset: off, count: len, encoding: codec.encoding)
-            try transport.send(control: header.encode(h),
-                               payload: UnsafeRawBufferPointer(start: out, count: codec.payloadBytes(count: len)), to: hub)
+            let bytes = codec.payloadBytes(count: len)
+            try traced(tracer, .allReduce, "send", "send", ["to": hub, "bytes": bytes]) {
+                try transport.send(control: header.encode(h), payload: UnsafeRawBufferPointer(start: out, count: bytes), to: hub)
+            }
         }
         try forEachChunk(range, chunk) { off, len in
             let expected = WireHeader(kind: .starResult, sender: hub, tag: tag, offset: off, count: len, encoding: codec.encoding)
-            _ = try transport.receive(from: hub, timeout: options.timeout) { control, payload in
-                try WireHeader.validate(control: control, payload: payload, from: hub, expected: expected)
-                return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: false, scratch: outgoing)
+            _ = try traced(tracer, .allReduce, "receive", "receive", ["from": hub, "bytes": codec.payloadBytes(count: len)]) {
+                try transport.receive(from: hub, timeout: options.timeout) { control, payload in
+                    try WireHeader.validate(control: control, payload: payload, from: hub, expected: expected)
+                    return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: false, scratch: outgoing)
+                }
             }
         }
     }
@@ -433,6 +451,8 @@ public final class StarAllReduceWorker<T: Transport>: AllReducer {
 /// the nonzero entries of the average go back as one sparse vector.
 public final class StarAllReduceHub<T: Transport> {
     public let transport: T
+    /// Records each chunk's sends, receives and reduces (nil: not traced).
+    public var tracer: Tracer?
     /// Worker ranks, in summation order.
     public let workers: [Int]
     public let options: CollectiveOptions
@@ -509,18 +529,24 @@ public final class StarAllReduceHub<T: Transport> {
             for (i, w) in workers.enumerated() {
                 let expected = WireHeader(kind: .starContribution, sender: w, tag: tag, offset: offset, count: len,
                                           encoding: codec.encoding)
-                try transport.receive(from: w, timeout: options.timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: w, expected: expected)
-                    codec.accumulate(payload.baseAddress!, into: acc + off, count: len, first: i == 0,
-                                     divisor: i == workers.count - 1 ? divisor : nil)
+                try traced(tracer, .allReduce, "receive", "receive", ["from": w, "bytes": codec.payloadBytes(count: len)]) {
+                    try transport.receive(from: w, timeout: options.timeout) { control, payload in
+                        try WireHeader.validate(control: control, payload: payload, from: w, expected: expected)
+                        traced(tracer, .allReduce, "reduce", "reduce", ["elements": len]) {
+                            codec.accumulate(payload.baseAddress!, into: acc + off, count: len, first: i == 0,
+                                             divisor: i == workers.count - 1 ? divisor : nil)
+                        }
+                    }
                 }
             }
             let out = try codec.encodeSum(acc + off, count: len, keepDecoded: false, scratch: outgoing)
             let control = header.encode(WireHeader(kind: .starResult, sender: r, tag: tag, offset: offset, count: len,
                                                    encoding: codec.encoding))
+            let bytes = codec.payloadBytes(count: len)
             for w in workers {
-                try transport.send(control: control,
-                                   payload: UnsafeRawBufferPointer(start: out, count: codec.payloadBytes(count: len)), to: w)
+                try traced(tracer, .allReduce, "send", "send", ["to": w, "bytes": bytes]) {
+                    try transport.send(control: control, payload: UnsafeRawBufferPointer(start: out, count: bytes), to: w)
+                }
             }
         }
     }
@@ -642,10 +668,11 @@ public final class TreeAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
             WireHeader(kind: kind, sender: sender, tag: tag, offset: base + start, count: length, encoding: codec.encoding)
         }
         func send(_ kind: WireHeader.Kind, _ start: Int, _ length: Int, _ payload: UnsafeRawPointer, to peers: [Int]) throws {
-            let control = header.encode(wireHeader(kind, from: r, start, length))
+            let control = header.encode(wireHeader(kind, from: r, start, length)), bytes = codec.payloadBytes(count: length)
             for peer in peers {
-                try transport.send(control: control, payload: UnsafeRawBufferPointer(start: payload, count: codec.payloadBytes(count: length)),
-                                   to: peer)
+                try traced(tracer, .allReduce, "send", "send", ["to": peer, "bytes": bytes]) {
+                    try transport.send(control: control, payload: UnsafeRawBufferPointer(start: payload, count: bytes), to: peer)
+                }
             }
         }
 
@@ -659,10 +686,14 @@ public final class TreeAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
             codec.contribute(p + off, residual: residual.map { $0 + off }, count: len, scratch: contribution)
             for (i, child) in children.enumerated() {
                 let expected = wireHeader(.treeReduce, from: child, off, len)
-                try transport.receive(from: child, timeout: timeout) { control, payload in
-                    try WireHeader.validate(control: control, payload: payload, from: child, expected: expected)
-                    codec.accumulate(payload.baseAddress!, into: p + off, count: len, first: false,
-                                     divisor: parent == nil && i == children.count - 1 ? divisor : nil)
+                try traced(tracer, .allReduce, "receive", "receive", ["from": child, "bytes": codec.payloadBytes(count: len)]) {
+                    try transport.receive(from: child, timeout: timeout) { control, payload in
+                        try WireHeader.validate(control: control, payload: payload, from: child, expected: expected)
+                        traced(tracer, .allReduce, "reduce", "reduce", ["elements": len]) {
+                            codec.accumulate(payload.baseAddress!, into: p + off, count: len, first: false,
+                                             divisor: parent == nil && i == children.count - 1 ? divisor : nil)
+                        }
+                    }
                 }
             }
             let out = try codec.encodeSum(p + off, count: len, keepDecoded: parent == nil, scratch: outgoing)
@@ -677,9 +708,11 @@ public final class TreeAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
         guard let parent else { return }
         try forEachChunk(0..<count, chunk) { off, len in
             let expected = wireHeader(.treeBroadcast, from: parent, off, len)
-            let forward = try transport.receive(from: parent, timeout: timeout) { control, payload in
-                try WireHeader.validate(control: control, payload: payload, from: parent, expected: expected)
-                return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: !children.isEmpty, scratch: outgoing)
+            let forward = try traced(tracer, .allReduce, "receive", "receive", ["from": parent, "bytes": codec.payloadBytes(count: len)]) {
+                try transport.receive(from: parent, timeout: timeout) { control, payload in
+                    try WireHeader.validate(control: control, payload: payload, from: parent, expected: expected)
+                    return try codec.assign(payload.baseAddress!, into: p + off, count: len, forwarding: !children.isEmpty, scratch: outgoing)
+                }
             }
             if let forward { try send(.treeBroadcast, off, len, forward, to: children) }
         }

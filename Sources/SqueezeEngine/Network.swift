@@ -1,3 +1,5 @@
+import SqueezeSystem
+
 /// A model: an ordered list of layers whose parameters live in one `ParameterStore`.
 public final class Network {
     public let config: ModelConfig
@@ -8,6 +10,8 @@ public final class Network {
     /// The flat range of `parameters` owned by each layer (contiguous, in layer order).
     public let layerRanges: [Range<Int>]
     private let workspace = Workspace()
+    /// Records each layer's forward and backward in a timeline (nil: not traced).
+    public var tracer: Tracer?
 
     /// The arithmetic of the convolution GEMMs (`Precision`); fp32 unless set.
     public var precision: Precision {
@@ -83,7 +87,10 @@ public final class Network {
     /// Training mode keeps what `backward` needs; eval mode keeps nothing (its activations rotate
     /// through three shared buffers, and the logits are valid until the next forward).
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
-        layers.reduce(x) { $1.forward($0, training: training) }
+        guard let tracer else { return layers.reduce(x) { $1.forward($0, training: training) } }
+        return layers.reduce(x) { x, layer in
+            traced(tracer, .compute, "forward", "forward " + layer.name) { layer.forward(x, training: training) }
+        }
     }
 
     /// Backward from dL/dlogits (modified in place). Parameter gradients are overwritten.
@@ -92,7 +99,7 @@ public final class Network {
     public func backward(_ dLogits: Tensor, gradientsReady: ((Range<Int>) -> Void)? = nil) {
         var g: Tensor? = dLogits
         for i in layers.indices.reversed() {
-            g = layers[i].backward(g!, needInputGradient: i > 0)
+            g = traced(tracer, .compute, "backward", "backward " + layers[i].name) { layers[i].backward(g!, needInputGradient: i > 0) }
             if let gradientsReady, !layerRanges[i].isEmpty { gradientsReady(layerRanges[i]) }
         }
     }

@@ -1,6 +1,7 @@
 import Foundation
 import SqueezeData
 import SqueezeEngine
+import SqueezeSystem
 
 /// Averages gradients across data-parallel workers. The trainer calls `gradientsReady` for each
 /// layer's flat gradient range as soon as backward has finished it (in reverse layer order), then
@@ -52,6 +53,10 @@ public final class Trainer {
     public var step = 0
     /// Applied around every optimizer step (pruning masks, weight sharing); nil: plain SGD.
     public var constraint: ParameterConstraint?
+    /// The run's timeline (nil: not traced): each step's phases here, the layers in the network's.
+    public var tracer: Tracer? {
+        didSet { network.tracer = tracer }
+    }
     private let lossGradient = FloatBuffer()
 
     public init(config: TrainingConfig, trainSet: CIFAR10, rank: Int = 0, worldSize: Int = 1) throws {
@@ -102,7 +107,7 @@ public final class Trainer {
         let x = Tensor(data: UnsafeMutablePointer(mutating: batch.images),
                        shape: Shape(c: 3, n: batch.count, h: batch.imageSize, w: batch.imageSize))
         let grads = network.parameters.gradientBuffer
-        let logits = network.forward(x, training: true)
+        let logits = traced(tracer, .compute, "forward", "forward", ["step": step]) { network.forward(x, training: true) }
         let dl = Tensor(data: lossGradient.reserve(logits.shape.count), shape: logits.shape)
         let (loss, correct) = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: logits.shape.n,
                                                   labels: batch.labels, labelSmoothing: config.labelSmoothing ?? 0,
@@ -114,13 +119,15 @@ public final class Trainer {
                 + "are kept. The usual cause is a learning rate too high for this model (--lr \(config.learningRate), now "
                 + "\(schedule.rate(at: step))); lower it, or add --warmup-epochs")
         }
-        if let reducer {
-            network.backward(dl) { reducer.gradientsReady($0, of: grads) }
-        } else {
-            network.backward(dl)
+        traced(tracer, .compute, "backward", "backward", ["step": step]) {
+            if let reducer {
+                network.backward(dl) { reducer.gradientsReady($0, of: grads) }
+            } else {
+                network.backward(dl)
+            }
         }
         let t1 = DispatchTime.now().uptimeNanoseconds
-        try reducer?.finish(grads)
+        if let reducer { try traced(tracer, .compute, "wait", "wait for all-reduce", ["step": step]) { try reducer.finish(grads) } }
         let t2 = DispatchTime.now().uptimeNanoseconds
         let lr = schedule.rate(at: step)
         // A finite loss can still give an overflowing gradient (or, in a cluster, a peer's average
@@ -130,9 +137,11 @@ public final class Trainer {
                 + (reducer == nil ? "backward" : "the all-reduce") + " (loss \(loss)); the weights of step \(step) are kept. "
                 + "The usual cause is a learning rate too high (--lr \(config.learningRate), now \(lr)); lower it, or add --warmup-epochs")
         }
-        constraint?.willUpdate(network.parameters, optimizer: optimizer, learningRate: lr)
-        optimizer.step(network.parameters, learningRate: lr)
-        constraint?.didUpdate(network.parameters)
+        traced(tracer, .compute, "optimizer", "optimizer step", ["step": step]) {
+            constraint?.willUpdate(network.parameters, optimizer: optimizer, learningRate: lr)
+            optimizer.step(network.parameters, learningRate: lr)
+            constraint?.didUpdate(network.parameters)
+        }
         let t3 = DispatchTime.now().uptimeNanoseconds
         let result = StepResult(step: step, epoch: epoch, loss: loss, correct: correct, images: batch.count,
                                 learningRate: lr, computeSeconds: Double(t1 - t0 + t3 - t2) * 1e-9,

@@ -1,5 +1,6 @@
 import Foundation
 import SqueezeData
+import SqueezeSystem
 
 /// A request to stop a run at a step boundary. The executable sets it from SIGINT/SIGTERM; a
 /// cluster worker sets it when the coordinator says "stop after step S". Thread-safe.
@@ -94,12 +95,19 @@ public struct TrainingLoop {
         func checkpoint(_ why: String) throws {
             guard checkpointed != trainer.step else { return }
             checkpointed = trainer.step
-            try hooks.checkpoint(reason: why)
+            try traced(trainer.tracer, .compute, "checkpoint", "checkpoint (\(why))", ["step": trainer.step - 1]) {  // the step just done
+                try hooks.checkpoint(reason: why)
+            }
         }
         var stoppedEarly: String?
+        let tracer = trainer.tracer
+        defer { tracer?.endRecording() }
         while !trainer.isFinished {
+            tracer?.beginStep(trainer.step)
+            let stepStart = tracer?.begin(), step = trainer.step
+            defer { if let stepStart { tracer!.end(stepStart, .compute, "step", "step \(step)", ["step": step]) } }
             hooks.willStep(trainer.step, loader: loader)
-            guard let batch = loader.next() else { break }
+            guard let batch = traced(tracer, .compute, "data", "wait for data", ["step": step], { loader.next() }) else { break }
             let r = try trainer.trainStep(batch, reducer: reducer)
             let epochEnded = trainer.step % trainer.stepsPerEpoch == 0 || trainer.isFinished
             try hooks.didStep(r, epochEnded: epochEnded, loader: loader)

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SqueezeEngine
+import SqueezeSystem
 
 struct BenchTrain: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -14,6 +15,8 @@ struct BenchTrain: ParsableCommand {
     @Option(help: "Timed steps (the median is reported).") var steps = 20
     @Option(help: "Untimed warm-up steps.") var warmup = 3
     @Flag(help: "Print a JSON object.") var json = false
+    @OptionGroup(title: "Timeline (steps numbered from 0, warm-up steps included; to see its cost, compare with and without)")
+    var tracing: TraceOptions
 
     struct Report: Encodable {
         var model: String, stem: String, batchSize: Int, threads: Int, steps: Int
@@ -37,6 +40,8 @@ struct BenchTrain: ParsableCommand {
         let net = Network(config: config, seed: 0)
         net.precision = precisionOption.resolved()
         net.useDirectConvolution = directConvolutionRequested
+        let tracer = tracing.tracer(pid: 0, processName: "bench train")
+        net.tracer = tracer
         let size = config.inputSize
         let shape = Shape(c: 3, n: batchSize, h: size, w: size)
         let input = FloatBuffer(count: shape.count)
@@ -48,6 +53,7 @@ struct BenchTrain: ParsableCommand {
 
         var total = [Double](), fwd = [Double](), bwd = [Double](), opt = [Double]()
         for i in 0..<(warmup + steps) {
+            tracer?.beginStep(i)
             let t0 = DispatchTime.now().uptimeNanoseconds
             let logits = net.forward(x, training: true)
             let t1 = DispatchTime.now().uptimeNanoseconds
@@ -55,12 +61,14 @@ struct BenchTrain: ParsableCommand {
             _ = softmaxCrossEntropy(logits: logits.data, classes: logits.shape.c, batch: batchSize, labels: labels, gradient: grad.pointer)
             net.backward(Tensor(data: grad.pointer, shape: logits.shape))
             let t2 = DispatchTime.now().uptimeNanoseconds
-            sgd.step(net.parameters, learningRate: 0.01)
+            traced(tracer, .compute, "optimizer", "optimizer step", ["step": i]) { sgd.step(net.parameters, learningRate: 0.01) }
             let t3 = DispatchTime.now().uptimeNanoseconds
             guard i >= warmup else { continue }
             fwd.append(Double(t1 - t0) / 1e9); bwd.append(Double(t2 - t1) / 1e9); opt.append(Double(t3 - t2) / 1e9)
             total.append(Double(t3 - t0) / 1e9)
         }
+        tracer?.endRecording()
+        if !json { writeTrace(tracer) } else { try tracer?.write() }
         let median = total.sorted()[total.count / 2]
         let report = Report(model: config.architecture.rawValue, stem: config.stem.rawValue, batchSize: batchSize,
                             threads: threads, steps: steps, imagesPerSecond: Double(batchSize) / median,

@@ -4,6 +4,7 @@ import SqueezeCluster
 import SqueezeComm
 import SqueezeData
 import SqueezeEngine
+import SqueezeSystem
 import SqueezeTraining
 
 extension AllReduceAlgorithm: ExpressibleByArgument {}
@@ -63,6 +64,7 @@ struct CoordinatorCommand: ParsableCommand {
     @Option(help: "Rank 0 writes the final weights here (safetensors, torchvision names).")
     var saveWeights: String?
     @OptionGroup var security: SecurityOptions
+    @OptionGroup(title: "Timeline (the star hub's track; a ring's gradients never pass the coordinator)") var tracing: TraceOptions
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
@@ -70,6 +72,7 @@ struct CoordinatorCommand: ParsableCommand {
         guard training.batchSize % workers == 0 else {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }
+        try tracing.requireStarHub(communication.allreduce)
     }
 
     func run() throws {
@@ -77,6 +80,7 @@ struct CoordinatorCommand: ParsableCommand {
             let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
                                              security: try security.security(endpoint: bind),
                                              metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
+                                             tracer: tracing.tracer(pid: workers, processName: "star hub (coordinator)"),
                                              events: eventWriter(events), log: { emit("\($0)\n") })
             try endRun(summary, workers: workers, resume: communication.checkpoints.checkpointDir != nil ? "--resume" : nil)
         } catch let e as ExitCode {
@@ -94,7 +98,7 @@ struct CoordinatorCommand: ParsableCommand {
 /// data plane binds (default: the local address on the route to the bound endpoint).
 func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: ClusterOptions,
                     security: PeerSecurity, metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
-                    stop: StopToken? = nil, hubHost: (@Sendable () throws -> String)? = nil,
+                    tracer: Tracer? = nil, stop: StopToken? = nil, hubHost: (@Sendable () throws -> String)? = nil,
                     events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) throws -> ClusterSummary {
     let stop = stop ?? stopOnSignals()
     let records = trainingRecordCount(training.data)
@@ -118,6 +122,8 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     options.quiet = quiet
+    options.tracer = tracer
+    defer { writeTrace(tracer) }  // after the hub's thread has ended, also after a failure
     raiseDescriptorLimit()
     let context = try ZMQContext()
     defer { context.terminate() }
@@ -184,6 +190,7 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Run this worker, all its threads, on these CPUs only, e.g. 0-3 or 0,2 (default: wherever the scheduler puts them).")
     var cpus: String?
     @OptionGroup var security: SecurityOptions
+    @OptionGroup(title: "Timeline (this rank's track)") var tracing: TraceOptions
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
@@ -205,6 +212,7 @@ struct WorkerCommand: ParsableCommand {
         var options = WorkerOptions()
         options.threads = threads; options.data = data; options.rank = rank
         options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
+        options.tracePath = tracing.trace; options.traceWindow = tracing.window
         do {
             let (advertise, coordinator) = (advertise, coordinator)
             try runWorker(coordinator: coordinator, options: options, dataHost: { try advertise ?? localAddress(towards: coordinator) },

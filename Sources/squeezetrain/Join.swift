@@ -3,6 +3,7 @@ import Foundation
 import SqueezeCluster
 import SqueezeComm
 import SqueezeEngine
+import SqueezeSystem
 import SqueezeTraining
 
 /// One process of a run placed by a scheduler: every process runs the same command line, and each
@@ -51,6 +52,8 @@ struct Join: ParsableCommand {
     @Option(help: "Rank 0 writes the final weights here (safetensors, torchvision names).")
     var saveWeights: String?
     @OptionGroup var security: SecurityOptions
+    @OptionGroup(title: "Timeline (rank R writes FILE with .rank-R before its extension; with --allreduce star rank 0 also writes the hub's, .hub)")
+    var tracing: TraceOptions
 
     func validate() throws {
         if let threads { try requireRange("--threads", threads, 1...256) }
@@ -91,6 +94,7 @@ struct Join: ParsableCommand {
         var options = WorkerOptions()
         options.threads = threads; options.data = training.data; options.rank = job.rank
         options.joinTimeout = .milliseconds(Int(cluster.joinTimeout * 1000))
+        options.tracePath = tracing.joinPath(rank: job.rank); options.traceWindow = tracing.window
         // Every process finds its own address on the route to rank 0's host.
         let route = "tcp://\(job.coordinatorHost):\(job.coordinatorPort)"
         let advertise = advertise
@@ -125,10 +129,12 @@ struct Join: ParsableCommand {
             break
         }
         let stop = stopOnSignals()  // before any other thread starts: they inherit the blocked signals
+        let hubTrace = cluster.allreduce == .star ? tracing.joinPath(rank: nil) : nil
+        let hubTracer = hubTrace.map { Tracer(path: $0, pid: job.worldSize, processName: "star hub (coordinator)", window: tracing.window) }
         let coordinator = CoordinatorThread { [training, cluster, metrics, initWeights, saveWeights] in
             try runCoordinator(bind: "tcp://0.0.0.0:\(job.coordinatorPort)", workers: job.worldSize, training: training,
                                communication: cluster, security: security, metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
-                               stop: stop, hubHost: dataHost, log: { emit("\($0)\n") })
+                               tracer: hubTracer, stop: stop, hubHost: dataHost, log: { emit("\($0)\n") })
         }
         do {
             // The signals are the coordinator's (it stops every rank at one step); this worker follows it.

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import SqueezeCluster
 import SqueezeComm
+import SqueezeSystem
 import SqueezeTraining
 
 struct Launch: ParsableCommand {
@@ -26,6 +27,8 @@ struct Launch: ParsableCommand {
     @Option(help: "After a failure, restart every process from the newest checkpoint, at most R times (needs --checkpoint-dir).")
     var maxRestarts = 0
     @OptionGroup var security: SecurityOptions
+    @OptionGroup(title: "Timeline (every worker records its rank's track, the coordinator the star hub's; launch merges them into FILE)")
+    var tracing: TraceOptions
 
     func validate() throws {
         guard workers >= 1, workers <= maxLocalWorkers else {
@@ -54,9 +57,12 @@ struct Launch: ParsableCommand {
             let key = security.insecure || security.keyPath != nil ? nil : try EphemeralKey()
             defer { key?.remove() }
             if let key { security.keyFile = key.path }
+            let traceParts = try tracing.trace.map { try TraceParts(file: $0) }
+            defer { traceParts?.merge() }  // also after a failure or a signal: what the processes recorded
             var restarts = 0
             while true {
-                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0, security: security), write: current.write,
+                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0, security: security, trace: traceParts),
+                                         write: current.write,
                                          onEvent: { current.handle($1) })
                 current.set(group)
                 try group.start()
@@ -87,7 +93,7 @@ struct Launch: ParsableCommand {
         }
     }
 
-    func specs(resume: Bool, security: SecurityOptions) throws -> [ProcessSpec] {
+    func specs(resume: Bool, security: SecurityOptions, trace: TraceParts? = nil) throws -> [ProcessSpec] {
         let endpoint = "tcp://\(host):\(try port ?? freeTCPPort(host: host))"
         let exe = selfExecutable()
         var options = cluster
@@ -98,12 +104,14 @@ struct Launch: ParsableCommand {
         if let metrics { coordinator += ["--metrics", absolutePath(metrics)] }
         if let initWeights { coordinator += ["--init-weights", absolutePath(initWeights)] }
         if let saveWeights { coordinator += ["--save-weights", absolutePath(saveWeights)] }
+        if let trace, cluster.allreduce == .star { coordinator += tracing.arguments(path: trace.path(rank: nil)) }
         var all = [ProcessSpec(name: "coordinator", executable: exe, arguments: coordinator)]
         for r in 0..<workers {
             var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)", "--events",
                         "--join-timeout", "\(cluster.joinTimeout)"] + security.arguments
             if let data = training.data { args += ["--data", data] }
             args += bindTo.arguments(rank: r, threads: threads)
+            if let trace { args += tracing.arguments(path: trace.path(rank: r)) }
             all.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))
         }
         return all
@@ -174,5 +182,41 @@ enum WorkerBinding: String, ExpressibleByArgument, CaseIterable {
     func arguments(rank: Int, threads: Int) -> [String] {
         guard self == .core else { return [] }
         return ["--cpus", CPUAffinity.cpus(forLocalRank: rank, count: threads).map(String.init).joined(separator: ",")]
+    }
+}
+
+/// `launch --trace FILE`: each process writes its own track into a directory beside FILE (the
+/// workers `rank-R.json`, the star hub `hub.json`); `merge` puts them into FILE, one pid per rank,
+/// and removes the directory. A process that failed leaves what it recorded, or nothing.
+final class TraceParts {
+    let file: String
+    let directory: String
+
+    init(file: String) throws {
+        self.file = absolutePath(file)
+        let dir = (self.file as NSString).deletingLastPathComponent
+        directory = dir + "/." + (self.file as NSString).lastPathComponent + ".parts-\(getpid())"
+        do {
+            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false)
+        } catch {
+            throw ValidationError("--trace \(file): cannot create \(directory) for the processes' tracks: \(error.localizedDescription)")
+        }
+    }
+
+    func path(rank: Int?) -> String { directory + "/" + (rank.map { "rank-\($0).json" } ?? "hub.json") }
+
+    func merge() {
+        defer { try? FileManager.default.removeItem(atPath: directory) }
+        let parts = ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).filter { $0.hasSuffix(".json") }.sorted()
+        var events = [TraceEvent]()
+        for part in parts {
+            do { events += try TraceFile.read(directory + "/" + part) } catch { emit("[launch] warning: \(error); left out of \(file)\n") }
+        }
+        do {
+            try TraceFile.write(events, to: file)
+            emit("[launch] timeline of \(parts.count) process(es) written to \(file)\n")
+        } catch {
+            emit("[launch] warning: the timeline was not written: \(error)\n")
+        }
     }
 }

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import SqueezeData
 import SqueezeEngine
+import SqueezeSystem
 import SqueezeTraining
 
 struct Train: ParsableCommand {
@@ -21,6 +22,7 @@ struct Train: ParsableCommand {
     @OptionGroup var checkpoints: CheckpointOptions
     @Flag(help: "Skip the test-set evaluation after each epoch.")
     var noEval = false
+    @OptionGroup(title: "Timeline") var tracing: TraceOptions
 
     func validate() throws {
         try requireRange("--threads", threads, 1...256)
@@ -38,6 +40,8 @@ struct Train: ParsableCommand {
             config.precision = precision == .fp32 ? nil : precision
             let trainer = try Trainer(config: config, trainSet: trainSet)
             trainer.network.useDirectConvolution = directConvolutionRequested
+            trainer.tracer = tracing.tracer(pid: 0, processName: "train")
+            defer { writeTrace(trainer.tracer) }
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
             if let found = try Resume.start(directory: checkpoints.checkpointDir, resume: checkpoints.resume,
                                             startOver: checkpoints.startOver, log: { emit($0 + "\n") }) {
