@@ -64,7 +64,8 @@ struct BenchAllReduce: ParsableCommand {
                   + (compress == "none" ? ":" : ", --compress \(compress) (bus bandwidth counts float32 bytes):"))
             print(String(format: "  %.3f ms per all-reduce (median of %d; best %.3f ms), bus bandwidth %.2f GB/s",
                          report.secondsPerAllreduce * 1e3, iterations, report.secondsPerAllreduceMin * 1e3, report.busBandwidthGbps))
-            print("  bytes sent per worker per all-reduce: \(grouped(report.bytesSentPerWorker)), received: \(grouped(report.bytesReceivedPerWorker))")
+            // Rank 0's counters: every worker's with ring and star, the root's (the most) with the tree.
+            print("  bytes sent by rank 0 per all-reduce: \(grouped(report.bytesSentPerWorker)), received: \(grouped(report.bytesReceivedPerWorker))")
         } catch {
             throw fail(String(describing: error))
         }
