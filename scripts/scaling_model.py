@@ -8,8 +8,13 @@ the wire, γ seconds per byte reduced. For an all-reduce of n bytes among p work
                                                        receives chunk k while it sends chunk k−1,
                                                        so in and out overlap but for one chunk
                                                        c = min(n, 1 MiB) (StarAllReduceHub)
-  tree   2⌈log2 p⌉(α + nβ) + ⌈log2 p⌉·nγ               binomial reduction tree up, broadcast down,
-                                                       one partner per level, not pipelined
+  tree   2Dα + (d·n + (2D−1)·c)β + min(2, p−1)·nγ          binary tree (rank r's parent (r−1)/2, as
+                                                       branch `tree`'s TreeAllReduce): partial sums
+                                                       up, the average down, chunk by chunk; the
+                                                       busiest rank's link carries d·n each way
+                                                       (d = its children + its parent: 1 for p = 2,
+                                                       2 for p = 3, 4, else 3), plus a chunk per
+                                                       level up and down to fill the pipe, D = ⌊log2 p⌋
 
 A codec sends w bytes per float (none 4, fp16/bf16 2, int8 1) and costs `codec_s` seconds per float
 it encodes or decodes; top-k:f all-gathers k = f·P (index, value) pairs of 8 bytes instead
@@ -45,10 +50,17 @@ def star(p, n, link):
     return 0.0 if p < 2 else 2 * a + p * (n + min(n, CHUNK_BYTES)) * b + (p - 1) * n * g
 
 
+def tree_degree(p):
+    """Most tree edges at one rank: children (2r+1, 2r+2 below p) plus a parent (r > 0)."""
+    return max(len([c for c in (2 * r + 1, 2 * r + 2) if c < p]) + (r > 0) for r in range(min(p, 2)))
+
+
 def tree(p, n, link):
     a, b, g = link["alpha"], link["beta"], link["gamma"]
-    levels = math.ceil(math.log2(p)) if p > 1 else 0
-    return 2 * levels * (a + n * b) + levels * n * g
+    if p < 2:
+        return 0.0
+    depth = int(math.log2(p))
+    return 2 * depth * a + (tree_degree(p) * n + (2 * depth - 1) * min(n, CHUNK_BYTES)) * b + min(2, p - 1) * n * g
 
 
 ALGORITHMS = {"ring": ring, "star": star, "tree": tree}
@@ -67,12 +79,10 @@ def allreduce_seconds(algorithm, p, floats, link, compress="none", codec_s=None)
         if algorithm == "star":
             union = min(p * k, floats)
             return select + 2 * link["alpha"] + p * 8 * max(k, union) * link["beta"] + p * 8 * k * link["gamma"]
-        levels = math.ceil(math.log2(p))                       # tree: pairs grow up the tree, ≤ P
-        up = sum(min(2 ** i * k, floats) for i in range(levels))
-        return select + 2 * levels * link["alpha"] + 2 * 8 * up * link["beta"] + 8 * up * link["gamma"]
+        return None                                            # the tree refuses top-k
     w = WIRE_BYTES[compress]
     n = floats * w + (4 * math.ceil(floats * w / CHUNK_BYTES) if compress == "int8" else 0)
-    coded = {"ring": 2 * (p - 1) / p, "star": 2, "tree": 2 * math.ceil(math.log2(p))}[algorithm] * floats
+    coded = {"ring": 2 * (p - 1) / p, "star": 2, "tree": 2 * tree_degree(p)}[algorithm] * floats
     return ALGORITHMS[algorithm](p, n, link) + codec_s.get(compress, 0.0) * coded
 
 
@@ -194,8 +204,9 @@ def self_test():
     assert close(ring(4, n, link), 6e-4 + 1.5 * 4e6 * 8e-8 + 0.75 * 4e6 * 1e-9)
     assert close(star(4, n, link), 2e-4 + 4 * (4e6 + 2 ** 20) * 8e-8 + 3 * 4e6 * 1e-9)
     assert close(star(4, 1e5, link), 2e-4 + 4 * 2e5 * 8e-8 + 3 * 1e5 * 1e-9)   # one chunk: in, then out
-    assert close(tree(8, n, link), 6 * (1e-4 + 4e6 * 8e-8) + 3 * 4e6 * 1e-9)
-    assert close(tree(5, n, link), tree(8, n, link))                     # ⌈log2 5⌉ = 3 levels
+    assert [tree_degree(p) for p in (2, 3, 4, 5, 1024)] == [1, 2, 2, 3, 3]
+    assert close(tree(8, n, link), 6e-4 + (3 * 4e6 + 5 * 2 ** 20) * 8e-8 + 2 * 4e6 * 1e-9)
+    assert close(tree(2, 1e5, link), 2e-4 + 2e5 * 8e-8 + 1e5 * 1e-9)     # one chunk: up, then down
     assert ring(1, n, link) == star(1, n, link) == tree(1, n, link) == 0
     # The ring's bandwidth term tends to 2nβ: per-worker traffic does not grow with p; the star's does.
     assert ring(1024, n, link) < 2 * n * link["beta"] + n * link["gamma"] + 2048 * link["alpha"]
