@@ -33,6 +33,7 @@ so a model whose big layers are last (AlexNet's classifier) hides most of its tr
 backward of its convolutions, while its link is slow enough that most of the traffic is exposed.
 """
 import math
+import statistics
 
 LINK_RATES = {"100mbit": 100e6, "1gbit": 1e9, "10gbit": 10e9, "100gbit": 100e9}
 WIRE_BYTES = {"none": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0}
@@ -105,19 +106,25 @@ def bucket_plan(layers, bucket_bytes=BUCKET_BYTES):
     return buckets
 
 
-def step_seconds(model, p, link, algorithm="ring", compress="none", compute=None, codec_s=None):
+def step_seconds(model, p, link, algorithm="ring", compress="none", compute=None, codec_s=None, sharing=1.0):
     """Predicted step time of one worker, and its parts. `model` holds the layer table ("layers"),
     the compute split ("forward_share", "backward_share": shares of compute) and "overhead_seconds";
-    `compute` is the worker's forward + backward + optimizer time."""
+    `compute` is the worker's forward + backward + optimizer time. `sharing` ≥ 1: how much slower
+    the all-reduce runs while backward runs beside it, when both want the same CPU (processor
+    sharing: 2 when the all-reduce is bound by the CPU, not the wire, and a compute thread joins
+    each communication thread; 1 when the wire bounds it)."""
     total_macs = sum(layer["macs"] for layer in model["layers"])
     forward = compute * model["forward_share"]
     backward = compute * model["backward_share"]
+    end = forward + backward
     finish, busy = forward, 0.0
     for floats, macs_done in bucket_plan(model["layers"]):
         ready = forward + backward * macs_done / total_macs
         t = allreduce_seconds(algorithm, p, floats, link, compress, codec_s)
-        finish = max(ready, finish) + t
-        busy += t
+        start = max(ready, finish)
+        shared = max(0.0, min(end - start, t * sharing))   # time spent beside backward, at 1/sharing speed
+        finish = start + shared + (t - shared / sharing)
+        busy += finish - start
     exposed = max(0.0, finish - (forward + backward))
     return {"step_seconds": compute + exposed + model["overhead_seconds"], "compute_seconds": compute,
             "allreduce_seconds": busy, "exposed_seconds": exposed}
@@ -151,42 +158,19 @@ def stops_scaling(rows, threshold=0.5):
     return next((r["workers"] for r in rows if r["efficiency"] < threshold), None)
 
 
-def fit(rows, unknowns):
-    """Least squares with non-negative results for T = Σ coef·x: rows are (coefficients, T)."""
-    import itertools
-    best = None
-    # Small problems: try every subset of the unknowns clamped at zero (an exact NNLS for ≤ 3).
-    for free in itertools.chain.from_iterable(itertools.combinations(range(unknowns), k) for k in range(unknowns, 0, -1)):
-        x = _lstsq([[r[0][i] for i in free] for r in rows], [r[1] for r in rows])
-        if x is None or any(v < 0 for v in x):
-            continue
-        full = [0.0] * unknowns
-        for i, v in zip(free, x):
-            full[i] = v
-        err = sum((sum(c * v for c, v in zip(r[0], full)) - r[1]) ** 2 / max(r[1], 1e-9) ** 2 for r in rows)
-        if best is None or err < best[0]:
-            best = (err, full)
-    return best[1] if best else [0.0] * unknowns
-
-
-def _lstsq(a, y):
-    """Least squares of relative error (each row divided by its y), by the normal equations."""
-    m = len(a[0])
-    w = [1 / max(abs(t), 1e-12) for t in y]
-    ata = [[sum(w[r] ** 2 * a[r][i] * a[r][j] for r in range(len(a))) for j in range(m)] for i in range(m)]
-    aty = [sum(w[r] ** 2 * a[r][i] * y[r] for r in range(len(a))) for i in range(m)]
-    # Gaussian elimination with partial pivoting.
-    for c in range(m):
-        piv = max(range(c, m), key=lambda r: abs(ata[r][c]))
-        if abs(ata[piv][c]) < 1e-300:
-            return None
-        ata[c], ata[piv], aty[c], aty[piv] = ata[piv], ata[c], aty[piv], aty[c]
-        for r in range(m):
-            if r != c:
-                f = ata[r][c] / ata[c][c]
-                ata[r] = [x - f * y_ for x, y_ in zip(ata[r], ata[c])]
-                aty[r] -= f * aty[c]
-    return [aty[i] / ata[i][i] for i in range(m)]
+def fit_alpha_beta(runs, small_bytes=4096):
+    """α and β from timed all-reduces, as latency and bandwidth are usually measured: α from the
+    small messages (≤ small_bytes), β by least squares through the larger ones, in absolute seconds
+    so that the largest messages, which carry the bytes that matter, set it; each with the other's
+    term subtracted (three rounds settle it). `runs` are (algorithm, p, n bytes, seconds)."""
+    rows = [(n <= small_bytes, t, coefficients(a, p, n)) for a, p, n, t in runs]
+    alpha = beta = 0.0
+    for _ in range(3):
+        small = [(t - beta * c[1]) / c[0] for is_small, t, c in rows if is_small]
+        alpha = max(0.0, statistics.median(small)) if small else 0.0
+        large = [(t - alpha * c[0], c[1]) for is_small, t, c in rows if not is_small]
+        beta = max(0.0, sum(t * cb for t, cb in large) / sum(cb * cb for _, cb in large)) if large else 0.0
+    return alpha, beta
 
 
 def coefficients(algorithm, p, n):
@@ -227,11 +211,13 @@ def self_test():
     model["layers"] = [{"parameters": 0, "macs": 1}, {"parameters": 262_144, "macs": 0}]
     assert close(step_seconds(model, 2, link, compute=1.0)["step_seconds"], 1.0 + max(0.0, t - 0.75))
     assert close(step_seconds(model, 2, link, compute=0.01)["step_seconds"], 0.01 + t - 0.0075)
-    # The fit recovers α, β, γ from exact ring and star times.
-    rows = [(coefficients(a, p, m), ALGORITHMS[a](p, m, link)) for a in ("ring", "star") for p in (2, 3, 4)
-            for m in (4e3, 4e6)]
-    got = fit(rows, 3)
-    assert all(abs(g - w) <= 1e-6 * w for g, w in zip(got, (link["alpha"], link["beta"], link["gamma"]))), got
+    # Sharing the CPU with backward: the 0.0075 s beside it do half the work.
+    assert close(step_seconds(model, 2, link, compute=0.01, sharing=2)["step_seconds"], 0.01 + t - 0.0075 / 2)
+    # The fit recovers α and β from exact ring and star times (γ = 0: it is folded into β).
+    exact = {**link, "gamma": 0.0}
+    runs = [(a, p, m, ALGORITHMS[a](p, m, exact)) for a in ("ring", "star") for p in (2, 4) for m in (1024, 4e6, 64e6)]
+    alpha, beta = fit_alpha_beta(runs)
+    assert abs(beta - link["beta"]) <= 1e-3 * link["beta"] and abs(alpha - link["alpha"]) <= 0.01 * link["alpha"], (alpha, beta)
     # Strong scaling with a perfect link is linear; efficiency falls when communication dominates.
     free = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}
     rows = scaling(model, free, "ring", "none", [2, 4], 64, 0.01, 0.0)
