@@ -4,7 +4,8 @@ Times are seconds, sizes bytes. A link is (α, β, γ): α seconds per message, 
 the wire, γ seconds per byte reduced. For an all-reduce of n bytes among p workers:
 
   ring   2(p−1)α + 2(p−1)/p·nβ + (p−1)/p·nγ           reduce-scatter + all-gather (RingAllReduce)
-  star   2α + p·(n + c)β + (p−1)·nγ                    the hub's link carries p·n each way; it
+  star   2pα + p·(n + c)β + (p−1)·nγ                   the hub handles 2p messages a chunk, and its
+                                                       link carries p·n each way; it
                                                        receives chunk k while it sends chunk k−1,
                                                        so in and out overlap but for one chunk
                                                        c = min(n, 1 MiB) (StarAllReduceHub)
@@ -48,7 +49,7 @@ def ring(p, n, link):
 
 def star(p, n, link):
     a, b, g = link["alpha"], link["beta"], link["gamma"]
-    return 0.0 if p < 2 else 2 * a + p * (n + min(n, CHUNK_BYTES)) * b + (p - 1) * n * g
+    return 0.0 if p < 2 else 2 * p * a + p * (n + min(n, CHUNK_BYTES)) * b + (p - 1) * n * g
 
 
 def tree_degree(p):
@@ -79,7 +80,7 @@ def allreduce_seconds(algorithm, p, floats, link, compress="none", codec_s=None)
             return select + (p - 1) * (link["alpha"] + 8 * k * link["beta"]) + (p - 1) * 8 * k * link["gamma"]
         if algorithm == "star":
             union = min(p * k, floats)
-            return select + 2 * link["alpha"] + p * 8 * max(k, union) * link["beta"] + p * 8 * k * link["gamma"]
+            return select + 2 * p * link["alpha"] + p * 8 * max(k, union) * link["beta"] + p * 8 * k * link["gamma"]
         return None                                            # the tree refuses top-k
     w = WIRE_BYTES[compress]
     n = floats * w + (4 * math.ceil(floats * w / CHUNK_BYTES) if compress == "int8" else 0)
@@ -186,8 +187,8 @@ def self_test():
     n = 4e6
     assert close(ring(2, n, link), 2 * 1e-4 + 4e6 * 8e-8 + 2e6 * 1e-9)
     assert close(ring(4, n, link), 6e-4 + 1.5 * 4e6 * 8e-8 + 0.75 * 4e6 * 1e-9)
-    assert close(star(4, n, link), 2e-4 + 4 * (4e6 + 2 ** 20) * 8e-8 + 3 * 4e6 * 1e-9)
-    assert close(star(4, 1e5, link), 2e-4 + 4 * 2e5 * 8e-8 + 3 * 1e5 * 1e-9)   # one chunk: in, then out
+    assert close(star(4, n, link), 8e-4 + 4 * (4e6 + 2 ** 20) * 8e-8 + 3 * 4e6 * 1e-9)
+    assert close(star(4, 1e5, link), 8e-4 + 4 * 2e5 * 8e-8 + 3 * 1e5 * 1e-9)   # one chunk: in, then out
     assert [tree_degree(p) for p in (2, 3, 4, 5, 1024)] == [1, 2, 2, 3, 3]
     assert close(tree(8, n, link), 6e-4 + (3 * 4e6 + 5 * 2 ** 20) * 8e-8 + 2 * 4e6 * 1e-9)
     assert close(tree(2, 1e5, link), 2e-4 + 2e5 * 8e-8 + 1e5 * 1e-9)     # one chunk: up, then down
