@@ -122,12 +122,36 @@ public struct ControlError: Error, CustomStringConvertible, Sendable {
     public var description: String { "message from \(peer) rejected: \(problem)" }
 }
 
-/// Which all-reduce the workers use.
+/// Which all-reduce the workers use. On the wire (`Welcome`) its raw value: a build that does not know
+/// a value (one older than `tree`) refuses the welcome naming it, so no version bump was needed for it.
 public enum AllReduceAlgorithm: String, Codable, Sendable, CaseIterable {
     /// Reduce-scatter then all-gather around a ring of workers (bandwidth-optimal).
     case ring
     /// Every worker sends its gradient to the coordinator, which averages and sends it back.
     case star
+    /// Partial sums up a binary tree of workers rooted at rank 0, the average back down (FireCaffe's
+    /// reduction tree). Not with topk compression.
+    case tree
+
+    /// The data plane's shape for `workers` workers (a star's hub, the coordinator, is rank `workers`).
+    public func topology(workers: Int) -> Topology {
+        switch self {
+        case .ring: .ring
+        case .star: .star(hub: workers)
+        case .tree: .tree
+        }
+    }
+
+    /// Ranks of the data plane: the workers, plus the hub for a star.
+    public func groupSize(workers: Int) -> Int { self == .star ? workers + 1 : workers }
+
+    /// Why this algorithm cannot run with `compression`, or nil.
+    public func refusal(_ compression: GradientCompression) -> String? {
+        if self == .tree, case .topk = compression {
+            return "--allreduce tree does not take --compress \(compression) (sparse partial sums grow on the way up the tree): use --allreduce ring or star with top-k"
+        }
+        return nil
+    }
 }
 
 /// Worker → coordinator, first message.

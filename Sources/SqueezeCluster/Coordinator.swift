@@ -61,6 +61,8 @@ public struct ClusterSummary: Sendable {
     public var imagesPerSecond: Double
     public var perRank: [RankTraffic]
     public var theoryBytesPerWorker: Double
+    /// Each rank's own theory (the tree's roles differ; ring and star: `theoryBytesPerWorker` for all).
+    public var theoryBytesPerRank: [Double]
     public var hubBytesSent: Int, hubBytesReceived: Int
     public var testAccuracy: Double?
     /// The signal that stopped the run early (after a checkpoint), if any.
@@ -136,6 +138,7 @@ public final class Coordinator {
     /// checksum, opens the metrics and, for `star`, the hub's data plane; then waits for workers.
     public func prepare() throws {
         let n = options.workers, config = options.config
+        if let refusal = options.algorithm.refusal(options.compression) { throw ClusterError(refusal) }
         let reference = Network(config: config.model, seed: config.seed)
         if let path = options.initWeights { try reference.loadWeights(from: path) }
         if let found = try Resume.start(directory: options.checkpointDirectory, resume: options.resume, startOver: options.startOver, log: log) {
@@ -387,7 +390,8 @@ final class Progress {
     let options: CoordinatorOptions
     let metrics: MetricsSink?
     let display = ProgressDisplay(prefix: "")
-    let theory: Double, uncompressed: [Int]
+    /// Bytes a worker sends per step in theory: the mean over ranks, and each rank's own figure.
+    let theory: Double, theoryPerRank: [Double], uncompressed: [Int]
     let perEpoch: Int, epochs: Int
     private(set) var completed: Int
     private(set) var stopAfter: Int
@@ -403,6 +407,7 @@ final class Progress {
         self.options = options; self.metrics = metrics
         let expected = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression)
         theory = expected.bytesSent
+        theoryPerRank = (0..<n).map { expected.bytesSent(rank: $0) }
         uncompressed = (0..<n).map { expected.uncompressedBytesSent(rank: $0) }
         perEpoch = config.stepsPerEpoch(trainingRecords: options.trainingRecords, workers: n)
         epochs = (config.totalSteps + perEpoch - 1) / perEpoch
@@ -448,7 +453,7 @@ final class Progress {
             step: r.step, epoch: r.epoch, rank: r.rank, worldSize: options.workers, loss: r.loss,
             accuracy: Double(r.correct) / Double(max(r.images, 1)), images: r.images, learningRate: r.learningRate,
             allreduceBytesSent: r.allreduceBytesSent, allreduceBytesReceived: r.allreduceBytesReceived,
-            theoryBytesSent: theory, denseBytesSent: uncompressed[r.rank],
+            theoryBytesSent: theoryPerRank[r.rank], denseBytesSent: uncompressed[r.rank],
             compressionRatio: Double(uncompressed[r.rank]) / Double(max(r.allreduceBytesSent, 1)), controlBytes: r.controlBytes,
             allreduceSeconds: r.allreduceSeconds, computeSeconds: r.computeSeconds, stepSeconds: r.stepSeconds,
             dataWaitSeconds: r.dataWaitSeconds))
@@ -481,7 +486,7 @@ final class Progress {
         let total = seconds(ContinuousClock.now - start)
         return ClusterSummary(steps: completed - startStep, seconds: total,
                               imagesPerSecond: Double((completed - startStep) * options.config.batchSize) / max(total, 1e-9),
-                              perRank: traffic, theoryBytesPerWorker: theory, hubBytesSent: 0, hubBytesReceived: 0,
+                              perRank: traffic, theoryBytesPerWorker: theory, theoryBytesPerRank: theoryPerRank, hubBytesSent: 0, hubBytesReceived: 0,
                               testAccuracy: testAccuracies.last, interruptedBy: stopRequest != nil ? stop.signal : nil,
                               finalStep: completed, stoppedEarly: completed < options.config.totalSteps ? stopRequest : nil)
     }

@@ -16,17 +16,26 @@ public struct TrafficTheory: Sendable {
 
     var parameters: Int { plan.reduce(0) { $0 + $1.count } }
 
-    /// Float32 payload bytes a worker sends per step: 2(N−1)/N × 4P for the ring, 4P for the star.
+    /// Float32 payload bytes a worker sends per step: 2(N−1)/N × 4P for the ring and (on average over
+    /// the ranks) the tree, 4P for the star.
     public var uncompressedBytesSent: Double {
         let p = 4 * Double(parameters), n = Double(workers)
-        return algorithm == .ring ? 2 * (n - 1) / n * p : p
+        return algorithm == .star ? p : 2 * (n - 1) / n * p
     }
 
     /// Exactly what rank `rank` sends per step without compression (the ring's segments differ by
     /// at most one element between ranks): the reference of its compression ratio.
-    public func uncompressedBytesSent(rank: Int) -> Int {
-        algorithm == .star ? 4 * parameters : plan.reduce(0) {
-            $0 + ringPayloadBytes(count: $1.count, worldSize: workers, rank: rank).sent
+    public func uncompressedBytesSent(rank: Int) -> Int { denseBytesSent(rank: rank, compression: .none) }
+
+    /// Exactly what rank `rank` sends per step with a dense codec (or none).
+    func denseBytesSent(rank: Int, compression: GradientCompression) -> Int {
+        plan.reduce(0) { acc, bucket in
+            let sent = switch algorithm {
+            case .ring: ringPayloadBytes(count: bucket.count, worldSize: workers, rank: rank, compression: compression, chunkBytes: chunkBytes)?.sent
+            case .star: compression.densePayloadBytes(count: bucket.count, chunkBytes: chunkBytes)
+            case .tree: treePayloadBytes(count: bucket.count, worldSize: workers, rank: rank, compression: compression, chunkBytes: chunkBytes)?.sent
+            }
+            return acc + (sent ?? 0)
         }
     }
 
@@ -40,14 +49,13 @@ public struct TrafficTheory: Sendable {
             return Double(8 * pairs * (algorithm == .ring ? workers - 1 : 1))
         }
         if compression == .none { return uncompressedBytesSent }
-        let total = (0..<workers).reduce(0) { sum, rank in
-            sum + plan.reduce(0) { acc, bucket in
-                acc + (algorithm == .ring
-                    ? ringPayloadBytes(count: bucket.count, worldSize: workers, rank: rank,
-                                       compression: compression, chunkBytes: chunkBytes)!.sent
-                    : compression.densePayloadBytes(count: bucket.count, chunkBytes: chunkBytes)!)
-            }
-        }
+        let total = (0..<workers).reduce(0) { $0 + denseBytesSent(rank: $1, compression: compression) }
         return Double(total) / Double(workers)
+    }
+
+    /// The theory on rank `rank`'s metrics line: the tree's own figure per rank (a leaf sends a third of
+    /// what an inner node with two children sends), the mean over ranks (`bytesSent`) for ring and star.
+    public func bytesSent(rank: Int) -> Double {
+        algorithm == .tree ? Double(denseBytesSent(rank: rank, compression: compression)) : bytesSent
     }
 }

@@ -75,7 +75,7 @@ public final class Worker {
         let timeout = Duration.milliseconds(Int(welcome.timeoutSeconds * 1000))
         let model = try prepareModel(welcome)
         let plan = bucketPlan(layerRanges: model.trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
-        let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm == .star ? world + 1 : world,
+        let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm.groupSize(workers: world),
                                                     kind: welcome.transport, maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0))
         defer { transport.close(flushTimeout: .milliseconds(500)) }
         try joinDataPlane(welcome, model: model, transport: transport, channel: channel)
@@ -130,7 +130,7 @@ public final class Worker {
     }
 
     /// Ready (with this rank's data endpoint), then Start (every endpoint): connects the data plane.
-    /// A star worker talks to the hub (the coordinator, rank `world`) only.
+    /// A star worker talks to the hub (the coordinator, rank `world`) only, a tree worker to its parent and children.
     private func joinDataPlane(_ welcome: Welcome, model: WorkerModel, transport: any DataPlaneTransport,
                                channel: any ControlClientChannel) throws {
         let (rank, world, trainer) = (welcome.rank, welcome.worldSize, model.trainer)
@@ -139,7 +139,7 @@ public final class Worker {
         let start: Start = try expect(channel, timeout: options.joinTimeout, waitingFor: "the start signal") {
             if case .start(let s) = $0 { s } else { nil }
         }
-        try transport.connect(topology: welcome.algorithm == .star ? .star(hub: world) : .ring, endpoints: start.endpoints)
+        try transport.connect(topology: welcome.algorithm.topology(workers: world), endpoints: start.endpoints)
         guard trainer.step == start.step else {
             throw ClusterError("rank \(rank): the coordinator starts at step \(start.step), this worker's state is at step \(trainer.step)")
         }
@@ -188,12 +188,14 @@ public final class Worker {
     }
 }
 
-/// The ring or star all-reduce over a transport of any type (the collectives are generic over it).
-func makeAllReducer<T: Transport>(_ transport: T, algorithm: AllReduceAlgorithm, hub: Int, options: CollectiveOptions,
-                                  compression: GradientCompression) -> any AllReducer {
-    algorithm == .star
-        ? StarAllReduceWorker(transport: transport, hub: hub, options: options, compression: compression)
-        : RingAllReduce(transport: transport, options: options, compression: compression)
+/// A worker's all-reduce over a transport of any type (the collectives are generic over it); a star's hub is rank `hub`.
+public func makeAllReducer<T: Transport>(_ transport: T, algorithm: AllReduceAlgorithm, hub: Int, options: CollectiveOptions,
+                                         compression: GradientCompression) -> any AllReducer {
+    switch algorithm {
+    case .ring: RingAllReduce(transport: transport, options: options, compression: compression)
+    case .star: StarAllReduceWorker(transport: transport, hub: hub, options: options, compression: compression)
+    case .tree: TreeAllReduce(transport: transport, options: options, compression: compression)
+    }
 }
 
 /// A worker's model and data, ready to train.

@@ -72,3 +72,21 @@ public func starHubPayloadBytes(count: Int, workers: Int, compression: GradientC
 public func starHubSparsePayloadBytes(pairs: [Int], resultPairs: Int) -> (sent: Int, received: Int) {
     (8 * resultPairs * pairs.count, 8 * pairs.reduce(0, +))
 }
+
+/// Tree: rank `rank` sends and receives one encoded copy of the range per tree edge it has: a leaf
+/// (up to its parent, the average back) `D` each way, an inner node with c children D(1 + c), the root
+/// (N > 1) Dc, where D is `compression.densePayloadBytes(count:chunkBytes:)` (4 × count for Float32).
+/// Summed over the ranks 2(N−1) × D, the ring's total. nil for topk (the tree refuses it).
+public func treePayloadBytes(count: Int, worldSize n: Int, rank r: Int, compression: GradientCompression = .none,
+                             chunkBytes: Int = CollectiveOptions().chunkBytes) -> (sent: Int, received: Int)? {
+    guard let bytes = compression.densePayloadBytes(count: count, chunkBytes: chunkBytes) else { return nil }
+    let edges = Topology.tree.outboundPeers(rank: r, worldSize: n).count
+    return (bytes * edges, bytes * edges)
+}
+
+/// Tree: messages rank `rank` sends and receives (one per chunk per edge), given the chunking.
+public func treeMessages(count: Int, worldSize n: Int, rank r: Int, chunkBytes: Int) -> (sent: Int, received: Int) {
+    let edges = Topology.tree.outboundPeers(rank: r, worldSize: n).count
+    let chunks = chunkCount(count, chunk: max(1, chunkBytes / 4))
+    return (chunks * edges, chunks * edges)
+}

@@ -1,5 +1,5 @@
 // How the dense collectives put a chunk of Floats on the wire and take it off again: the one
-// abstraction behind the ring and the star for Float32 and for fp16, bf16 and int8.
+// abstraction behind the ring, the star and the tree for Float32 and for fp16, bf16 and int8.
 //
 // A chunk meets the codec at five points of a schedule: a rank's own values go out
 // (`encodeOwn`), a rank's values join a sum (`contribute`), a received payload is added in
@@ -19,8 +19,9 @@ protocol ChunkCodec {
     /// the identity, which sends from the buffer).
     func ringScratchBytes(count: Int, worldSize: Int, rank: Int, chunkBytes: Int) -> Int
 
-    /// Payload bytes a star worker, or the hub, encodes in one call of `count` elements.
-    func starScratchBytes(count: Int, chunkBytes: Int) -> Int
+    /// Payload bytes of `count` elements encoded once, chunk by chunk, into scratch (nothing for the
+    /// identity): what a star worker or the hub encodes in one call, and a tree rank per pass.
+    func scratchBytes(count: Int, chunkBytes: Int) -> Int
 
     /// This rank's own values p[0..<count] as a payload to send. With `residual` (error feedback),
     /// the residual is added first and `p` becomes what the receiver will decode.
@@ -52,7 +53,7 @@ struct Float32Codec: ChunkCodec {
 
     @inline(__always) func payloadBytes(count: Int) -> Int { 4 * count }
     func ringScratchBytes(count: Int, worldSize: Int, rank: Int, chunkBytes: Int) -> Int { 0 }
-    func starScratchBytes(count: Int, chunkBytes: Int) -> Int { 0 }
+    func scratchBytes(count: Int, chunkBytes: Int) -> Int { 0 }
 
     @inline(__always)
     func encodeOwn(_ p: UnsafeMutablePointer<Float>, residual: UnsafeMutablePointer<Float>?, count: Int,
@@ -103,7 +104,7 @@ extension DenseCodec: ChunkCodec {
         ringPayloadBytes(count: count, worldSize: worldSize, rank: rank, compression: compression, chunkBytes: chunkBytes)!.sent
     }
 
-    func starScratchBytes(count: Int, chunkBytes: Int) -> Int {
+    func scratchBytes(count: Int, chunkBytes: Int) -> Int {
         compression.densePayloadBytes(count: count, chunkBytes: chunkBytes)!
     }
 

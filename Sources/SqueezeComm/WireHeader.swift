@@ -7,9 +7,11 @@
 //        2    1 version    2 (version 1 had no encoding byte; its peers are rejected by
 //                          version rather than misread)
 //        3    1 kind       1 ring reduce-scatter, 2 ring all-gather,
-//                          3 star contribution (worker→hub), 4 star result (hub→worker)
+//                          3 star contribution (worker→hub), 4 star result (hub→worker),
+//                          5 tree reduce (child→parent: a partial sum),
+//                          6 tree broadcast (parent→child: the average)
 //        4    2 sender     sender's rank
-//        6    2 phaseStep  ring step within the phase (0..<N-1); 0 for star
+//        6    2 phaseStep  ring step within the phase (0..<N-1); 0 for star and tree
 //        8    4 step       collective tag: training step (or any sequence number)
 //       12    4 bucket     collective tag: bucket id within the step
 //       16    8 offset     dense: index of the payload's first element in the caller's buffer;
@@ -59,6 +61,8 @@ public struct WireHeader: Equatable, Sendable {
         case allGather = 2
         case starContribution = 3
         case starResult = 4
+        case treeReduce = 5
+        case treeBroadcast = 6
     }
 
     /// How the payload represents its values (see the layout above).

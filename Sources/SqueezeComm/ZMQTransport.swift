@@ -4,7 +4,7 @@
 // to that peer's endpoint, with ROUTING_ID = "R" + its rank (UInt32 LE), so the
 // receiving ROUTER knows who sent each message. A ring rank connects only to its right
 // neighbour (and is connected to by its left one); in a star every worker connects to the
-// hub and the hub to every worker.
+// hub and the hub to every worker; in a tree a rank connects to its parent and its children.
 //
 // On the wire (ZMTP, per message): [control frame][payload frame]; the ROUTER prepends the
 // sender's routing id locally. Large payloads are sent zero-copy (`zmq_msg_init_data`) and
@@ -22,12 +22,15 @@ public enum Topology: Sendable, Equatable {
     case ring
     /// Every other rank exchanges messages with `hub` only.
     case star(hub: Int)
+    /// The binary reduction tree rooted at rank 0: a rank exchanges messages with its parent and
+    /// its children (`treeParent`, `treeChildren`).
+    case tree
 
     /// The peers a rank receives from: the only ones whose frames it accepts.
     public func inboundPeers(rank: Int, worldSize: Int) -> [Int] {
         switch self {
         case .ring: worldSize > 1 ? [(rank + worldSize - 1) % worldSize] : []
-        case .star: outboundPeers(rank: rank, worldSize: worldSize)
+        case .star, .tree: outboundPeers(rank: rank, worldSize: worldSize)
         }
     }
 
@@ -37,6 +40,8 @@ public enum Topology: Sendable, Equatable {
             worldSize > 1 ? [(rank + 1) % worldSize] : []
         case .star(let hub):
             rank == hub ? (0..<worldSize).filter { $0 != hub } : [hub]
+        case .tree:
+            (treeParent(rank).map { [$0] } ?? []) + treeChildren(rank, worldSize: worldSize)
         }
     }
 }

@@ -5,24 +5,43 @@ import SqueezeTraining
 /// constraints a `Trainer` applies around its SGD step (pruned weights held at zero; shared weights
 /// moved only through their codebook).
 
-/// Per-layer densities of magnitude pruning. Keys are a layer group (`conv1`, `squeeze`,
-/// `expand1x1`, `expand3x3`, `conv10`, `other`) or a weight tensor's name (which wins over its group).
+/// Per-layer densities of magnitude pruning. Keys are a layer group of the model's architecture
+/// (`groups(of:)`) or a weight tensor's name (which wins over its group).
 public struct DensityPolicy: Equatable, Sendable {
-    /// The released compressed SqueezeNet's shape (Han et al.): the small layers kept nearly whole,
-    /// the 3×3 expand filters at about a third, the classifier at about a fifth.
-    public static let defaults: [String: Double] = ["conv1": 0.99, "squeeze": 0.99, "expand1x1": 0.99, "expand3x3": 0.33,
-                                                    "conv10": 0.21, "other": 1.0]
-    public static let groups = ["conv1", "squeeze", "expand1x1", "expand3x3", "conv10", "other"]
+    /// SqueezeNet: the released compressed SqueezeNet's shape (Han et al.): the small layers kept
+    /// nearly whole, the 3×3 expand filters at about a third, the classifier at about a fifth.
+    /// AlexNet: Deep Compression's pruned AlexNet (Han et al., 2016, Table 4): 84% of conv1, 35–38% of
+    /// conv2–5, 9% of fc6 and fc7, 25% of fc8 (11% overall).
+    public static func defaults(of architecture: ModelConfig.Architecture) -> [String: Double] {
+        architecture == .alexnet
+            ? ["conv1": 0.84, "conv2": 0.38, "conv3": 0.35, "conv4": 0.37, "conv5": 0.37, "fc6": 0.09, "fc7": 0.09, "fc8": 0.25]
+            : ["conv1": 0.99, "squeeze": 0.99, "expand1x1": 0.99, "expand3x3": 0.33, "conv10": 0.21, "other": 1.0]
+    }
 
+    /// The layer groups `--density` accepts for an architecture, in order.
+    public static func groups(of architecture: ModelConfig.Architecture) -> [String] {
+        architecture == .alexnet
+            ? ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
+            : ["conv1", "squeeze", "expand1x1", "expand3x3", "conv10", "other"]
+    }
+
+    /// torchvision's AlexNet weight names → the paper's layer names.
+    static let alexNetLayers = ["features.0.weight": "conv1", "features.3.weight": "conv2", "features.6.weight": "conv3",
+                                "features.8.weight": "conv4", "features.10.weight": "conv5", "classifier.1.weight": "fc6",
+                                "classifier.4.weight": "fc7", "classifier.6.weight": "fc8"]
+
+    public let architecture: ModelConfig.Architecture
     public var densities: [String: Double]
 
-    /// The defaults with `overrides` (key → density) applied.
-    public init(overrides: [String: Double] = [:]) {
-        densities = DensityPolicy.defaults.merging(overrides) { $1 }
+    /// The architecture's defaults with `overrides` (key → density) applied.
+    public init(_ architecture: ModelConfig.Architecture, overrides: [String: Double] = [:]) {
+        self.architecture = architecture
+        densities = DensityPolicy.defaults(of: architecture).merging(overrides) { $1 }
     }
 
     /// The group a weight tensor belongs to.
-    public static func group(of name: String) -> String {
+    public func group(of name: String) -> String {
+        if architecture == .alexnet { return DensityPolicy.alexNetLayers[name] ?? "other" }
         if name == "features.0.weight" { return "conv1" }
         if name == "classifier.1.weight" { return "conv10" }
         for g in ["squeeze", "expand1x1", "expand3x3"] where name.hasSuffix(".\(g).weight") { return g }
@@ -30,7 +49,7 @@ public struct DensityPolicy: Equatable, Sendable {
     }
 
     public func density(of name: String) -> Double {
-        densities[name] ?? densities[DensityPolicy.group(of: name)] ?? 1
+        densities[name] ?? densities[group(of: name)] ?? 1
     }
 }
 

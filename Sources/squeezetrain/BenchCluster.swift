@@ -21,7 +21,7 @@ struct BenchAllReduce: ParsableCommand {
 
     @Option(help: "Worker processes.") var workers = 2
     @Option(help: "Floats per all-reduce (727,626 = SqueezeNet 1.1 on CIFAR-10; 57,044,810 = AlexNet).") var floats = 727_626
-    @Option(help: "ring or star (through a hub process, as the coordinator would be).") var algorithm: AllReduceAlgorithm = .ring
+    @Option(help: "ring, star (through a hub process, as the coordinator would be) or tree (binary, rooted at rank 0).") var algorithm: AllReduceAlgorithm = .ring
     @Option(help: "tcp or ipc.") var transport = "tcp"
     @Option(help: "Timed all-reduces (the median is reported).") var iterations = 50
     @Option(help: "Untimed warm-up all-reduces.") var warmup = 5
@@ -51,7 +51,7 @@ struct BenchAllReduce: ParsableCommand {
             throw ValidationError("--workers, --floats and --iterations must be at least 1")
         }
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc") }
-        do { _ = try GradientCompression(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
+        try validateAlgorithm(algorithm, compress: compress)
     }
 
     func run() throws {
@@ -72,7 +72,7 @@ struct BenchAllReduce: ParsableCommand {
 
     /// Spawns the participants (N workers, plus a hub for star) and returns rank 0's report.
     private func launch() throws -> Report {
-        let group = workers + (algorithm == .star ? 1 : 0)
+        let group = algorithm.groupSize(workers: workers)
         let endpoints = try (0..<group).map { r -> String in
             transport == "ipc" ? try ipcEndpoint("bench-\(r)")
                                : "tcp://127.0.0.1:\(try freeTCPPort())"
@@ -118,8 +118,7 @@ struct BenchAllReduce: ParsableCommand {
         transportOptions.security = security
         let transport = try ZMQTransport(rank: rank, worldSize: group, bind: endpoints[rank], context: context, options: transportOptions)
         defer { transport.close() }
-        let topology: Topology = algorithm == .star ? .star(hub: workers) : .ring
-        try transport.connect(topology: topology, endpoints: endpoints)
+        try transport.connect(topology: algorithm.topology(workers: workers), endpoints: endpoints)
         let options = CollectiveOptions(chunkBytes: chunkKb * 1024, timeout: .seconds(60))
         let compression = try GradientCompression(parsing: compress)
         if algorithm == .star && rank == workers {
@@ -127,9 +126,7 @@ struct BenchAllReduce: ParsableCommand {
                                              iterations: iterations, warmup: warmup)
             return
         }
-        let reducer: any AllReducer = algorithm == .star
-            ? StarAllReduceWorker(transport: transport, hub: workers, options: options, compression: compression)
-            : RingAllReduce(transport: transport, options: options, compression: compression)
+        let reducer = makeAllReducer(transport, algorithm: algorithm, hub: workers, options: options, compression: compression)
         let before = transport.counters
         let times = try CommBenchmark.allReduceSeconds(reducer, floats: floats, iterations: iterations, warmup: warmup)
         let rounds = iterations + warmup
@@ -230,12 +227,13 @@ struct BenchClusterCommand: ParsableCommand {
         let stepTimes = bySteps.values.map { $0.map { number($0, "step_seconds") }.max() ?? 0 }.sorted()
         let median = stepTimes[stepTimes.count / 2]
         let n = Double(lines.count)
+        func mean(_ k: String) -> Double { lines.reduce(0) { $0 + number($1, k) } / n }
         return Report(workers: workers, batchSize: batchSize, threadsPerWorker: threads, model: model.config.architecture.rawValue,
                       allreduce: communication.allreduce.rawValue, steps: bySteps.count, encrypted: !insecure,
                       imagesPerSecond: Double(batchSize) / median, secondsPerStepMedian: median,
-                      bytesSentPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_sent") } / n,
-                      bytesReceivedPerWorkerPerStep: lines.reduce(0) { $0 + number($1, "allreduce_bytes_received") } / n,
-                      theoryBytesSentPerWorkerPerStep: number(lines[0], "theory_bytes_sent"),
+                      bytesSentPerWorkerPerStep: mean("allreduce_bytes_sent"), bytesReceivedPerWorkerPerStep: mean("allreduce_bytes_received"),
+                      // The mean over the lines like the bytes (ring and star lines carry one figure, the tree's differ by rank).
+                      theoryBytesSentPerWorkerPerStep: mean("theory_bytes_sent"),
                       allreduceShareOfStep: lines.reduce(0) { $0 + number($1, "allreduce_seconds") } / max(lines.reduce(0) { $0 + number($1, "step_seconds") }, 1e-9))
     }
 }

@@ -8,9 +8,16 @@ import SqueezeTraining
 
 extension AllReduceAlgorithm: ExpressibleByArgument {}
 
+/// `--compress` parses, and the all-reduce takes it (the tree refuses topk).
+func validateAlgorithm(_ algorithm: AllReduceAlgorithm, compress: String) throws {
+    let compression: GradientCompression
+    do { compression = try GradientCompression(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
+    if let refusal = algorithm.refusal(compression) { throw ValidationError(refusal) }
+}
+
 /// Options of a cluster run beyond the training itself, shared by `coordinator`, `launch` and the benchmarks.
 struct ClusterOptions: ParsableArguments {
-    @Option(help: "All-reduce: ring (reduce-scatter + all-gather between workers) or star (through the coordinator).")
+    @Option(help: "All-reduce: ring (reduce-scatter + all-gather between workers), star (through the coordinator) or tree (partial sums up a binary tree of workers rooted at rank 0, the average down; not with --compress topk).")
     var allreduce: AllReduceAlgorithm = .ring
     @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 (per-chunk scale, error feedback) or topk:F (the fraction F of largest entries, error feedback).")
     var compress = "none"
@@ -30,7 +37,7 @@ struct ClusterOptions: ParsableArguments {
     func validate() throws {
         guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc (got \(transport))") }
         guard bucketMb.isFinite, bucketMb >= 0.001, bucketMb <= 4096 else { throw ValidationError("--bucket-mb must be in 0.001...4096 (got \(bucketMb))") }
-        do { _ = try GradientCompression(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
+        try validateAlgorithm(allreduce, compress: compress)
         guard timeout.isFinite, timeout >= 0.1, timeout <= 3600 else { throw ValidationError("--timeout must be in 0.1...3600 seconds (got \(timeout))") }
         guard joinTimeout.isFinite, joinTimeout >= 0.1, joinTimeout <= 86_400 else {
             throw ValidationError("--join-timeout must be in 0.1...86400 seconds (got \(joinTimeout))")
@@ -144,9 +151,10 @@ func printSummary(_ s: ClusterSummary, workers: Int) {
     for (rank, t) in s.perRank.enumerated() {
         let steps = Double(max(t.steps, 1))
         let sent = Double(t.bytesSent) / steps
+        let theory = s.theoryBytesPerRank[rank]
         totalSent += t.bytesSent; totalReceived += t.bytesReceived
         print(pad("\(rank)", 6) + pad(megabytes(sent), 14, right: true) + pad(megabytes(Double(t.bytesReceived) / steps), 15, right: true)
-              + pad(megabytes(s.theoryBytesPerWorker), 14, right: true) + pad(s.theoryBytesPerWorker > 0 ? String(format: "%.4f", sent / s.theoryBytesPerWorker) : "-", 8, right: true)
+              + pad(megabytes(theory), 14, right: true) + pad(theory > 0 ? String(format: "%.4f", sent / theory) : "-", 8, right: true)
               + pad(String(format: "%.0f B", Double(t.controlBytes) / steps), 14, right: true)
               + pad(String(format: "%.1f%%", 100 * t.allreduceSeconds / max(t.stepSeconds, 1e-9)), 12, right: true))
     }

@@ -29,9 +29,10 @@ struct Compress: ParsableCommand {
     var bits = 8
     @Option(name: .customLong("density"), parsing: .singleValue, help: ArgumentHelp(
         "Share of weights a layer keeps, as KEY=D with D in (0, 1]; repeatable.",
-        discussion: "KEY is a group (conv1, squeeze, expand1x1, expand3x3, conv10, other) or a weight tensor's name (features.12.expand3x3.weight), "
-            + "which wins over its group. Defaults (the released compressed SqueezeNet's shape): conv1, squeeze and expand1x1 0.99, "
-            + "expand3x3 0.33, conv10 0.21, other 1."))
+        discussion: "KEY is a group (SqueezeNet: conv1, squeeze, expand1x1, expand3x3, conv10, other; AlexNet: conv1 to conv5, fc6 to fc8) "
+            + "or a weight tensor's name (features.12.expand3x3.weight), which wins over its group. Defaults: for SqueezeNet the released "
+            + "compressed SqueezeNet's shape (conv1, squeeze and expand1x1 0.99, expand3x3 0.33, conv10 0.21, other 1); for AlexNet Deep "
+            + "Compression's (conv1 0.84, conv2 0.38, conv3 0.35, conv4 and conv5 0.37, fc6 and fc7 0.09, fc8 0.25)."))
     var densities: [String] = []
     @Option(help: "Epochs of retraining after pruning (0: none).")
     var pruneEpochs: Double = 2
@@ -75,19 +76,29 @@ struct Compress: ParsableCommand {
         if let evalImages { try requireRange("--eval-images", evalImages, 1...10_000) }
     }
 
-    /// `--density` as key → density; a `ValidationError` names a malformed entry or unknown group.
+    /// `--density` as key → density; a `ValidationError` names a malformed entry.
     func parsedDensities() throws -> [String: Double] {
         var out = [String: Double]()
         for entry in densities {
             let parts = entry.split(separator: "=", maxSplits: 1).map(String.init)
             guard parts.count == 2, let d = Double(parts[1]) else { throw ValidationError("--density '\(entry)': expected KEY=D, e.g. expand3x3=0.33") }
             guard d > 0, d <= 1 else { throw ValidationError("--density '\(entry)': the density must be in (0, 1] (got \(parts[1]))") }
-            guard DensityPolicy.groups.contains(parts[0]) || parts[0].hasSuffix(".weight") else {
-                throw ValidationError("--density '\(entry)': '\(parts[0])' is neither a group (\(DensityPolicy.groups.joined(separator: ", "))) nor a weight tensor's name")
-            }
             out[parts[0]] = d
         }
         return out
+    }
+
+    /// The densities for `net`'s architecture with `--density` applied; a `ValidationError` names a key
+    /// that is neither one of its groups nor one of its weight tensors.
+    func densityPolicy(for net: Network) throws -> DensityPolicy {
+        let architecture = net.config.architecture, groups = DensityPolicy.groups(of: architecture)
+        let names = net.compressibleWeights.map(\.name)
+        let overrides = try parsedDensities()
+        for key in overrides.keys.sorted() where !groups.contains(key) && !names.contains(key) {
+            throw ValidationError("--density: '\(key)' is neither a group of \(architecture.rawValue) (\(groups.joined(separator: ", "))) "
+                                  + "nor a weight tensor of \(weights) (\(names.joined(separator: ", ")))")
+        }
+        return DensityPolicy(architecture, overrides: overrides)
     }
 
     struct Stage: Encodable {
@@ -107,11 +118,8 @@ struct Compress: ParsableCommand {
         do {
             try checkPaths()
             let net = try loadNetwork(weights: weights, model: model)
-            let policy = DensityPolicy(overrides: try parsedDensities())
+            let policy = try densityPolicy(for: net)
             let names = Set(net.compressibleWeights.map(\.name))
-            for key in policy.densities.keys where key.hasSuffix(".weight") && !names.contains(key) {
-                throw ValidationError("--density: \(weights) holds no weight tensor '\(key)' (its tensors: \(net.compressibleWeights.map(\.name).joined(separator: ", ")))")
-            }
             let dir = try CIFAR10.resolveDirectory(explicit: data)
             let trainSet = try CIFAR10(directory: dir, split: .train), testSet = try CIFAR10(directory: dir, split: .test)
             var config = TrainingConfig()

@@ -98,6 +98,34 @@ struct LaunchTests {
     }
 }
 
+@Suite("launch --allreduce tree (real processes)", .serialized)
+struct LaunchTreeTests {
+    /// Three workers over real sockets: the root (rank 0, two children) sends 2 × 4P per step, the
+    /// leaves 4P each, and every rank's metrics line and summary row carry its own theory.
+    @Test func everyRankSendsItsOwnTheory() throws {
+        let dir = try temporaryDirectory("launch-tree")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let launch = try Child(["launch", "--workers", "3", "--allreduce", "tree", "--steps", "2", "--batch-size", "12", "--no-eval",
+                                "--metrics", dir + "/m.jsonl"], log: dir + "/launch.log")
+        #expect(launch.wait() == 0, "\(launch.output)")
+        let lines = try readMetrics(dir + "/m.jsonl")
+        #expect(lines.count == 6)
+        let copy = 4 * Network(config: ModelConfig()).parameters.count
+        for line in lines {
+            let rank = line["rank"] as! Int, sent = line["allreduce_bytes_sent"] as? Int
+            #expect(sent == copy * [2, 1, 1][rank], "rank \(rank)")
+            #expect(sent == line["theory_bytes_sent"] as? Int, "rank \(rank)")
+            #expect(line["allreduce_bytes_received"] as? Int == sent, "rank \(rank)")
+        }
+        // The summary: per rank, bytes sent per step, received, its theory and their ratio.
+        let mb = { (bytes: Int) in megabytes(Double(bytes)) }
+        for (rank, edges) in [2, 1, 1].enumerated() {
+            let row = launch.output.split(separator: "\n").first { $0.hasPrefix("[coordinator] \(rank)     ") }
+            #expect(row.map { $0.contains(mb(copy * edges)) && $0.contains("1.0000") } == true, "rank \(rank): \(launch.output)")
+        }
+    }
+}
+
 @Suite("export (real process)")
 struct ExportTests {
     @Test func exportWritesTheCheckpointsWeights() throws {

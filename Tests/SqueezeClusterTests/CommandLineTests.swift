@@ -110,3 +110,22 @@ import Testing
         #expect(!c.output.contains("training squeezenet") && !c.output.contains("waiting for"), "\(arguments) started: \(c.output)")
     }
 }
+
+/// `--allreduce tree` with top-k compression is refused before anything starts, naming both flags.
+@Suite struct TreeTopkFlagTests {
+    @Test(arguments: [
+        ["launch", "--allreduce", "tree", "--compress", "topk:0.01"],
+        ["coordinator", "--bind", "tcp://127.0.0.1:1", "--workers", "2", "--allreduce", "tree", "--compress", "topk:0.01"],
+        ["join", "--allreduce", "tree", "--compress", "topk:0.01"],
+        ["bench", "allreduce", "--algorithm", "tree", "--compress", "topk:0.01"],
+        ["bench", "cluster", "--allreduce", "tree", "--compress", "topk:0.01"],
+    ])
+    func treeWithTopkIsRefusedNamingBothFlags(arguments: [String]) throws {
+        let dir = try temporaryDirectory("tree-topk")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let c = try Child(arguments, log: dir + "/out.log")
+        #expect(c.wait(timeout: 60) != 0, "\(arguments) exited 0: \(c.output)")
+        #expect(c.output.contains("--allreduce tree does not take --compress topk:0.01"), "\(arguments): \(c.output)")
+        #expect(!c.output.contains("waiting for"), "\(arguments) started: \(c.output)")
+    }
+}

@@ -1,4 +1,5 @@
 import Testing
+import SqueezeTraining
 @testable import SqueezeCluster
 
 @Suite("Control protocol")
@@ -11,6 +12,27 @@ struct ControlProtocolTests {
         let m = ControlMessage.heartbeat(Heartbeat(rank: 3, step: 17))
         guard case .heartbeat(let h) = try decode(m.encoded()) else { Issue.record("wrong kind"); return }
         #expect(h.rank == 3 && h.step == 17)
+    }
+
+    /// `tree` travels as its name; an algorithm this build does not know (as `tree` is to a build older than
+    /// it) is refused naming the value, so no protocol version bump was needed for it.
+    @Test func anAlgorithmTravelsByNameAndAnUnknownOneIsRefusedNamingIt() throws {
+        let welcome = ControlMessage.welcome(Welcome(
+            rank: 1, worldSize: 3, config: TrainingConfig(), algorithm: .tree, compression: .int8, bucketBytes: 1 << 20, transport: .tcp,
+            timeoutSeconds: 10, parametersChecksum: "0", initWeights: nil, saveWeights: nil, evaluate: false,
+            checkpointDirectory: nil, checkpointEvery: 0, keepCheckpoints: 3, resumeFrom: nil)).encoded()
+        guard case .welcome(let w) = try decode(welcome) else { Issue.record("wrong kind"); return }
+        #expect(w.algorithm == .tree && w.compression == .int8)
+        let field = Array("\"algorithm\":\"tree\"".utf8)
+        let at = try #require((0...(welcome.count - field.count)).first { Array(welcome[$0..<$0 + field.count]) == field })
+        var unknown = welcome
+        unknown.replaceSubrange(at + field.count - 5..<at + field.count - 1, with: Array("fans".utf8))  // same length
+        do {
+            _ = try decode(unknown)
+            Issue.record("accepted an unknown algorithm")
+        } catch let e as ControlError {
+            #expect(e.description.contains("welcome message body does not decode") && e.description.contains("fans"), "\(e.description)")
+        }
     }
 
     @Test func rejectsBadFramesNamingThePeer() throws {

@@ -127,6 +127,32 @@ struct InProcessClusterTests {
         #expect(summary.hubBytesSent == 3 * 2 * 4 * modelParameters)
     }
 
+    /// The tree: every rank's bytes are its role's (a leaf's a third of an inner node's with two children),
+    /// and its metrics line carries its own theory; ranks end bit-identical (the same weights checksum).
+    @Test(arguments: [(1, "none"), (3, "none"), (5, "int8"), (4, "fp16")])
+    func treeBytesMatchEachRanksTheory(workers n: Int, compress: String) throws {
+        let compression = try GradientCompression(parsing: compress)
+        let run = try runInProcess(clusterOptions(workers: n, steps: 2, perWorker: 4) {
+            $0.algorithm = .tree; $0.compression = compression; $0.bucketBytes = 524_288
+        })
+        let summary = try run.summary.get()
+        #expect(run.workerErrors.allSatisfy { $0 == nil }, "\(run.workerErrors)")
+        #expect(run.metrics.count == 2 * n)
+        let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 524_288)
+        let chunk = CollectiveOptions().chunkBytes
+        let copy = plan.reduce(0) { $0 + compression.densePayloadBytes(count: $1.count, chunkBytes: chunk)! }  // one copy of the gradient
+        let edges = [1: [0], 3: [2, 1, 1], 4: [2, 2, 1, 1], 5: [2, 3, 1, 1, 1]][n]!
+        for line in run.metrics {
+            let rank = line["rank"] as! Int
+            #expect(line["allreduce_bytes_sent"] as? Int == copy * edges[rank], "rank \(rank)")
+            #expect(line["allreduce_bytes_received"] as? Int == copy * edges[rank], "rank \(rank)")
+            #expect(line["theory_bytes_sent"] as? Int == copy * edges[rank], "rank \(rank)")
+            #expect(line["dense_bytes_sent"] as? Int == 4 * modelParameters * edges[rank], "rank \(rank)")
+        }
+        #expect(summary.theoryBytesPerRank == edges.map { Double(copy * $0) })
+        #expect(summary.perRank.map(\.bytesSent) == edges.map { 2 * copy * $0 })
+    }
+
     /// What the codecs put on the wire, against the collectives' own formulas per bucket; the
     /// metrics carry the uncompressed reference and the ratio.
     @Test(arguments: [("fp16", AllReduceAlgorithm.ring), ("int8", .star), ("topk:0.01", .ring), ("bf16", .star)])

@@ -9,16 +9,27 @@ import Testing
 /// (so error feedback carries over); rank r contributes `calls[c][r]` to call c. Returns
 /// `[call][rank]`, with the bytes of that call alone.
 private func ring(_ calls: [[[Float]]], _ compression: GradientCompression, chunkBytes: Int) throws -> [[RankOutcome]] {
+    try peers(calls, chunkBytes: chunkBytes) { RingAllReduce(transport: $0, options: $1, compression: compression) }
+}
+
+/// `ring` for the tree.
+private func tree(_ calls: [[[Float]]], _ compression: GradientCompression, chunkBytes: Int) throws -> [[RankOutcome]] {
+    try peers(calls, chunkBytes: chunkBytes) { TreeAllReduce(transport: $0, options: $1, compression: compression) }
+}
+
+/// `ring` for the reducer `make` builds on each rank.
+private func peers(_ calls: [[[Float]]], chunkBytes: Int,
+                   _ make: @escaping @Sendable (InProcessTransport, CollectiveOptions) -> any AllReducer) throws -> [[RankOutcome]] {
     let n = calls[0].count
     let group = InProcessGroup(worldSize: n)
     let options = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120))
     let perRank = try runRanks(n) { rank in
         let transport = group[rank]
-        let ring = RingAllReduce(transport: transport, options: options, compression: compression)
+        let reducer = make(transport, options)
         return try calls.enumerated().map { c, inputs in
             transport.resetCounters()
             var buffer = inputs[rank]
-            try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: UInt32(c)))
+            try reducer.allReduceAverage(&buffer, tag: CollectiveTag(step: UInt32(c)))
             return RankOutcome(result: buffer, counters: transport.counters)
         }
     }.map { try $0.get() }
@@ -437,17 +448,47 @@ struct CompressedAllReduceTests {
         }
     }
 
+    @Test("tree, fp16/bf16/int8: identical ranks, within the codec's error, exact bytes per role",
+          arguments: [GradientCompression.fp16, .bf16, .int8], [2, 3, 4, 7])
+    func treeDense(compression: GradientCompression, worldSize n: Int) throws {
+        for (count, chunkBytes) in shapes {
+            let inputs = (0..<n).map { rankData(rank: $0, count: count, salt: 14) }
+            let out = try tree([inputs], compression, chunkBytes: chunkBytes)[0]
+            let label = "\(compression) N=\(n) count=\(count) chunk=\(chunkBytes)"
+            for r in 0..<n { #expect(firstMismatch(out[r].result, out[0].result) == nil, "rank \(r), \(label)") }
+            if compression != .int8 {
+                #expect(firstMismatch(out[0].result, treeReference(inputs, rounding: roundTrip(compression))) == nil, "\(label)")
+            }
+            // At most ⌊log₂ N⌋ re-encoded partial sums on a value's way up: within the ring's bound (N − 2).
+            #expect(worstRatio(out[0].result, doubleAverage(inputs), bound: codecBound(compression, inputs: inputs, ring: true)) <= 1,
+                    "\(label)")
+            // One encoded copy of the range per edge: 2 × count bytes (fp16, bf16), count + 4 per message (int8).
+            let messages = (count + chunkBytes / 4 - 1) / (chunkBytes / 4)
+            let copy = compression == .int8 ? count + 4 * messages : 2 * count
+            for r in 0..<n {
+                let c = out[r].counters, edges = treeEdges[n]![r]
+                let theory = try #require(treePayloadBytes(count: count, worldSize: n, rank: r, compression: compression, chunkBytes: chunkBytes))
+                #expect(theory.sent == copy * edges && theory.received == copy * edges, "rank \(r), \(label)")
+                #expect(c.payloadBytesSent == theory.sent && c.payloadBytesReceived == theory.received, "rank \(r), \(label)")
+                #expect(c.messagesSent == messages * edges && c.messagesReceived == messages * edges, "rank \(r), \(label)")
+            }
+        }
+    }
+
     /// The mean over elements of |running mean of the calls' results − exact average|, for the
-    /// ring and the star, and the same for the first call alone. Without error feedback every
+    /// ring, the star and the tree, and the same for the first call alone. Without error feedback every
     /// call would repeat the first call's result (its residual is still zero), so the first
     /// call's error is what a reducer without feedback keeps forever.
     private func runningMeanErrors(_ inputs: [[Float]], calls: Int, chunkBytes: Int) throws -> [(running: Double, first: Double)] {
         let exact = doubleAverage(inputs), count = exact.count
         func meanError(_ x: [Double]) -> Double { zip(x, exact).reduce(0.0) { $0 + abs($1.0 - $1.1) } / Double(count) }
         let repeated = Array(repeating: inputs, count: calls)
-        return try [false, true].map { starred in
-            let results = starred ? try star(repeated, .int8, chunkBytes: chunkBytes).workers.map { $0[0].result }
-                                  : try ring(repeated, .int8, chunkBytes: chunkBytes).map { $0[0].result }
+        return try ["ring", "star", "tree"].map { algorithm in
+            let results = switch algorithm {
+            case "star": try star(repeated, .int8, chunkBytes: chunkBytes).workers.map { $0[0].result }
+            case "tree": try tree(repeated, .int8, chunkBytes: chunkBytes).map { $0[0].result }
+            default: try ring(repeated, .int8, chunkBytes: chunkBytes).map { $0[0].result }
+            }
             var sum = [Double](repeating: 0, count: count)
             for result in results { for i in 0..<count { sum[i] += Double(result[i]) } }
             return (meanError(sum.map { $0 / Double(calls) }), meanError(results[0].map(Double.init)))
@@ -465,8 +506,8 @@ struct CompressedAllReduceTests {
             return i % 100 == 0 ? 1 : small
         }
         for (i, e) in try runningMeanErrors([g, g], calls: 64, chunkBytes: 400).enumerated() {
-            #expect(e.first > 0.0015, "star: \(i == 1)")               // lost entirely without feedback
-            #expect(e.running < e.first / 10, "star: \(i == 1): \(e.running) vs \(e.first)")
+            #expect(e.first > 0.0015, "algorithm \(i)")               // lost entirely without feedback
+            #expect(e.running < e.first / 10, "algorithm \(i): \(e.running) vs \(e.first)")
         }
     }
 
@@ -476,8 +517,8 @@ struct CompressedAllReduceTests {
         // the gain is smaller than above, but a reducer without feedback gains nothing.
         let inputs = (0..<3).map { rankData(rank: $0, count: 3001, salt: 13) }
         for (i, e) in try runningMeanErrors(inputs, calls: 64, chunkBytes: 400).enumerated() {
-            #expect(e.first > 1e-3, "star: \(i == 1)")
-            #expect(e.running < e.first / 2, "star: \(i == 1): \(e.running) vs \(e.first)")
+            #expect(e.first > 1e-3, "algorithm \(i)")
+            #expect(e.running < e.first / 2, "algorithm \(i): \(e.running) vs \(e.first)")
         }
     }
 

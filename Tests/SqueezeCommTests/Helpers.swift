@@ -103,3 +103,24 @@ struct RankOutcome: Sendable {
 func uniqueIPCEndpoint(_ name: String) -> String {
     "ipc://\(NSTemporaryDirectory())squeezecomm-\(getpid())-\(name)-\(UInt32.random(in: 0...UInt32.max))"
 }
+
+/// Tree edges of each rank for N = 1…8, written out by hand rather than from `treeChildren`: a leaf
+/// has 1 (its parent), an inner node 1 + its children, the root its children.
+let treeEdges: [Int: [Int]] = [1: [0], 2: [1, 1], 3: [2, 1, 1], 4: [2, 2, 1, 1], 5: [2, 3, 1, 1, 1], 6: [2, 3, 2, 1, 1, 1],
+                               7: [2, 3, 3, 1, 1, 1, 1], 8: [2, 3, 3, 2, 1, 1, 1, 1]]
+
+/// Naive reference for the tree: rank r's partial sum is x_r + s(2r+1) + s(2r+2) in Float, each
+/// child's sum passed through `rounding` (its codec's round trip; none for Float32), and the root's
+/// sum divided by N and rounded once more. The tree must match it bit for bit.
+func treeReference(_ inputs: [[Float]], rounding: (Float) -> Float = { $0 }) -> [Float] {
+    let n = inputs.count
+    guard n > 1 else { return inputs[0] }
+    return (0..<inputs[0].count).map { i in
+        func sum(_ r: Int) -> Float {
+            var v = inputs[r][i]
+            for c in [2 * r + 1, 2 * r + 2] where c < n { v += rounding(sum(c)) }
+            return v
+        }
+        return rounding(sum(0) / Float(n))
+    }
+}

@@ -5,17 +5,25 @@ import Testing
 /// (with a ragged last one); the default for the SqueezeNet-sized buffer.
 private func chunkBytes(for count: Int) -> Int { count >= 100_000 ? 256 << 10 : 40 }
 
-/// Runs one ring all-reduce over a fresh in-process group; rank r contributes `inputs[r]`.
-private func inProcessRing(_ inputs: [[Float]], chunkBytes: Int) throws -> [RankOutcome] {
+/// Runs one all-reduce of `make`'s kind over a fresh in-process group; rank r contributes `inputs[r]`.
+private func inProcess(_ inputs: [[Float]], chunkBytes: Int,
+                       _ make: @escaping @Sendable (InProcessTransport, CollectiveOptions) -> any AllReducer) throws -> [RankOutcome] {
     let group = InProcessGroup(worldSize: inputs.count)
     let options = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120))
     return try runRanks(inputs.count) { rank in
         let transport = group[rank]
-        let ring = RingAllReduce(transport: transport, options: options)
         var buffer = inputs[rank]
-        try ring.allReduceAverage(&buffer, tag: CollectiveTag(step: 7, bucket: 3))
+        try make(transport, options).allReduceAverage(&buffer, tag: CollectiveTag(step: 7, bucket: 3))
         return RankOutcome(result: buffer, counters: transport.counters)
     }.map { try $0.get() }
+}
+
+private func inProcessRing(_ inputs: [[Float]], chunkBytes: Int) throws -> [RankOutcome] {
+    try inProcess(inputs, chunkBytes: chunkBytes) { RingAllReduce(transport: $0, options: $1) }
+}
+
+private func inProcessTree(_ inputs: [[Float]], chunkBytes: Int) throws -> [RankOutcome] {
+    try inProcess(inputs, chunkBytes: chunkBytes) { TreeAllReduce(transport: $0, options: $1) }
 }
 
 /// Runs one star all-reduce: ranks 0..<N are workers, rank N is the hub.
@@ -125,24 +133,93 @@ struct InProcessAllReduceTests {
         #expect(first.hub.payloadBytesSent == 4 * count * n)
     }
 
-    @Test("bucketed use: sub-ranges of one buffer, other elements untouched")
-    func buckets() throws {
-        let n = 3, count = 5000
+    @Test("tree: the ring's average within tolerance, a fixed order, identical on every rank, exact bytes per role",
+          arguments: [1, 2, 3, 4, 5, 7, 8], [1, 7, 1000, 727_626])
+    func tree(worldSize n: Int, count: Int) throws {
+        let inputs = (0..<n).map { rankData(rank: $0, count: count, salt: 3) }
+        let chunk = chunkBytes(for: count)
+        let out = try inProcessTree(inputs, chunkBytes: chunk)
+        let ring = try inProcessRing(inputs, chunkBytes: chunk)
+
+        // Each within the summation bound of the exact average, so within twice it of each other.
+        #expect(maxToleranceViolation(out[0].result, exact: doubleAverage(inputs), inputs: inputs) <= 1)
+        #expect(maxToleranceViolation(out[0].result, exact: ring[0].result.map(Double.init), inputs: inputs) <= 2)
+        let reference = treeReference(inputs)
+        #expect(firstMismatch(out[0].result, reference) == nil)
+        for r in 0..<n { #expect(firstMismatch(out[r].result, out[0].result) == nil, "rank \(r) differs from rank 0") }
+
+        // A leaf sends and receives 4 × count, an inner node 4 × count × (1 + children), the root 4 × count × children.
+        let chunks = (count + chunk / 4 - 1) / (chunk / 4)
+        for r in 0..<n {
+            let c = out[r].counters, edges = treeEdges[n]![r]
+            let theory = try #require(treePayloadBytes(count: count, worldSize: n, rank: r))
+            #expect(theory.sent == 4 * count * edges && theory.received == 4 * count * edges, "rank \(r) of \(n)")
+            #expect(c.payloadBytesSent == theory.sent && c.payloadBytesReceived == theory.received, "rank \(r) of \(n)")
+            let messages = treeMessages(count: count, worldSize: n, rank: r, chunkBytes: chunk)
+            #expect(messages.sent == chunks * edges && messages.received == chunks * edges)
+            #expect(c.messagesSent == messages.sent && c.messagesReceived == messages.received, "rank \(r) of \(n)")
+            #expect(c.controlBytesSent == WireHeader.size * messages.sent)
+        }
+        // In all 2(N−1) copies of the range, as many as the ring moves.
+        #expect(out.reduce(0) { $0 + $1.counters.payloadBytesSent } == ring.reduce(0) { $0 + $1.counters.payloadBytesSent })
+        if n == 1 {
+            #expect(out[0].counters == ByteCounters())
+            #expect(firstMismatch(out[0].result, inputs[0]) == nil)
+        }
+    }
+
+    @Test("tree: the result does not depend on the chunk size")
+    func treeChunkSizeIndependent() throws {
+        let inputs = (0..<5).map { rankData(rank: $0, count: 5000, salt: 4) }
+        let a = try inProcessTree(inputs, chunkBytes: 4), b = try inProcessTree(inputs, chunkBytes: 1 << 20)
+        #expect(firstMismatch(a[3].result, b[3].result) == nil)
+        #expect(a[3].counters.payloadBytesSent == b[3].counters.payloadBytesSent && a[3].counters.messagesSent > b[3].counters.messagesSent)
+    }
+
+    @Test("tree: topk is refused, naming the alternatives")
+    func treeRefusesTopk() {
+        let group = InProcessGroup(worldSize: 2)
+        let tree = TreeAllReduce(transport: group[0], compression: .topk(fraction: 0.01))
+        var buffer = [Float](repeating: 1, count: 10)
+        #expect(throws: CommError.invalidArgument("the tree all-reduce does not take topk compression (sparse partial sums grow on the way up): use the ring or the star")) {
+            try tree.allReduceAverage(&buffer, tag: CollectiveTag(step: 0))
+        }
+        #expect(group[0].counters == ByteCounters())
+    }
+
+    @Test("tree topology: a rank talks to its parent and its children only")
+    func treeTopology() {
+        #expect(Topology.tree.outboundPeers(rank: 0, worldSize: 1) == [])
+        #expect(Topology.tree.outboundPeers(rank: 0, worldSize: 7) == [1, 2])
+        #expect(Topology.tree.inboundPeers(rank: 1, worldSize: 7) == [0, 3, 4])
+        #expect(Topology.tree.inboundPeers(rank: 1, worldSize: 4) == [0, 3])
+        #expect(Topology.tree.inboundPeers(rank: 6, worldSize: 7) == [2])
+        for n in 1...8 {
+            #expect((0..<n).map { Topology.tree.outboundPeers(rank: $0, worldSize: n).count } == treeEdges[n]!)
+        }
+    }
+
+    @Test("bucketed use: sub-ranges of one buffer, other elements untouched", arguments: ["ring", "tree"])
+    func buckets(algorithm: String) throws {
+        let n = algorithm == "tree" ? 5 : 3, count = 5000
         let inputs = (0..<n).map { rankData(rank: $0, count: count, salt: 2) }
         let buckets = [0..<1200, 1200..<1201, 3000..<4999]
         let group = InProcessGroup(worldSize: n)
         let results = try runRanks(n) { rank in
-            let ring = RingAllReduce(transport: group[rank], options: CollectiveOptions(chunkBytes: 256))
+            let options = CollectiveOptions(chunkBytes: 256)
+            let reducer: any AllReducer = algorithm == "tree" ? TreeAllReduce(transport: group[rank], options: options)
+                                                              : RingAllReduce(transport: group[rank], options: options)
             var buffer = inputs[rank]
             try buffer.withUnsafeMutableBufferPointer { b in
                 for (i, range) in buckets.enumerated() {
-                    try ring.allReduceAverage(b, range: range, tag: CollectiveTag(step: 1, bucket: UInt32(i)))
+                    try reducer.allReduceAverage(b, range: range, tag: CollectiveTag(step: 1, bucket: UInt32(i)))
                 }
             }
             return buffer
         }.map { try $0.get() }
         for range in buckets {
-            let reference = ringReference(inputs.map { Array($0[range]) })
+            let slices = inputs.map { Array($0[range]) }
+            let reference = algorithm == "tree" ? treeReference(slices) : ringReference(slices)
             for r in 0..<n { #expect(firstMismatch(Array(results[r][range]), reference) == nil) }
         }
         for r in 0..<n {
@@ -258,6 +335,43 @@ struct InProcessRejectionTests {
             return
         }
         #expect(peer == 1)
+    }
+
+    /// Rank `sender` of a tree of 4 injects `header` (+ a payload of its size) to rank 1, which runs the
+    /// tree all-reduce of 10 Floats and must fail naming the sender. Rank 1's neighbours are 0 and 3.
+    private func treeError(from sender: Int, _ header: WireHeader) -> CommError? {
+        let group = InProcessGroup(worldSize: 4)
+        do {
+            let payload = [UInt8](repeating: 0, count: 4 * Int(header.count))
+            try header.encoded.withUnsafeBytes { c in
+                try payload.withUnsafeBytes { p in try group[sender].send(control: c, payload: p, to: 1) }
+            }
+            let tree = TreeAllReduce(transport: group[1], options: CollectiveOptions(timeout: .milliseconds(200)))
+            var buffer = [Float](repeating: 1, count: 10)
+            try tree.allReduceAverage(&buffer, tag: CollectiveTag(step: 0))
+            return nil
+        } catch {
+            return error as? CommError
+        }
+    }
+
+    @Test("tree: a child's frame of the wrong kind, range or sender is rejected naming the child; a non-neighbour is never read")
+    func treeRejections() {
+        let good = WireHeader(kind: .treeReduce, sender: 3, tag: CollectiveTag(step: 0), offset: 0, count: 10)
+        var kind = good; kind.kind = .treeBroadcast
+        var range = good; range.offset = 2; range.count = 8
+        var sender = good; sender.sender = 2
+        for (header, words) in [(kind, "kind treeBroadcast"), (range, "range 2+8"), (sender, "names sender 2")] {
+            let error = treeError(from: 3, header)
+            #expect(error?.peer == 3, "\(words): \(String(describing: error))")
+            #expect(error?.description.contains(words) == true, "\(String(describing: error))")
+        }
+        // The good message passes; rank 1 then waits for its parent's average: a timeout naming rank 0.
+        #expect(treeError(from: 3, good) == .timeout(peer: 0, waited: .milliseconds(200)))
+        // Rank 2 is not rank 1's neighbour: its frame, however well formed, is not what rank 1 waits
+        // for, so it waits for its child 3 (over ZeroMQ such a frame is dropped: ZMQTests).
+        var stranger = good; stranger.sender = 2
+        #expect(treeError(from: 2, stranger) == .timeout(peer: 3, waited: .milliseconds(200)))
     }
 
     @Test("receive timeout names the silent peer")

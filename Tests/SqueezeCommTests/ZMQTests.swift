@@ -194,6 +194,42 @@ struct ZMQAllReduceTests {
         #expect(outcomes[0].counters.payloadBytesSent == 4 * count * workers)
     }
 
+    @Test("tree of 5 over tcp: the reference's bits on every rank, exact bytes per role; a non-neighbour's frame is dropped")
+    func treeTCP() throws {
+        let n = 5, count = 100_003, chunk = 32 << 10
+        let inputs = (0..<n).map { rankData(rank: $0, count: count, salt: 12) }
+        let group = try ZMQTransport.localGroup(worldSize: n, topology: .tree)
+        defer { for t in group { t.close() } }
+        // Rank 2 is not rank 1's neighbour (those are 0, 3 and 4): a well-formed tree frame from it is
+        // dropped and counted when rank 1 reads it, and the all-reduce goes on undisturbed.
+        let context = try ZMQContext()
+        let stranger = try ZMQSocket(context: context, type: .dealer)
+        defer { stranger.close(); context.terminate() }
+        try stranger.setRoutingID(ZMQTransport.routingID(rank: 2))
+        try stranger.connect(group[1].boundEndpoint)
+        let header = WireHeader(kind: .treeReduce, sender: 2, tag: CollectiveTag(step: 0), offset: 0, count: 1).encoded
+        try header.withUnsafeBytes { c in try [UInt8](repeating: 0, count: 4).withUnsafeBytes { try stranger.sendMultipart([c, $0]) } }
+        for _ in 0..<1500 where group[1].droppedMessages == 0 {  // until it arrives (rank 1's peers send nothing yet)
+            #expect(throws: CommError.self) { try group[1].receive(from: 0, timeout: .milliseconds(20)) { _, _ in } }
+        }
+        #expect(group[1].droppedMessages == 1)
+
+        let options = CollectiveOptions(chunkBytes: chunk, timeout: .seconds(60))
+        let outcomes = try runRanks(n) { rank in
+            let tree = TreeAllReduce(transport: group[rank], options: options)
+            var buffer = inputs[rank]
+            try tree.allReduceAverage(&buffer, tag: CollectiveTag(step: 0))
+            return RankOutcome(result: buffer, counters: group[rank].counters)
+        }.map { try $0.get() }
+        let reference = treeReference(inputs)
+        for r in 0..<n {
+            #expect(firstMismatch(outcomes[r].result, reference) == nil, "rank \(r)")
+            #expect(outcomes[r].counters.payloadBytesSent == 4 * count * treeEdges[n]![r], "rank \(r)")
+            #expect(outcomes[r].counters.payloadBytesReceived == 4 * count * treeEdges[n]![r], "rank \(r)")
+        }
+        #expect(group.map(\.droppedMessages) == [0, 1, 0, 0, 0])
+    }
+
     @Test("a message with a bad header is rejected with an error naming the sender")
     func badHeader() throws {
         let group = try ZMQTransport.localGroup(worldSize: 2, topology: .ring)

@@ -89,7 +89,7 @@ struct CompressCommandTests {
             (["--weights", weights, "--output", out, "--bits", "9"], "--bits must be in 1...8 (got 9)"),
             (["--weights", weights, "--output", out, "--density", "expand3x3=1.5"], "--density 'expand3x3=1.5': the density must be in (0, 1]"),
             (["--weights", weights, "--output", out, "--density", "fc7=0.1"], "'fc7' is neither a group"),
-            (["--weights", weights, "--output", out, "--density", "features.99.weight=0.1"], "holds no weight tensor 'features.99.weight'"),
+            (["--weights", weights, "--output", out, "--density", "features.99.weight=0.1"], "'features.99.weight' is neither a group of squeezenet1_1"),
             (["--weights", weights, "--output", dir + "/no/such/dir/m.sqz"], "does not exist"),
         ]
         for (arguments, message) in cases {

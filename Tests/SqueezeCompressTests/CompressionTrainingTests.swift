@@ -48,14 +48,29 @@ func values(_ store: ParameterStore, _ spec: ParameterSpec) -> [Float] {
 @Suite("Deep Compression's retraining")
 struct CompressionTrainingTests {
     @Test func densityPolicyGroupsTheLayersAndNamesWin() {
-        #expect(DensityPolicy.group(of: "features.0.weight") == "conv1")
-        #expect(DensityPolicy.group(of: "features.3.squeeze.weight") == "squeeze")
-        #expect(DensityPolicy.group(of: "features.12.expand3x3.weight") == "expand3x3")
-        #expect(DensityPolicy.group(of: "classifier.1.weight") == "conv10")
-        let policy = DensityPolicy(overrides: ["expand3x3": 0.5, "features.12.expand3x3.weight": 0.1])
+        let policy = DensityPolicy(.squeezenet1_1, overrides: ["expand3x3": 0.5, "features.12.expand3x3.weight": 0.1])
+        #expect(policy.group(of: "features.0.weight") == "conv1")
+        #expect(policy.group(of: "features.3.squeeze.weight") == "squeeze")
+        #expect(policy.group(of: "features.12.expand3x3.weight") == "expand3x3")
+        #expect(policy.group(of: "classifier.1.weight") == "conv10")
         #expect(policy.density(of: "features.3.expand3x3.weight") == 0.5)
         #expect(policy.density(of: "features.12.expand3x3.weight") == 0.1)
         #expect(policy.density(of: "classifier.1.weight") == 0.21)
+    }
+
+    @Test func alexNetGetsDeepCompressionsLayerDensities() throws {
+        var config = ModelConfig()
+        config.architecture = .alexnet
+        let net = Network(config: config, seed: 1)
+        let policy = DensityPolicy(.alexnet, overrides: ["fc8": 0.5])
+        let groups = net.compressibleWeights.map { policy.group(of: $0.name) }
+        #expect(groups == DensityPolicy.groups(of: .alexnet))  // every weight tensor is one of the paper's layers, in order
+        #expect(policy.density(of: "classifier.1.weight") == 0.09)  // fc6, not SqueezeNet's conv10
+        #expect(policy.density(of: "features.0.weight") == 0.84)
+        #expect(policy.density(of: "classifier.6.weight") == 0.5)
+        let kept = net.compressibleWeights.reduce(0.0) { $0 + Double($1.count) * policy.density(of: $1.name) }
+        let total = Double(net.compressibleWeights.reduce(0) { $0 + $1.count })
+        #expect(abs(kept / total - 0.11) < 0.01)  // the paper's 11% overall (with fc8 at 0.5: still about 11%)
     }
 
     @Test func maskedRetrainingKeepsPrunedWeightsAtZeroThroughStepsAndACheckpoint() throws {
