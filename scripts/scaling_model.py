@@ -1,0 +1,227 @@
+"""The α–β–γ cost model of one training step of squeezetrain (docs/communication-study.md, "Scaling").
+
+Times are seconds, sizes bytes. A link is (α, β, γ): α seconds per message, β seconds per byte on
+the wire, γ seconds per byte reduced. For an all-reduce of n bytes among p workers:
+
+  ring   2(p−1)α + 2(p−1)/p·nβ + (p−1)/p·nγ           reduce-scatter + all-gather (RingAllReduce)
+  star   2pα + p·(n + c)β + (p−1)·nγ                   the hub handles 2p messages a chunk, and its
+                                                       link carries p·n each way; it
+                                                       receives chunk k while it sends chunk k−1,
+                                                       so in and out overlap but for one chunk
+                                                       c = min(n, 1 MiB) (StarAllReduceHub)
+  tree   2Dα + (d·n + (2D−1)·c)β + min(2, p−1)·nγ          binary tree (rank r's parent (r−1)/2, as
+                                                       branch `tree`'s TreeAllReduce): partial sums
+                                                       up, the average down, chunk by chunk; the
+                                                       busiest rank's link carries d·n each way
+                                                       (d = its children + its parent: 1 for p = 2,
+                                                       2 for p = 3, 4, else 3), plus a chunk per
+                                                       level up and down to fill the pipe, D = ⌊log2 p⌋
+
+A codec sends w bytes per float (none 4, fp16/bf16 2, int8 1) and costs `codec_s` seconds per float
+it encodes or decodes; top-k:f all-gathers k = f·P (index, value) pairs of 8 bytes instead
+(ring: p−1 steps of 8k bytes; star: the hub returns the union, ≤ min(p·k, P) pairs, to each worker).
+
+A step: forward, then backward hands buckets (≥ 1 MB of whole layers, last layer first, as
+BucketedReducer.bucketPlan does) to one communication thread as their layers finish; the thread
+reduces them one after another. Bucket k is ready when backward has done the layers from the end
+down to its lowest one (backward time shared among layers in proportion to their multiply-adds),
+and finishes at max(ready_k, finish_{k−1}) + T(bucket_k). Only what is left after backward is
+exposed:
+
+  step = compute + max(0, finish_last − (forward + backward)) + overhead
+
+so a model whose big layers are last (AlexNet's classifier) hides most of its traffic under the
+backward of its convolutions, while its link is slow enough that most of the traffic is exposed.
+"""
+import math
+import statistics
+
+LINK_RATES = {"100mbit": 100e6, "1gbit": 1e9, "10gbit": 10e9, "100gbit": 100e9}
+WIRE_BYTES = {"none": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0}
+CHUNK_BYTES = 1 << 20   # CollectiveOptions().chunkBytes: the unit of pipelining and of int8 scales
+BUCKET_BYTES = 1 << 20  # the cluster's bucket size (BucketedReducer)
+
+
+def ring(p, n, link):
+    a, b, g = link["alpha"], link["beta"], link["gamma"]
+    return 0.0 if p < 2 else 2 * (p - 1) * a + 2 * (p - 1) / p * n * b + (p - 1) / p * n * g
+
+
+def star(p, n, link):
+    a, b, g = link["alpha"], link["beta"], link["gamma"]
+    return 0.0 if p < 2 else 2 * p * a + p * (n + min(n, CHUNK_BYTES)) * b + (p - 1) * n * g
+
+
+def tree_degree(p):
+    """Most tree edges at one rank: children (2r+1, 2r+2 below p) plus a parent (r > 0)."""
+    return max(len([c for c in (2 * r + 1, 2 * r + 2) if c < p]) + (r > 0) for r in range(min(p, 2)))
+
+
+def tree(p, n, link):
+    a, b, g = link["alpha"], link["beta"], link["gamma"]
+    if p < 2:
+        return 0.0
+    depth = int(math.log2(p))
+    return 2 * depth * a + (tree_degree(p) * n + (2 * depth - 1) * min(n, CHUNK_BYTES)) * b + min(2, p - 1) * n * g
+
+
+ALGORITHMS = {"ring": ring, "star": star, "tree": tree}
+
+
+def allreduce_seconds(algorithm, p, floats, link, compress="none", codec_s=None):
+    """One all-reduce of `floats` Float32 values among p workers, with a codec."""
+    if p < 2:
+        return 0.0
+    codec_s = codec_s or {}
+    if compress.startswith("topk"):
+        k = max(1, round(float(compress.split(":")[1]) * floats))
+        select = codec_s.get("topk", 0.0) * floats             # choosing k of P, adding the pairs back
+        if algorithm == "ring":                                # all-gather of every worker's pairs
+            return select + (p - 1) * (link["alpha"] + 8 * k * link["beta"]) + (p - 1) * 8 * k * link["gamma"]
+        if algorithm == "star":
+            union = min(p * k, floats)
+            return select + 2 * p * link["alpha"] + p * 8 * max(k, union) * link["beta"] + p * 8 * k * link["gamma"]
+        return None                                            # the tree refuses top-k
+    w = WIRE_BYTES[compress]
+    n = floats * w + (4 * math.ceil(floats * w / CHUNK_BYTES) if compress == "int8" else 0)
+    coded = {"ring": 2 * (p - 1) / p, "star": 2, "tree": 2 * tree_degree(p)}[algorithm] * floats
+    return ALGORITHMS[algorithm](p, n, link) + codec_s.get(compress, 0.0) * coded
+
+
+def bucket_plan(layers, bucket_bytes=BUCKET_BYTES):
+    """BucketedReducer.bucketPlan: whole layers from the last, until a bucket holds ≥ bucket_bytes.
+    `layers` are dicts with "parameters" and "macs", first layer first; returns (floats, macs from
+    the end through the bucket's lowest layer) per bucket, in the order they are reduced."""
+    buckets, floats, done = [], 0, 0
+    for layer in reversed(layers):
+        if layer["parameters"] == 0:
+            done += layer["macs"]
+            continue
+        floats += layer["parameters"]
+        done += layer["macs"]
+        if floats * 4 >= bucket_bytes:
+            buckets.append((floats, done))
+            floats = 0
+    if floats:
+        buckets.append((floats, done))
+    return buckets
+
+
+def step_seconds(model, p, link, algorithm="ring", compress="none", compute=None, codec_s=None, sharing=1.0):
+    """Predicted step time of one worker, and its parts. `model` holds the layer table ("layers"),
+    the compute split ("forward_share", "backward_share": shares of compute) and "overhead_seconds";
+    `compute` is the worker's forward + backward + optimizer time. `sharing` ≥ 1: how much slower
+    the all-reduce runs while backward runs beside it, when both want the same CPU (processor
+    sharing: 2 when the all-reduce is bound by the CPU, not the wire, and a compute thread joins
+    each communication thread; 1 when the wire bounds it)."""
+    total_macs = sum(layer["macs"] for layer in model["layers"])
+    forward = compute * model["forward_share"]
+    backward = compute * model["backward_share"]
+    end = forward + backward
+    finish, busy = forward, 0.0
+    for floats, macs_done in bucket_plan(model["layers"]):
+        ready = forward + backward * macs_done / total_macs
+        t = allreduce_seconds(algorithm, p, floats, link, compress, codec_s)
+        start = max(ready, finish)
+        shared = max(0.0, min(end - start, t * sharing))   # time spent beside backward, at 1/sharing speed
+        finish = start + shared + (t - shared / sharing)
+        busy += finish - start
+    exposed = max(0.0, finish - (forward + backward))
+    return {"step_seconds": compute + exposed + model["overhead_seconds"], "compute_seconds": compute,
+            "allreduce_seconds": busy, "exposed_seconds": exposed}
+
+
+def link_from_rate(rate_bits, alpha, gamma, efficiency=1.0):
+    """A link known only by its rate: β = 8 / (rate × efficiency), with a measured α and γ."""
+    return {"alpha": alpha, "beta": 8 / (rate_bits * efficiency), "gamma": gamma}
+
+
+def scaling(model, link, algorithm, compress, workers, batch, per_image, step_overhead, codec_s=None, weak=False):
+    """Speedup and efficiency against 1 worker for p in `workers`, one core per worker.
+    Strong scaling: `batch` is the global batch, split over p. Weak: `batch` images per worker."""
+    def one(p):
+        b = batch if weak else batch / p
+        compute = step_overhead + per_image * b
+        s = step_seconds(model, p, link, algorithm, compress, compute, codec_s)["step_seconds"]
+        return s, (b * p) / s
+    t1, rate1 = one(1)
+    rows = []
+    for p in workers:
+        s, rate = one(p)
+        speedup = rate / rate1
+        rows.append({"workers": p, "step_seconds": s, "images_per_second": rate, "speedup": speedup,
+                     "efficiency": speedup / p})
+    return rows
+
+
+def stops_scaling(rows, threshold=0.5):
+    """The smallest N whose efficiency is below `threshold`, or None."""
+    return next((r["workers"] for r in rows if r["efficiency"] < threshold), None)
+
+
+def fit_alpha_beta(runs, small_bytes=4096):
+    """α and β from timed all-reduces, as latency and bandwidth are usually measured: α from the
+    small messages (≤ small_bytes), β by least squares through the larger ones, in absolute seconds
+    so that the largest messages, which carry the bytes that matter, set it; each with the other's
+    term subtracted (three rounds settle it). `runs` are (algorithm, p, n bytes, seconds)."""
+    rows = [(n <= small_bytes, t, coefficients(a, p, n)) for a, p, n, t in runs]
+    alpha = beta = 0.0
+    for _ in range(3):
+        small = [(t - beta * c[1]) / c[0] for is_small, t, c in rows if is_small]
+        alpha = max(0.0, statistics.median(small)) if small else 0.0
+        large = [(t - alpha * c[0], c[1]) for is_small, t, c in rows if not is_small]
+        beta = max(0.0, sum(t * cb for t, cb in large) / sum(cb * cb for _, cb in large)) if large else 0.0
+    return alpha, beta
+
+
+def coefficients(algorithm, p, n):
+    """(α, β, γ) coefficients of one all-reduce of n bytes among p: T = cα·α + cβ·β + cγ·γ."""
+    unit = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}
+    return [ALGORITHMS[algorithm](p, n, {**{"alpha": 0.0, "beta": 0.0, "gamma": 0.0}, k: 1.0}) for k in unit]
+
+
+def self_test():
+    """The formulas on cases worked by hand; raises AssertionError on a mismatch."""
+    link = {"alpha": 1e-4, "beta": 8e-8, "gamma": 1e-9}
+    close = lambda x, y: abs(x - y) <= 1e-12 + 1e-9 * abs(y)
+    n = 4e6
+    assert close(ring(2, n, link), 2 * 1e-4 + 4e6 * 8e-8 + 2e6 * 1e-9)
+    assert close(ring(4, n, link), 6e-4 + 1.5 * 4e6 * 8e-8 + 0.75 * 4e6 * 1e-9)
+    assert close(star(4, n, link), 8e-4 + 4 * (4e6 + 2 ** 20) * 8e-8 + 3 * 4e6 * 1e-9)
+    assert close(star(4, 1e5, link), 8e-4 + 4 * 2e5 * 8e-8 + 3 * 1e5 * 1e-9)   # one chunk: in, then out
+    assert [tree_degree(p) for p in (2, 3, 4, 5, 1024)] == [1, 2, 2, 3, 3]
+    assert close(tree(8, n, link), 6e-4 + (3 * 4e6 + 5 * 2 ** 20) * 8e-8 + 2 * 4e6 * 1e-9)
+    assert close(tree(2, 1e5, link), 2e-4 + 2e5 * 8e-8 + 1e5 * 1e-9)     # one chunk: up, then down
+    assert ring(1, n, link) == star(1, n, link) == tree(1, n, link) == 0
+    # The ring's bandwidth term tends to 2nβ: per-worker traffic does not grow with p; the star's does.
+    assert ring(1024, n, link) < 2 * n * link["beta"] + n * link["gamma"] + 2048 * link["alpha"]
+    assert star(1024, n, link) > 1000 * n * link["beta"]
+    assert coefficients("ring", 4, n) == [6, 6e6, 3e6]
+    # fp16 halves the ring's wire bytes; top-k's ring all-gathers (p − 1) × 8k bytes.
+    assert close(allreduce_seconds("ring", 4, 1e6, link, "fp16"), ring(4, 2e6, link))
+    assert close(allreduce_seconds("ring", 4, 1e6, link, "topk:0.01"), 3 * (1e-4 + 8e4 * 8e-8) + 3 * 8e4 * 1e-9)
+    # Buckets: whole layers from the end, closed at ≥ 1 MB.
+    layers = [{"parameters": 100_000, "macs": 10}, {"parameters": 300_000, "macs": 30}, {"parameters": 0, "macs": 5},
+              {"parameters": 10, "macs": 1}]
+    assert bucket_plan(layers) == [(300_010, 36), (100_000, 46)]
+    # Overlap: a bucket ready at the end of backward is fully exposed; one ready at its start hides.
+    model = {"layers": [{"parameters": 262_144, "macs": 1}, {"parameters": 0, "macs": 0}], "forward_share": 0.25,
+             "backward_share": 0.75, "overhead_seconds": 0.0}
+    t = allreduce_seconds("ring", 2, 262_144, link)
+    assert close(step_seconds(model, 2, link, compute=1.0)["step_seconds"], 1.0 + t)
+    model["layers"] = [{"parameters": 0, "macs": 1}, {"parameters": 262_144, "macs": 0}]
+    assert close(step_seconds(model, 2, link, compute=1.0)["step_seconds"], 1.0 + max(0.0, t - 0.75))
+    assert close(step_seconds(model, 2, link, compute=0.01)["step_seconds"], 0.01 + t - 0.0075)
+    # Sharing the CPU with backward: the 0.0075 s beside it do half the work.
+    assert close(step_seconds(model, 2, link, compute=0.01, sharing=2)["step_seconds"], 0.01 + t - 0.0075 / 2)
+    # The fit recovers α and β from exact ring and star times (γ = 0: it is folded into β).
+    exact = {**link, "gamma": 0.0}
+    runs = [(a, p, m, ALGORITHMS[a](p, m, exact)) for a in ("ring", "star") for p in (2, 4) for m in (1024, 4e6, 64e6)]
+    alpha, beta = fit_alpha_beta(runs)
+    assert abs(beta - link["beta"]) <= 1e-3 * link["beta"] and abs(alpha - link["alpha"]) <= 0.01 * link["alpha"], (alpha, beta)
+    # Strong scaling with a perfect link is linear; efficiency falls when communication dominates.
+    free = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}
+    rows = scaling(model, free, "ring", "none", [2, 4], 64, 0.01, 0.0)
+    assert all(close(r["efficiency"], 1.0) for r in rows)
+    assert stops_scaling(scaling(model, link, "star", "none", [2, 4, 8, 16, 32], 64, 1e-3, 0.0)) is not None
+    return True
