@@ -97,7 +97,7 @@ public final class Coordinator {
     public private(set) var phase = Phase.created
 
     // Fixed by `prepare()`.
-    private var checksum = "", parameterCount = 0, plan = [Range<Int>](), startStep = 0
+    private var checksum = "", parameterCount = 0, forwardMACs = 0, plan = [Range<Int>](), startStep = 0
     private var resumeFrom: String?
     private var hub: (any DataPlaneTransport)?
     private var hubThread: HubThread?
@@ -153,6 +153,7 @@ public final class Coordinator {
         }
         checksum = parametersChecksum(UnsafeBufferPointer(reference.parameters.valueBuffer))
         parameterCount = reference.parameters.count
+        forwardMACs = reference.forwardMACs(inputSize: config.model.inputSize)
         plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
         if metrics == nil { metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) } }
         // The hub's data plane (star only): rank n of a group of n + 1.
@@ -319,7 +320,7 @@ public final class Coordinator {
                                   plan: plan, steps: startStep..<config.totalSteps, tracer: options.tracer)
         }
         for id in identities { channel.send(.start(Start(step: startStep, endpoints: all)), to: id!) }
-        progress = Progress(options: options, plan: plan, startStep: startStep, metrics: metrics)
+        progress = Progress(options: options, plan: plan, startStep: startStep, forwardMACs: forwardMACs, metrics: metrics)
         lastHeard = Array(repeating: clock.now, count: n)
         lastStep = Array(repeating: 0, count: n)
         lastBeat = clock.now
@@ -395,7 +396,7 @@ final class Progress {
     let display = ProgressDisplay(prefix: "")
     /// Bytes a worker sends per step in theory: the mean over ranks, and each rank's own figure.
     let theory: Double, theoryPerRank: [Double], uncompressed: [Int]
-    let perEpoch: Int, epochs: Int
+    let perEpoch: Int, epochs: Int, forwardMACs: Int
     private(set) var completed: Int
     private(set) var stopAfter: Int
     private(set) var stopRequest: String?
@@ -405,9 +406,9 @@ final class Progress {
     private let start = ContinuousClock.now
     private var windowImages = 0, windowStart = ContinuousClock.now, lossSum = 0.0, correct = 0, images = 0
 
-    init(options: CoordinatorOptions, plan: [Range<Int>], startStep: Int, metrics: MetricsSink?) {
+    init(options: CoordinatorOptions, plan: [Range<Int>], startStep: Int, forwardMACs: Int, metrics: MetricsSink?) {
         let n = options.workers, config = options.config
-        self.options = options; self.metrics = metrics
+        self.options = options; self.metrics = metrics; self.forwardMACs = forwardMACs
         let expected = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression)
         theory = expected.bytesSent
         theoryPerRank = (0..<n).map { expected.bytesSent(rank: $0) }
@@ -444,7 +445,9 @@ final class Progress {
         if evaluated.count == options.workers {
             let images = evaluated.reduce(0) { $0 + $1.1 }, right = evaluated.reduce(0) { $0 + $1.0 }
             let accuracy = Double(right) / Double(max(images, 1))
-            metrics?.record(ClusterTestMetrics(step: completed - 1, epoch: reports[0].epoch, testAccuracy: accuracy, testImages: images))
+            metrics?.record(ClusterTestMetrics(step: completed - 1, epoch: reports[0].epoch, testAccuracy: accuracy, testImages: images,
+                                               elapsedSeconds: (ContinuousClock.now - start) / .seconds(1),
+                                               trainMacs: trainingMACs(steps: completed, batchSize: options.config.batchSize, forwardMACs: forwardMACs)))
             testAccuracies.append(accuracy)
             if !options.quiet { display.line(String(format: "epoch %d: test accuracy %.2f%% (%d images)", reports[0].epoch + 1, 100 * accuracy, images)) }
         }

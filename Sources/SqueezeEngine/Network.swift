@@ -112,12 +112,15 @@ public final class Network {
 }
 
 /// One row of a parameter table (the paper's Table 1): a convolution with its weight shape,
-/// its parameter count (weight, bias and BatchNorm γ/β) and its output size (C, H, W).
+/// its parameter count (weight, bias and BatchNorm γ/β), its output size (C, H, W) and its
+/// multiply-accumulates for one image, forward: Cout·Hout·Wout·Cin·k·k (weights only; bias,
+/// BatchNorm, ReLU and pooling are not counted, as fvcore and the papers count).
 public struct LayerSummary: Sendable {
     public var name: String
     public var weightShape: [Int]
     public var parameters: Int
     public var output: [Int]
+    public var macs: Int
 }
 
 extension Network {
@@ -129,7 +132,8 @@ extension Network {
             let out = conv.outputShape(input)
             rows.append(LayerSummary(name: conv.name, weightShape: conv.weightSpec.shape,
                                      parameters: conv.parameterSpecs.reduce(0) { $0 + $1.count },
-                                     output: [out.c, out.h, out.w]))
+                                     output: [out.c, out.h, out.w],
+                                     macs: out.c * out.h * out.w * conv.cin * conv.kernel * conv.kernel))
         }
         for layer in layers {
             if let conv = layer as? Conv2d { add(conv, shape) }
@@ -143,4 +147,8 @@ extension Network {
         }
         return rows
     }
+
+    /// Multiply-accumulates of one image's forward pass (the sum of `summary`'s). A training step
+    /// costs about three times this per image: forward, backward-data and backward-weights.
+    public func forwardMACs(inputSize: Int) -> Int { summary(inputSize: inputSize).reduce(0) { $0 + $1.macs } }
 }

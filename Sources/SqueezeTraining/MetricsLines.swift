@@ -26,19 +26,27 @@ public struct TrainStepMetrics: MetricsLine {
     }
 }
 
-/// `train`: one line per epoch (test accuracy and loss when evaluated).
+/// `train`: one line per epoch (test accuracy and loss when evaluated). `elapsed_seconds` counts
+/// from this process's first step (a resumed run starts again from 0); `train_macs` is the training
+/// compute so far, resumed steps included: images trained × 3 × forward MACs per image.
 public struct TrainEpochMetrics: MetricsLine {
     public var step: Int, epoch: Int
     public var trainLoss: Double, trainAccuracy: Double
     public var epochSeconds: Double, dataWaitSeconds: Double, dataLoadSeconds: Double, computeSeconds: Double
+    public var elapsedSeconds: Double, trainMacs: Int
     public var testAccuracy: Double?, testLoss: Double?
 
     enum CodingKeys: String, CodingKey {
         case step, epoch, trainLoss = "train_loss", trainAccuracy = "train_accuracy", epochSeconds = "epoch_seconds"
         case dataWaitSeconds = "data_wait_seconds", dataLoadSeconds = "data_load_seconds", computeSeconds = "compute_seconds"
+        case elapsedSeconds = "elapsed_seconds", trainMacs = "train_macs"
         case testAccuracy = "test_accuracy", testLoss = "test_loss"
     }
 }
+
+/// Training compute after `steps` steps of `batchSize` images: forward, backward-data and
+/// backward-weights each cost about one forward's multiply-accumulates.
+public func trainingMACs(steps: Int, batchSize: Int, forwardMACs: Int) -> Int { steps * batchSize * 3 * forwardMACs }
 
 /// A cluster run: one line per worker per step (written by the coordinator).
 public struct WorkerStepMetrics: MetricsLine {
@@ -75,15 +83,21 @@ public struct WorkerStepMetrics: MetricsLine {
     }
 }
 
-/// A cluster run: the test accuracy at an epoch end, over every rank's share.
+/// A cluster run: the test accuracy at an epoch end, over every rank's share, with the seconds
+/// since the coordinator's first step of this run and the training compute so far (as `TrainEpochMetrics`).
 public struct ClusterTestMetrics: MetricsLine {
     public var step: Int, epoch: Int
     public var testAccuracy: Double
     public var testImages: Int
-    public init(step: Int, epoch: Int, testAccuracy: Double, testImages: Int) {
+    public var elapsedSeconds: Double, trainMacs: Int
+    public init(step: Int, epoch: Int, testAccuracy: Double, testImages: Int, elapsedSeconds: Double, trainMacs: Int) {
         self.step = step; self.epoch = epoch; self.testAccuracy = testAccuracy; self.testImages = testImages
+        self.elapsedSeconds = elapsedSeconds; self.trainMacs = trainMacs
     }
-    enum CodingKeys: String, CodingKey { case step, epoch, testAccuracy = "test_accuracy", testImages = "test_images" }
+    enum CodingKeys: String, CodingKey {
+        case step, epoch, testAccuracy = "test_accuracy", testImages = "test_images"
+        case elapsedSeconds = "elapsed_seconds", trainMacs = "train_macs"
+    }
 }
 
 /// `launch --max-restarts`: a restart, recorded when the restarted cluster is training again.

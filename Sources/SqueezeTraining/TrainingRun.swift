@@ -42,7 +42,8 @@ final class SingleProcessHooks: TrainingLoopHooks {
     let trainer: Trainer, testSet: CIFAR10?, options: RunOptions, metrics: MetricsSink?
     let display = ProgressDisplay()
     private(set) var lastEvaluation: Evaluation?
-    private let perEpoch: Int, epochs: Int
+    private let perEpoch: Int, epochs: Int, forwardMACs: Int
+    private let runStart = DispatchTime.now().uptimeNanoseconds
     private var epochLoss = 0.0, epochCorrect = 0, epochImages = 0, epochCompute = 0.0
     private var epochStart = DispatchTime.now().uptimeNanoseconds
     private lazy var lastStepEnd = epochStart
@@ -51,6 +52,7 @@ final class SingleProcessHooks: TrainingLoopHooks {
         self.trainer = trainer; self.testSet = testSet; self.options = options; self.metrics = metrics
         perEpoch = trainer.stepsPerEpoch
         epochs = (trainer.config.totalSteps + perEpoch - 1) / perEpoch
+        forwardMACs = trainer.network.forwardMACs(inputSize: trainer.config.model.inputSize)
     }
 
     func willStep(_ step: Int, loader: BatchLoader) {}
@@ -85,7 +87,9 @@ final class SingleProcessHooks: TrainingLoopHooks {
                           rate, elapsed, 100 * wait / max(elapsed, 1e-9))
         var fields = TrainEpochMetrics(step: r.step, epoch: r.epoch, trainLoss: epochLoss / Double(epochImages),
                                        trainAccuracy: Double(epochCorrect) / Double(epochImages), epochSeconds: elapsed,
-                                       dataWaitSeconds: wait, dataLoadSeconds: loader.loadSeconds, computeSeconds: epochCompute)
+                                       dataWaitSeconds: wait, dataLoadSeconds: loader.loadSeconds, computeSeconds: epochCompute,
+                                       elapsedSeconds: Double(DispatchTime.now().uptimeNanoseconds - runStart) * 1e-9,
+                                       trainMacs: trainingMACs(steps: r.step + 1, batchSize: trainer.config.batchSize, forwardMACs: forwardMACs))
         if options.evaluateEachEpoch, let testSet {
             let e = trainer.evaluate(testSet)
             lastEvaluation = e

@@ -15,6 +15,25 @@ struct ModelTests {
         #expect(Network(config: config(.squeezenet1_1, classes: 10, stem: .cifar)).parameters.count == 727_626)
     }
 
+    /// Forward multiply-accumulates per image, against two independent sources: torchvision's
+    /// published figures for the ImageNet models (0.82 and 0.35 "GFLOPS", which count MACs), and
+    /// the CIFAR model worked out by hand, layer by layer (Cout·H·W·Cin·k·k, Fire = squeeze + 1×1 + 3×3).
+    @Test func forwardMACsMatchTorchvisionAndAHandCount() {
+        let v10 = Network(config: config(.squeezenet1_0, classes: 1000, stem: .imagenet)).forwardMACs(inputSize: 224)
+        let v11 = Network(config: config(.squeezenet1_1, classes: 1000, stem: .imagenet)).forwardMACs(inputSize: 224)
+        #expect((815_000_000...825_000_000).contains(v10), "squeezenet1_0: \(v10)")
+        #expect((345_000_000...355_000_000).contains(v11), "squeezenet1_1: \(v11)")
+        let cifar = [64 * 32 * 32 * 27,                                                  // conv1, 3×3 on 32×32
+                     (16 * 64 + 64 * 16 + 64 * 16 * 9) * 256, (16 * 128 + 64 * 16 + 64 * 16 * 9) * 256,     // fire3, fire4 at 16×16
+                     (32 * 128 + 128 * 32 + 128 * 32 * 9) * 64, (32 * 256 + 128 * 32 + 128 * 32 * 9) * 64,  // fire6, fire7 at 8×8
+                     (48 * 256 + 192 * 48 * 10) * 16, (48 * 384 + 192 * 48 * 10) * 16,                     // fire9, fire10 at 4×4
+                     (64 * 384 + 256 * 64 * 10) * 16, (64 * 512 + 256 * 64 * 10) * 16,                     // fire11, fire12
+                     10 * 512 * 16]                                                                           // classifier
+        let rows = Network(config: config(.squeezenet1_1, classes: 10, stem: .cifar)).summary(inputSize: 32)
+        #expect(rows.reduce(0) { $0 + $1.macs } == cifar.reduce(0, +))
+        #expect(rows.first?.macs == 1_769_472)
+    }
+
     @Test func stateDictNamesAndShapesFollowTorchvision() {
         let net = Network(config: config(.squeezenet1_1, classes: 10, stem: .cifar))
         let names = net.parameters.specs.map(\.name)

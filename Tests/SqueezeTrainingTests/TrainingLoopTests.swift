@@ -48,16 +48,19 @@ struct TrainingLoopTests {
         #expect(MetricsLineEncoder.line(step) == #"{"step":4,"epoch":0,"rank":0,"world_size":1,"loss":2.25,"accuracy":0.125,"#
                 + #""learning_rate":0.05,"images":8,"images_per_second":123.457,"compute_seconds":0.5,"step_seconds":1}"#)
         var epoch = TrainEpochMetrics(step: 9, epoch: 1, trainLoss: 1.5, trainAccuracy: 0.5, epochSeconds: 10, dataWaitSeconds: 0.25,
-                                      dataLoadSeconds: 2, computeSeconds: 7.5)
+                                      dataLoadSeconds: 2, computeSeconds: 7.5, elapsedSeconds: 21.5, trainMacs: 123_000_000_000)
         #expect(MetricsLineEncoder.line(epoch) == #"{"step":9,"epoch":1,"train_loss":1.5,"train_accuracy":0.5,"epoch_seconds":10,"#
-                + #""data_wait_seconds":0.25,"data_load_seconds":2,"compute_seconds":7.5}"#)
+                + #""data_wait_seconds":0.25,"data_load_seconds":2,"compute_seconds":7.5,"elapsed_seconds":21.5,"train_macs":123000000000}"#)
         epoch.testAccuracy = 0.75; epoch.testLoss = 0.8
-        #expect(MetricsLineEncoder.line(epoch).hasSuffix(#""compute_seconds":7.5,"test_accuracy":0.75,"test_loss":0.8}"#))
+        #expect(MetricsLineEncoder.line(epoch).hasSuffix(#""train_macs":123000000000,"test_accuracy":0.75,"test_loss":0.8}"#))
         let restart = RestartEvent(restart: 1, process: "worker 1", reason: "worker 1 (pid 7) was killed", failedStep: 33,
                                    resumeStep: 20, recoverySeconds: 0.34)
         #expect(MetricsLineEncoder.line(restart) == #"{"event":"restart","restart":1,"process":"worker 1","#
                 + #""reason":"worker 1 (pid 7) was killed","failed_step":33,"resume_step":20,"recovery_seconds":0.34}"#)
-        #expect(MetricsLineEncoder.line(ClusterTestMetrics(step: 5, epoch: 0, testAccuracy: 0.5, testImages: 10000))
-                == #"{"step":5,"epoch":0,"test_accuracy":0.5,"test_images":10000}"#)
+        #expect(MetricsLineEncoder.line(ClusterTestMetrics(step: 5, epoch: 0, testAccuracy: 0.5, testImages: 10000,
+                                                            elapsedSeconds: 3.25, trainMacs: 4096))
+                == #"{"step":5,"epoch":0,"test_accuracy":0.5,"test_images":10000,"elapsed_seconds":3.25,"train_macs":4096}"#)
+        // 6 steps of 128 images at 1,000 MACs: 768 images × 3 passes × 1,000.
+        #expect(trainingMACs(steps: 6, batchSize: 128, forwardMACs: 1_000) == 2_304_000)
     }
 }
