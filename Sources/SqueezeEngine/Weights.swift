@@ -36,7 +36,8 @@ extension Network {
 
 extension ModelConfig {
     /// Why this configuration is not a model that can be built (named by the command-line option that sets
-    /// each field, or by its JSON key where no option does), or nil. Checked for options and for configurations read from files alike.
+    /// each field, or by its JSON key where no option does), or nil. Checked for options and for configurations
+    /// read from files alike.
     public var invalidReason: String? {
         guard (1...100_000).contains(classes) else { return "--classes must be in 1...100000 (got \(classes))" }
         guard (2...65_536).contains(fire.baseE) else { return "--base-e must be in 2...65536 (got \(fire.baseE))" }
