@@ -3,8 +3,8 @@ import SqueezeEngine
 /// Per-channel normalisation of CIFAR-10 pixels, as torchvision's `ToTensor()` then
 /// `Normalize(mean, std)`: `value = (byte / 255 − mean[c]) / std[c]`, computed in Float.
 public enum Normalization {
-    public static let mean: [Float] = [0.4914, 0.4822, 0.4465]
-    public static let std: [Float] = [0.2470, 0.2435, 0.2616]
+    public static let mean = ModelConfig.engineInputMean
+    public static let std = ModelConfig.engineInputStd
 
     /// The normalised value of `byte` in channel `c` (0 = red, 1 = green, 2 = blue).
     public static func normalize(_ byte: UInt8, channel c: Int) -> Float {

@@ -223,7 +223,7 @@ public final class Conv2d: Layer {
 /// `momentum` (running variance uses the unbiased σ²), as PyTorch. Eval: running statistics.
 final class BatchNorm {
     let name: String, channels: Int
-    let eps: Float = 1e-5, momentum: Float = 0.1
+    let eps = ModelConfig.engineBatchNormEps, momentum: Float = 0.1
     private var weight: ParameterView!, bias: ParameterView!           // γ, β (channels)
     private var runningMean: ParameterView!, runningVar: ParameterView!  // (channels), in the buffer store
     private let mean = FloatBuffer(), invStd = FloatBuffer()

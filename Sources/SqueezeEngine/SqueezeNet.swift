@@ -30,6 +30,18 @@ public struct ModelConfig: Equatable, Sendable, Codable {
     public var fire = FireMeta()
     /// Dropout probability before the classifier (torchvision: 0.5).
     public var dropout: Float = 0.5
+    /// The input normalisation the weights expect, per RGB channel: `(byte / 255 − inputMean[c]) / inputStd[c]`.
+    public var inputMean = ModelConfig.engineInputMean
+    public var inputStd = ModelConfig.engineInputStd
+    /// ε of every BatchNorm.
+    public var batchNormEps = ModelConfig.engineBatchNormEps
+
+    /// What the data pipeline and the engine implement (CIFAR-10's per-channel mean and standard deviation,
+    /// PyTorch's BatchNorm ε): the only values `invalidReason` accepts, and what files that predate the
+    /// keys mean. docs/model-config.md.
+    public static let engineInputMean: [Float] = [0.4914, 0.4822, 0.4465]
+    public static let engineInputStd: [Float] = [0.2470, 0.2435, 0.2616]
+    public static let engineBatchNormEps: Float = 1e-5
 
     public init() {}
 
@@ -43,6 +55,25 @@ public struct ModelConfig: Equatable, Sendable, Codable {
     /// Side of the CIFAR-10 images fed to the model in training and evaluation (32, or 64 upsampled
     /// for AlexNet).
     public var cifarImageSize: Int { architecture == .alexnet ? 64 : 32 }
+}
+
+extension ModelConfig {
+    /// Decodes every key; `inputMean`, `inputStd` and `batchNormEps`, absent from files written before
+    /// they existed, default to the engine's values.
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        architecture = try c.decode(Architecture.self, forKey: .architecture)
+        classes = try c.decode(Int.self, forKey: .classes)
+        stem = try c.decode(Stem.self, forKey: .stem)
+        lateDownsample = try c.decode(Bool.self, forKey: .lateDownsample)
+        batchNorm = try c.decode(Bool.self, forKey: .batchNorm)
+        bypass = try c.decode(Bypass.self, forKey: .bypass)
+        fire = try c.decode(FireMeta.self, forKey: .fire)
+        dropout = try c.decode(Float.self, forKey: .dropout)
+        inputMean = try c.decodeIfPresent([Float].self, forKey: .inputMean) ?? Self.engineInputMean
+        inputStd = try c.decodeIfPresent([Float].self, forKey: .inputStd) ?? Self.engineInputStd
+        batchNormEps = try c.decodeIfPresent(Float.self, forKey: .batchNormEps) ?? Self.engineBatchNormEps
+    }
 }
 
 extension Network {

@@ -36,7 +36,8 @@ extension Network {
 
 extension ModelConfig {
     /// Why this configuration is not a model that can be built (named by the command-line option that sets
-    /// each field), or nil. Checked for options and for configurations read from files alike.
+    /// each field, or by its JSON key where no option does), or nil. Checked for options and for configurations
+    /// read from files alike.
     public var invalidReason: String? {
         guard (1...100_000).contains(classes) else { return "--classes must be in 1...100000 (got \(classes))" }
         guard (2...65_536).contains(fire.baseE) else { return "--base-e must be in 2...65536 (got \(fire.baseE))" }
@@ -45,6 +46,16 @@ extension ModelConfig {
         guard fire.pct3x3 > 0, fire.pct3x3 < 1 else { return "--pct-3x3 must be strictly between 0 and 1 (got \(fire.pct3x3))" }
         guard fire.squeezeRatio > 0, fire.squeezeRatio <= 1 else { return "--sr must be in (0, 1] (got \(fire.squeezeRatio))" }
         guard dropout >= 0, dropout < 1 else { return "--dropout must be in [0, 1) (got \(dropout))" }
+        // No option sets these (files do): named by their JSON keys.
+        guard inputMean == Self.engineInputMean else {
+            return "inputMean must be \(Self.engineInputMean), CIFAR-10's, the only input normalisation this build implements (got \(inputMean))"
+        }
+        guard inputStd == Self.engineInputStd else {
+            return "inputStd must be \(Self.engineInputStd), CIFAR-10's, the only input normalisation this build implements (got \(inputStd))"
+        }
+        guard batchNormEps == Self.engineBatchNormEps else {
+            return "batchNormEps must be \(Self.engineBatchNormEps), the only BatchNorm epsilon this build implements (got \(batchNormEps))"
+        }
         if architecture == .alexnet {
             for (flag, set) in [("--batch-norm", batchNorm), ("--late-downsample", lateDownsample), ("--bypass simple", bypass == .simple)] where set {
                 return "\(flag) applies to SqueezeNet only; --model alexnet is torchvision's AlexNet as it is"

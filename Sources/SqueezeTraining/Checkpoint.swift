@@ -109,6 +109,7 @@ public struct Checkpoint {
         }
         let decoder = JSONDecoder()
         let config = try decoder.decode(TrainingConfig.self, from: Data(try field("config").utf8))
+        if let reason = config.model.invalidReason { throw TrainingError.checkpoint("\(path): its model configuration describes no valid model: \(reason)") }
         return Checkpoint(config: config, step: step, worldSize: world, tensors: tensors, shapes: shapes, path: path)
     }
 
