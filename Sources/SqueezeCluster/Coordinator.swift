@@ -99,6 +99,8 @@ public final class Coordinator {
     // Fixed by `prepare()`.
     private var checksum = "", parameterCount = 0, plan = [Range<Int>](), startStep = 0
     private var resumeFrom: String?
+    /// The checkpoint directory's lock, held from `prepare()` for as long as this coordinator exists.
+    private var directoryLock: DirectoryLock?
     private var hub: (any DataPlaneTransport)?
     private var hubThread: HubThread?
     // Rendezvous.
@@ -144,6 +146,7 @@ public final class Coordinator {
         if let refusal = options.algorithm.refusal(options.compression) { throw ClusterError(refusal) }
         let reference = Network(config: config.model, seed: config.seed)
         if let path = options.initWeights { try reference.loadWeights(from: path) }
+        directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)
         if let found = try Resume.start(directory: options.checkpointDirectory, resume: options.resume, startOver: options.startOver, log: log) {
             do { try found.checkCompatible(with: config) } catch { throw ClusterError("\(error)") }
             try found.copyWeights(into: reference)

@@ -49,6 +49,8 @@ struct Launch: ParsableCommand {
 
     func run() throws {
         do {
+            // Refused before any process starts; the coordinator takes the lock itself.
+            if let dir = cluster.checkpoints.checkpointDir { try DirectoryLock.requireFree(absolutePath(dir)) }
             let current = CurrentGroup()
             let forwarder = SignalForwarder { current.terminate($0) }
             defer { withExtendedLifetime(forwarder) {} }

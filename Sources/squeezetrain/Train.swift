@@ -43,6 +43,8 @@ struct Train: ParsableCommand {
             trainer.tracer = tracing.tracer(pid: 0, processName: "train")
             defer { writeTrace(trainer.tracer) }
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
+            let lock = try DirectoryLock.acquire(checkpoints.checkpointDir, log: { emit($0 + "\n") })  // for the whole run
+            defer { withExtendedLifetime(lock) {} }
             if let found = try Resume.start(directory: checkpoints.checkpointDir, resume: checkpoints.resume,
                                             startOver: checkpoints.startOver, log: { emit($0 + "\n") }) {
                 try found.restore(into: trainer)
