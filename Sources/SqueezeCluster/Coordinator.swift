@@ -142,11 +142,11 @@ public final class Coordinator {
     /// Builds the reference model (from the seed, initial weights or a checkpoint) and its
     /// checksum, opens the metrics and, for `star`, the hub's data plane; then waits for workers.
     public func prepare() throws {
+        directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)  // before any other work
         let n = options.workers, config = options.config
         if let refusal = options.algorithm.refusal(options.compression) { throw ClusterError(refusal) }
         let reference = Network(config: config.model, seed: config.seed)
         if let path = options.initWeights { try reference.loadWeights(from: path) }
-        directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)
         if let found = try Resume.start(directory: options.checkpointDirectory, resume: options.resume, startOver: options.startOver, log: log) {
             do { try found.checkCompatible(with: config) } catch { throw ClusterError("\(error)") }
             try found.copyWeights(into: reference)

@@ -257,7 +257,7 @@ final class WorkerHooks: TrainingLoopHooks {
         self.feedback = feedback; self.heartbeat = heartbeat; self.stop = stop; self.signals = signals; self.clock = clock; self.timeout = timeout
         self.coordinator = coordinator; self.events = events; self.log = log; self.stepStarted = stepStarted
         heardFromCoordinator = clock.now
-        owner = welcome.checkpointDirectory.flatMap(DirectoryLock.holder(in:))
+        owner = welcome.checkpointDirectory.flatMap { DirectoryLock.holder(in: $0) }
     }
 
     func willStep(_ step: Int, loader: BatchLoader) {

@@ -50,7 +50,9 @@ public final class DirectoryLock {
                 throw TrainingError.checkpoint(DirectoryLock.inUse(directory, by: DirectoryLock.holder(in: directory)))
             }
             try DirectoryLock.requireHonoured(path)
-            holder = Holder(host: DirectoryLock.hostName(), pid: getpid(), since: ISO8601DateFormatter().string(from: Date()))
+            let clock = ISO8601DateFormatter()
+            clock.formatOptions.insert(.withFractionalSeconds)  // tells runs apart that reuse a pid
+            holder = Holder(host: DirectoryLock.hostName(), pid: getpid(), since: clock.string(from: Date()))
             let line = Array(try JSONEncoder().encode(holder)) + [10]
             try systemCallRequired("ftruncate", operation: "truncate '\(path)'") { ftruncate(fd, 0) }
             guard line.withUnsafeBytes({ pwrite(fd, $0.baseAddress, $0.count, 0) }) == line.count else {

@@ -32,6 +32,9 @@ struct Train: ParsableCommand {
         let stop = stopOnSignals()  // first: threads started later inherit its signal mask
         ComputeThreads.set(threads)
         do {
+            // First: a directory another run holds is refused before any work; held for the whole run.
+            let lock = try DirectoryLock.acquire(checkpoints.checkpointDir, log: { emit($0 + "\n") })
+            defer { withExtendedLifetime(lock) {} }
             let dir = try training.dataDirectory()
             let trainSet = try CIFAR10(directory: dir, split: .train)
             let testSet = noEval ? nil : try CIFAR10(directory: dir, split: .test)
@@ -43,8 +46,6 @@ struct Train: ParsableCommand {
             trainer.tracer = tracing.tracer(pid: 0, processName: "train")
             defer { writeTrace(trainer.tracer) }
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }
-            let lock = try DirectoryLock.acquire(checkpoints.checkpointDir, log: { emit($0 + "\n") })  // for the whole run
-            defer { withExtendedLifetime(lock) {} }
             if let found = try Resume.start(directory: checkpoints.checkpointDir, resume: checkpoints.resume,
                                             startOver: checkpoints.startOver, log: { emit($0 + "\n") }) {
                 try found.restore(into: trainer)
