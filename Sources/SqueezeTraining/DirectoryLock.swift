@@ -131,9 +131,10 @@ public final class DirectoryLock {
     }
 
     /// Throws if a second open file description of the locked `path` can lock it too: the filesystem
-    /// accepts locks without honouring them.
+    /// accepts locks without honouring them. (Open for writing: NFS turns an exclusive `flock` into a
+    /// POSIX write lock, which needs it.)
     private static func requireHonoured(_ path: String) throws {
-        let probe = try openFile(path, O_RDONLY)
+        let probe = try openFile(path, O_RDWR)
         defer { close(probe) }
         guard try !tryLock(probe, LOCK_EX) else {
             throw TrainingError.checkpoint("--checkpoint-dir \((path as NSString).deletingLastPathComponent): its filesystem does not honour "

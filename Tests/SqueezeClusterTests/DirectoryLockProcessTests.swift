@@ -43,6 +43,21 @@ struct DirectoryLockProcessTests {
         #expect(Checkpoint.newestValid(in: dir + "/ckpt").checkpoint?.step == newest.step + 2)
     }
 
+    /// A launcher that ended before its child could ask for the parent-death signal: the child's parent
+    /// is no longer the pid it was given, and it ends at once (SIGKILL) instead of running orphaned.
+    @Test func aChildWhoseLauncherIsAlreadyGoneEndsAtOnce() throws {
+        let dir = try temporaryDirectory("orphan")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let worker = ["worker", "--coordinator", "tcp://127.0.0.1:1", "--join-timeout", "0.5"]
+        let orphan = try Child(worker, log: dir + "/orphan.log", environment: [ProcessGroup.launcherVariable: "1"])
+        orphan.wait(timeout: 10)
+        #expect(orphan.process.terminationReason == .uncaughtSignal && orphan.process.terminationStatus == SIGKILL, "\(orphan.output)")
+        // Its launcher alive (this test), the same worker runs as usual: it waits for the coordinator, then fails saying so.
+        let child = try Child(worker, log: dir + "/child.log", environment: [ProcessGroup.launcherVariable: "\(getpid())"])
+        #expect(child.wait(timeout: 30) == 1, "\(child.output)")
+        #expect(child.process.terminationReason == .exit && child.output.contains("no word from the coordinator"), "\(child.output)")
+    }
+
     @Test func aSecondRunOnALockedDirectoryIsRefusedAtOnceAndWritesNothing() throws {
         let dir = try temporaryDirectory("locked")
         defer { try? FileManager.default.removeItem(atPath: dir) }
