@@ -39,7 +39,7 @@ let package = Package(
         .target(name: "SqueezeTraining", dependencies: ["SqueezeSystem", "SqueezeEngine", "SqueezeData"], swiftSettings: optimize),
 
         // Coordinator, worker loop, launcher.
-        .target(name: "SqueezeCluster", dependencies: ["SqueezeEngine", "SqueezeData", "SqueezeTraining", "SqueezeComm"],
+        .target(name: "SqueezeCluster", dependencies: ["CLinux", "SqueezeEngine", "SqueezeData", "SqueezeTraining", "SqueezeComm"],
                 swiftSettings: optimize),
 
         .executableTarget(

@@ -1,5 +1,6 @@
 // Linux system calls that Swift's Glibc module does not expose (they need _GNU_SOURCE).
 #ifdef __linux__
+#include <sys/prctl.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -10,5 +11,11 @@ static inline long sqz_sched_getaffinity(unsigned long bytes, unsigned long *mas
 }
 static inline long sqz_sched_setaffinity(unsigned long bytes, const unsigned long *mask) {
     return syscall(SYS_sched_setaffinity, 0, bytes, mask);
+}
+
+// The signal the kernel sends this process when the thread that started it ends (PR_SET_PDEATHSIG;
+// prctl is variadic, which Swift cannot call). 0 on success, -1 with errno on failure.
+static inline int sqz_set_parent_death_signal(int signal) {
+    return prctl(PR_SET_PDEATHSIG, (unsigned long)signal, 0UL, 0UL, 0UL);
 }
 #endif

@@ -99,6 +99,8 @@ public final class Coordinator {
     // Fixed by `prepare()`.
     private var checksum = "", parameterCount = 0, forwardMACs = 0, plan = [Range<Int>](), startStep = 0
     private var resumeFrom: String?
+    /// The checkpoint directory's lock, held from `prepare()` for as long as this coordinator exists.
+    private var directoryLock: DirectoryLock?
     private var hub: (any DataPlaneTransport)?
     private var hubThread: HubThread?
     // Rendezvous.
@@ -140,6 +142,7 @@ public final class Coordinator {
     /// Builds the reference model (from the seed, initial weights or a checkpoint) and its
     /// checksum, opens the metrics and, for `star`, the hub's data plane; then waits for workers.
     public func prepare() throws {
+        directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)  // before any other work
         let n = options.workers, config = options.config
         if let refusal = options.algorithm.refusal(options.compression) { throw ClusterError(refusal) }
         let reference = Network(config: config.model, seed: config.seed)

@@ -1,3 +1,6 @@
+#if os(Linux)
+import CLinux
+#endif
 import Foundation
 
 /// One process of a group started by `launch`.
@@ -65,6 +68,9 @@ public final class ProcessGroup: @unchecked Sendable {
             p.arguments = spec.arguments
             let pipe = Pipe()
             p.standardInput = FileHandle.nullDevice  // never stuck reading the terminal
+            var environment = ProcessInfo.processInfo.environment
+            environment[ProcessGroup.launcherVariable] = String(getpid())  // see `endWithLauncher`
+            p.environment = environment
             p.standardOutput = pipe
             p.standardError = pipe
             do { try p.run() } catch {
@@ -74,6 +80,29 @@ public final class ProcessGroup: @unchecked Sendable {
             forwardOutput(pipe, name: spec.name)
             processes.append(p)
         }
+    }
+
+    /// Set in every child's environment to the launcher's pid: the child calls `endWithLauncher`.
+    public static let launcherVariable = "SQUEEZETRAIN_LAUNCHER_PID"
+
+    /// Called first thing by a process that a group may have started (the `coordinator` and `worker`
+    /// commands): if `launcherVariable` names its parent, the kernel SIGKILLs it when that parent
+    /// ends, however the parent ends (also SIGKILL, which no handler sees); if the parent has already
+    /// ended before this call, the process ends now. SIGKILL rather than SIGTERM: with the launcher
+    /// gone nobody reads the output and nothing restarts the run, and a graceful stop would write one
+    /// more checkpoint after it, into a directory a new run may already own. A checkpoint being
+    /// written is lost as a temporary file (writes are atomic); the newest complete one stays. The
+    /// signal follows the thread that started the child, so the group is started from the launcher's
+    /// main thread, which lives as long as the launcher. Elsewhere than Linux it does nothing.
+    public static func endWithLauncher() {
+        guard let value = getenv(launcherVariable), let launcher = pid_t(String(cString: value)) else { return }
+        unsetenv(launcherVariable)  // not for whatever this process starts
+        #if os(Linux)
+        if sqz_set_parent_death_signal(SIGKILL) != 0 {
+            FileHandle.standardError.write(Data("warning: PR_SET_PDEATHSIG failed (errno \(errno)): this process may outlive its launcher\n".utf8))
+        }
+        #endif
+        if getppid() != launcher { kill(getpid(), SIGKILL) }  // the launcher ended before the line above
     }
 
     /// Forwards `signal` to every live process; `wait` then ends with `.interrupted`.

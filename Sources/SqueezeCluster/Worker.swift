@@ -246,6 +246,8 @@ final class WorkerHooks: TrainingLoopHooks {
     private var lastEnd = DispatchTime.now().uptimeNanoseconds
     private var before = ByteCounters(), controlBefore = 0, waitBefore = 0.0
     private var report: StepReport?
+    /// Who held the checkpoint directory's lock when training began: this run's coordinator.
+    private let owner: DirectoryLock.Holder?
 
     init(welcome: Welcome, model: WorkerModel, channel: any ControlClientChannel, transport: any DataPlaneTransport,
          reducer: BucketedReducer, feedback: (any ErrorFeedbackReducer)?, heartbeat: HeartbeatSender, stop: StopToken,
@@ -255,6 +257,7 @@ final class WorkerHooks: TrainingLoopHooks {
         self.feedback = feedback; self.heartbeat = heartbeat; self.stop = stop; self.signals = signals; self.clock = clock; self.timeout = timeout
         self.coordinator = coordinator; self.events = events; self.log = log; self.stepStarted = stepStarted
         heardFromCoordinator = clock.now
+        owner = welcome.checkpointDirectory.flatMap { DirectoryLock.holder(in: $0) }
     }
 
     func willStep(_ step: Int, loader: BatchLoader) {
@@ -291,6 +294,10 @@ final class WorkerHooks: TrainingLoopHooks {
 
     func checkpoint(reason: String) throws {
         guard let dir = welcome.checkpointDirectory else { return }
+        // Nothing more goes into a directory this run no longer owns (its coordinator has ended).
+        do { try owner.map { try DirectoryLock.requireHeld(dir, by: $0) } } catch {
+            throw ClusterError("rank \(rank): not writing the checkpoint at step \(trainer.step): \(error)")
+        }
         // The gradient mass compression has not sent yet differs between ranks: each writes its own.
         if let feedback {
             try ResidualFile.save(feedback.errorFeedback(count: trainer.network.parameters.count), directory: dir, step: trainer.step,

@@ -76,6 +76,7 @@ struct CoordinatorCommand: ParsableCommand {
     }
 
     func run() throws {
+        ProcessGroup.endWithLauncher()
         do {
             let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
                                              security: try security.security(endpoint: bind),
@@ -202,6 +203,7 @@ struct WorkerCommand: ParsableCommand {
     }
 
     func run() throws {
+        ProcessGroup.endWithLauncher()
         // Before any thread starts (compute, loader, libzmq I/O): they inherit the binding.
         if let cpus {
             do { try CPUAffinity.bindCurrentThread(to: try CPUAffinity.parseList(cpus)) } catch { throw fail("--cpus \(cpus): \(error)") }

@@ -10,7 +10,8 @@ struct Launch: ParsableCommand {
         abstract: "Start a coordinator and N workers as separate processes on this machine (like torchrun --nproc-per-node).",
         discussion: """
         Each process's lines are prefixed with its role and rank. Ctrl-C or SIGTERM stops all of them; \
-        if any process fails, the others are stopped and the exit status is non-zero, naming the culprit.
+        if any process fails, the others are stopped and the exit status is non-zero, naming the culprit. \
+        If launch itself is killed, the processes end with it (SIGKILL from the kernel).
         """)
 
     @Option(help: "Worker processes.") var workers = 2
@@ -49,6 +50,8 @@ struct Launch: ParsableCommand {
 
     func run() throws {
         do {
+            // Refused before any process starts; the coordinator takes the lock itself.
+            if let dir = cluster.checkpoints.checkpointDir { try DirectoryLock.requireFree(absolutePath(dir)) }
             let current = CurrentGroup()
             let forwarder = SignalForwarder { current.terminate($0) }
             defer { withExtendedLifetime(forwarder) {} }

@@ -32,6 +32,9 @@ struct Train: ParsableCommand {
         let stop = stopOnSignals()  // first: threads started later inherit its signal mask
         ComputeThreads.set(threads)
         do {
+            // First: a directory another run holds is refused before any work; held for the whole run.
+            let lock = try DirectoryLock.acquire(checkpoints.checkpointDir, log: { emit($0 + "\n") })
+            defer { withExtendedLifetime(lock) {} }
             let dir = try training.dataDirectory()
             let trainSet = try CIFAR10(directory: dir, split: .train)
             let testSet = noEval ? nil : try CIFAR10(directory: dir, split: .test)

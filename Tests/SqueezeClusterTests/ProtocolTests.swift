@@ -389,26 +389,31 @@ struct CoordinatorProtocolTests {
         let trainer = try Trainer(config: config, trainSet: try smallTrainingSet(), rank: 0, worldSize: 2)
         trainer.step = 6
         _ = try Checkpoint(trainer: trainer, worldSize: 2).save(directory: dir)
-        let h = try Harness(workers: 2, steps: 10) { $0.checkpointDirectory = dir; $0.resume = true }
-        #expect(h.log.text.contains("resuming from \(dir)/checkpoint-000000006.safetensors at step 6 (written by 2 worker(s))"))
-        let w = (0..<2).map { _ in h.worker() }
-        for x in w { x.hello() }
-        try h.pump()
-        guard case .welcome(let welcome)? = try w[0].received().first else { Issue.record("no welcome"); return }
-        #expect(welcome.resumeFrom == "\(dir)/checkpoint-000000006.safetensors")
-        #expect(welcome.parametersChecksum == withExtendedLifetime(trainer) { parametersChecksum(UnsafeBufferPointer(trainer.network.parameters.valueBuffer)) })
-        _ = try w[1].received()
-        for (r, x) in w.enumerated() {
-            x.send(.ready(Ready(rank: r, model: config.model, parameterCount: trainer.network.parameters.count,
-                                parametersChecksum: welcome.parametersChecksum, dataEndpoint: "e\(r)")))
+        // The first coordinator holds the directory's lock until it goes away, at the end of this scope.
+        var checksum = ""
+        do {
+            let h = try Harness(workers: 2, steps: 10) { $0.checkpointDirectory = dir; $0.resume = true }
+            #expect(h.log.text.contains("resuming from \(dir)/checkpoint-000000006.safetensors at step 6 (written by 2 worker(s))"))
+            let w = (0..<2).map { _ in h.worker() }
+            for x in w { x.hello() }
+            try h.pump()
+            guard case .welcome(let welcome)? = try w[0].received().first else { Issue.record("no welcome"); return }
+            checksum = welcome.parametersChecksum
+            #expect(welcome.resumeFrom == "\(dir)/checkpoint-000000006.safetensors")
+            #expect(welcome.parametersChecksum == withExtendedLifetime(trainer) { parametersChecksum(UnsafeBufferPointer(trainer.network.parameters.valueBuffer)) })
+            _ = try w[1].received()
+            for (r, x) in w.enumerated() {
+                x.send(.ready(Ready(rank: r, model: config.model, parameterCount: trainer.network.parameters.count,
+                                    parametersChecksum: welcome.parametersChecksum, dataEndpoint: "e\(r)")))
+            }
+            try h.pump()
+            for x in w { #expect(try x.received().contains { if case .start(let s) = $0 { s.step == 6 } else { false } }) }
+            #expect(h.log.events.last == ClusterEvent(.ready, step: 6, workers: 2))
         }
-        try h.pump()
-        for x in w { #expect(try x.received().contains { if case .start(let s) = $0 { s.step == 6 } else { false } }) }
-        #expect(h.log.events.last == ClusterEvent(.ready, step: 6, workers: 2))
 
         // Resumed at its last step: nothing is left to train, and the run ends once everyone is ready.
         let end = try Harness(workers: 2, steps: 6) { $0.checkpointDirectory = dir; $0.resume = true }
-        let w2 = try end.join(2, checksum: welcome.parametersChecksum)
+        let w2 = try end.join(2, checksum: checksum)
         #expect(end.coordinator.isFinished)
         #expect(end.coordinator.finish().finalStep == 6)
         for x in w2 { #expect(try x.received().contains { if case .stop(let s) = $0 { s.afterStep == nil } else { false } }) }
