@@ -3,6 +3,7 @@ import Foundation
 import SqueezeCluster
 import SqueezeComm
 import SqueezeEngine
+import SqueezeSystem
 import SqueezeTraining
 
 /// The executable itself, for spawning helper processes.
@@ -179,8 +180,7 @@ struct BenchClusterCommand: ParsableCommand {
 
     func run() throws {
         do {
-            let dir = NSTemporaryDirectory() + "squeezetrain-bench-cluster-\(getpid())"
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            let dir = try makePrivateDirectory(prefix: "squeezetrain-bench-cluster-")  // fresh, mode 0700
             defer { try? FileManager.default.removeItem(atPath: dir) }
             let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
             let exe = selfExecutable()
@@ -220,7 +220,8 @@ struct BenchClusterCommand: ParsableCommand {
     }
 
     private func summarise(_ path: String) throws -> Report {
-        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap {
+        let text = String(decoding: try readFileNoFollow(path), as: UTF8.self)  // a private directory: no link is followed
+        let lines = try text.split(separator: "\n").compactMap {
             try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
         }.filter { ($0["step"] as? Int ?? 0) >= warmup }
         func number(_ l: [String: Any], _ k: String) -> Double { (l[k] as? NSNumber)?.doubleValue ?? 0 }
