@@ -112,6 +112,10 @@ struct BenchAllReduce: ParsableCommand {
         let group = endpoints.count
         // Before libzmq starts its I/O thread, which inherits the binding.
         if bindTo == .core { try CPUAffinity.bindCurrentThread(to: CPUAffinity.cpus(forLocalRank: rank)) }
+        // The spawner passes the run's key or --insecure: a participant with neither must not run in the clear.
+        guard keyFile != nil || insecure else {
+            throw fail("bench participant \(rank) has no --key-file and no --insecure: give it the run's key (or --insecure to measure plain sockets)")
+        }
         let security: PeerSecurity = try keyFile.map { .curve(try RunKey.read(from: $0)) } ?? .insecure
         let context = try ZMQContext()
         defer { context.terminate() }
