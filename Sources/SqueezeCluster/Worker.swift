@@ -37,19 +37,20 @@ public struct OwnPaths: Sendable, Equatable {
     /// checkpoint directory), naming the flag, the path and the fix.
     func check(_ welcome: Welcome, coordinator: String) throws {
         func same(_ a: String?, _ b: String?) -> Bool { a.map { ($0 as NSString).standardizingPath } == b.map { ($0 as NSString).standardizingPath } }
-        func refuse(_ what: String) -> ClusterError {
+        func refuse(_ what: String, fix: String) -> ClusterError {
             ClusterError("the coordinator at \(coordinator) asks this worker to use \(what), but this run is not authenticated (--insecure): "
-                         + "whoever answers at that address could name any file. Give this worker the same flag on its command line, "
+                         + "whoever answers at that address could name any file. If that is the run's, give this worker \(fix) too, "
                          + "or give every process --key-file")
         }
         for (flag, theirs, mine) in [("--save-weights", welcome.saveWeights, saveWeights), ("--init-weights", welcome.initWeights, initWeights),
                                      ("--checkpoint-dir", welcome.checkpointDirectory, checkpointDirectory)] {
-            if let theirs, !same(theirs, mine) { throw refuse("\(flag) \(theirs)") }
+            if let theirs, !same(theirs, mine) { throw refuse("\(flag) \(theirs)", fix: "\(flag) \(theirs)") }
         }
         if let resume = welcome.resumeFrom {
-            let name = (resume as NSString).lastPathComponent
-            guard let mine = checkpointDirectory, same((resume as NSString).deletingLastPathComponent, mine),
-                  name.hasPrefix("checkpoint-"), name.hasSuffix(".safetensors") else { throw refuse("the checkpoint \(resume)") }
+            let name = (resume as NSString).lastPathComponent, directory = (resume as NSString).deletingLastPathComponent
+            guard let mine = checkpointDirectory, same(directory, mine), name.hasPrefix("checkpoint-"), name.hasSuffix(".safetensors") else {
+                throw refuse("the checkpoint \(resume)", fix: "--checkpoint-dir \(directory)")
+            }
         }
     }
 }
