@@ -32,7 +32,7 @@ public final class ZMQControlServer: ControlServerChannel {
 
     /// The next frame from any peer, or nil after `timeout`. Frames that are not [identity, body] are dropped.
     public func receive(timeout: Duration) throws -> (peer: [UInt8], frame: [UInt8])? {
-        if let last = monitor.update().last {
+        if let last = monitor.update() {
             refusals.line("refused a connection: \(last) (\(monitor.failed) refused so far)")
         }
         guard let parts = try socket.receiveMultipart(timeout: timeout) else { return nil }
@@ -82,10 +82,7 @@ public final class ZMQControlClient: ControlClientChannel {
         }
     }
 
-    public var handshakeFailure: String? {
-        monitor.update()
-        return monitor.succeeded == 0 ? monitor.failure : nil
-    }
+    public var handshakeFailure: String? { monitor.succeeded == 0 ? monitor.failure : nil }
 
     public func send(_ frame: [UInt8]) throws {
         try frame.withUnsafeBytes { _ = try socket.send($0) }

@@ -18,7 +18,41 @@ public struct WorkerOptions: Sendable {
     public var tracePath: String?
     /// ... for these steps.
     public var traceWindow = try! TraceWindow(parsing: "5")
+    /// In a run without authentication (`--insecure`): the only files this worker may use, from its own
+    /// command line; a welcome naming any other path is refused, since whoever answers at the
+    /// coordinator's address could name any file. nil: the coordinator's paths are used (it proved it
+    /// holds the run's key, or it answered on this user's private ipc socket).
+    public var ownPaths: OwnPaths?
     public init() {}
+}
+
+/// The files a worker of an unauthenticated run was given itself (absolute paths).
+public struct OwnPaths: Sendable, Equatable {
+    public var checkpointDirectory: String?, initWeights: String?, saveWeights: String?
+    public init(checkpointDirectory: String? = nil, initWeights: String? = nil, saveWeights: String? = nil) {
+        self.checkpointDirectory = checkpointDirectory; self.initWeights = initWeights; self.saveWeights = saveWeights
+    }
+
+    /// Throws unless every path `welcome` names is one of these (a resume: a checkpoint file in this
+    /// checkpoint directory), naming the flag, the path and the fix.
+    func check(_ welcome: Welcome, coordinator: String) throws {
+        func same(_ a: String?, _ b: String?) -> Bool { a.map { ($0 as NSString).standardizingPath } == b.map { ($0 as NSString).standardizingPath } }
+        func refuse(_ what: String, fix: String) -> ClusterError {
+            ClusterError("the coordinator at \(coordinator) asks this worker to use \(what), but this run is not authenticated (--insecure): "
+                         + "whoever answers at that address could name any file. If that is the run's, give this worker \(fix) too, "
+                         + "or give every process --key-file")
+        }
+        for (flag, theirs, mine) in [("--save-weights", welcome.saveWeights, saveWeights), ("--init-weights", welcome.initWeights, initWeights),
+                                     ("--checkpoint-dir", welcome.checkpointDirectory, checkpointDirectory)] {
+            if let theirs, !same(theirs, mine) { throw refuse("\(flag) \(theirs)", fix: "\(flag) \(theirs)") }
+        }
+        if let resume = welcome.resumeFrom {
+            let name = (resume as NSString).lastPathComponent, directory = (resume as NSString).deletingLastPathComponent
+            guard let mine = checkpointDirectory, same(directory, mine), name.hasPrefix("checkpoint-"), name.hasSuffix(".safetensors") else {
+                throw refuse("the checkpoint \(resume)", fix: "--checkpoint-dir \(directory)")
+            }
+        }
+    }
 }
 
 /// One data-parallel worker: joins the coordinator, builds the model from the shared seed and
@@ -76,6 +110,7 @@ public final class Worker {
     }
 
     private func train(_ welcome: Welcome, channel: any ControlClientChannel, heartbeat: HeartbeatSender) throws {
+        try options.ownPaths?.check(welcome, coordinator: coordinator)  // before any file is touched
         let (rank, world) = (welcome.rank, welcome.worldSize)
         let timeout = Duration.milliseconds(Int(welcome.timeoutSeconds * 1000))
         let model = try prepareModel(welcome)

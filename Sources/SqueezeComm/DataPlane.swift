@@ -54,6 +54,38 @@ public func privateSocketDirectory() throws -> String {
     return path
 }
 
+/// Why `endpoint` is not an ipc socket inside `privateSocketDirectory()` (as text that follows the
+/// endpoint), or nil when it is. An abstract socket (`ipc://@name`) has no permissions at all, and one
+/// outside the directory has the umask's.
+public func privateIPCProblem(_ endpoint: String) -> String? {
+    guard endpoint.hasPrefix("ipc://") else { return "is not an ipc socket" }
+    let path = String(endpoint.dropFirst("ipc://".count))
+    if path.hasPrefix("@") { return "is an abstract ipc socket, which has no permissions: any local user can connect to it" }
+    let directory: String
+    do { directory = try privateSocketDirectory() } catch { return "cannot be checked: \(error)" }
+    let parent = (path as NSString).deletingLastPathComponent
+    guard path.hasPrefix("/"), let inside = resolved(parent), inside == resolved(directory) else {
+        return "is outside \(directory), the private directory only this user can enter"
+    }
+    return nil
+}
+
+/// `path` with every symbolic link and `..` resolved (realpath(3)), or nil if it does not exist.
+private func resolved(_ path: String) -> String? {
+    guard let real = realpath(path, nil) else { return nil }
+    defer { free(real) }
+    return String(cString: real)
+}
+
+/// The refusal of a socket that a run without a key would open outside the private directory:
+/// `socket` names it ("the control socket ipc:///tmp/x.ipc is outside …").
+public func privateIPCRefusal(_ socket: String) -> String {
+    let directory = (try? privateSocketDirectory()) ?? NSTemporaryDirectory() + "squeezetrain-\(getuid())"
+    return "\(socket), and this run has no key: give every process the same --key-file FILE (make one with squeezetrain keygen --output FILE), "
+        + "or --insecure to let anyone who reaches the sockets join the run; a run without either must keep every socket, control "
+        + "and data plane (--transport ipc), inside \(directory)"
+}
+
 /// ZeroMQ transports: tcp on `host` (an ephemeral port), or ipc in the temporary directory.
 public final class ZMQDataPlane: DataPlaneFactory, @unchecked Sendable {
     // @unchecked Sendable: immutable after init; ZMQContext is thread-safe.
@@ -70,6 +102,9 @@ public final class ZMQDataPlane: DataPlaneFactory, @unchecked Sendable {
     }
 
     public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int) throws -> any DataPlaneTransport {
+        if options.security == .privateIPC && kind != .ipc {
+            throw CommError.invalidArgument(privateIPCRefusal("the coordinator asks for a \(kind.rawValue) data plane (its --transport \(kind.rawValue)), which would listen in plain text"))
+        }
         let bind = kind == .ipc ? try ipcEndpoint(rank == hubRank ? "hub" : "rank\(rank)") : "tcp://\(try host()):*"
         var options = options
         options.maxMessageBytes = maxFrameBytes

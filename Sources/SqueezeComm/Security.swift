@@ -118,8 +118,11 @@ public enum PeerSecurity: Sendable, Equatable {
     case curve(RunKey)
     /// Plain ZMTP: whoever reaches a port can join the run, send gradients and read them.
     case insecure
+    /// Plain ZMTP on ipc sockets inside `privateSocketDirectory()` only (a run without a key): the
+    /// directory's mode 0700 lets no other user reach them. A tcp socket is refused (`privateIPCRefusal`).
+    case privateIPC
 
-    public var isEncrypted: Bool { self != .insecure }
+    public var isEncrypted: Bool { if case .curve = self { true } else { false } }
 }
 
 /// Z85 to bytes (nil if `text` is not Z85 of a multiple of 5 characters).
@@ -147,6 +150,8 @@ extension ZMQSocket {
         try setOption(ZMQ_CURVE_SERVER, 1)
         try setOption(ZMQ_CURVE_SECRETKEY, bytes: Array(key.secretKey.utf8))
         try setOption(ZMQ_ZAP_DOMAIN, bytes: Array(ZAPAuthenticator.domain.utf8))
+        // Without this libzmq admits every client when no ZAP handler answers (its thread ended).
+        try setOption(zapEnforceDomain, 1)
     }
 
     /// Makes a socket that connects a CURVE client holding the run's key pair (before `connect`).
@@ -161,44 +166,66 @@ extension ZMQSocket {
 
 // MARK: - ZAP
 
+/// ZMQ_ZAP_ENFORCE_DOMAIN: refuse clients when no ZAP handler answers, instead of admitting them.
+/// libzmq 4.3 implements it; its header declares it only among the draft options.
+let zapEnforceDomain: Int32 = 93
+
 /// The context's ZAP handler: a thread answering libzmq's authentication requests on
 /// inproc://zeromq.zap.01. Admits CURVE clients whose public key is the run's; refuses everything
 /// else (another key, another mechanism) and counts it, logging at a bounded rate.
 ///
-/// It must be running before a CURVE server socket of the context accepts a connection (libzmq
-/// admits every client when no handler is bound), so start it right after the context. It ends
-/// when the context is terminated.
+/// It must be running before a CURVE server socket of the context accepts a connection, so start it
+/// right after the context. It ends when the context is terminated. Should it end for any other
+/// reason, it fails closed: the server sockets enforce the ZAP domain (`secureAsServer`), so libzmq
+/// refuses every client from then on, and `onFailure` is called (the command-line tool exits).
 public final class ZAPAuthenticator: @unchecked Sendable {
-    // @unchecked Sendable: the socket is used by the handler thread only; `refused` is guarded by `lock`.
+    // @unchecked Sendable: the socket is used by the handler thread only; `refusedCount` and
+    // `failAtNextRequest` are guarded by `lock`.
     static let domain = "squeezetrain"
     private let lock = NSLock()
     private var refusedCount = 0
+    private var failAtNextRequest = false
     private let log: RateLimitedLog
 
     /// Clients refused so far.
     public var refused: Int { lock.withLock { refusedCount } }
 
-    public init(context: ZMQContext, key: RunKey, log: @escaping @Sendable (String) -> Void) throws {
+    public init(context: ZMQContext, key: RunKey, log: @escaping @Sendable (String) -> Void,
+                onFailure: @escaping @Sendable (String) -> Void = { _ in }) throws {
         self.log = RateLimitedLog(interval: .seconds(5), log)
         let socket = try ZMQSocket(context: context, type: .rep)
         try socket.bind("inproc://zeromq.zap.01")
         let allowed = key.publicKeyBytes
         let box = SocketBox(socket)
         Thread { [self] in
-            defer { box.socket.close() }
-            while true {
-                // Ends with ETERM when the context is terminated.
-                guard let request = try? box.socket.receiveMultipart(timeout: nil) else { return }
-                let frames = request.map { $0.withUnsafeBytes { Array($0) } }
-                let (status, reason) = decide(frames, allowed: allowed)
-                let id = frames.count > 1 ? frames[1] : []
-                let reply: [[UInt8]] = [Array("1.0".utf8), id, Array(status.utf8), Array(reason.utf8), status == "200" ? Array("run".utf8) : [], []]
-                do {
-                    for (i, f) in reply.enumerated() { try f.withUnsafeBytes { _ = try box.socket.send($0, more: i + 1 < reply.count) } }
-                } catch { return }
+            do {
+                try serve(box.socket, allowed: allowed)
+            } catch let e as ZMQError where e.code == ETERM {
+                box.socket.close()  // the context is shutting down
+            } catch {
+                box.socket.close()
+                let reason = "the ZAP handler stopped (\(error)): every connection is refused from now on"
+                log(reason)
+                onFailure(reason)
             }
         }.start()
     }
+
+    /// Answers requests until an error (ETERM when the context is terminated).
+    private func serve(_ socket: ZMQSocket, allowed: [UInt8]) throws {
+        while true {
+            guard let request = try socket.receiveMultipart(timeout: nil) else { continue }
+            if lock.withLock({ failAtNextRequest }) { throw ZMQError(zmq: EPROTO, function: "ZAPAuthenticator (a test's failure)") }
+            let frames = request.map { $0.withUnsafeBytes { Array($0) } }
+            let (status, reason) = decide(frames, allowed: allowed)
+            let id = frames.count > 1 ? frames[1] : []
+            let reply: [[UInt8]] = [Array("1.0".utf8), id, Array(status.utf8), Array(reason.utf8), status == "200" ? Array("run".utf8) : [], []]
+            for (i, f) in reply.enumerated() { try f.withUnsafeBytes { _ = try socket.send($0, more: i + 1 < reply.count) } }
+        }
+    }
+
+    /// Tests: the handler thread fails at the next request, as an unexpected error would make it.
+    func failAtNextRequestForTesting() { lock.withLock { failAtNextRequest = true } }
 
     /// "200" for the run's CURVE key, "400" (with the reason, logged) for anything else.
     private func decide(_ frames: [[UInt8]], allowed: [UInt8]) -> (String, String) {
@@ -256,58 +283,92 @@ public final class RateLimitedLog: @unchecked Sendable {
 
 /// Watches one socket's handshakes (`zmq_socket_monitor`), so that a client whose key the server
 /// refused can say so instead of waiting out its timeout: libzmq itself just retries quietly.
-public final class HandshakeMonitor {
-    private let pair: ZMQSocket
-    private let frame = ZMQMessage()
-    public private(set) var succeeded = 0
-    /// The last failed handshake, as text, if no handshake succeeded since.
-    public private(set) var failure: String?
+///
+/// A thread of its own drains the events as they come and keeps only counts and the last failure:
+/// libzmq's I/O thread blocks on a monitor whose queue is full, so events left waiting for the owner's
+/// next receive (a flood of failed handshakes during a long step) would stall every socket of the context.
+public final class HandshakeMonitor: @unchecked Sendable {
+    // @unchecked Sendable: the counters are guarded by `lock`; `pair` is used by the drain thread only,
+    // `socket` by its owner's thread only (`close`).
+    private let lock = NSLock()
+    private let socket: ZMQSocket
+    private var running = true
+    private var succeededCount = 0, failedCount = 0, reported = 0
+    private var lastFailure: String?
 
     public init(_ socket: ZMQSocket) throws {
+        self.socket = socket
         let endpoint = "inproc://squeezetrain-monitor-\(UUID().uuidString)"
         let events = ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL
             | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
         let raw = try socket.raw()
         _ = try zmqCall("zmq_socket_monitor") { zmq_socket_monitor(raw, endpoint, events) }
-        pair = try ZMQSocket(context: socket.context, type: .pair)
+        let pair = try ZMQSocket(context: socket.context, type: .pair)
         try pair.connect(endpoint)
+        let box = SocketBox(pair)
+        Thread { [self] in drain(box.socket) }.start()
     }
 
+    /// Handshakes that succeeded so far.
+    public var succeeded: Int { lock.withLock { succeededCount } }
     /// Handshakes that failed so far.
-    public private(set) var failed = 0
+    public var failed: Int { lock.withLock { failedCount } }
+    /// The last failed handshake, as text, if no handshake succeeded since.
+    public var failure: String? { lock.withLock { lastFailure } }
 
-    /// Reads the events that arrived (never blocks); returns the new failures, as text.
-    @discardableResult
-    public func update() -> [String] {
-        var failures = [String]()
-        defer { failed += failures.count }
-        while (try? pair.receive(into: frame, dontWait: true)) == true {
-            var event: UInt16 = 0, value: UInt32 = 0
-            if frame.count == 6 {
-                frame.withUnsafeBytes { b in
-                    event = b.loadUnaligned(fromByteOffset: 0, as: UInt16.self)
-                    value = b.loadUnaligned(fromByteOffset: 2, as: UInt32.self)
+    /// The last handshake failure since the previous call, as text (nil if none failed since); never blocks.
+    public func update() -> String? {
+        lock.withLock {
+            defer { reported = failedCount }
+            return failedCount > reported ? lastFailure : nil
+        }
+    }
+
+    /// Stops watching (from the thread that owns the socket, before closing it); the drain thread ends.
+    public func close() {
+        if let raw = try? socket.raw() { zmq_socket_monitor(raw, nil, 0) }
+        lock.withLock { running = false }
+    }
+
+    /// The drain thread: reads events until `close` (or the context's end), then closes `pair`.
+    private func drain(_ pair: ZMQSocket) {
+        defer { pair.close() }
+        let frame = ZMQMessage()
+        while lock.withLock({ running }) {
+            do {
+                guard try pair.waitReadable(timeout: .milliseconds(100)) else { continue }
+                while try pair.receive(into: frame, dontWait: true) {
+                    var event: UInt16 = 0, value: UInt32 = 0
+                    if frame.count == 6 {
+                        frame.withUnsafeBytes { b in
+                            event = b.loadUnaligned(fromByteOffset: 0, as: UInt16.self)
+                            value = b.loadUnaligned(fromByteOffset: 2, as: UInt32.self)
+                        }
+                    }
+                    var address = ""
+                    while frame.hasMore { try pair.receive(into: frame); address = String(decoding: frame.bytes, as: UTF8.self) }
+                    record(Int32(event), value: value, address: address)
                 }
-            }
-            var address = ""
-            while frame.hasMore, (try? pair.receive(into: frame)) != nil { address = String(decoding: frame.bytes, as: UTF8.self) }
-            switch Int32(event) {
-            case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
-                succeeded += 1
-                failure = nil
-            case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
-                failure = "\(address) refused this process's key (ZAP status \(value))"
-                failures.append(failure!)
-            case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL, ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
-                failure = "the handshake with \(address) failed (\(Int32(event) == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL ? "protocol error \(value)" : "connection dropped")): "
-                    + "the other side holds another key, or none"
-                failures.append(failure!)
-            default:
-                break
+            } catch {
+                return  // ETERM: the context is ending
             }
         }
-        return failures
     }
 
-    public func close() { pair.close() }
+    private func record(_ event: Int32, value: UInt32, address: String) {
+        let text: String
+        switch event {
+        case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
+            lock.withLock { succeededCount += 1; lastFailure = nil }
+            return
+        case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
+            text = "\(address) refused this process's key (ZAP status \(value))"
+        case ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL, ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            text = "the handshake with \(address) failed (\(event == ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL ? "protocol error \(value)" : "connection dropped")): "
+                + "the other side holds another key, or none"
+        default:
+            return
+        }
+        lock.withLock { failedCount += 1; lastFailure = text }
+    }
 }

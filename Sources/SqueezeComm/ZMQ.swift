@@ -77,11 +77,13 @@ public final class ZMQContext: @unchecked Sendable {
         }
     }
 
-    /// Starts the context's ZAP handler for `security` (once; nothing for `.insecure`). Every CURVE
-    /// server socket of the context needs it: without one, libzmq would admit any client.
-    public func authenticate(_ security: PeerSecurity, log: @escaping @Sendable (String) -> Void) throws {
+    /// Starts the context's ZAP handler for `security` (once; nothing without a key). Every CURVE
+    /// server socket of the context needs it. `onFailure` is called if it ever stops before the
+    /// context ends (the sockets then refuse every client).
+    public func authenticate(_ security: PeerSecurity, log: @escaping @Sendable (String) -> Void,
+                             onFailure: @escaping @Sendable (String) -> Void = { _ in }) throws {
         guard case .curve(let key) = security, authenticator == nil else { return }
-        let made = try ZAPAuthenticator(context: self, key: key, log: log)
+        let made = try ZAPAuthenticator(context: self, key: key, log: log, onFailure: onFailure)
         lock.withLock { zap = made }
     }
 

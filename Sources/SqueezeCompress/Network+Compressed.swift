@@ -3,8 +3,7 @@ import SqueezeEngine
 extension Network {
     /// name → shape of every tensor a model of `config` saves (parameters and buffers).
     static func stateShapes(_ config: ModelConfig) -> [String: [Int]] {
-        let net = Network(config: config)
-        return Dictionary(uniqueKeysWithValues: (net.parameters.specs + net.buffers.specs).map { ($0.name, $0.shape) })
+        Dictionary(uniqueKeysWithValues: config.stateShapes.map { ($0.name, $0.shape) })
     }
 
     /// Sets every parameter and buffer from `values` (name → values); throws, changing nothing, unless

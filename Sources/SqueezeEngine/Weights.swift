@@ -64,7 +64,30 @@ extension ModelConfig {
         if bypass == .simple && fire.incrE > 0 && fire.freq == 1 {
             return "--bypass simple needs Fire modules of equal width in and out; with --freq 1 none are"
         }
+        // Last, on a configuration whose layers can be described: counted without allocating them.
+        let count = parameterCount
+        guard count <= ModelConfig.maxParameters else {
+            let fields = architecture == .alexnet ? "--classes \(classes)"
+                : "--base-e \(fire.baseE), --incr-e \(fire.incrE), --sr \(fire.squeezeRatio), --classes \(classes)"
+            return "the model would have \(count) parameters, more than the \(ModelConfig.maxParameters) supported "
+                + "(4 bytes each for weights, gradients and momentum); lower \(fields)"
+        }
         return nil
+    }
+
+    /// The most parameters a model may have: 2^28, four times torchvision's AlexNet for ImageNet.
+    public static let maxParameters = 1 << 28
+
+    /// Every tensor the model holds, parameters then buffers (as `Network` lays them out), described
+    /// without allocating anything: a file's metadata can be checked before a model is built from it.
+    public var stateShapes: [(name: String, shape: [Int])] {
+        let layers = Network.layers(self, workspace: Workspace(), seed: 0)
+        return (layers.flatMap(\.parameterSpecs) + layers.flatMap(\.bufferSpecs)).map { ($0.name, $0.shape) }
+    }
+
+    /// The model's trained parameters, counted without allocating them.
+    public var parameterCount: Int {
+        Network.layers(self, workspace: Workspace(), seed: 0).flatMap(\.parameterSpecs).reduce(0) { $0 + $1.count }
     }
 }
 

@@ -7,7 +7,7 @@ import Darwin
 #endif
 
 /// The one atomic write of the project (checkpoints, `latest`, safetensors, residual files):
-/// a temporary file `.<name>.tmp-<pid>-<random>` in the same directory, filled by a full write
+/// mode 0600 for a new file, the old mode for a file replaced; a temporary file `.<name>.tmp-<pid>-<random>` in the same directory, filled by a full write
 /// loop, fsync'ed, closed and renamed over the path; then the directory is fsync'ed so the
 /// rename itself survives a crash. On any failure the temporary file is removed and the path is
 /// untouched. System failures throw `SystemError` (errno read right after the failing call, the
@@ -51,12 +51,16 @@ public enum AtomicFile {
         let temporary = (slash.map { String(path[...$0]) } ?? "")
             + ".\(base).tmp-\(getpid())-\(String(UInt64.random(in: 0...UInt64.max), radix: 36))"
 
+        // A new file is private (0600, whatever the umask); a file replaced keeps its mode.
+        var replaced = stat()
+        let mode = stat(path, &replaced) == 0 && replaced.st_mode & S_IFMT == S_IFREG ? replaced.st_mode & 0o777 : 0o600
         let fd = try systemCallRequired("open", operation: "create temporary file '\(temporary)'") {
-            open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+            open(temporary, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0o600)
         }
         var renamed = false
         defer { if !renamed { unlink(temporary) } }
         do {
+            try systemCallRequired("fchmod", operation: "set the mode of '\(temporary)'") { fchmod(fd, mode) }
             try body(Writer(fd: fd, path: temporary))
             try systemCallRequired("fsync", operation: "fsync '\(temporary)'") { fsync(fd) }
         } catch {

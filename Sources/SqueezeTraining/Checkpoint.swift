@@ -50,11 +50,12 @@ public struct Checkpoint {
 
     static func fileName(step: Int) -> String { String(format: "checkpoint-%09d.safetensors", step) }
 
-    /// Writes the checkpoint into `directory` (created if needed), then points `latest` at it and
-    /// removes all but the newest `keep` checkpoints. Returns the file's path.
+    /// Writes the checkpoint into `directory` (created if needed; refused if others may write it,
+    /// `CheckpointDirectory.check`), reads it back, and only once it verifies points `latest` at it
+    /// and prunes the others (`prune`). Returns the file's path.
     @discardableResult
     public func save(directory: String, keep: Int = 3) throws -> String {
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try CheckpointDirectory.check(directory)
         let name = Checkpoint.fileName(step: step)
         let path = (directory as NSString).appendingPathComponent(name)
         var meta = try metadata()
@@ -62,6 +63,9 @@ public struct Checkpoint {
         let names = tensors.keys.sorted()
         try withFloatViews(names) { views in
             try Safetensors.write(path: path, tensors: zip(names, views).map { ($0, shapes[$0] ?? [$1.count], $1) }, metadata: meta)
+        }
+        do { _ = try Checkpoint.load(path: path) } catch {
+            throw TrainingError.checkpoint("the checkpoint just written does not read back (\(error)); the earlier ones are kept")
         }
         try AtomicFile.write(Array((name + "\n").utf8), to: (directory as NSString).appendingPathComponent("latest"))
         try prune(directory: directory, current: name, keep: max(keep, 1))
@@ -143,8 +147,13 @@ public struct Checkpoint {
         trainer.step = step
     }
 
-    /// Throws unless `config` is the checkpoint's configuration up to the run length (`totalSteps`).
+    /// Throws unless `config` is the checkpoint's configuration up to the run length (`totalSteps`),
+    /// and that length reaches the checkpoint's step.
     public func checkCompatible(with config: TrainingConfig) throws {
+        guard config.totalSteps >= step else {
+            throw TrainingError.checkpoint("\(path ?? "checkpoint") is at step \(step), beyond this run's --steps \(config.totalSteps): "
+                + "resume with --steps \(step) or more (or --start-over to begin again)")
+        }
         var mine = config, theirs = self.config
         mine.totalSteps = 0; theirs.totalSteps = 0
         if mine.model != theirs.model {
@@ -209,15 +218,23 @@ public struct Checkpoint {
         return String(h, radix: 16)
     }
 
-    /// Keeps the checkpoint just written (`current`, which `latest` names) and the newest `keep − 1` others
-    /// by step, and removes temporary files that a writer killed mid-write left behind (any but this
-    /// process's, which has just finished). Never removes `current`, whatever the other files' steps.
+    /// Keeps the checkpoint just written (`current`, which `latest` names, read back valid) and the newest
+    /// `keep − 1` others that verify; removes the older ones, and with them every one that does not verify,
+    /// so an invalid checkpoint never outlives a valid one. Also removes temporary files that a writer
+    /// killed mid-write left behind (any but this process's, which has just finished).
     private func prune(directory: String, current: String, keep: Int) throws {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
         let others = names.compactMap { name in Checkpoint.step(ofFileName: name).map { (name: name, step: $0) } }
             .filter { $0.name != current }.sorted { $0.step > $1.step }.map(\.name)
+        var kept = 0, invalid = [String](), older = [String]()
+        for name in others {
+            if kept == keep - 1 { older.append(name); continue }
+            if (try? Checkpoint.load(path: (directory as NSString).appendingPathComponent(name))) != nil { kept += 1 } else { invalid.append(name) }
+        }
         let stale = names.filter { ($0.hasPrefix(".checkpoint-") || $0.hasPrefix(".latest")) && $0.contains(".tmp-") && !$0.contains(".tmp-\(getpid())") }
-        for old in others.dropFirst(keep - 1) + stale { try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old)) }
+        for old in older + (older.isEmpty ? [] : invalid) + stale {
+            try? FileManager.default.removeItem(atPath: (directory as NSString).appendingPathComponent(old))
+        }
     }
 
     /// The step in a checkpoint file name (`checkpoint-000000120.safetensors` → 120), or nil for other names.

@@ -29,17 +29,13 @@ public final class DirectoryLock {
     public let holder: Holder
     private let fd: Int32
 
-    /// Creates `directory` if needed and locks it, or throws at once (never waits) naming the run that
+    /// Creates `directory` if needed (`CheckpointDirectory.check`: private, ours) and locks it, or throws at once (never waits) naming the run that
     /// holds it. Also throws when the filesystem accepts a lock without honouring it (a second open of
     /// the file can lock it too), since such a lock would protect nothing.
     public init(directory: String) throws {
         self.directory = directory
         let path = DirectoryLock.path(in: directory)
-        do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        } catch {
-            throw TrainingError.checkpoint("--checkpoint-dir \(directory): cannot create it: \(error.localizedDescription)")
-        }
+        try CheckpointDirectory.check(directory)  // created 0700 if missing; refused if others may write it
         let fd: Int32
         do { fd = try DirectoryLock.openFile(path, O_RDWR | O_CREAT) } catch {
             throw TrainingError.checkpoint("--checkpoint-dir \(directory): cannot open its lock file: \(error)"
@@ -122,7 +118,7 @@ public final class DirectoryLock {
     }
 
     private static func openFile(_ path: String, _ flags: Int32) throws -> Int32 {
-        try systemCallRequired("open", operation: "open '\(path)'") { Glibc.open(path, flags | O_CLOEXEC, 0o644) }
+        try systemCallRequired("open", operation: "open '\(path)'") { Glibc.open(path, flags | O_CLOEXEC | O_NOFOLLOW, 0o644) }
     }
 
     /// Locks `fd` (`LOCK_EX` or `LOCK_SH`) if nobody holds a conflicting lock: false when one does.

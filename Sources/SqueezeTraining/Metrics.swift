@@ -13,10 +13,13 @@ public final class MetricsWriter: MetricsSink {
     public init(path: String, append: Bool) throws {
         self.path = path
         // O_APPEND: every line lands at the end even when another process (the launcher recording a
-        // restart) appends to the same file.
-        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | (append ? 0 : O_TRUNC), 0o644)
+        // restart) appends to the same file. O_NOFOLLOW: a link planted where the file goes (in a shared
+        // or temporary directory) must not make it truncate whatever the link names.
+        let fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_NOFOLLOW | O_CLOEXEC | (append ? 0 : O_TRUNC), 0o644)
         guard fd >= 0 else {
-            throw TrainingError.invalidConfiguration("cannot open the metrics file \(path): \(String(cString: strerror(errno)))")
+            let e = errno
+            throw TrainingError.invalidConfiguration("cannot open the metrics file \(path): \(String(cString: strerror(e)))"
+                                                     + (e == ELOOP ? " (it is a symbolic link, which is not followed: give the file's own path)" : ""))
         }
         handle = FileHandle(fileDescriptor: fd, closeOnDealloc: true)
     }

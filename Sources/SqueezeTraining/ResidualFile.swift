@@ -19,7 +19,7 @@ public enum ResidualFile {
     @discardableResult
     public static func save(_ residual: [Float], directory: String, step: Int, rank: Int, worldSize: Int,
                             compression: String, keep: Int) throws -> String {
-        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        try CheckpointDirectory.check(directory)
         let file = path(directory: directory, step: step, rank: rank)
         var meta = ["format": format, "step": String(step), "rank": String(rank), "world_size": String(worldSize),
                     "compression": compression]

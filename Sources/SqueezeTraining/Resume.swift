@@ -11,6 +11,7 @@ public enum Resume {
     ///   pruning never deletes another's and a later `--resume` cannot pick the wrong run.
     public static func start(directory: String?, resume: Bool, startOver: Bool, log: (String) -> Void) throws -> Checkpoint? {
         guard let directory else { return nil }
+        try CheckpointDirectory.check(directory)
         if startOver {
             let removed = try Checkpoint.removeAll(in: directory)
             if removed > 0 { log("--start-over: deleted \(removed) checkpoint(s) of an earlier run in \(directory)") }

@@ -3,6 +3,7 @@ import Foundation
 import SqueezeCluster
 import SqueezeComm
 import SqueezeEngine
+import SqueezeSystem
 import SqueezeTraining
 
 /// The executable itself, for spawning helper processes.
@@ -111,6 +112,10 @@ struct BenchAllReduce: ParsableCommand {
         let group = endpoints.count
         // Before libzmq starts its I/O thread, which inherits the binding.
         if bindTo == .core { try CPUAffinity.bindCurrentThread(to: CPUAffinity.cpus(forLocalRank: rank)) }
+        // The spawner passes the run's key or --insecure: a participant with neither must not run in the clear.
+        guard keyFile != nil || insecure else {
+            throw fail("bench participant \(rank) has no --key-file and no --insecure: give it the run's key (or --insecure to measure plain sockets)")
+        }
         let security: PeerSecurity = try keyFile.map { .curve(try RunKey.read(from: $0)) } ?? .insecure
         let context = try ZMQContext()
         defer { context.terminate() }
@@ -179,8 +184,7 @@ struct BenchClusterCommand: ParsableCommand {
 
     func run() throws {
         do {
-            let dir = NSTemporaryDirectory() + "squeezetrain-bench-cluster-\(getpid())"
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            let dir = try makePrivateDirectory(prefix: "squeezetrain-bench-cluster-")  // fresh, mode 0700
             defer { try? FileManager.default.removeItem(atPath: dir) }
             let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
             let exe = selfExecutable()
@@ -220,7 +224,8 @@ struct BenchClusterCommand: ParsableCommand {
     }
 
     private func summarise(_ path: String) throws -> Report {
-        let lines = try String(contentsOfFile: path, encoding: .utf8).split(separator: "\n").compactMap {
+        let text = String(decoding: try readFileNoFollow(path), as: UTF8.self)  // a private directory: no link is followed
+        let lines = try text.split(separator: "\n").compactMap {
             try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
         }.filter { ($0["step"] as? Int ?? 0) >= warmup }
         func number(_ l: [String: Any], _ k: String) -> Double { (l[k] as? NSNumber)?.doubleValue ?? 0 }

@@ -79,7 +79,7 @@ struct CoordinatorCommand: ParsableCommand {
         ProcessGroup.endWithLauncher()
         do {
             let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
-                                             security: try security.security(endpoint: bind),
+                                             security: try security.security(endpoint: bind, transport: communication.transport),
                                              metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
                                              tracer: tracing.tracer(pid: workers, processName: "star hub (coordinator)"),
                                              events: eventWriter(events), log: { emit("\($0)\n") })
@@ -191,6 +191,8 @@ struct WorkerCommand: ParsableCommand {
     @Option(help: "Run this worker, all its threads, on these CPUs only, e.g. 0-3 or 0,2 (default: wherever the scheduler puts them).")
     var cpus: String?
     @OptionGroup var security: SecurityOptions
+    @OptionGroup(title: "Files, with --insecure only (an unauthenticated worker takes no path from the network: each path the coordinator names must be given here too)")
+    var files: WorkerFiles
     @OptionGroup(title: "Timeline (this rank's track)") var tracing: TraceOptions
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
@@ -199,6 +201,9 @@ struct WorkerCommand: ParsableCommand {
         try requireFinite("--join-timeout", joinTimeout, 0.1...86_400)
         if let cpus {
             do { _ = try CPUAffinity.parseList(cpus) } catch { throw ValidationError("--cpus: \(error)") }
+        }
+        if !security.insecure, let flag = files.given.first {
+            throw ValidationError("\(flag) on a worker is for --insecure runs only; with a key the worker uses the coordinator's paths")
         }
     }
 
@@ -215,6 +220,7 @@ struct WorkerCommand: ParsableCommand {
         options.threads = threads; options.data = data; options.rank = rank
         options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
         options.tracePath = tracing.trace; options.traceWindow = tracing.window
+        if security.insecure { options.ownPaths = files.ownPaths }
         do {
             let (advertise, coordinator) = (advertise, coordinator)
             try runWorker(coordinator: coordinator, options: options, dataHost: { try advertise ?? localAddress(towards: coordinator) },
@@ -224,6 +230,29 @@ struct WorkerCommand: ParsableCommand {
         } catch {
             throw fail(String(describing: error))
         }
+    }
+}
+
+/// The paths a worker of an unauthenticated (`--insecure`) run may use: each one the coordinator names
+/// must be given here too.
+struct WorkerFiles: ParsableArguments {
+    @Option(help: ArgumentHelp("The coordinator's --checkpoint-dir.", valueName: "dir")) var checkpointDir: String?
+    @Option(help: ArgumentHelp("The coordinator's --init-weights.", valueName: "file")) var initWeights: String?
+    @Option(help: ArgumentHelp("The coordinator's --save-weights.", valueName: "file")) var saveWeights: String?
+
+    /// The flags given.
+    var given: [String] {
+        [("--checkpoint-dir", checkpointDir), ("--init-weights", initWeights), ("--save-weights", saveWeights)].compactMap { $0.1 == nil ? nil : $0.0 }
+    }
+
+    var ownPaths: OwnPaths {
+        OwnPaths(checkpointDirectory: checkpointDir.map(absolutePath), initWeights: initWeights.map(absolutePath), saveWeights: saveWeights.map(absolutePath))
+    }
+
+    /// These flags for a worker process.
+    static func arguments(checkpointDir: String?, initWeights: String?, saveWeights: String?) -> [String] {
+        [("--checkpoint-dir", checkpointDir), ("--init-weights", initWeights), ("--save-weights", saveWeights)]
+            .flatMap { given in given.1.map { [given.0, absolutePath($0)] } ?? [] }
     }
 }
 

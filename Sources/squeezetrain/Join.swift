@@ -101,6 +101,10 @@ struct Join: ParsableCommand {
         let dataHost: @Sendable () throws -> String = { try advertise ?? localAddress(towards: route) }
         let peers: PeerSecurity
         do { peers = try security.security(endpoint: route) } catch { throw fail("join: \(error)") }
+        if peers == .insecure {  // every process has the same command line: its own paths are the coordinator's
+            options.ownPaths = OwnPaths(checkpointDirectory: cluster.checkpoints.checkpointDir.map(absolutePath),
+                                        initWeights: initWeights.map(absolutePath), saveWeights: saveWeights.map(absolutePath))
+        }
         guard job.rank == 0 else {
             // A signal before training ends this process; during training it asks the coordinator to stop the run.
             let signals = stopOnSignals()

@@ -113,6 +113,9 @@ struct Launch: ParsableCommand {
             var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)", "--events",
                         "--join-timeout", "\(cluster.joinTimeout)"] + security.arguments
             if let data = training.data { args += ["--data", data] }
+            if security.insecure {  // an unauthenticated worker uses only the paths on its own command line
+                args += WorkerFiles.arguments(checkpointDir: cluster.checkpoints.checkpointDir, initWeights: initWeights, saveWeights: saveWeights)
+            }
             args += bindTo.arguments(rank: r, threads: threads)
             if let trace { args += tracing.arguments(path: trace.path(rank: r)) }
             all.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))
@@ -198,11 +201,10 @@ final class TraceParts {
     init(file: String) throws {
         self.file = absolutePath(file)
         let dir = (self.file as NSString).deletingLastPathComponent
-        directory = dir + "/." + (self.file as NSString).lastPathComponent + ".parts-\(getpid())"
         do {
-            try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: false)
+            directory = try makePrivateDirectory(prefix: "." + (self.file as NSString).lastPathComponent + ".parts-", in: dir)
         } catch {
-            throw ValidationError("--trace \(file): cannot create \(directory) for the processes' tracks: \(error.localizedDescription)")
+            throw ValidationError("--trace \(file): cannot create a directory beside it for the processes' tracks: \(error)")
         }
     }
 

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SqueezeComm
+import SqueezeSystem
 import SqueezeTraining
 
 /// `--key-file` and `--insecure`, for every process that opens cluster sockets.
@@ -18,14 +19,23 @@ struct SecurityOptions: ParsableArguments {
     /// The key file: the flag, else $SQUEEZETRAIN_KEY_FILE.
     var keyPath: String? { keyFile ?? ProcessInfo.processInfo.environment["SQUEEZETRAIN_KEY_FILE"].flatMap { $0.isEmpty ? nil : $0 } }
 
-    /// The sockets' security. Over tcp a key is required unless `--insecure` says otherwise; a local
-    /// ipc:// control endpoint may go without (its file lives in a private directory).
-    func security(endpoint: String) throws -> PeerSecurity {
+    /// The sockets' security: the key's, or plain with `--insecure`. Without either, only a run whose every
+    /// socket is an ipc socket in this user's private directory (`privateSocketDirectory()`) may go on:
+    /// `endpoint` (the control socket) must be one, and so must the data plane, `transport` (the
+    /// coordinator's `--transport`; a worker's data plane refuses tcp when it learns it). Anything else
+    /// is refused, naming the socket.
+    func security(endpoint: String, transport: String? = nil) throws -> PeerSecurity {
         if insecure { return .insecure }
         if let path = keyPath { return .curve(try RunKey.read(from: path)) }
-        if endpoint.hasPrefix("ipc://") { return .insecure }
-        throw ValidationError("\(endpoint) is a network endpoint, and this run has no key: give every process the same --key-file FILE "
-                              + "(make one with squeezetrain keygen --output FILE), or --insecure to let anyone who reaches the port join the run")
+        if !endpoint.hasPrefix("ipc://") {
+            throw ValidationError("\(endpoint) is a network endpoint, and this run has no key: give every process the same --key-file FILE "
+                                  + "(make one with squeezetrain keygen --output FILE), or --insecure to let anyone who reaches the port join the run")
+        }
+        if let problem = privateIPCProblem(endpoint) { throw ValidationError(privateIPCRefusal("the control socket \(endpoint) \(problem)")) }
+        if let transport, transport != "ipc" {
+            throw ValidationError(privateIPCRefusal("the data plane (--transport \(transport)) would listen in plain text on \(transport)"))
+        }
+        return .privateIPC
     }
 
     /// The flags for a child process.
@@ -34,8 +44,12 @@ struct SecurityOptions: ParsableArguments {
 
 /// Starts the context's ZAP handler for `security`; refused connections are logged at a bounded rate.
 func authenticate(_ context: ZMQContext, _ security: PeerSecurity) throws {
-    try context.authenticate(security) { emit("\($0)\n") }
-    if !security.isEncrypted { emit("warning: --insecure: no authentication, no encryption; anyone who reaches these ports can join this run\n") }
+    // A ZAP handler that stops leaves the process unable to admit its own peers: stop, saying why.
+    try context.authenticate(security, log: { emit("\($0)\n") }, onFailure: {
+        FileHandleOutput.standardError("squeezetrain: error: \($0)\n")
+        exit(1)
+    })
+    if security == .insecure { emit("warning: --insecure: no authentication, no encryption; anyone who reaches these ports can join this run\n") }
 }
 
 struct Keygen: ParsableCommand {
@@ -60,9 +74,8 @@ final class EphemeralKey {
     let directory: String, path: String
 
     init() throws {
-        directory = NSTemporaryDirectory() + "squeezetrain-key-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
-        guard mkdir(directory, 0o700) == 0 else {
-            throw ValidationError("cannot create \(directory) for the run key: \(String(cString: strerror(errno)))")
+        do { directory = try makePrivateDirectory(prefix: "squeezetrain-key-") } catch {
+            throw ValidationError("cannot create a private directory for the run key: \(error)")
         }
         path = directory + "/run.key"
         try RunKey.generate().write(to: path)

@@ -112,9 +112,10 @@ final class Child {
 }
 
 /// Starts a coordinator on an ephemeral loopback port and returns it with the endpoint it bound
-/// (from its `listening` event).
-func startCoordinator(_ arguments: [String], in dir: String) throws -> (Child, String) {
-    let c = try Child(["coordinator", "--bind", "tcp://127.0.0.1:*", "--events"] + arguments, log: dir + "/coordinator.log")
+/// (from its `listening` event); `environment` as for `Child`.
+func startCoordinator(_ arguments: [String], in dir: String, environment: [String: String] = [:]) throws -> (Child, String) {
+    let c = try Child(["coordinator", "--bind", "tcp://127.0.0.1:*", "--events"] + arguments, log: dir + "/coordinator.log",
+                      environment: environment)
     guard let event = c.waitForEvent(.listening), let endpoint = event.endpoint else {
         throw TestFailure("the coordinator did not start:\n\(c.output)")
     }
