@@ -59,7 +59,8 @@ public func tcpPortRefusal(_ port: Int) -> String? {
     if bound { return nil }
     let reason = String(cString: strerror(errno))
     guard errno == EADDRINUSE else { return "port \(port) cannot be bound: \(reason)" }
-    return "port \(port) is already in use (\(reason)) by " + (tcpListener(port: port) ?? "a process this machine does not name (no listener on it in /proc/net/tcp)")
+    return "port \(port) is already taken (\(reason)): " + (tcpListener(port: port).map { "\($0) listens on it" }
+        ?? "no listener on it in /proc/net/tcp, so its owner is unknown")
 }
 
 /// Who listens on TCP `port` in this network namespace, best effort: the listening sockets' inodes
@@ -85,7 +86,7 @@ public func tcpListener(port: Int) -> String? {
         for fd in fds {
             guard let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)"), targets.contains(link) else { continue }
             let raw = (try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline"))) ?? Data()
-            var command = String(decoding: raw, as: UTF8.self).split(separator: "\0").joined(separator: " ")
+            var command = String(decoding: raw, as: UTF8.self).split(whereSeparator: { $0 == "\0" || $0.isNewline }).joined(separator: " ")
             if command.count > 160 { command = String(command.prefix(160)) + "…" }
             return "pid \(pid) (\(command.isEmpty ? "command line unknown" : command))"
         }

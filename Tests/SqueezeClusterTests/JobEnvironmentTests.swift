@@ -62,7 +62,7 @@ import Testing
         try #require(listening)
         let port = Int(UInt16(bigEndian: address.sin_port))
         let refusal = try #require(tcpPortRefusal(port))
-        #expect(refusal.contains("port \(port) is already in use") && refusal.contains("pid \(getpid()) ("), "\(refusal)")
+        #expect(refusal.contains("port \(port) is already taken") && refusal.contains("pid \(getpid()) (") && refusal.contains(") listens on it"), "\(refusal)")
         #expect(tcpListener(port: port)?.hasPrefix("pid \(getpid()) ") == true)
         close(fd)
         #expect(tcpPortRefusal(port) == nil, "free again once closed")
