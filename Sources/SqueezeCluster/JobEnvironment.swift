@@ -6,7 +6,7 @@ import Foundation
 /// Launchers, in the order they are tried (the first whose rank variable is set wins):
 /// - torchrun and Kubeflow's PyTorchJob: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (`LOCAL_WORLD_SIZE`),
 ///   `MASTER_ADDR`, `MASTER_PORT`; under torchrun itself (its `TORCHELASTIC_*` variables are set) the
-///   port is `MASTER_PORT + 1`, as torchrun's agent serves its own store on `MASTER_PORT`;
+///   port is `MASTER_PORT + 2`, as torchrun's agent serves its own store on `MASTER_PORT`;
 /// - SLURM (`srun`): `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` (`SLURM_NTASKS_PER_NODE` or
 ///   `SLURM_TASKS_PER_NODE`, and `SLURM_CPUS_PER_TASK` for the thread count); the coordinator runs on the first host of `SLURM_JOB_NODELIST` unless
 ///   `MASTER_ADDR` names one; the port is `MASTER_PORT` or `defaultPort`;
@@ -33,10 +33,13 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
     public var cpusPerProcess: Int? = nil
     /// torchrun's agent, when it started this process (its `TORCHELASTIC_*` variables are set).
     public var elastic: TorchElastic? = nil
-    /// `MASTER_PORT` when the coordinator's port is `MASTER_PORT + 1`: under torchrun, without `--master-port`.
+    /// `MASTER_PORT` when the coordinator's port is `MASTER_PORT + 2`: under torchrun, without `--master-port`.
     /// torchrun's agent serves its rendezvous store (a TCPStore) on `MASTER_PORT` before it starts the
-    /// workers, so that port is never free there; the next one is a rule every rank computes alone,
-    /// with nothing to publish through torchrun's store.
+    /// workers, so that port is never free there; a fixed offset is a rule every rank computes alone,
+    /// with nothing to publish through torchrun's store. Not + 1: torchrun picks `MASTER_PORT` with a
+    /// bind to port 0, which Linux answers with an odd port, and it hands the even ones to outgoing
+    /// connections (connect()), whose sockets and TIME_WAIT remnants then hold + 1 far more often
+    /// than + 2, the next port of the parity that outgoing connections leave alone.
     public var storePort: Int? = nil
 
     /// What torchrun's agent tells its workers beyond torchrun's convention.
@@ -86,7 +89,7 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         "\(source.rawValue): rank \(rank) of \(worldSize) (local rank \(localRank)\(localWorldSize.map { " of \($0)" } ?? "")), "
             + "coordinator \(coordinatorHost):\(coordinatorPort)"
-            + (storePort.map { " (MASTER_PORT + 1: torchrun's own store is on \($0))" } ?? "")
+            + (storePort.map { " (MASTER_PORT + 2: torchrun's own store is on \($0))" } ?? "")
     }
 
     /// Reads the job's layout from `environment`, `overrides` taking precedence. Throws a `ClusterError`
@@ -115,12 +118,12 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
         if let v = overrides.masterPort {
             found.coordinatorPort = v
         } else if found.elastic != nil {
-            guard found.coordinatorPort < 65535 else {
-                throw ClusterError("MASTER_PORT=65535: under torchrun join listens on MASTER_PORT + 1, which is not a port; "
+            guard found.coordinatorPort < 65534 else {
+                throw ClusterError("MASTER_PORT=\(found.coordinatorPort): under torchrun join listens on MASTER_PORT + 2, which is not a port; "
                     + "give join --master-port, or torchrun another --master-port")
             }
             found.storePort = found.coordinatorPort
-            found.coordinatorPort += 1
+            found.coordinatorPort += 2
         }
         try found.check(explicit: !overrides.isEmpty)
         return found
@@ -172,7 +175,7 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
             return port
         }
 
-        /// torchrun's convention, and what its agent adds (`detect` then moves the port to `MASTER_PORT + 1`).
+        /// torchrun's convention, and what its agent adds (`detect` then moves the port to `MASTER_PORT + 2`).
         func torchrun() throws -> JobEnvironment {
             let context = "RANK"
             var found = JobEnvironment(

@@ -19,8 +19,9 @@ struct Join: ParsableCommand {
         OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_SIZE; the host from MASTER_ADDR), SLURM \
         (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_TASKS_PER_NODE, SLURM_CPUS_PER_TASK; the host is the \
         first of SLURM_JOB_NODELIST unless MASTER_ADDR is set). The port is MASTER_PORT, else 29500; under \
-        torchrun itself (TORCHELASTIC_* variables set) it is MASTER_PORT + 1, because torchrun's agent \
-        serves its own store on MASTER_PORT. Flags override the environment. Rank 0 binds the coordinator \
+        torchrun itself (TORCHELASTIC_* variables set) it is MASTER_PORT + 2, because torchrun's agent \
+        serves its own store on MASTER_PORT (and + 1, of the parity Linux gives outgoing connections, is \
+        often held by one when torchrun picks MASTER_PORT). Flags override the environment. Rank 0 binds the coordinator \
         on all interfaces at that port (refusing, with the port and the process holding it, when it is \
         taken) and also trains as worker 0; the others connect to MASTER_ADDR at that port, retrying until \
         --join-timeout. Paths (--checkpoint-dir, --metrics, --init-weights, --save-weights) are used by \
@@ -28,7 +29,7 @@ struct Join: ParsableCommand {
         restart, the same command with --resume continues from the newest checkpoint, with the same or \
         another number of processes. torchrun's own restarts (--max-restarts, TORCHELASTIC_RESTART_COUNT \
         > 0) continue from the newest checkpoint in --checkpoint-dir without --resume, when this torchrun \
-        job's first start trained there.
+        job's first start passed the checkpoint checks there.
         """)
 
     @OptionGroup var training: TrainingOptions
@@ -41,7 +42,7 @@ struct Join: ParsableCommand {
     var localRank: Int?
     @Option(help: "Host of rank 0, where the coordinator listens (default: MASTER_ADDR; under SLURM the first host of SLURM_JOB_NODELIST).")
     var masterAddr: String?
-    @Option(help: "The coordinator's port (default: MASTER_PORT, else 29500; under torchrun MASTER_PORT + 1, as torchrun's store holds MASTER_PORT).")
+    @Option(help: "The coordinator's port (default: MASTER_PORT, else 29500; under torchrun MASTER_PORT + 2, as torchrun's store holds MASTER_PORT).")
     var masterPort: Int?
     @Option(help: "Compute threads (default: this process's share of the CPUs it may use: the allowed CPUs divided by the run's processes on this host).")
     var threads: Int?
@@ -143,7 +144,7 @@ struct Join: ParsableCommand {
             break
         }
         if let refusal = tcpPortRefusal(job.coordinatorPort) {
-            let fix = job.storePort.map { "torchrun's agent holds MASTER_PORT \($0) and join takes the next one; give join --master-port with a free port, or torchrun another --master-port" }
+            let fix = job.storePort.map { "torchrun's agent holds MASTER_PORT \($0) and join takes MASTER_PORT + 2; give join --master-port with a free port, or torchrun another --master-port" }
                 ?? (masterPort != nil ? "give --master-port a free port" : "set MASTER_PORT (or --master-port) to a free port")
             throw fail("join: rank 0 cannot run the coordinator: \(refusal); \(fix)")
         }
@@ -174,7 +175,7 @@ struct Join: ParsableCommand {
 
 /// What a process started by torchrun's agent does with `--checkpoint-dir`. A restart (the agent's
 /// `TORCHELASTIC_RESTART_COUNT` > 0) continues from the newest checkpoint, as `--resume` would, when
-/// this torchrun job's first start was let start there: rank 0's first start records it in the
+/// this torchrun job's first start passed today's checks there: rank 0's first start records it in the
 /// directory (`markerName`) once today's rules pass, after deleting any earlier job's record. A first
 /// start refused for an earlier run's checkpoints thus leaves no record, and its restarts are refused
 /// the same way instead of resuming that run.
@@ -195,8 +196,8 @@ struct TorchrunRestart: CustomStringConvertible {
         case (_, nil): return "\(attempt): starts again at step 0 (no --checkpoint-dir)"
         case (_, let dir?) where continues: return "\(attempt): continues from the newest checkpoint in \(dir), as --resume would"
         case (_, let dir?):
-            return "\(attempt), but this torchrun job's first start was not let start in \(dir) (no \(Self.markerName) there): "
-                + "the checkpoints there are not resumed unless --resume says so"
+            return "\(attempt), but this torchrun job's first start did not pass the checkpoint check in \(dir) (no \(Self.markerName) there): "
+                + "the checkpoints there are resumed only with --resume"
         }
     }
 

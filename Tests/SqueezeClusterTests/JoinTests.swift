@@ -82,7 +82,7 @@ struct JoinTests {
         #expect(resumed.map { $0["step"] as? Int } == [Self.steps, Self.steps], "the resumed run trains one more step, on 2 ranks")
     }
 
-    /// torchrun's agent sets TORCHELASTIC_*: join's coordinator takes MASTER_PORT + 1 (the agent's store
+    /// torchrun's agent sets TORCHELASTIC_*: join's coordinator takes MASTER_PORT + 2 (the agent's store
     /// holds MASTER_PORT) and refuses a taken port, naming it and its owner; a restart
     /// (TORCHELASTIC_RESTART_COUNT > 0) continues the checkpoints its first start was let use, without
     /// --resume, and not another run's. One process set up by hand, so it runs without PyTorch.
@@ -98,7 +98,7 @@ struct JoinTests {
                                                                     "TORCHELASTIC_RUN_ID": "test"]) { $1 })
             return (c.wait(timeout: 60), c.output)
         }
-        // Something listens on MASTER_PORT + 1 (this test process): refused, naming the port and its holder.
+        // Something listens on MASTER_PORT + 2 (this test process): refused, naming the port and its holder.
         let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
         var address = sockaddr_in()
         address.sin_family = sa_family_t(AF_INET)
@@ -108,28 +108,28 @@ struct JoinTests {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) == 0 && listen(listener, 1) == 0 && getsockname(listener, $0, &length) == 0 }
         })
         let taken = Int(UInt16(bigEndian: address.sin_port))
-        let refused = try join(0, steps: 2, port: taken - 1)
+        let refused = try join(0, steps: 2, port: taken - 2)
         close(listener)
         #expect(refused.status == 1, "\(refused.output)")
-        #expect(refused.output.contains("coordinator 127.0.0.1:\(taken) (MASTER_PORT + 1: torchrun's own store is on \(taken - 1))"), "\(refused.output)")
+        #expect(refused.output.contains("coordinator 127.0.0.1:\(taken) (MASTER_PORT + 2: torchrun's own store is on \(taken - 2))"), "\(refused.output)")
         #expect(refused.output.contains("port \(taken) is already taken (Address already in use): pid \(getpid()) (")
-                && refused.output.contains("torchrun's agent holds MASTER_PORT \(taken - 1)") && refused.output.contains("join --master-port"),
+                && refused.output.contains("torchrun's agent holds MASTER_PORT \(taken - 2)") && refused.output.contains("join --master-port"),
                 "\(refused.output)")
 
         // A first start, then a restart with a longer run: it continues at step 2 without --resume.
-        let first = try join(0, steps: 2, port: try freeTCPPort() - 1)
+        let first = try join(0, steps: 2, port: try freeTCPPort() - 2)
         #expect(first.status == 0 && first.output.contains("torchrun first start; a restart continues from the newest checkpoint in \(checkpoints)"),
                 "\(first.output)")
-        let restart = try join(1, steps: 3, port: try freeTCPPort() - 1)
+        let restart = try join(1, steps: 3, port: try freeTCPPort() - 2)
         #expect(restart.status == 0, "\(restart.output)")
         #expect(restart.output.contains("torchrun restart 1 of 3: continues from the newest checkpoint in \(checkpoints), as --resume would")
                 && restart.output.contains("resuming from") && restart.output.contains("at step 2"), "\(restart.output)")
 
         // A new job's first start in that directory is refused as today, and so is its restart: it
         // does not resume the earlier job's checkpoints.
-        let stale = try join(0, steps: 4, port: try freeTCPPort() - 1)
+        let stale = try join(0, steps: 4, port: try freeTCPPort() - 2)
         #expect(stale.status == 1 && stale.output.contains("already holds") && stale.output.contains("continue it with --resume"), "\(stale.output)")
-        let staleRestart = try join(1, steps: 4, port: try freeTCPPort() - 1)
+        let staleRestart = try join(1, steps: 4, port: try freeTCPPort() - 2)
         #expect(staleRestart.status == 1 && staleRestart.output.contains("torchrun restart 1 of 3, but this torchrun job's first start")
                 && staleRestart.output.contains("already holds"), "\(staleRestart.output)")
         #expect(try readMetrics(dir + "/metrics.jsonl").map { $0["step"] as? Int } == [0, 1, 2], "only the first job trained")
@@ -145,7 +145,7 @@ struct JoinTests {
     }
 
     /// The issue-31 command: `torchrun --nproc-per-node 2 --no-python squeezetrain join …`, torchrun
-    /// choosing MASTER_PORT itself and serving its store there; join's coordinator on the next port.
+    /// choosing MASTER_PORT itself and serving its store there; join's coordinator on MASTER_PORT + 2.
     @Test func realTorchrunTwoProcesses() throws {
         let torchrun = try Self.torchrun()
         let dir = try temporaryDirectory("join-realtorchrun")
@@ -156,10 +156,10 @@ struct JoinTests {
         for r in 0..<2 {
             let line = try #require(c.output.split(separator: "\n").first { $0.hasPrefix("join: torchrun: rank \(r) of 2 (local rank \(r) of 2), coordinator ") },
                                     "\(c.output)")
-            // "… coordinator HOST:P (MASTER_PORT + 1: torchrun's own store is on P-1); …"
+            // "… coordinator HOST:P (MASTER_PORT + 2: torchrun's own store is on P-2); …"
             let ports = line.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) }
             let store = try #require(line.range(of: "torchrun's own store is on ").map { Int(line[$0.upperBound...].prefix { $0.isNumber }) ?? -1 })
-            #expect(ports.contains(store + 1) && line.contains(":\(store + 1) (MASTER_PORT + 1"), "\(line)")
+            #expect(ports.contains(store + 2) && line.contains(":\(store + 2) (MASTER_PORT + 2"), "\(line)")
             #expect(line.contains("torchrun first start"), "\(line)")
         }
         try Self.expectRingBytes(dir + "/metrics.jsonl", workers: 2, steps: 0...(Self.steps - 1))
