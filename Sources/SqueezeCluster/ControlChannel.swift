@@ -27,7 +27,8 @@ public final class ZMQControlServer: ControlServerChannel {
         do { try socket.bind(bind) } catch {
             // Best effort: who holds the port (/proc), when the bind found it taken.
             let port = bind.hasPrefix("tcp://") && "\(error)".contains("in use") ? bind.split(separator: ":").last.flatMap { Int($0) } : nil
-            throw ClusterError("cannot bind the coordinator to \(bind): \(error)" + (port.flatMap(tcpListener).map { "; port \(port!) is held by \($0)" } ?? ""))
+            let holder = port.flatMap { p in tcpListener(port: p).map { "; port \(p) is held by \($0)" } } ?? ""
+            throw ClusterError("cannot bind the coordinator to \(bind): \(error)\(holder)")
         }
         endpoint = try socket.lastEndpoint
     }

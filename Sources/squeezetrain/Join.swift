@@ -21,10 +21,10 @@ struct Join: ParsableCommand {
         first of SLURM_JOB_NODELIST unless MASTER_ADDR is set). The port is MASTER_PORT, else 29500; under \
         torchrun itself (TORCHELASTIC_* variables set) it is MASTER_PORT + 2, because torchrun's agent \
         serves its own store on MASTER_PORT (and + 1, of the parity Linux gives outgoing connections, is \
-        often held by one when torchrun picks MASTER_PORT). Flags override the environment. Rank 0 binds the coordinator \
-        on all interfaces at that port (refusing, with the port and the process holding it, when it is \
-        taken) and also trains as worker 0; the others connect to MASTER_ADDR at that port, retrying until \
-        --join-timeout. Paths (--checkpoint-dir, --metrics, --init-weights, --save-weights) are used by \
+        often held by one when torchrun picks MASTER_PORT). Flags override the environment. Rank 0 binds \
+        the coordinator on all interfaces at that port (refusing, with the port and the process holding \
+        it, when it is taken) and also trains as worker 0; the others connect to MASTER_ADDR at that \
+        port, retrying until --join-timeout. Paths (--checkpoint-dir, --metrics, --init-weights, --save-weights) are used by \
         rank 0's coordinator and workers alike: put them on a shared filesystem. After a requeue or a \
         restart, the same command with --resume continues from the newest checkpoint, with the same or \
         another number of processes. torchrun's own restarts (--max-restarts, TORCHELASTIC_RESTART_COUNT \
