@@ -25,7 +25,10 @@ public final class ZMQControlServer: ControlServerChannel {
         try socket.setReceiveHighWaterMark(1_000)
         try socket.secureAsServer(security)
         do { try socket.bind(bind) } catch {
-            throw ClusterError("cannot bind the coordinator to \(bind): \(error)")
+            // Best effort: who holds the port (/proc), when the bind found it taken.
+            let port = bind.hasPrefix("tcp://") && "\(error)".contains("in use") ? bind.split(separator: ":").last.flatMap { Int($0) } : nil
+            let holder = port.flatMap { p in tcpListener(port: p).map { "; port \(p) is held by \($0)" } } ?? ""
+            throw ClusterError("cannot bind the coordinator to \(bind): \(error)\(holder)")
         }
         endpoint = try socket.lastEndpoint
     }

@@ -5,7 +5,8 @@ import Foundation
 ///
 /// Launchers, in the order they are tried (the first whose rank variable is set wins):
 /// - torchrun and Kubeflow's PyTorchJob: `RANK`, `WORLD_SIZE`, `LOCAL_RANK` (`LOCAL_WORLD_SIZE`),
-///   `MASTER_ADDR`, `MASTER_PORT`;
+///   `MASTER_ADDR`, `MASTER_PORT`; under torchrun itself (its `TORCHELASTIC_*` variables are set) the
+///   port is `MASTER_PORT + 2`, as torchrun's agent serves its own store on `MASTER_PORT`;
 /// - SLURM (`srun`): `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID` (`SLURM_NTASKS_PER_NODE` or
 ///   `SLURM_TASKS_PER_NODE`, and `SLURM_CPUS_PER_TASK` for the thread count); the coordinator runs on the first host of `SLURM_JOB_NODELIST` unless
 ///   `MASTER_ADDR` names one; the port is `MASTER_PORT` or `defaultPort`;
@@ -30,6 +31,29 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
     public var coordinatorPort: Int
     /// CPUs the launcher reserved for each process (SLURM's `SLURM_CPUS_PER_TASK`), when it says.
     public var cpusPerProcess: Int? = nil
+    /// torchrun's agent, when it started this process (its `TORCHELASTIC_*` variables are set).
+    public var elastic: TorchElastic? = nil
+    /// `MASTER_PORT` when the coordinator's port is `MASTER_PORT + 2`: under torchrun, without `--master-port`.
+    /// torchrun's agent serves its rendezvous store (a TCPStore) on `MASTER_PORT` before it starts the
+    /// workers, so that port is never free there; a fixed offset is a rule every rank computes alone,
+    /// with nothing to publish through torchrun's store. Not + 1: torchrun picks `MASTER_PORT` with a
+    /// bind to port 0, which Linux answers with an odd port, and it hands the even ones to outgoing
+    /// connections (connect()), whose sockets and TIME_WAIT remnants then hold + 1 far more often
+    /// than + 2, the next port of the parity that outgoing connections leave alone.
+    public var storePort: Int? = nil
+
+    /// What torchrun's agent tells its workers beyond torchrun's convention.
+    public struct TorchElastic: Equatable, Sendable {
+        /// `TORCHELASTIC_RESTART_COUNT`: 0 on the first start, N after the agent restarted the workers N times.
+        public var restartCount: Int
+        /// `TORCHELASTIC_MAX_RESTARTS` (torchrun's `--max-restarts`), when set.
+        public var maxRestarts: Int?
+        /// `TORCHELASTIC_RUN_ID` (torchrun's `--rdzv-id`), when set.
+        public var runID: String?
+        public init(restartCount: Int, maxRestarts: Int? = nil, runID: String? = nil) {
+            self.restartCount = restartCount; self.maxRestarts = maxRestarts; self.runID = runID
+        }
+    }
 
     /// The port when neither `MASTER_PORT` nor a flag gives one (torchrun's default).
     public static let defaultPort = 29500
@@ -65,6 +89,7 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
     public var description: String {
         "\(source.rawValue): rank \(rank) of \(worldSize) (local rank \(localRank)\(localWorldSize.map { " of \($0)" } ?? "")), "
             + "coordinator \(coordinatorHost):\(coordinatorPort)"
+            + (storePort.map { " (MASTER_PORT + 2: torchrun's own store is on \($0))" } ?? "")
     }
 
     /// Reads the job's layout from `environment`, `overrides` taking precedence. Throws a `ClusterError`
@@ -90,7 +115,16 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
         if let v = overrides.worldSize { found.worldSize = v }
         if let v = overrides.localRank { found.localRank = v }
         if let v = overrides.masterAddr { found.coordinatorHost = v }
-        if let v = overrides.masterPort { found.coordinatorPort = v }
+        if let v = overrides.masterPort {
+            found.coordinatorPort = v
+        } else if found.elastic != nil {
+            guard found.coordinatorPort < 65534 else {
+                throw ClusterError("MASTER_PORT=\(found.coordinatorPort): under torchrun join listens on MASTER_PORT + 2, which is not a port; "
+                    + "give join --master-port, or torchrun another --master-port")
+            }
+            found.storePort = found.coordinatorPort
+            found.coordinatorPort += 2
+        }
         try found.check(explicit: !overrides.isEmpty)
         return found
     }
@@ -141,13 +175,26 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
             return port
         }
 
+        /// torchrun's convention, and what its agent adds (`detect` then moves the port to `MASTER_PORT + 2`).
         func torchrun() throws -> JobEnvironment {
             let context = "RANK"
-            return JobEnvironment(
+            var found = JobEnvironment(
                 source: .torchrun, rank: try int("RANK", context: context)!, worldSize: try int("WORLD_SIZE", context: context)!,
                 localRank: try int("LOCAL_RANK", required: false, context: context) ?? 0,
                 localWorldSize: try int("LOCAL_WORLD_SIZE", required: false, context: context),
                 coordinatorHost: try masterAddr(required: false) ?? "", coordinatorPort: try masterPort())
+            found.elastic = try torchElastic()
+            return found
+        }
+
+        /// What torchrun's agent sets (`TORCHELASTIC_RESTART_COUNT`, `TORCHELASTIC_MAX_RESTARTS`,
+        /// `TORCHELASTIC_RUN_ID`, …); nil when no `TORCHELASTIC_*` variable is set.
+        func torchElastic() throws -> TorchElastic? {
+            guard environment.contains(where: { $0.key.hasPrefix("TORCHELASTIC_") && !$0.value.isEmpty }) else { return nil }
+            let context = "TORCHELASTIC_RESTART_COUNT"
+            return TorchElastic(restartCount: try int("TORCHELASTIC_RESTART_COUNT", required: false, context: context) ?? 0,
+                                maxRestarts: try int("TORCHELASTIC_MAX_RESTARTS", required: false, context: context),
+                                runID: environment["TORCHELASTIC_RUN_ID"].flatMap { $0.isEmpty ? nil : $0 })
         }
 
         func openMPI() throws -> JobEnvironment {

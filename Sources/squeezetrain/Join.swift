@@ -18,13 +18,18 @@ struct Join: ParsableCommand {
         MASTER_ADDR, MASTER_PORT), Open MPI (OMPI_COMM_WORLD_RANK or PMIX_RANK, OMPI_COMM_WORLD_SIZE, \
         OMPI_COMM_WORLD_LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_SIZE; the host from MASTER_ADDR), SLURM \
         (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, SLURM_TASKS_PER_NODE, SLURM_CPUS_PER_TASK; the host is the \
-        first of SLURM_JOB_NODELIST unless MASTER_ADDR is set). The port is MASTER_PORT, else 29500. Flags \
-        override the environment. Rank 0 binds the coordinator on all interfaces at that port and also \
-        trains as worker 0; the others connect to MASTER_ADDR:MASTER_PORT, retrying until \
-        --join-timeout. Paths (--checkpoint-dir, --metrics, --init-weights, --save-weights) are used by \
+        first of SLURM_JOB_NODELIST unless MASTER_ADDR is set). The port is MASTER_PORT, else 29500; under \
+        torchrun itself (TORCHELASTIC_* variables set) it is MASTER_PORT + 2, because torchrun's agent \
+        serves its own store on MASTER_PORT (and + 1, of the parity Linux gives outgoing connections, is \
+        often held by one when torchrun picks MASTER_PORT). Flags override the environment. Rank 0 binds \
+        the coordinator on all interfaces at that port (refusing, with the port and the process holding \
+        it, when it is taken) and also trains as worker 0; the others connect to MASTER_ADDR at that \
+        port, retrying until --join-timeout. Paths (--checkpoint-dir, --metrics, --init-weights, --save-weights) are used by \
         rank 0's coordinator and workers alike: put them on a shared filesystem. After a requeue or a \
         restart, the same command with --resume continues from the newest checkpoint, with the same or \
-        another number of processes.
+        another number of processes. torchrun's own restarts (--max-restarts, TORCHELASTIC_RESTART_COUNT \
+        > 0) continue from the newest checkpoint in --checkpoint-dir without --resume, when this torchrun \
+        job's first start passed the checkpoint checks there.
         """)
 
     @OptionGroup var training: TrainingOptions
@@ -37,7 +42,7 @@ struct Join: ParsableCommand {
     var localRank: Int?
     @Option(help: "Host of rank 0, where the coordinator listens (default: MASTER_ADDR; under SLURM the first host of SLURM_JOB_NODELIST).")
     var masterAddr: String?
-    @Option(help: "The coordinator's port (default: MASTER_PORT, else 29500).")
+    @Option(help: "The coordinator's port (default: MASTER_PORT, else 29500; under torchrun MASTER_PORT + 2, as torchrun's store holds MASTER_PORT).")
     var masterPort: Int?
     @Option(help: "Compute threads (default: this process's share of the CPUs it may use: the allowed CPUs divided by the run's processes on this host).")
     var threads: Int?
@@ -79,9 +84,16 @@ struct Join: ParsableCommand {
         let threads = self.threads ?? share.threads
         let given = [("--rank", rank), ("--world-size", worldSize), ("--local-rank", localRank), ("--master-port", masterPort)]
             .compactMap { $0.1 == nil ? nil : $0.0 } + (masterAddr == nil ? [] : ["--master-addr"])
+        var cluster = self.cluster
+        let restart = job.elastic.map { TorchrunRestart(elastic: $0, checkpoints: cluster.checkpoints) }
+        if let restart, restart.continues {
+            cluster.checkpoints.resume = true
+            cluster.checkpoints.startOver = false  // a restart continues what the first start wrote
+        }
         emit("join: \(job)" + (given.isEmpty ? "" : " (\(given.joined(separator: ", ")) from the command line)")
              + "; \(threads) compute thread(s)"
              + (self.threads == nil ? " (\(share.reason))" : "")
+             + (restart.map { "; \($0)" } ?? "")
              + "\n")
         // Before any thread starts (signals, compute, libzmq I/O): they inherit the binding.
         if bindTo == .core {
@@ -117,12 +129,15 @@ struct Join: ParsableCommand {
             }
             return
         }
-        try runRankZero(job, worker: options, dataHost: dataHost, security: peers)
+        if let restart, restart.elastic.restartCount == 0 {
+            do { try restart.recordFirstStart() } catch { throw fail("join: \(error)") }
+        }
+        try runRankZero(job, cluster: cluster, worker: options, dataHost: dataHost, security: peers)
     }
 
     /// The coordinator on a thread of its own, worker 0 on this one (connected over loopback).
-    private func runRankZero(_ job: JobEnvironment, worker: WorkerOptions, dataHost: @escaping @Sendable () throws -> String,
-                             security: PeerSecurity) throws {
+    private func runRankZero(_ job: JobEnvironment, cluster: ClusterOptions, worker: WorkerOptions,
+                             dataHost: @escaping @Sendable () throws -> String, security: PeerSecurity) throws {
         switch isThisHost(job.coordinatorHost) {
         case false:
             throw fail("join: rank 0 runs the coordinator on this machine (\(ProcessInfo.processInfo.hostName)), but the others will look for it at "
@@ -131,6 +146,11 @@ struct Join: ParsableCommand {
             emit("join: warning: \(job.coordinatorHost) does not resolve here (yet); the other ranks must reach this machine by that name\n")
         case true:
             break
+        }
+        if let refusal = tcpPortRefusal(job.coordinatorPort) {
+            let fix = job.storePort.map { "torchrun's agent holds MASTER_PORT \($0) and join takes MASTER_PORT + 2; give join --master-port with a free port, or torchrun another --master-port" }
+                ?? (masterPort != nil ? "give --master-port a free port" : "set MASTER_PORT (or --master-port) to a free port")
+            throw fail("join: rank 0 cannot run the coordinator: \(refusal); \(fix)")
         }
         let stop = stopOnSignals()  // before any other thread starts: they inherit the blocked signals
         let hubTrace = cluster.allreduce == .star ? tracing.joinPath(rank: nil) : nil
@@ -154,6 +174,47 @@ struct Join: ParsableCommand {
             throw fail("join: worker 0 finished but the coordinator did not")
         }
         try endRun(summary, workers: job.worldSize, resume: cluster.checkpoints.checkpointDir != nil ? "join --resume" : nil)
+    }
+}
+
+/// What a process started by torchrun's agent does with `--checkpoint-dir`. A restart (the agent's
+/// `TORCHELASTIC_RESTART_COUNT` > 0) continues from the newest checkpoint, as `--resume` would, when
+/// this torchrun job's first start passed today's checks there: rank 0's first start records it in the
+/// directory (`markerName`) once today's rules pass, after deleting any earlier job's record. A first
+/// start refused for an earlier run's checkpoints thus leaves no record, and its restarts are refused
+/// the same way instead of resuming that run.
+struct TorchrunRestart: CustomStringConvertible {
+    static let markerName = "torchrun-first-start"
+    var elastic: JobEnvironment.TorchElastic
+    var checkpoints: CheckpointOptions
+
+    private var marker: String? { checkpoints.checkpointDir.map { (absolutePath($0) as NSString).appendingPathComponent(Self.markerName) } }
+    /// Whether this start continues the first start's checkpoints.
+    var continues: Bool { elastic.restartCount > 0 && marker.map(FileManager.default.fileExists) == true }
+
+    var description: String {
+        let attempt = "torchrun restart \(elastic.restartCount)" + (elastic.maxRestarts.map { " of \($0)" } ?? "")
+        switch (elastic.restartCount, checkpoints.checkpointDir) {
+        case (0, nil): return "torchrun first start; without --checkpoint-dir a restart starts again at step 0"
+        case (0, let dir?): return "torchrun first start; a restart continues from the newest checkpoint in \(dir)"
+        case (_, nil): return "\(attempt): starts again at step 0 (no --checkpoint-dir)"
+        case (_, let dir?) where continues: return "\(attempt): continues from the newest checkpoint in \(dir), as --resume would"
+        case (_, let dir?):
+            return "\(attempt), but this torchrun job's first start did not pass the checkpoint check in \(dir) (no \(Self.markerName) there): "
+                + "the checkpoints there are resumed only with --resume"
+        }
+    }
+
+    /// Rank 0 at the first start: deletes an earlier job's record, checks the directory as the coordinator
+    /// will (an earlier run's checkpoints are refused without --resume or --start-over), then records this start.
+    func recordFirstStart() throws {
+        guard let dir = checkpoints.checkpointDir.map(absolutePath), let marker else { return }
+        try? FileManager.default.removeItem(atPath: marker)
+        if !checkpoints.resume && !checkpoints.startOver { try Checkpoint.requireNoCheckpoints(in: dir) }
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let text = "torchrun job \(elastic.runID ?? "(no TORCHELASTIC_RUN_ID)") first started here at \(Date()); "
+            + "its restarts continue these checkpoints\n"
+        try Data(text.utf8).write(to: URL(fileURLWithPath: marker))
     }
 }
 

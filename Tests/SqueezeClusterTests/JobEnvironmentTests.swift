@@ -1,5 +1,6 @@
 import Foundation
 @testable import SqueezeCluster
+import SqueezeComm
 import Testing
 
 @Suite struct JobEnvironmentTests {
@@ -22,6 +23,63 @@ import Testing
         // Flags override.
         let o = try JobEnvironment.detect(env, overrides: .init(rank: 3, masterAddr: "10.0.0.1", masterPort: 1234))
         #expect(o.rank == 3 && o.coordinatorHost == "10.0.0.1" && o.coordinatorPort == 1234 && o.worldSize == 4)
+    }
+
+    /// Under torchrun itself its agent's store holds MASTER_PORT: join takes MASTER_PORT + 2, says so,
+    /// and reads the restart count; --master-port still overrides. By hand (no TORCHELASTIC_*), MASTER_PORT.
+    @Test func underTorchrunTheCoordinatorTakesMasterPortPlusTwo() throws {
+        let env = ["RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500",
+                   "TORCHELASTIC_RESTART_COUNT": "2", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RUN_ID": "none"]
+        let found = try JobEnvironment.detect(env)
+        #expect(found.coordinatorPort == 29502 && found.storePort == 29500)
+        #expect(found.elastic == .init(restartCount: 2, maxRestarts: 3, runID: "none"))
+        #expect(found.description == "torchrun: rank 1 of 2 (local rank 1 of 2), coordinator 127.0.0.1:29502 (MASTER_PORT + 2: torchrun's own store is on 29500)")
+        // Any TORCHELASTIC_* variable says torchrun; the count defaults to a first start.
+        let first = try JobEnvironment.detect(env.filter { !$0.key.hasPrefix("TORCHELASTIC_") }.merging(["TORCHELASTIC_RUN_ID": "job7"]) { $1 })
+        #expect(first.coordinatorPort == 29502 && first.elastic == .init(restartCount: 0, runID: "job7"))
+        // The flag overrides the rule, and the start line no longer mentions it.
+        let flag = try JobEnvironment.detect(env, overrides: .init(masterPort: 6000))
+        #expect(flag.coordinatorPort == 6000 && flag.storePort == nil && !flag.description.contains("MASTER_PORT + 2"))
+        // By hand, and under SLURM or Open MPI, TORCHELASTIC_* is not set: MASTER_PORT itself.
+        #expect(try JobEnvironment.detect(env.filter { !$0.key.hasPrefix("TORCHELASTIC_") }).coordinatorPort == 29500)
+        #expect(try JobEnvironment.detect(env.merging(["TORCHELASTIC_RESTART_COUNT": ""]) { $1 }).elastic?.restartCount == 0)
+        #expect(error(env.merging(["MASTER_PORT": "65534"]) { $1 }).contains("MASTER_PORT=65534: under torchrun join listens on MASTER_PORT + 2"))
+        #expect(try JobEnvironment.detect(env.merging(["MASTER_PORT": "65533"]) { $1 }).coordinatorPort == 65535)
+        #expect(try JobEnvironment.detect(env.merging(["MASTER_PORT": "65535"]) { $1 }, overrides: .init(masterPort: 5000)).coordinatorPort == 5000)
+        #expect(error(env.merging(["TORCHELASTIC_RESTART_COUNT": "x"]) { $1 }).contains("TORCHELASTIC_RESTART_COUNT=x is not a non-negative integer"))
+    }
+
+    /// The port check rank 0 makes before binding: a listener is named with its process (this one).
+    @Test func aTakenPortIsRefusedNamingItsOwner() throws {
+        let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = INADDR_ANY
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        let listening = withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, length) == 0 && listen(fd, 1) == 0 && getsockname(fd, $0, &length) == 0 }
+        }
+        try #require(listening)
+        let port = Int(UInt16(bigEndian: address.sin_port))
+        let refusal = try #require(tcpPortRefusal(port))
+        #expect(refusal.contains("port \(port) is already taken") && refusal.contains("pid \(getpid()) (") && refusal.contains(") listens on it"), "\(refusal)")
+        #expect(tcpListener(port: port)?.hasPrefix("pid \(getpid()) ") == true)
+        // The coordinator's own bind (`squeezetrain coordinator --bind`, or a port taken after join's check) says it too.
+        let context = try ZMQContext()
+        defer { context.terminate() }
+        do {
+            let server = try ZMQControlServer(context: context, bind: "tcp://0.0.0.0:\(port)", security: .insecure)
+            server.close()
+            Issue.record("bound a taken port")
+        } catch {
+            #expect("\(error)".contains("cannot bind the coordinator to tcp://0.0.0.0:\(port)") && "\(error)".contains("; port \(port) is held by pid \(getpid()) ("),
+                    "\(error)")
+        }
+        close(fd)
+        #expect(tcpPortRefusal(port) == nil, "free again once closed")
+        #expect(tcpListener(port: port) == nil)
     }
 
     @Test func slurmTakesTheFirstHostOfTheNodeList() throws {

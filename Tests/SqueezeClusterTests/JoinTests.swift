@@ -33,6 +33,11 @@ struct JoinTests {
         let lines = try readMetrics(metrics)
         #expect(Set(lines.compactMap { $0["step"] as? Int }) == Set(steps), "steps in \(metrics)")
         #expect(lines.count == n * steps.count)
+        try expectRingBytes(lines, workers: n)
+    }
+
+    /// Every line carries exactly the ring's bytes for `n` workers, and every rank reported.
+    static func expectRingBytes(_ lines: [[String: Any]], workers n: Int) throws {
         let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 1 << 20)
         for line in lines {
             let rank = try #require(line["rank"] as? Int)
@@ -75,6 +80,135 @@ struct JoinTests {
                 "\(second[0].output)")
         let resumed = try readMetrics(dir + "/metrics.jsonl").filter { $0["world_size"] as? Int == 2 }
         #expect(resumed.map { $0["step"] as? Int } == [Self.steps, Self.steps], "the resumed run trains one more step, on 2 ranks")
+    }
+
+    /// torchrun's agent sets TORCHELASTIC_*: join's coordinator takes MASTER_PORT + 2 (the agent's store
+    /// holds MASTER_PORT) and refuses a taken port, naming it and its owner; a restart
+    /// (TORCHELASTIC_RESTART_COUNT > 0) continues the checkpoints its first start was let use, without
+    /// --resume, and not another run's. One process set up by hand, so it runs without PyTorch.
+    @Test func torchrunAgentVariablesByHand() throws {
+        let dir = try temporaryDirectory("join-elastic")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let checkpoints = dir + "/checkpoints"
+        func join(_ count: Int, steps: Int, port: Int, _ extra: [String] = []) throws -> (status: Int32, output: String) {
+            let c = try Child(["join"] + Self.options(metrics: dir + "/metrics.jsonl", steps: steps) + ["--checkpoint-dir", checkpoints] + extra,
+                              log: dir + "/\(UUID().uuidString).log",
+                              environment: Self.noLauncher.merging(["RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "\(port)",
+                                                                    "TORCHELASTIC_RESTART_COUNT": "\(count)", "TORCHELASTIC_MAX_RESTARTS": "3",
+                                                                    "TORCHELASTIC_RUN_ID": "test"]) { $1 })
+            return (c.wait(timeout: 60), c.output)
+        }
+        // Something listens on MASTER_PORT + 2 (this test process): refused, naming the port and its holder.
+        let listener = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_in()
+        address.sin_family = sa_family_t(AF_INET)
+        address.sin_addr.s_addr = INADDR_ANY
+        var length = socklen_t(MemoryLayout<sockaddr_in>.size)
+        try #require(withUnsafeMutablePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, length) == 0 && listen(listener, 1) == 0 && getsockname(listener, $0, &length) == 0 }
+        })
+        let taken = Int(UInt16(bigEndian: address.sin_port))
+        let refused = try join(0, steps: 2, port: taken - 2)
+        close(listener)
+        #expect(refused.status == 1, "\(refused.output)")
+        #expect(refused.output.contains("coordinator 127.0.0.1:\(taken) (MASTER_PORT + 2: torchrun's own store is on \(taken - 2))"), "\(refused.output)")
+        #expect(refused.output.contains("port \(taken) is already taken (Address already in use): pid \(getpid()) (")
+                && refused.output.contains("torchrun's agent holds MASTER_PORT \(taken - 2)") && refused.output.contains("join --master-port"),
+                "\(refused.output)")
+
+        // A first start, then a restart with a longer run: it continues at step 2 without --resume.
+        let first = try join(0, steps: 2, port: try freeTCPPort() - 2)
+        #expect(first.status == 0 && first.output.contains("torchrun first start; a restart continues from the newest checkpoint in \(checkpoints)"),
+                "\(first.output)")
+        let restart = try join(1, steps: 3, port: try freeTCPPort() - 2)
+        #expect(restart.status == 0, "\(restart.output)")
+        #expect(restart.output.contains("torchrun restart 1 of 3: continues from the newest checkpoint in \(checkpoints), as --resume would")
+                && restart.output.contains("resuming from") && restart.output.contains("at step 2"), "\(restart.output)")
+
+        // A new job's first start in that directory is refused as today, and so is its restart: it
+        // does not resume the earlier job's checkpoints.
+        let stale = try join(0, steps: 4, port: try freeTCPPort() - 2)
+        #expect(stale.status == 1 && stale.output.contains("already holds") && stale.output.contains("continue it with --resume"), "\(stale.output)")
+        let staleRestart = try join(1, steps: 4, port: try freeTCPPort() - 2)
+        #expect(staleRestart.status == 1 && staleRestart.output.contains("torchrun restart 1 of 3, but this torchrun job's first start")
+                && staleRestart.output.contains("already holds"), "\(staleRestart.output)")
+        #expect(try readMetrics(dir + "/metrics.jsonl").map { $0["step"] as? Int } == [0, 1, 2], "only the first job trained")
+    }
+
+    /// torchrun itself, when it is installed (on the PATH, or the venv ../shared/peers/README.md makes at /tmp/pt).
+    static func torchrun() throws -> String {
+        let path = (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":").map { "\($0)/torchrun" }
+        guard let found = (path + ["/tmp/pt/bin/torchrun"]).first(where: FileManager.default.isExecutableFile) else {
+            try Test.cancel("skipped: torchrun not found on the PATH or at /tmp/pt/bin/torchrun (PyTorch's launcher: ../shared/peers/README.md installs it; the project does not install PyTorch for its tests)")
+        }
+        return found
+    }
+
+    /// The issue-31 command: `torchrun --nproc-per-node 2 --no-python squeezetrain join …`, torchrun
+    /// choosing MASTER_PORT itself and serving its store there; join's coordinator on MASTER_PORT + 2.
+    @Test func realTorchrunTwoProcesses() throws {
+        let torchrun = try Self.torchrun()
+        let dir = try temporaryDirectory("join-realtorchrun")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let c = try Child(["--nproc-per-node", "2", "--no-python", squeezetrain, "join"] + Self.options(metrics: dir + "/metrics.jsonl"),
+                          log: dir + "/torchrun.log", executable: torchrun, environment: Self.noLauncher)
+        #expect(c.wait(timeout: 180) == 0, "\(c.output)")
+        for r in 0..<2 {
+            let line = try #require(c.output.split(separator: "\n").first { $0.hasPrefix("join: torchrun: rank \(r) of 2 (local rank \(r) of 2), coordinator ") },
+                                    "\(c.output)")
+            // "… coordinator HOST:P (MASTER_PORT + 2: torchrun's own store is on P-2); …"
+            let ports = line.split(whereSeparator: { !$0.isNumber }).compactMap { Int($0) }
+            let store = try #require(line.range(of: "torchrun's own store is on ").map { Int(line[$0.upperBound...].prefix { $0.isNumber }) ?? -1 })
+            #expect(ports.contains(store + 2) && line.contains(":\(store + 2) (MASTER_PORT + 2"), "\(line)")
+            #expect(line.contains("torchrun first start"), "\(line)")
+        }
+        try Self.expectRingBytes(dir + "/metrics.jsonl", workers: 2, steps: 0...(Self.steps - 1))
+    }
+
+    /// torchrun --max-restarts 1: rank 1 is SIGKILLed once a checkpoint exists; torchrun restarts both
+    /// processes, which continue from the checkpoint (no --resume given) and finish the run.
+    @Test func realTorchrunRestartsFromTheCheckpointWhenRank1IsKilled() throws {
+        let torchrun = try Self.torchrun()
+        let dir = try temporaryDirectory("join-realtorchrun-restart")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let checkpoints = dir + "/checkpoints", steps = 60
+        let c = try Child(["--nproc-per-node", "2", "--max-restarts", "1", "--no-python", squeezetrain, "join"]
+                          + Self.options(metrics: dir + "/metrics.jsonl", steps: steps) + ["--checkpoint-dir", checkpoints, "--checkpoint-every", "2"],
+                          log: dir + "/torchrun.log", executable: torchrun, environment: Self.noLauncher)
+        // The first checkpoint (step 2 of 60), then rank 1 of the first start: a child of torchrun's with RANK=1.
+        var victim: pid_t?
+        for _ in 0..<2400 where victim == nil && c.process.isRunning {
+            if ((try? FileManager.default.contentsOfDirectory(atPath: checkpoints)) ?? []).contains(where: { $0.hasPrefix("checkpoint-") }) { victim = Self.child(of: c.process.processIdentifier, with: ["RANK=1", "TORCHELASTIC_RESTART_COUNT=0"]) }
+            if victim == nil { usleep(50_000) }
+        }
+        let rank1 = try #require(victim, "no checkpoint or no rank 1 process:\n\(c.output)")
+        #expect(kill(rank1, SIGKILL) == 0)
+        #expect(c.wait(timeout: 240) == 0, "\(c.output)")
+        #expect(c.output.contains("torchrun restart 1 of 1: continues from the newest checkpoint in \(checkpoints), as --resume would"), "\(c.output)")
+        let resumedAt = try #require(c.output.range(of: "(?<=resuming from \(checkpoints)/checkpoint-)[0-9]+", options: .regularExpression)
+            .flatMap { Int(c.output[$0]) }, "\(c.output)")
+        #expect(resumedAt >= 2 && resumedAt < steps, "\(c.output)")
+        #expect(c.output.contains("rank 0: done after step \(steps)") && c.output.contains("rank 1: done after step \(steps)"), "\(c.output)")
+        // The restart's lines: steps resumedAt..<steps, each once per rank, with the ring's exact bytes.
+        let lines = try readMetrics(dir + "/metrics.jsonl")
+        let after = lines.suffix(2 * (steps - resumedAt))
+        #expect(after.map { $0["step"] as? Int ?? -1 }.sorted() == (resumedAt..<steps).flatMap { [$0, $0] }, "the restart trains steps \(resumedAt)..<\(steps)")
+        try Self.expectRingBytes(Array(after), workers: 2)
+    }
+
+    /// A child of `parent` whose environment holds every one of `variables` ("NAME=value").
+    static func child(of parent: pid_t, with variables: [String]) -> pid_t? {
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? [] {
+            guard let pid = pid_t(name), let stat = try? String(contentsOfFile: "/proc/\(name)/stat", encoding: .utf8),
+                  let close = stat.lastIndex(of: ")") else { continue }
+            // pid (comm) state ppid …
+            let fields = stat[stat.index(after: close)...].split(separator: " ")
+            guard fields.count > 1, pid_t(fields[1]) == parent,
+                  let environ = try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(name)/environ")) else { continue }
+            let set = Set(String(decoding: environ, as: UTF8.self).split(separator: "\0").map(String.init))
+            if variables.allSatisfy(set.contains) { return pid }
+        }
+        return nil
     }
 
     /// The shipped cluster/mpi/run.sh: `mpirun -np 3 … squeezetrain join …`, every rank on this machine;
