@@ -209,12 +209,13 @@ struct TorchrunRestart: CustomStringConvertible {
     /// will (an earlier run's checkpoints are refused without --resume or --start-over), then records this start.
     func recordFirstStart() throws {
         guard let dir = checkpoints.checkpointDir.map(absolutePath), let marker else { return }
+        try DirectoryLock.requireFree(dir)     // another run's directory: touch nothing
+        try CheckpointDirectory.check(dir)     // ours and private (created 0700 if missing)
         try? FileManager.default.removeItem(atPath: marker)
         if !checkpoints.resume && !checkpoints.startOver { try Checkpoint.requireNoCheckpoints(in: dir) }
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
         let text = "torchrun job \(elastic.runID ?? "(no TORCHELASTIC_RUN_ID)") first started here at \(Date()); "
             + "its restarts continue these checkpoints\n"
-        try Data(text.utf8).write(to: URL(fileURLWithPath: marker))
+        try AtomicFile.write(Array(text.utf8), to: marker)
     }
 }
 
