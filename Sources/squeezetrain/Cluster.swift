@@ -68,6 +68,7 @@ struct CoordinatorCommand: ParsableCommand {
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
+        do { _ = try Endpoint(bind, flag: "--bind") } catch { throw ValidationError(error.description) }
         try requireRange("--workers", workers, 1...1024)
         guard training.batchSize % workers == 0 else {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
@@ -197,6 +198,7 @@ struct WorkerCommand: ParsableCommand {
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
 
     func validate() throws {
+        do { _ = try Endpoint(coordinator, flag: "--coordinator") } catch { throw ValidationError(error.description) }
         try requireRange("--threads", threads, 1...256)
         try requireFinite("--join-timeout", joinTimeout, 0.1...86_400)
         if let cpus {

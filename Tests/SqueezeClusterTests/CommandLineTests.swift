@@ -129,3 +129,26 @@ import Testing
         #expect(!c.output.contains("waiting for"), "\(arguments) started: \(c.output)")
     }
 }
+
+/// A bad endpoint is refused before any socket sees it (libzmq would wrap port 99999 into 34463
+/// and listen there), naming the flag and what is wrong.
+@Suite struct EndpointFlagTests {
+    @Test(arguments: [
+        (["coordinator", "--bind", "tcp://127.0.0.1:99999", "--workers", "2"], "port 99999 is outside 1-65535"),
+        (["coordinator", "--bind", "tcp://127.0.0.1:0", "--workers", "2"], "port 0 is outside 1-65535"),
+        (["coordinator", "--bind", "udp://127.0.0.1:29500", "--workers", "2"], "unknown scheme"),
+        (["coordinator", "--bind", "tcp://:29500", "--workers", "2"], "no host"),
+        (["worker", "--coordinator", "tcp://127.0.0.1:65536"], "port 65536 is outside 1-65535"),
+        (["worker", "--coordinator", "tcp://127.0.0.1:29500x"], "is not a number"),
+        (["worker", "--coordinator", "tcp://127.0.0.1"], "no port"),
+    ])
+    func badEndpointsAreRefusedNamingTheFlag(arguments: [String], reason: String) throws {
+        let dir = try temporaryDirectory("endpoints")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let c = try Child(arguments, log: dir + "/out.log")
+        #expect(c.wait(timeout: 60) != 0, "\(arguments) exited 0: \(c.output)")
+        let flag = arguments[1]
+        #expect(c.output.contains(flag) && c.output.contains(reason), "\(arguments): \(c.output)")
+        #expect(!c.output.contains("waiting for") && !c.output.contains("joined"), "\(arguments) started: \(c.output)")
+    }
+}
