@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import CZeroMQ
 @testable import SqueezeComm
 
 @Suite("Run keys, CURVE and the ZAP handler")
@@ -56,12 +57,23 @@ struct SecurityTests {
         // would be delivered if it got in) until the end of the test.
         var strangers = [ZMQSocket]()
         defer { for s in strangers { s.close() } }
-        for (security, words) in [(PeerSecurity.curve(try RunKey.generate()), "refused this process's key (ZAP status 400)"),
-                                  (.insecure, "the handshake with")] {
+        let other = try RunKey.generate()
+        let cases: [(String, (ZMQSocket) throws -> Void, String)] = [
+            // Another run's key: its hello is sealed for another server key, so it fails before ZAP.
+            ("another run key", { try $0.secureAsClient(.curve(other)) }, "the handshake with"),
+            // The server's public key, but a key pair of its own: the ZAP handler refuses it.
+            ("another client key", { s in
+                try s.setOption(ZMQ_CURVE_SERVERKEY, bytes: Array(key.publicKey.utf8))
+                try s.setOption(ZMQ_CURVE_PUBLICKEY, bytes: Array(other.publicKey.utf8))
+                try s.setOption(ZMQ_CURVE_SECRETKEY, bytes: Array(other.secretKey.utf8))
+            }, "refused this process's key (ZAP status 400)"),
+            ("no key", { try $0.secureAsClient(.insecure) }, "the handshake with"),
+        ]
+        for (security, secure, words) in cases {
             let stranger = try ZMQSocket(context: context, type: .dealer)
             strangers.append(stranger)
             try stranger.setRoutingID(ZMQTransport.routingID(rank: 1))
-            try stranger.secureAsClient(security)
+            try secure(stranger)
             let monitor = try HandshakeMonitor(stranger)
             defer { monitor.close() }
             try stranger.connect(a.boundEndpoint)
@@ -76,7 +88,7 @@ struct SecurityTests {
             #expect(monitor.succeeded == 0 && monitor.failed >= 1, "\(security): \(monitor.succeeded) handshake(s) succeeded, \(monitor.failed) failed")
             #expect(monitor.failure?.contains(words) == true, "\(security): \(monitor.failure ?? "no failure")")
         }
-        #expect(context.authenticator?.refused == 1)  // the other key, by the ZAP handler (no key fails before it)
+        #expect(context.authenticator?.refused == 1)  // the other client key; the others fail before ZAP
         #expect(refusals.all.count == 1 && refusals.all.first?.contains("a key that is not this run's") == true, "\(refusals.all)")
         try [UInt8](repeating: 1, count: 4).withUnsafeBytes { c in try [UInt8](repeating: 2, count: 4).withUnsafeBytes { try b.send(control: c, payload: $0, to: 0) } }
         let got = try a.receive(from: 1, timeout: .seconds(5)) { c, p in (Array(c), Array(p)) }
