@@ -54,7 +54,6 @@ public final class Worker {
 
     /// Runs until the coordinator says stop. Throws on any failure (after telling the coordinator).
     public func run() throws {
-        events(ClusterEvent(.joining, endpoint: coordinator))
         let channel = try control.connect(identity: session + [ControlIdentity.main])
         defer { channel.close() }
         try channel.send(.hello(Hello(protocolVersion: ControlMessage.version, host: ProcessInfo.processInfo.hostName,
