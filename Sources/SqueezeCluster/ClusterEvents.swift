@@ -7,6 +7,8 @@ public struct ClusterEvent: Codable, Sendable, Equatable {
     public enum Kind: String, Codable, Sendable {
         /// The coordinator's control socket is bound at `endpoint`.
         case listening
+        /// A worker takes SIGINT and SIGTERM and is asking the coordinator at `endpoint` for a rank.
+        case joining
         /// Every worker joined; training starts at `step` with `workers` workers.
         case ready
         /// Rank 0 wrote the checkpoint of `step` at `path`.

@@ -292,6 +292,7 @@ func runWorker(coordinator: String, options: WorkerOptions, dataHost: @escaping 
     transportOptions.abandonTimeout = .seconds(5)
     transportOptions.security = security
     let dataPlane = ZMQDataPlane(context: context, host: dataHost, options: transportOptions)
+    events(ClusterEvent(.joining, endpoint: coordinator))  // `signals` already takes SIGINT and SIGTERM
     try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator, security: security),
                dataPlane: dataPlane, signals: signals, events: events, log: { emit("\($0)\n") }).run()
 }

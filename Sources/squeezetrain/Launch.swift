@@ -164,7 +164,7 @@ final class CurrentGroup: @unchecked Sendable {
             callback?()
         case .checkpoint:
             lock.withLock { if let s = event.step { checkpointStep = max(checkpointStep ?? 0, s) } }
-        case .listening:
+        case .listening, .joining:
             break
         }
     }

@@ -134,7 +134,7 @@ func peakResidentBytes(pid: Int32) -> Int? {
     return kb * 1024
 }
 
-@Suite("Attacks on a run (real processes, real sockets)", .serialized)
+@Suite("Attacks on a run (real processes, real sockets)", .serialized, .timeLimit(.minutes(10)))
 struct AttackTests {
     let common = ["--workers", "2", "--steps", "30", "--batch-size", "32", "--dropout", "0", "--init-weights", goldenWeights,
                   "--lr", "0.01", "--no-eval"]
@@ -243,8 +243,10 @@ struct AttackTests {
         let dir = try temporaryDirectory("rendezvous-signal")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let (c, _) = try startCoordinator(["--workers", "2", "--steps", "1", "--join-timeout", "120"], in: dir)
-        let w = try Child(["worker", "--coordinator", "tcp://127.0.0.1:\(try freeTCPPort())", "--join-timeout", "120"], log: dir + "/w.log")
-        usleep(300_000)
+        let w = try Child(["worker", "--coordinator", "tcp://127.0.0.1:\(try freeTCPPort())", "--join-timeout", "120", "--events"],
+                          log: dir + "/w.log")
+        // Each says when it takes the signals: the coordinator once listening, the worker once joining.
+        #expect(w.waitForEvent(.joining) != nil, "\(w.output)")
         for p in [c, w] { kill(p.process.processIdentifier, SIGTERM) }
         #expect(c.wait(timeout: 5) == 128 + SIGTERM, "\(c.output)")
         #expect(w.wait(timeout: 5) == 128 + SIGTERM, "\(w.output)")

@@ -6,7 +6,7 @@ import SqueezeTraining
 @testable import SqueezeCluster
 
 /// Real processes on loopback: a coordinator and workers of the built `squeezetrain`.
-@Suite("Cluster (real processes over ZeroMQ)", .serialized)
+@Suite("Cluster (real processes over ZeroMQ)", .serialized, .timeLimit(.minutes(10)))
 struct ClusterTests {
     let parameters = Network(config: ModelConfig()).parameters.count  // 727,626
 
@@ -74,7 +74,7 @@ func grouped(_ n: Int) -> String {
     return out
 }
 
-@Suite("launch (real processes)", .serialized)
+@Suite("launch (real processes)", .serialized, .timeLimit(.minutes(10)))
 struct LaunchTests {
     @Test func launchRunsAClusterAndPrefixesLines() throws {
         let dir = try temporaryDirectory("launch")
@@ -98,7 +98,7 @@ struct LaunchTests {
     }
 }
 
-@Suite("launch --allreduce tree (real processes)", .serialized)
+@Suite("launch --allreduce tree (real processes)", .serialized, .timeLimit(.minutes(10)))
 struct LaunchTreeTests {
     /// Three workers over real sockets: the root (rank 0, two children) sends 2 × 4P per step, the
     /// leaves 4P each, and every rank's metrics line and summary row carry its own theory.
@@ -126,7 +126,7 @@ struct LaunchTreeTests {
     }
 }
 
-@Suite("export (real process)")
+@Suite("export (real process)", .timeLimit(.minutes(10)))
 struct ExportTests {
     @Test func exportWritesTheCheckpointsWeights() throws {
         let dir = try temporaryDirectory("export")
@@ -144,7 +144,7 @@ struct ExportTests {
     }
 }
 
-@Suite("launch --max-restarts (real processes)", .serialized)
+@Suite("launch --max-restarts (real processes)", .serialized, .timeLimit(.minutes(10)))
 struct RestartTests {
     /// 120 steps of 16 images with a checkpoint every 20, on a known port (to find the processes by).
     func restartableLaunch(port: Int, restarts: Int, in dir: String) throws -> Child {
@@ -179,29 +179,34 @@ struct RestartTests {
     }
 }
 
-@Suite("Checkpoint writes survive SIGKILL (real processes)", .serialized)
+@Suite("Checkpoint writes survive SIGKILL (real processes)", .serialized, .timeLimit(.minutes(10)))
 struct CrashDuringWriteTests {
     @Test func latestAlwaysVerifies() throws {
         let dir = try temporaryDirectory("crash-write")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         // A checkpoint after every step; SIGKILL at varying moments, resuming each time.
+        var previous = 0  // the step of the latest checkpoint the last round left
         for round in 0..<6 {
             let train = try Child(["train", "--steps", "400", "--batch-size", "8", "--no-eval", "--checkpoint-dir", dir + "/ckpt",
                                    "--checkpoint-every", "1", "--keep-checkpoints", "2", "--resume"], log: dir + "/train\(round).log")
-            _ = train.waitForOutput("checkpoint at step")
+            #expect(train.waitForOutput("checkpoint at step"), "round \(round) wrote no checkpoint: \(train.output)")
             usleep(UInt32(50_000 + 97_000 * round))
             kill(train.process.processIdentifier, SIGKILL)
             train.process.waitUntilExit()
+            if round > 0 {
+                #expect(train.output.contains("at step \(previous) (epoch"), "round \(round) did not resume from step \(previous): \(train.output)")
+            }
             let latest = try String(contentsOfFile: dir + "/ckpt/latest", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines)
             let checkpoint = try Checkpoint.load(path: dir + "/ckpt/" + latest)  // throws if it does not verify
-            #expect(checkpoint.step >= 1)
+            #expect(checkpoint.step > previous, "round \(round): the latest checkpoint is step \(checkpoint.step), the run resumed at \(previous)")
+            previous = checkpoint.step
             let leftovers = try FileManager.default.contentsOfDirectory(atPath: dir + "/ckpt").filter { $0.hasPrefix(".") }
             #expect(leftovers.count <= 1, "temporary files pile up: \(leftovers)")  // at most the killed writer's
         }
     }
 }
 
-@Suite("Stopping a cluster with a checkpoint (real processes)", .serialized)
+@Suite("Stopping a cluster with a checkpoint (real processes)", .serialized, .timeLimit(.minutes(10)))
 struct GracefulStopTests {
     @Test func sigtermCheckpointsWhereTheCoordinatorSaysAndResumes() throws {
         let dir = try temporaryDirectory("graceful")
@@ -224,7 +229,7 @@ struct GracefulStopTests {
     }
 }
 
-@Suite("train stops cleanly on SIGTERM (real process)", .serialized)
+@Suite("train stops cleanly on SIGTERM (real process)", .serialized, .timeLimit(.minutes(10)))
 struct TrainSignalTests {
     @Test func sigtermCheckpointsAndExits() throws {
         let dir = try temporaryDirectory("train-signal")

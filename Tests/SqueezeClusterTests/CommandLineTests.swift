@@ -3,7 +3,7 @@ import SqueezeEngine
 import Testing
 
 /// The commands that read weights take the model from the file's metadata; flags given must agree.
-@Suite struct WeightsMetadataCommandLineTests {
+@Suite(.timeLimit(.minutes(10))) struct WeightsMetadataCommandLineTests {
     static let shipped = packageRoot.appendingPathComponent("docs/results/squeezenet-bn-late-80-epochs.safetensors").path
 
     /// A CIFAR-10 directory whose test set is the first `records` records of the real one.
@@ -80,7 +80,7 @@ import Testing
 }
 
 /// Every numeric flag is checked before anything starts: an error naming the flag and the value.
-@Suite struct NumericFlagTests {
+@Suite(.timeLimit(.minutes(10))) struct NumericFlagTests {
     @Test(arguments: [
         (["launch", "--port", "70000"], "--port"),
         (["launch", "--workers", "100000"], "--workers"),
@@ -112,7 +112,7 @@ import Testing
 }
 
 /// `--allreduce tree` with top-k compression is refused before anything starts, naming both flags.
-@Suite struct TreeTopkFlagTests {
+@Suite(.timeLimit(.minutes(10))) struct TreeTopkFlagTests {
     @Test(arguments: [
         ["launch", "--allreduce", "tree", "--compress", "topk:0.01"],
         ["coordinator", "--bind", "tcp://127.0.0.1:1", "--workers", "2", "--allreduce", "tree", "--compress", "topk:0.01"],

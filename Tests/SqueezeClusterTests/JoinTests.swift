@@ -7,7 +7,7 @@ import SqueezeEngine
 /// `squeezetrain join` under real launchers: processes started by hand with torchrun's variables,
 /// Open MPI's `mpirun`, and a real one-node SLURM (`scripts/slurm-local`) with `srun` and the
 /// shipped `cluster/slurm/train.sbatch`. Tiny runs: 3 processes, 2 steps, 1 thread each.
-@Suite("join (real launchers)", .serialized)
+@Suite("join (real launchers)", .serialized, .timeLimit(.minutes(10)))
 struct JoinTests {
     static let steps = 2
     /// 3 processes × 8 images; no evaluation, so a run is start-up plus two steps.

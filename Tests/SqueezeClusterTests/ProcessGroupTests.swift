@@ -19,7 +19,7 @@ final class EventList: @unchecked Sendable {
 
 func shell(_ name: String, _ script: String) -> ProcessSpec { ProcessSpec(name: name, executable: "/bin/sh", arguments: ["-c", script]) }
 
-@Suite("Process group (launch)")
+@Suite("Process group (launch)", .timeLimit(.minutes(10)))
 struct ProcessGroupTests {
     @Test func everyLineIsPrefixedAndWhole() throws {
         let lines = Lines()

@@ -5,7 +5,7 @@ import SqueezeSystem
 @testable import SqueezeCluster
 
 /// `--trace FILE`: the timeline of real `train` and `launch` runs, read back.
-@Suite("--trace timelines (real processes)", .serialized)
+@Suite("--trace timelines (real processes)", .serialized, .timeLimit(.minutes(10)))
 struct TraceTests {
     /// The default model's layers (`train` and `launch` without model flags).
     static let layerNames = Network(config: ModelConfig()).layers.map(\.name)

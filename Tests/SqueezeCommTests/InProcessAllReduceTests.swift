@@ -26,25 +26,36 @@ private func inProcessTree(_ inputs: [[Float]], chunkBytes: Int) throws -> [Rank
     try inProcess(inputs, chunkBytes: chunkBytes) { TreeAllReduce(transport: $0, options: $1) }
 }
 
-/// Runs one star all-reduce: ranks 0..<N are workers, rank N is the hub.
-private func inProcessStar(_ inputs: [[Float]], chunkBytes: Int) throws -> (workers: [RankOutcome], hub: ByteCounters) {
+/// Runs one star all-reduce: ranks 0..<N are workers, rank N is the hub (`hubWorkers`: the workers it serves).
+private func inProcessStar(_ inputs: [[Float]], chunkBytes: Int) throws -> (workers: [RankOutcome], hub: ByteCounters, hubWorkers: [Int]) {
     let n = inputs.count, count = inputs[0].count
     let group = InProcessGroup(worldSize: n + 1)
     let options = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120))
-    let outcomes = try runRanks(n + 1) { rank in
+    let outcomes = try runRanks(n + 1) { rank -> (RankOutcome, [Int]) in
         let transport = group[rank]
         if rank == n {
             let hub = StarAllReduceHub(transport: transport, options: options)
-            #expect(hub.workers == Array(0..<n))
             try hub.reduce(count: count, tag: CollectiveTag(step: 1))
-            return RankOutcome(result: [], counters: transport.counters)
+            return (RankOutcome(result: [], counters: transport.counters), hub.workers)
         }
         let worker = StarAllReduceWorker(transport: transport, hub: n, options: options)
         var buffer = inputs[rank]
         try worker.allReduceAverage(&buffer, tag: CollectiveTag(step: 1))
-        return RankOutcome(result: buffer, counters: transport.counters)
+        return (RankOutcome(result: buffer, counters: transport.counters), [])
     }.map { try $0.get() }
-    return (Array(outcomes[..<n]), outcomes[n].counters)
+    return (outcomes[..<n].map(\.0), outcomes[n].0.counters, outcomes[n].1)
+}
+
+/// Elements rank `r` of a ring of `n` sends, message by message, walking the schedule the ring's
+/// documentation states (not `ringPayloadBytes`): N segments, the first count mod N one element
+/// longer; reduce-scatter step s sends segment r − s (s = 0…N−2); then rank r owns segment r + 1,
+/// sends it, and forwards segments r, r − 1, … (N − 2 of them); each segment in messages of at
+/// most `chunk` elements.
+private func ringMessageSizes(count: Int, worldSize n: Int, rank r: Int, chunk: Int) -> [Int] {
+    guard n > 1 else { return [] }
+    let size = { (k: Int) in count / n + (((k % n) + n) % n < count % n ? 1 : 0) }
+    let segments = (0..<(n - 1)).map { size(r - $0) } + [size(r + 1)] + (0..<(n - 2)).map { size(r - $0) }
+    return segments.flatMap { length in stride(from: 0, to: length, by: chunk).map { min(chunk, length - $0) } }
 }
 
 @Suite("All-reduce over InProcessTransport")
@@ -67,30 +78,25 @@ struct InProcessAllReduceTests {
         }
         #expect(firstMismatch(first[0].result, reference) == nil)
 
-        // Byte counters: payload exactly as the formula, headers counted apart.
-        let messagesPerSegment = { (k: Int) in (evenSegment(k, of: n, count: count).count + chunk / 4 - 1) / (chunk / 4) }
+        // Byte counters: every message walked from the schedule, 4 bytes an element, headers counted
+        // apart; what rank r sends is what rank r+1 receives; in all, each element crosses N−1 links
+        // in each phase. And the library's formulas (`ringPayloadBytes`, `ringMessages`, what the
+        // metrics report as theory) agree.
         for r in 0..<n {
-            let c = first[r].counters
-            let expected = ringPayloadBytes(count: count, worldSize: n, rank: r)
-            #expect(c.payloadBytesSent == expected.sent)
-            #expect(c.payloadBytesReceived == expected.received)
-            // Independent check of the formula: all segments but r+1, then all but r+2.
-            let size = { (k: Int) in evenSegment(k % n, of: n, count: count).count }
-            #expect(expected.sent == (n == 1 ? 0 : 4 * (2 * count - size(r + 1) - size(r + 2))))
-            if count % n == 0 {
-                #expect(c.payloadBytesSent == 2 * (n - 1) * 4 * count / n)
-                #expect(c.payloadBytesReceived == 2 * (n - 1) * 4 * count / n)
-            }
-            let messages = ringMessages(
-                count: count, worldSize: n, rank: r, chunkBytes: chunk)
-            let allChunks = (0..<n).reduce(0) { $0 + messagesPerSegment($1) }
-            #expect(messages.sent == (n == 1 ? 0 : 2 * allChunks - messagesPerSegment((r + 1) % n) - messagesPerSegment((r + 2) % n)))
-            #expect(c.messagesSent == messages.sent)
-            #expect(c.messagesReceived == messages.received)
-            #expect(c.controlBytesSent == WireHeader.size * messages.sent)
-            #expect(c.controlBytesReceived == WireHeader.size * messages.received)
+            let c = first[r].counters, next = first[(r + 1) % n].counters
+            let sizes = ringMessageSizes(count: count, worldSize: n, rank: r, chunk: chunk / 4)
+            #expect(c.payloadBytesSent == 4 * sizes.reduce(0, +), "rank \(r) of \(n)")
+            #expect(c.messagesSent == sizes.count, "rank \(r) of \(n)")
+            #expect(next.payloadBytesReceived == c.payloadBytesSent && next.messagesReceived == c.messagesSent)
+            #expect(abs(n * c.payloadBytesSent - 2 * (n - 1) * 4 * count) <= n * 2 * 4)  // 2(N−1)/N × 4 × count, ± 2 elements
+            #expect(c.controlBytesSent == WireHeader.size * c.messagesSent)
+            #expect(c.controlBytesReceived == WireHeader.size * c.messagesReceived)
             #expect(c.framingBytesSent == 0)
+            let theory = ringPayloadBytes(count: count, worldSize: n, rank: r)
+            let messages = ringMessages(count: count, worldSize: n, rank: r, chunkBytes: chunk)
+            #expect(theory == (c.payloadBytesSent, c.payloadBytesReceived) && messages == (c.messagesSent, c.messagesReceived))
         }
+        #expect(first.reduce(0) { $0 + $1.counters.payloadBytesSent } == 2 * (n - 1) * 4 * count)
         if n == 1 {
             #expect(first[0].counters == ByteCounters())
             #expect(firstMismatch(first[0].result, inputs[0]) == nil)
@@ -115,6 +121,7 @@ struct InProcessAllReduceTests {
         let chunk = chunkBytes(for: count)
         let first = try inProcessStar(inputs, chunkBytes: chunk)
         let second = try inProcessStar(inputs, chunkBytes: chunk)
+        #expect(first.hubWorkers == Array(0..<n))
 
         let exact = doubleAverage(inputs)
         #expect(maxToleranceViolation(first.workers[0].result, exact: exact, inputs: inputs) <= 1)

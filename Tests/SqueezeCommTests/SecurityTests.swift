@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import CZeroMQ
 @testable import SqueezeComm
 
 @Suite("Run keys, CURVE and the ZAP handler")
@@ -52,16 +53,43 @@ struct SecurityTests {
         let b = try ZMQTransport(rank: 1, worldSize: 2, bind: "tcp://127.0.0.1:*", context: context, options: options)
         defer { a.close(); b.close() }
         try b.connect(to: 0, endpoint: a.boundEndpoint)
-        for security in [PeerSecurity.curve(try RunKey.generate()), .insecure] {
+        // Each stranger claims rank 1's routing id and queues a message; it stays open (its message
+        // would be delivered if it got in) until the end of the test.
+        var strangers = [ZMQSocket]()
+        defer { for s in strangers { s.close() } }
+        let other = try RunKey.generate()
+        let cases: [(String, (ZMQSocket) throws -> Void, String)] = [
+            // Another run's key: its hello is sealed for another server key, so it fails before ZAP.
+            ("another run key", { try $0.secureAsClient(.curve(other)) }, "the handshake with"),
+            // The server's public key, but a key pair of its own: the ZAP handler refuses it.
+            ("another client key", { s in
+                try s.setOption(ZMQ_CURVE_SERVERKEY, bytes: Array(key.publicKey.utf8))
+                try s.setOption(ZMQ_CURVE_PUBLICKEY, bytes: Array(other.publicKey.utf8))
+                try s.setOption(ZMQ_CURVE_SECRETKEY, bytes: Array(other.secretKey.utf8))
+            }, "refused this process's key (ZAP status 400)"),
+            ("no key", { try $0.secureAsClient(.insecure) }, "the handshake with"),
+        ]
+        for (security, secure, words) in cases {
             let stranger = try ZMQSocket(context: context, type: .dealer)
+            strangers.append(stranger)
             try stranger.setRoutingID(ZMQTransport.routingID(rank: 1))
-            try stranger.secureAsClient(security)
+            try secure(stranger)
+            let monitor = try HandshakeMonitor(stranger)
+            defer { monitor.close() }
             try stranger.connect(a.boundEndpoint)
-            try [UInt8](repeating: 7, count: 8).withUnsafeBytes { try stranger.send($0, more: true) }
-            try [UInt8](repeating: 9, count: 8).withUnsafeBytes { try stranger.send($0) }
-            defer { stranger.close() }
+            try [UInt8](repeating: 7, count: 8).withUnsafeBytes { _ = try stranger.send($0, more: true) }
+            try [UInt8](repeating: 9, count: 8).withUnsafeBytes { _ = try stranger.send($0) }
+            // Its handshake has finished, one way or the other, when the monitor reports it (bounded wait).
+            let deadline = ContinuousClock.now + .seconds(20)
+            while monitor.failed == 0 && monitor.succeeded == 0 && ContinuousClock.now < deadline {
+                monitor.update()
+                usleep(5_000)
+            }
+            #expect(monitor.succeeded == 0 && monitor.failed >= 1, "\(security): \(monitor.succeeded) handshake(s) succeeded, \(monitor.failed) failed")
+            #expect(monitor.failure?.contains(words) == true, "\(security): \(monitor.failure ?? "no failure")")
         }
-        usleep(200_000)
+        #expect(context.authenticator?.refused == 1)  // the other client key; the others fail before ZAP
+        #expect(refusals.all.count == 1 && refusals.all.first?.contains("a key that is not this run's") == true, "\(refusals.all)")
         try [UInt8](repeating: 1, count: 4).withUnsafeBytes { c in try [UInt8](repeating: 2, count: 4).withUnsafeBytes { try b.send(control: c, payload: $0, to: 0) } }
         let got = try a.receive(from: 1, timeout: .seconds(5)) { c, p in (Array(c), Array(p)) }
         #expect(got.0 == [1, 1, 1, 1] && got.1 == [2, 2, 2, 2])

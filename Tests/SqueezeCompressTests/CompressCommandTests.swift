@@ -32,7 +32,7 @@ func runSqueezetrain(_ arguments: [String]) throws -> (status: Int32, output: St
     return (process.terminationStatus, try String(contentsOf: log, encoding: .utf8))
 }
 
-@Suite("squeezetrain compress (the binary)")
+@Suite("squeezetrain compress (the binary)", .timeLimit(.minutes(10)))
 struct CompressCommandTests {
     /// Weights of a small SqueezeNet with BatchNorm (so that evaluating the test set is quick), written into `dir`.
     func smallWeights(in dir: String) throws -> String {
@@ -41,7 +41,7 @@ struct CompressCommandTests {
         return path
     }
 
-    @Test func aTinyRunWritesAFileThatInspectAndEvalAccept() throws {
+    @Test(.needsCIFAR10) func aTinyRunWritesAFileThatInspectAndEvalAccept() throws {
         let dir = try temporaryDirectory("compress")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let weights = try smallWeights(in: dir)

@@ -116,6 +116,54 @@ struct SplitMix: RandomNumberGenerator {
         #expect(bytes.count < 4 * net.parameters.count)
     }
 
+    /// The encoded size, worked out here from the format's parts (docs/compressed-format.md): the header
+    /// and the config's JSON; per tensor its name, shape and storage byte; float32 values for a plain
+    /// tensor; for a shared one the codebook, both Huffman tables, and each stream as ⌈bits / 8⌉ bytes,
+    /// its bits those of an optimal prefix code for the symbols (every optimal code has the same total),
+    /// the entries read off the dense quantized weights; then the CRC.
+    @Test(arguments: [8, 4]) func fileSizeIsTheSumOfItsParts(bits: Int) throws {
+        let (model, net) = compressed(bits: bits)
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = .sortedKeys
+        var expected = 4 + 2 + 2 + 4 + (try encoder.encode(model.config)).count + 4 + 4  // magic … tensor count, CRC
+        var shared = 0
+        for t in model.tensors {
+            expected += 2 + t.name.utf8.count + 1 + 4 * t.shape.count + 1
+            guard case .shared(let s) = t.storage else {
+                expected += 4 * t.count
+                continue
+            }
+            shared += 1
+            let dense = Array(UnsafeBufferPointer(start: net.parameters.value(t.name), count: t.count))
+            var codes = [Int](), gaps = [Int](), last = -1
+            let longest = (1 << s.indexBits) - 1
+            for (position, value) in dense.enumerated() where value != 0 {
+                while position - last - 1 > longest { codes.append(0); gaps.append(longest); last += longest + 1 }  // a filler
+                codes.append(try #require(s.codebook.firstIndex(of: value)))
+                gaps.append(position - last - 1)
+                last = position
+            }
+            let k = s.codebook.count
+            expected += 1 + 2 + 4 * k + 1 + 4 + k + (1 << s.indexBits)       // bits … entries, code and index tables
+            expected += 4 + (optimalCodeBits(codes) + 7) / 8 + 4 + (optimalCodeBits(gaps) + 7) / 8
+        }
+        #expect(shared == 26)  // every convolution's weight of the 10-layer model
+        #expect(try model.encoded().count == expected)
+    }
+
+    /// Bits of `symbols` under an optimal prefix code (Huffman's merges; one distinct symbol takes a bit each).
+    func optimalCodeBits(_ symbols: [Int]) -> Int {
+        var weights = Dictionary(symbols.map { ($0, 1) }, uniquingKeysWith: +).values.sorted()
+        if weights.count == 1 { return weights[0] }
+        var bits = 0
+        while weights.count > 1 {
+            let merged = weights.removeFirst() + weights.removeFirst()
+            bits += merged
+            weights.insert(merged, at: weights.firstIndex { $0 >= merged } ?? weights.count)
+        }
+        return bits
+    }
+
     @Test func longGapsAreBridgedByFillerEntries() throws {
         var assignment = [Int](repeating: 0, count: 100)
         assignment[0] = 1; assignment[40] = 2; assignment[99] = 1

@@ -1,7 +1,8 @@
 import Testing
 @testable import SqueezeData
 
-@Suite struct LoaderTests {
+/// A deadlocked loader fails its test instead of hanging the run.
+@Suite(.timeLimit(.minutes(2))) struct LoaderTests {
     /// What the loader should produce at `position`: images, labels and indices assembled directly.
     func direct(_ data: CIFAR10, _ s: ShardedSampler, _ position: BatchPosition, seed: UInt64?) -> ([Float], [Int32], [Int]) {
         let indices = s.localBatch(epoch: position.epoch, position.batch)
@@ -28,7 +29,11 @@ import Testing
         #expect(s.batchesPerEpoch == 6)
         #expect(positions == expected)
         #expect(loader.next() == nil)  // stays finished
-        #expect(loader.loadSeconds > 0 && loader.waitSeconds >= 0)
+        // Finished, the background thread assembles nothing more: its time stays at zero once reset.
+        loader.resetTimers()
+        #expect(loader.loadSeconds == 0 && loader.waitSeconds == 0)
+        #expect(loader.next() == nil)
+        #expect(loader.loadSeconds == 0)
         loader.stop()
         #expect(loader.next() == nil)
     }

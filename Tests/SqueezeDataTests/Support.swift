@@ -1,4 +1,5 @@
 import Foundation
+import Testing
 import SqueezeData
 
 /// The package root: this file is <root>/Tests/SqueezeDataTests/Support.swift.
@@ -13,6 +14,14 @@ func realDataDirectory() throws -> String {
 /// Loaded once and shared by every test (globals initialise lazily and thread-safely).
 let cachedTrain = Result { try CIFAR10(directory: realDataDirectory(), split: .train) }
 let cachedTest = Result { try CIFAR10(directory: realDataDirectory(), split: .test) }
+
+/// Tests of the real files are reported as skipped, with the reason, when no CIFAR-10 directory is found.
+extension Trait where Self == ConditionTrait {
+    static var needsCIFAR10: Self {
+        .enabled(if: (try? realDataDirectory()) != nil,
+                 "needs CIFAR-10: $CIFAR10_DIR, data/ or ../shared/data/cifar-10-batches-bin (scripts/get-cifar10)")
+    }
+}
 
 /// A fresh temporary directory, removed by `body`'s caller via `defer`.
 func makeTempDirectory() throws -> String {
@@ -46,4 +55,27 @@ func assemble(_ data: CIFAR10, _ indices: [Int], epoch: Int = 0, augmentSeed: UI
 func plane(_ buffer: [Float], c: Int, n: Int, batch: Int, side: Int = 32) -> ArraySlice<Float> {
     let start = (c * batch + n) * side * side
     return buffer[start..<(start + side * side)]
+}
+
+/// The `squeezetrain` executable built alongside the tests.
+let squeezetrain: String = {
+    var candidates = [URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path]
+    candidates += ["release", "debug"].map { packageRoot + "/.build/\($0)" }
+    return candidates.map { $0 + "/squeezetrain" }.first { FileManager.default.isExecutableFile(atPath: $0) }
+        ?? "squeezetrain executable not found next to the tests (\(candidates)); run `swift build` first"
+}()
+
+/// Runs `executable arguments` as user and group nobody (65534, through setpriv; the caller is root);
+/// returns its exit status and its standard output and error together.
+func runAsNobody(_ executable: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+    process.arguments = ["--reuid=65534", "--regid=65534", "--clear-groups", executable] + arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try process.run()
+    let output = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: output, as: UTF8.self))
 }

@@ -1,9 +1,23 @@
+import Foundation
 import Testing
 @testable import SqueezeEngine
 
-/// AlexNet, the study's large model. The end-to-end comparison with PyTorch (two SGD steps from
-/// torchvision's weights on real CIFAR-10 records) is `scripts/check-alexnet.py`; it needs torch and
-/// 228 MB of weights, so these tests check the parts on their own.
+/// Tests/Fixtures: small committed inputs.
+let fixturesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().path + "/Fixtures"
+
+/// scale × (2u − 1), u the top 53 bits of splitmix64(i) as a fraction, rounded once to Float: the values
+/// scripts/make-alexnet-fixture.py computes for flat index i.
+func formulaValue(_ i: UInt64, scale: Double) -> Float {
+    var z = i &+ 0x9E37_79B9_7F4A_7C15
+    z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+    z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+    z ^= z >> 31
+    return Float(scale * (2 * (Double(z >> 11) * 0x1p-53) - 1))
+}
+
+/// AlexNet, the study's large model. `oneStepMatchesPyTorch` is its numeric oracle (a committed fixture);
+/// the end-to-end comparison with PyTorch (two SGD steps from torchvision's weights on real CIFAR-10
+/// records) is `scripts/check-alexnet.py`, run by hand: it needs torch and 228 MB of weights.
 @Suite("AlexNet")
 struct AlexNetTests {
     var alexnet: ModelConfig {
@@ -41,6 +55,47 @@ struct AlexNetTests {
             let v = UnsafeBufferPointer(start: net.parameters.values.pointer + spec.offset, count: spec.count)
             let largest = v.reduce(0) { max($0, abs($1)) }
             #expect(largest <= bound && largest > 0.9 * bound, "\(spec.name): max |w| \(largest), bound \(bound)")
+        }
+    }
+
+    /// One forward and backward against PyTorch: Tests/Fixtures/alexnet-step.safetensors, written by
+    /// scripts/make-alexnet-fixture.py. The weights and the two images come from a formula both sides
+    /// compute, so nothing large is committed; the fixture holds the logits, the loss, and each
+    /// gradient's norm and 64 of its elements.
+    @Test func oneStepMatchesPyTorch() throws {
+        let expected = try Safetensors.read(path: fixturesDirectory + "/alexnet-step.safetensors").tensors
+        var config = alexnet
+        config.dropout = 0
+        let net = Network(config: config)
+        var bound = 0.0
+        for spec in net.parameters.specs {  // each weight precedes its bias, which shares its bound
+            if spec.name.hasSuffix(".weight") { bound = 1 / Double(spec.shape.dropFirst().reduce(1, *)).squareRoot() }
+            let p = net.parameters.values.pointer + spec.offset
+            for j in 0..<spec.count { p[j] = formulaValue(UInt64(spec.offset + j), scale: bound) }
+        }
+        let (n, side) = (2, 64), plane = 64 * 64
+        var cnhw = [Float](repeating: 0, count: 3 * n * plane)  // the formula runs over NCHW; the model takes (C, N, H, W)
+        for i in 0..<n { for c in 0..<3 { for q in 0..<plane {
+            cnhw[(c * n + i) * plane + q] = formulaValue(1 << 40 + UInt64((i * 3 + c) * plane + q), scale: 2)
+        } } }
+        let x = HostTensor(cnhw, Shape(c: 3, n: n, h: side, w: side))
+
+        let logits = net.predict(x.tensor)                       // (10, 2)
+        let want = try expected["logits"]!.floats()              // (2, 10)
+        #expect(relativeError(logits, (0..<20).map { want[($0 % 2) * 10 + $0 / 2] }) < 1e-4)
+        let (loss, _) = lossAndGradients(net, x.tensor, labels: [3, 7])
+        let wantLoss = try expected["loss"]!.floats()[0]
+        #expect(abs(loss - wantLoss) / wantLoss < 1e-5, "loss \(loss), PyTorch \(wantLoss)")
+        let grads = net.parameters.copyGradients()
+        #expect(net.parameters.specs.count == 16)
+        for spec in net.parameters.specs {
+            let g = grads[spec.range], m = min(64, spec.count)
+            let norm = Float(g.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot())
+            let wantNorm = try expected["gradnorm." + spec.name]!.floats()[0]
+            #expect(abs(norm - wantNorm) <= 1e-4 * wantNorm, "\(spec.name): gradient norm \(norm), PyTorch \(wantNorm)")
+            let sampled = (0..<m).map { g[spec.offset + $0 * spec.count / m] }
+            let err = relativeError(sampled, try expected["grad." + spec.name]!.floats())
+            #expect(err < 1e-3, "\(spec.name): gradient elements, relative error \(err)")
         }
     }
 

@@ -10,6 +10,14 @@ let goldenDirectory = URL(fileURLWithPath: #filePath)
     .deletingLastPathComponent()  // the directory holding the checkout and shared/
     .appendingPathComponent("shared/reference/squeezenet_cifar_golden").path
 
+/// Tests that read the golden files are reported as skipped, with the reason, when ../shared is absent.
+extension Trait where Self == ConditionTrait {
+    static var needsGolden: Self {
+        .enabled(if: ["init", "batch", "expected"].allSatisfy { FileManager.default.fileExists(atPath: "\(goldenDirectory)/\($0).safetensors") },
+                 "needs PyTorch's reference in ../shared/reference/squeezenet_cifar_golden beside the checkout")
+    }
+}
+
 /// One training-mode forward, the mean softmax cross-entropy and backward, as `Trainer.trainStep`
 /// runs them (without the optimizer); parameter gradients are left in `net.parameters`.
 func lossAndGradients(_ net: Network, _ x: Tensor, labels: [Int32], labelSmoothing: Float = 0) -> (loss: Float, correct: Int) {
@@ -24,7 +32,7 @@ func lossAndGradients(_ net: Network, _ x: Tensor, labels: [Int32], labelSmoothi
 /// Relative error against the largest magnitude of the expected tensor.
 func relativeError(_ a: [Float], _ b: [Float]) -> Float { maxAbsDiff(a, b) / max(maxAbs(b), 1e-12) }
 
-@Suite("PyTorch golden reference (squeezenet1_1, CIFAR stem, batch 8)")
+@Suite("PyTorch golden reference (squeezenet1_1, CIFAR stem, batch 8)", .needsGolden)
 struct GoldenTests {
     let expected: [String: SafetensorsTensor]
     let x: HostTensor
