@@ -136,8 +136,8 @@ struct HardeningTests {
         let b = try Child(["bench", "allreduce", "--workers", "2", "--floats", "1000", "--iterations", "2", "--warmup", "0",
                            "--bind-to", "none", "--json"] + flags, log: dir + "/b.log")
         #expect(b.wait(timeout: 60) == 0, "\(b.output)")
-        let json = try #require(b.output.split(separator: "\n").last.flatMap { try? JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any] },
-                                "\(b.output)")
+        let text = b.output.drop { $0 != "{" }  // the JSON object, pretty-printed
+        let json = try #require(try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any], "\(b.output)")
         #expect(json["protection"] as? String == protection, "\(b.output)")
         #expect(json["encrypted"] as? Bool == (protection != "none"), "\(b.output)")
         #expect(json["bytes_sent_per_worker"] as? Int == 4000, "\(b.output)")  // 2(N−1)/N × 4 bytes × 1,000 floats
