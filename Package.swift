@@ -19,6 +19,8 @@ let package = Package(
         // System libraries from Debian (installed by scripts/bootstrap).
         .systemLibrary(name: "CDNNL", path: "Sources/CDNNL", providers: [.apt(["libdnnl-dev"])]),
         .systemLibrary(name: "CZeroMQ", path: "Sources/CZeroMQ", pkgConfig: "libzmq", providers: [.apt(["libzmq3-dev"])]),
+        // OpenSSL's libcrypto: AES-256-GCM and HKDF for the data plane's sealed frames.
+        .systemLibrary(name: "CCrypto", path: "Sources/CCrypto", pkgConfig: "libcrypto", providers: [.apt(["libssl-dev"])]),
         // Linux system calls Swift's Glibc module leaves out (CPU affinity).
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
 
@@ -30,7 +32,7 @@ let package = Package(
         // CIFAR-10 reader, augmentation, sharded sampler.
         .target(name: "SqueezeData", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
         // ZeroMQ wrapper, transports, wire protocol, all-reduce algorithms, byte counters.
-        .target(name: "SqueezeComm", dependencies: ["CZeroMQ", "CLinux", "SqueezeSystem"], swiftSettings: optimize),
+        .target(name: "SqueezeComm", dependencies: ["CZeroMQ", "CCrypto", "CLinux", "SqueezeSystem"], swiftSettings: optimize),
 
         // Deep Compression: pruning, weight sharing (and their retraining), Huffman coding, the .sqz file format.
         .target(name: "SqueezeCompress", dependencies: ["SqueezeEngine", "SqueezeTraining"], swiftSettings: optimize),

@@ -61,6 +61,8 @@ public final class ZMQControlServer: ControlServerChannel {
     public func close() {
         monitor.close()
         socket.close(linger: .milliseconds(200))
+        // libzmq unlinks an ipc socket file only if its I/O thread gets to it before the process ends.
+        if endpoint.hasPrefix("ipc://") { unlink(String(endpoint.dropFirst(6))) }
     }
 }
 

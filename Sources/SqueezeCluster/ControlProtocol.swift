@@ -33,7 +33,8 @@ public enum ControlMessage: Sendable {
     case reject(Reject)
     case failure(Failure)
 
-    public static let version: UInt16 = 2
+    /// 3: the welcome carries the data-plane salt (a build of version 2 would not seal its frames).
+    public static let version: UInt16 = 3
     static let magic: [UInt8] = Array("SQZC".utf8)
     static let headerSize = 12
 
@@ -190,6 +191,9 @@ public struct Welcome: Codable, Sendable {
     public var keepCheckpoints: Int
     /// Continue from this checkpoint file instead of step 0.
     public var resumeFrom: String?
+    /// The rendezvous's data-plane salt (64 hex digits; `DataPlaneSeal`), fresh at every rendezvous:
+    /// a sealed (tcp) data plane derives its keys from it and the run key.
+    public var dataPlaneSalt: String? = nil
 }
 
 /// Worker → coordinator: model built and verified, data plane bound.

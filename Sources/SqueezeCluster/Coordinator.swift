@@ -99,6 +99,8 @@ public final class Coordinator {
     // Fixed by `prepare()`.
     private var checksum = "", parameterCount = 0, forwardMACs = 0, plan = [Range<Int>](), startStep = 0
     private var resumeFrom: String?
+    /// Drawn at every rendezvous (every coordinator start, so every restart): the data plane's keys derive from it.
+    private var dataPlaneSalt = [UInt8]()
     /// The checkpoint directory's lock, held from `prepare()` for as long as this coordinator exists.
     private var directoryLock: DirectoryLock?
     private var hub: (any DataPlaneTransport)?
@@ -158,11 +160,12 @@ public final class Coordinator {
         parameterCount = reference.parameters.count
         forwardMACs = reference.forwardMACs(inputSize: config.model.inputSize)
         plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
+        dataPlaneSalt = try DataPlaneSeal.randomSalt()
         if metrics == nil { metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) } }
         // The hub's data plane (star only): rank n of a group of n + 1.
         if options.algorithm == .star {
             hub = try dataPlane.makeTransport(rank: n, worldSize: n + 1, kind: options.transport,
-                                              maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0))
+                                              maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0), salt: dataPlaneSalt)
         }
         identities = Array(repeating: nil, count: n)
         names = Array(repeating: "", count: n)
@@ -291,7 +294,7 @@ public final class Coordinator {
                                       initWeights: options.initWeights, saveWeights: options.saveWeights,
                                       evaluate: options.evaluate, checkpointDirectory: options.checkpointDirectory,
                                       checkpointEvery: options.checkpointEvery, keepCheckpoints: options.keepCheckpoints,
-                                      resumeFrom: resumeFrom)), to: id)
+                                      resumeFrom: resumeFrom, dataPlaneSalt: DataPlaneSeal.hex(dataPlaneSalt))), to: id)
         log("worker \(names[rank]) joined as rank \(rank)")
     }
 

@@ -121,7 +121,8 @@ public final class Worker {
         }
         let plan = bucketPlan(layerRanges: model.trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
         let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm.groupSize(workers: world),
-                                                    kind: welcome.transport, maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0))
+                                                    kind: welcome.transport, maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0),
+                                                    salt: welcome.dataPlaneSalt.flatMap(DataPlaneSeal.salt(hex:)))
         defer { transport.close(flushTimeout: .milliseconds(500)) }
         try joinDataPlane(welcome, model: model, transport: transport, channel: channel)
         let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout, tracer: tracer)

@@ -9,6 +9,23 @@ public enum DataTransportKind: String, Codable, Sendable, CaseIterable {
     case tcp, ipc
 }
 
+/// What protects the data plane's frames: the `protection` of the benchmarks' JSON and of `launch`'s start line.
+public enum DataProtection: String, Codable, Sendable {
+    /// CURVE on every data-plane socket (every socket's protection before the sealed data plane;
+    /// `bench allreduce --curve-data-plane` measures it).
+    case curve
+    /// Plain sockets, every frame sealed with AES-256-GCM (Seal.swift): a tcp data plane of a run with a key.
+    case aesGCM = "aes-gcm"
+    /// Nothing: `--insecure`, or ipc sockets in the private directory only this user can enter.
+    case none
+
+    /// What a data plane over `kind` gets in a run whose sockets have `security`.
+    public init(security: PeerSecurity, kind: DataTransportKind) { self.init(keyed: security.isEncrypted, kind: kind) }
+
+    /// What a data plane over `kind` gets in a run with a key (`keyed`) or without one.
+    public init(keyed: Bool, kind: DataTransportKind) { self = keyed && kind == .tcp ? .aesGCM : .none }
+}
+
 /// A transport that binds on creation and connects once every rank's endpoint is known.
 public protocol DataPlaneTransport: Transport {
     /// Give this to the peers that must connect here.
@@ -23,7 +40,8 @@ extension ZMQTransport: DataPlaneTransport {}
 /// Makes rank `rank`'s transport of a group of `worldSize`.
 public protocol DataPlaneFactory: Sendable {
     /// `maxFrameBytes`: the largest frame a peer may send it (`dataFrameLimit`); larger ones disconnect the sender.
-    func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int) throws -> any DataPlaneTransport
+    /// `salt`: the rendezvous's data-plane salt (the welcome's), from which a sealed data plane derives its keys.
+    func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int, salt: [UInt8]?) throws -> any DataPlaneTransport
 }
 
 /// The largest data-plane frame for buckets of at most `largestBucket` floats: a sparse top-k chunk
@@ -86,7 +104,10 @@ public func privateIPCRefusal(_ socket: String) -> String {
         + "and data plane (--transport ipc), inside \(directory)"
 }
 
-/// ZeroMQ transports: tcp on `host` (an ephemeral port), or ipc in the temporary directory.
+/// ZeroMQ transports: tcp on `host` (an ephemeral port), or ipc in the private socket directory.
+/// With a run key, tcp frames are sealed (AES-256-GCM on plain sockets) and ipc ones go plain
+/// (only this user can reach the directory, and this user can read the key anyway); CURVE stays on
+/// the control plane. Without a key (`--insecure`, `.privateIPC`) nothing is sealed.
 public final class ZMQDataPlane: DataPlaneFactory, @unchecked Sendable {
     // @unchecked Sendable: immutable after init; ZMQContext is thread-safe.
     private let context: ZMQContext
@@ -101,13 +122,25 @@ public final class ZMQDataPlane: DataPlaneFactory, @unchecked Sendable {
         self.context = context; self.host = host; self.options = options; self.hubRank = hubRank
     }
 
-    public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int) throws -> any DataPlaneTransport {
+    public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int, salt: [UInt8]?) throws -> any DataPlaneTransport {
         if options.security == .privateIPC && kind != .ipc {
             throw CommError.invalidArgument(privateIPCRefusal("the coordinator asks for a \(kind.rawValue) data plane (its --transport \(kind.rawValue)), which would listen in plain text"))
         }
         let bind = kind == .ipc ? try ipcEndpoint(rank == hubRank ? "hub" : "rank\(rank)") : "tcp://\(try host()):*"
         var options = options
         options.maxMessageBytes = maxFrameBytes
+        if case .curve(let key) = options.security {
+            if kind == .tcp {
+                guard let salt else {
+                    throw CommError.invalidArgument("the coordinator's welcome carries no data-plane salt, so the tcp data plane cannot be sealed: "
+                                                    + "is the coordinator an older build? (run the same build everywhere)")
+                }
+                options.seal = try DataPlaneSeal(key: key, salt: salt)
+                options.security = .insecure
+            } else {
+                options.security = .privateIPC
+            }
+        }
         return try ZMQTransport(rank: rank, worldSize: worldSize, bind: bind, context: context, options: options)
     }
 }
@@ -123,7 +156,7 @@ public final class InProcessDataPlane: DataPlaneFactory, @unchecked Sendable {
 
     public init(wrap: @escaping @Sendable (InProcessTransport) -> any DataPlaneTransport = { $0 }) { self.wrap = wrap }
 
-    public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int) throws -> any DataPlaneTransport {
+    public func makeTransport(rank: Int, worldSize: Int, kind: DataTransportKind, maxFrameBytes: Int, salt: [UInt8]?) throws -> any DataPlaneTransport {
         let g = lock.withLock { () -> InProcessGroup in
             if let group, group.worldSize == worldSize { return group }
             let made = InProcessGroup(worldSize: worldSize)

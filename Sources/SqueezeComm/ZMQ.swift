@@ -170,8 +170,25 @@ public final class ZMQMessage {
         msg.deallocate()
     }
 
+    /// Replaces the content with `count` uninitialised bytes of libzmq's (`zmq_msg_init_size`), to be
+    /// written through `mutableBytes` before the message is sent.
+    public func allocate(count: Int) throws(ZMQError) {
+        zmq_msg_close(msg)
+        if zmq_msg_init_size(msg, count) == -1 {
+            let e = zmq_errno()
+            zmq_msg_init(msg)
+            throw ZMQError(zmq: e, function: "zmq_msg_init_size")
+        }
+    }
+
     /// Payload size in bytes.
     public var count: Int { zmq_msg_size(msg) }
+
+    /// The frame's bytes, writable: a message this process allocated or received owns them (a
+    /// received frame is decrypted in place).
+    public var mutableBytes: UnsafeMutableRawBufferPointer {
+        UnsafeMutableRawBufferPointer(start: zmq_msg_data(msg), count: zmq_msg_size(msg))
+    }
 
     /// True if another frame of the same multipart message follows (`zmq_msg_more`).
     public var hasMore: Bool { zmq_msg_more(msg) != 0 }

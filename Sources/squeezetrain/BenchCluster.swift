@@ -30,18 +30,25 @@ struct BenchAllReduce: ParsableCommand {
     @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 or topk:F.") var compress = "none"
     @Option(help: "core: bind participant r (and its I/O thread) to the r-th allowed CPU, round-robin, as mpirun --bind-to core does; none: leave placement to the scheduler.")
     var bindTo: WorkerBinding = .core
-    @Flag(help: "Measure plain sockets instead of the default: CURVE authentication and encryption with a fresh run key.")
+    @Flag(help: "Measure plain sockets instead of the default: a fresh run key, every tcp frame sealed with AES-256-GCM (ipc sockets live in a directory only you can enter and are not sealed).")
     var insecure = false
     @Flag(help: "Print a JSON object.") var json = false
+    /// The data plane before it was sealed: CURVE on every socket (to compare against).
+    @Flag(help: .hidden) var curveDataPlane = false
 
     // Internal: one participant (spawned by the command above).
     @Option(help: .hidden) var rank: Int?
     @Option(help: .hidden) var endpoints: String?
     @Option(help: .hidden) var keyFile: String?
+    @Option(help: .hidden) var salt: String?
 
     struct Report: Codable {
         var workers: Int, floats: Int, algorithm: String, transport: String, compress: String, bindTo: String, iterations: Int
         var encrypted: Bool
+        /// curve, aes-gcm or none (`DataProtection`).
+        var protection: String
+        /// AES-256-GCM's speed on one core of this machine, GB/s (OpenSSL, 1 MiB frames); set by the spawner.
+        var sealGbps: Double?
         var secondsPerAllreduce: Double, secondsPerAllreduceMin: Double
         var busBandwidthGbps: Double
         var bytesSentPerWorker: Int, bytesReceivedPerWorker: Int
@@ -55,18 +62,27 @@ struct BenchAllReduce: ParsableCommand {
         try validateAlgorithm(algorithm, compress: compress)
     }
 
+    /// What protects the frames: nothing with --insecure, CURVE if asked, else what a run's data plane gets.
+    var protection: DataProtection {
+        if insecure { return .none }
+        return curveDataPlane ? .curve : DataProtection(keyed: true, kind: DataTransportKind(rawValue: transport) ?? .tcp)
+    }
+
     func run() throws {
         if let rank, let endpoints { return try participate(rank: rank, endpoints: endpoints.split(separator: ",").map(String.init)) }
         do {
-            let report = try launch()
+            var report = try launch()
+            report.sealGbps = try sealThroughput() / 1e9
             if json { return try printJSON(report) }
+            let shielded = ["curve": " (CURVE-encrypted)", "aes-gcm": " (frames sealed with AES-256-GCM)"][report.protection] ?? " (plain)"
             print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport)"
-                  + (insecure ? " (plain)" : " (CURVE-encrypted)") + ", bound to \(bindTo == .core ? "cores" : "no core")"
+                  + shielded + ", bound to \(bindTo == .core ? "cores" : "no core")"
                   + (compress == "none" ? ":" : ", --compress \(compress) (bus bandwidth counts float32 bytes):"))
             print(String(format: "  %.3f ms per all-reduce (median of %d; best %.3f ms), bus bandwidth %.2f GB/s",
                          report.secondsPerAllreduce * 1e3, iterations, report.secondsPerAllreduceMin * 1e3, report.busBandwidthGbps))
             // Rank 0's counters: every worker's with ring and star, the root's (the most) with the tree.
             print("  bytes sent by rank 0 per all-reduce: \(grouped(report.bytesSentPerWorker)), received: \(grouped(report.bytesReceivedPerWorker))")
+            print(String(format: "  AES-256-GCM (OpenSSL) on one core of this machine: %.2f GB/s (1 MiB frames)", report.sealGbps ?? 0))
         } catch {
             throw fail(String(describing: error))
         }
@@ -81,6 +97,7 @@ struct BenchAllReduce: ParsableCommand {
         }
         let key = insecure ? nil : try EphemeralKey()
         defer { key?.remove() }
+        let salt = DataPlaneSeal.hex(try DataPlaneSeal.randomSalt())  // as a coordinator draws one per rendezvous
         var children = [(Process, Pipe)]()
         for r in 0..<group {
             let p = Process(), out = Pipe()
@@ -89,7 +106,7 @@ struct BenchAllReduce: ParsableCommand {
                            "--transport", transport, "--iterations", "\(iterations)", "--warmup", "\(warmup)", "--chunk-kb", "\(chunkKb)",
                            "--compress", compress, "--bind-to", bindTo.rawValue,
                            "--rank", "\(r)", "--endpoints", endpoints.joined(separator: ",")]
-                + (key.map { ["--key-file", $0.path] } ?? ["--insecure"])
+                + (key.map { ["--key-file", $0.path, "--salt", salt] } ?? ["--insecure"]) + (curveDataPlane ? ["--curve-data-plane"] : [])
             p.standardOutput = out
             try p.run()
             children.append((p, out))
@@ -121,7 +138,13 @@ struct BenchAllReduce: ParsableCommand {
         defer { context.terminate() }
         try context.authenticate(security) { emit("\($0)\n") }
         var transportOptions = ZMQTransport.Options()
-        transportOptions.security = security
+        switch (protection, security) {
+        case (.curve, _): transportOptions.security = security
+        case (.aesGCM, .curve(let key)):
+            guard let salt = salt.flatMap(DataPlaneSeal.salt(hex:)) else { throw fail("bench participant \(rank) has no valid --salt (64 hex digits)") }
+            transportOptions.seal = try DataPlaneSeal(key: key, salt: salt)
+        default: transportOptions.security = transport == "ipc" ? .privateIPC : .insecure
+        }
         let transport = try ZMQTransport(rank: rank, worldSize: group, bind: endpoints[rank], context: context, options: transportOptions)
         defer { transport.close() }
         try transport.connect(topology: algorithm.topology(workers: workers), endpoints: endpoints)
@@ -141,7 +164,8 @@ struct BenchAllReduce: ParsableCommand {
         let median = CommBenchmark.median(times)
         let bus = workers > 1 ? 2 * Double(workers - 1) / Double(workers) * Double(4 * floats) / median / 1e9 : 0
         let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport, compress: compress, bindTo: bindTo.rawValue,
-                            iterations: iterations, encrypted: security.isEncrypted, secondsPerAllreduce: median, secondsPerAllreduceMin: times.min()!,
+                            iterations: iterations, encrypted: protection != .none, protection: protection.rawValue,
+                            secondsPerAllreduce: median, secondsPerAllreduceMin: times.min()!,
                             busBandwidthGbps: bus, bytesSentPerWorker: sent, bytesReceivedPerWorker: received)
         if rank == 0 {
             let encoder = JSONEncoder()
@@ -166,12 +190,14 @@ struct BenchClusterCommand: ParsableCommand {
     @OptionGroup var model: ModelOptions
     @OptionGroup var communication: ClusterOptions
     @Option(help: "CIFAR-10 directory.") var data: String?
-    @Flag(help: "Measure plain sockets instead of the default: CURVE authentication and encryption with a fresh run key.")
+    @Flag(help: "Measure plain sockets instead of the default: a fresh run key, CURVE on the control plane, every tcp data-plane frame sealed with AES-256-GCM.")
     var insecure = false
     @Flag(help: "Print a JSON object.") var json = false
 
     struct Report: Encodable {
         var workers: Int, batchSize: Int, threadsPerWorker: Int, model: String, allreduce: String, steps: Int, encrypted: Bool
+        /// The data plane's: aes-gcm (tcp with the run key), none (--insecure, or ipc).
+        var protection: String
         var imagesPerSecond: Double, secondsPerStepMedian: Double
         var bytesSentPerWorkerPerStep: Double, bytesReceivedPerWorkerPerStep: Double, theoryBytesSentPerWorkerPerStep: Double
         var allreduceShareOfStep: Double
@@ -212,7 +238,8 @@ struct BenchClusterCommand: ParsableCommand {
             let report = try summarise(dir + "/metrics.jsonl")
             if json { return try printJSON(report) }
             print("\(workers) workers × \(threads) thread(s), global batch \(batchSize), \(report.model), \(report.allreduce) all-reduce"
-                  + (insecure ? ", plain sockets:" : ", CURVE-encrypted:"))
+                  + (insecure ? ", plain sockets:" : ", CURVE control plane, data plane \(communication.dataTransport) "
+                     + (report.protection == "aes-gcm" ? "sealed with AES-256-GCM:" : "not sealed (private ipc):")))
             print(String(format: "  %.0f images/s (median step %.1f ms over %d steps)", report.imagesPerSecond,
                          report.secondsPerStepMedian * 1e3, steps))
             print(String(format: "  sent per worker per step %@ (theory %@), received %@; all-reduce busy %.0f%% of the step",
@@ -236,6 +263,7 @@ struct BenchClusterCommand: ParsableCommand {
         func mean(_ k: String) -> Double { lines.reduce(0) { $0 + number($1, k) } / n }
         return Report(workers: workers, batchSize: batchSize, threadsPerWorker: threads, model: model.config.architecture.rawValue,
                       allreduce: communication.allreduce.rawValue, steps: bySteps.count, encrypted: !insecure,
+                      protection: (insecure ? .none : DataProtection(keyed: true, kind: DataTransportKind(rawValue: communication.dataTransport) ?? .tcp)).rawValue,
                       imagesPerSecond: Double(batchSize) / median, secondsPerStepMedian: median,
                       bytesSentPerWorkerPerStep: mean("allreduce_bytes_sent"), bytesReceivedPerWorkerPerStep: mean("allreduce_bytes_received"),
                       // The mean over the lines like the bytes (ring and star lines carry one figure, the tree's differ by rank).

@@ -24,8 +24,12 @@ struct ClusterOptions: ParsableArguments {
     var compress = "none"
     @Option(help: "Gradient bucket size in MB (buckets start as soon as backward has finished them).")
     var bucketMb: Double = 1
-    @Option(help: "Data-plane transport between workers: tcp or ipc (same machine only).")
-    var transport = "tcp"
+    @Option(help: ArgumentHelp("Data-plane transport between workers: tcp (frames sealed with AES-256-GCM under the run key) or ipc (same machine only, "
+                               + "sockets in a directory only you can enter, nothing sealed). Default: tcp; launch: ipc, the control plane too.",
+                               valueName: "transport"))
+    var transport: String?
+    /// The data plane's transport: `--transport`, else tcp (launch has its own default, ipc).
+    var dataTransport: String { transport ?? "tcp" }
     @Option(help: "Seconds of silence after which a worker counts as lost (workers heartbeat 4 times per timeout).")
     var timeout: Double = 10
     @Option(help: "Seconds to wait for all workers to join.")
@@ -36,7 +40,7 @@ struct ClusterOptions: ParsableArguments {
     @OptionGroup var precision: PrecisionOption
 
     func validate() throws {
-        guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc (got \(transport))") }
+        guard ["tcp", "ipc"].contains(dataTransport) else { throw ValidationError("--transport must be tcp or ipc (got \(dataTransport))") }
         guard bucketMb.isFinite, bucketMb >= 0.001, bucketMb <= 4096 else { throw ValidationError("--bucket-mb must be in 0.001...4096 (got \(bucketMb))") }
         try validateAlgorithm(allreduce, compress: compress)
         guard timeout.isFinite, timeout >= 0.1, timeout <= 3600 else { throw ValidationError("--timeout must be in 0.1...3600 seconds (got \(timeout))") }
@@ -80,7 +84,7 @@ struct CoordinatorCommand: ParsableCommand {
         ProcessGroup.endWithLauncher()
         do {
             let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
-                                             security: try security.security(endpoint: bind, transport: communication.transport),
+                                             security: try security.security(endpoint: bind, transport: communication.dataTransport),
                                              metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
                                              tracer: tracing.tracer(pid: workers, processName: "star hub (coordinator)"),
                                              events: eventWriter(events), log: { emit("\($0)\n") })
@@ -111,7 +115,7 @@ func runCoordinator(bind: String, workers: Int, training: TrainingOptions, commu
     options.algorithm = communication.allreduce
     options.compression = try GradientCompression(parsing: communication.compress)
     options.bucketBytes = Int(communication.bucketMb * 1_048_576)
-    options.transport = DataTransportKind(rawValue: communication.transport)!  // validated
+    options.transport = DataTransportKind(rawValue: communication.dataTransport)!  // validated
     options.timeout = .milliseconds(Int(communication.timeout * 1000))
     options.joinTimeout = .milliseconds(Int(communication.joinTimeout * 1000))
     options.metricsPath = metrics
@@ -304,7 +308,7 @@ func absolutePath(_ path: String) -> String {
 
 extension ClusterOptions {
     var arguments: [String] {
-        ["--allreduce", allreduce.rawValue, "--compress", compress, "--bucket-mb", "\(bucketMb)", "--transport", transport,
+        ["--allreduce", allreduce.rawValue, "--compress", compress, "--bucket-mb", "\(bucketMb)", "--transport", dataTransport,
          "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)", "--precision", precision.precision.rawValue]
             + (noEval ? ["--no-eval"] : []) + checkpoints.arguments
     }

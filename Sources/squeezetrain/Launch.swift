@@ -18,8 +18,8 @@ struct Launch: ParsableCommand {
     @Option(help: "Compute threads per worker.") var threads = 1
     @Option(help: "core: give worker r --threads CPUs of its own (round-robin over the allowed CPUs), as mpirun --bind-to core does; none: leave placement to the scheduler.")
     var bindTo: WorkerBinding = .none
-    @Option(help: "Coordinator port (default: a free one).") var port: Int?
-    @Option(help: "Address the coordinator binds and workers connect to.") var host = "127.0.0.1"
+    @Option(help: "Coordinator port (default: a free one); puts the control plane on tcp.") var port: Int?
+    @Option(help: "Address the coordinator binds and workers connect to (default: 127.0.0.1); puts the control plane on tcp.") var host: String?
     @OptionGroup var training: TrainingOptions
     @OptionGroup var cluster: ClusterOptions
     @Option(help: "Write JSON lines here: one per worker per step.") var metrics: String?
@@ -56,15 +56,18 @@ struct Launch: ParsableCommand {
             let forwarder = SignalForwarder { current.terminate($0) }
             defer { withExtendedLifetime(forwarder) {} }
             // Without --key-file or --insecure, a fresh key for this run only, readable by this user only.
+            // (Not for an ipc control plane: its private directory keeps everyone else out, and a run without a key seals nothing.)
             var security = self.security
-            let key = security.insecure || security.keyPath != nil ? nil : try EphemeralKey()
+            let key = security.insecure || security.keyPath != nil || controlOnIPC ? nil : try EphemeralKey()
             defer { key?.remove() }
             if let key { security.keyFile = key.path }
+            emit("[launch] \(workers) worker(s); \(protectionSummary(security))\n")
             let traceParts = try tracing.trace.map { try TraceParts(file: $0) }
             defer { traceParts?.merge() }  // also after a failure or a signal: what the processes recorded
             var restarts = 0
             while true {
-                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0, security: security, trace: traceParts),
+                let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || restarts > 0, security: security, trace: traceParts,
+                                                   attempt: restarts),
                                          write: current.write,
                                          onEvent: { current.handle($1) })
                 current.set(group)
@@ -96,10 +99,28 @@ struct Launch: ParsableCommand {
         }
     }
 
-    func specs(resume: Bool, security: SecurityOptions, trace: TraceParts? = nil) throws -> [ProcessSpec] {
-        let endpoint = "tcp://\(host):\(try port ?? freeTCPPort(host: host))"
+    /// The data plane's transport: `--transport`, else ipc (everything stays on this machine).
+    var dataTransport: String { cluster.transport ?? "ipc" }
+    /// The control plane is on ipc too, in the private socket directory, unless `--port` or `--host` ask for tcp.
+    var controlOnIPC: Bool { dataTransport == "ipc" && port == nil && host == nil }
+
+    /// Which transport carries each plane and what protects it (the start line).
+    func protectionSummary(_ security: SecurityOptions) -> String {
+        let directory = (try? privateSocketDirectory()) ?? "the private socket directory"
+        let control = controlOnIPC ? "control plane on ipc in \(directory)" : "control plane on tcp"
+        if security.insecure { return "\(control), data plane on \(dataTransport); --insecure: no authentication, no encryption" }
+        let controlProtection = security.keyPath == nil ? "(only this user can enter it; no key)" : "(CURVE)"
+        let data = dataTransport == "tcp" ? "data plane on tcp, every frame sealed with AES-256-GCM"
+            : "data plane on ipc in \(directory), nothing sealed (only this user can reach it)"
+        return "\(control) \(controlProtection), \(data)"
+    }
+
+    func specs(resume: Bool, security: SecurityOptions, trace: TraceParts? = nil, attempt: Int = 0) throws -> [ProcessSpec] {
+        let host = self.host ?? "127.0.0.1"
+        let endpoint = controlOnIPC ? try ipcEndpoint("launch-control-\(attempt)") : "tcp://\(host):\(try port ?? freeTCPPort(host: host))"
         let exe = selfExecutable()
         var options = cluster
+        options.transport = dataTransport
         options.checkpoints.resume = resume
         if resume { options.checkpoints.startOver = false }  // a restart continues what the first attempt wrote
         var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--events"] + training.arguments + options.arguments

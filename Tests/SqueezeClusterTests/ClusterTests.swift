@@ -85,12 +85,29 @@ struct LaunchTests {
         let out = launch.output
         #expect(out.contains("[coordinator] all 2 worker(s) ready"))
         #expect(out.contains("[worker 0] rank 0 of 2") && out.contains("[worker 1] rank 1 of 2"))
+        // The local default: both planes on ipc in the private directory, nothing sealed, and the start line says so.
+        #expect(out.contains("[launch] 2 worker(s); control plane on ipc in ") && out.contains("nothing sealed"), "\(out)")
+        #expect(out.contains("coordinator at ipc://") && out.contains("data plane ipc://"), "\(out)")
         #expect(try readMetrics(dir + "/m.jsonl").count == 4)
         #expect(!out.contains(ClusterEvent.linePrefix))  // events go to launch, not to the terminal
         // --bind-to core: the executable binds each worker to CPUs of its own.
         for r in 0..<2 {
             let cpus = CPUAffinity.cpus(forLocalRank: r).map(String.init).joined(separator: ",")
             #expect(launch.output.contains("[worker \(r)] bound to CPU(s) \(cpus)\n"), "\(launch.output)")
+        }
+        // --transport tcp: today's tcp planes, the control plane under CURVE, the data plane sealed; the same bytes of gradient.
+        let tcp = try Child(["launch", "--workers", "2", "--steps", "2", "--batch-size", "16", "--no-eval", "--metrics", dir + "/tcp.jsonl",
+                             "--transport", "tcp"], log: dir + "/tcp.log")
+        #expect(tcp.wait() == 0, "\(tcp.output)")
+        #expect(tcp.output.contains("[launch] 2 worker(s); control plane on tcp (CURVE), data plane on tcp, every frame sealed with AES-256-GCM"),
+                "\(tcp.output)")
+        #expect(tcp.output.contains("coordinator at tcp://") && tcp.output.contains("data plane tcp://"), "\(tcp.output)")
+        let (ipcLines, tcpLines) = (try readMetrics(dir + "/m.jsonl"), try readMetrics(dir + "/tcp.jsonl"))
+        for (a, b) in zip(ipcLines, tcpLines) {
+            #expect(a["allreduce_bytes_sent"] as? Int == b["allreduce_bytes_sent"] as? Int)
+            #expect(b["allreduce_bytes_sent"] as? Int == b["theory_bytes_sent"] as? Int)
+            // The seal's nonce and tag (28 bytes a frame) are control bytes.
+            #expect((b["control_bytes"] as? Int ?? 0) > (a["control_bytes"] as? Int ?? 0), "\(a) \(b)")
         }
         let bad = try Child(["worker", "--coordinator", "tcp://127.0.0.1:1", "--cpus", "3-1"], log: dir + "/bad.log")
         #expect(bad.wait() != 0)

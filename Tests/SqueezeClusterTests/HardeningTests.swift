@@ -127,6 +127,23 @@ struct HardeningTests {
         #expect(again.output.contains("--steps 2") && again.output.contains("step 3"), "\(again.output)")
     }
 
+    /// `bench allreduce` says what protects the frames: sealed over tcp with its run key, nothing on ipc or
+    /// with --insecure, CURVE when asked; the gradient bytes are the theory's whatever the protection.
+    @Test(arguments: [([String](), "aes-gcm"), (["--transport", "ipc"], "none"), (["--insecure"], "none"), (["--curve-data-plane"], "curve")])
+    func benchAllreduceReportsItsProtection(flags: [String], protection: String) throws {
+        let dir = try temporaryDirectory("bench-protection")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let b = try Child(["bench", "allreduce", "--workers", "2", "--floats", "1000", "--iterations", "2", "--warmup", "0",
+                           "--bind-to", "none", "--json"] + flags, log: dir + "/b.log")
+        #expect(b.wait(timeout: 60) == 0, "\(b.output)")
+        let text = b.output.drop { $0 != "{" }  // the JSON object, pretty-printed
+        let json = try #require(try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any], "\(b.output)")
+        #expect(json["protection"] as? String == protection, "\(b.output)")
+        #expect(json["encrypted"] as? Bool == (protection != "none"), "\(b.output)")
+        #expect(json["bytes_sent_per_worker"] as? Int == 4000, "\(b.output)")  // 2(N−1)/N × 4 bytes × 1,000 floats
+        #expect((json["seal_gbps"] as? Double ?? 0) > 0, "\(b.output)")
+    }
+
     /// A bench participant started without its key (or --insecure) refuses instead of running in the clear.
     @Test func aBenchParticipantWithoutItsKeyRefuses() throws {
         let dir = try temporaryDirectory("bench-participant")

@@ -146,6 +146,27 @@ struct ZMQAllReduceTests {
         checkRing(try zmqRing(group, inputs: inputs, chunkBytes: chunk), inputs: inputs, chunkBytes: chunk)
     }
 
+    @Test("ring, 3 ranks over tcp, sealed: the reference's bits, exact payload, header + nonce + tag per message as control bytes")
+    func ringSealed() throws {
+        let inputs = (0..<3).map { rankData(rank: $0, count: 300_007, salt: 13) }
+        var options = ZMQTransport.Options()
+        options.seal = try DataPlaneSeal(key: RunKey.generate(), salt: DataPlaneSeal.randomSalt())
+        let group = try ZMQTransport.localGroup(worldSize: 3, topology: .ring, options: options)
+        let chunk = 64 << 10
+        let outcomes = try zmqRing(group, inputs: inputs, chunkBytes: chunk)
+        let reference = ringReference(inputs)
+        for r in 0..<3 {
+            #expect(firstMismatch(outcomes[r].result, reference) == nil, "rank \(r) differs from the reference")
+            let expected = ringPayloadBytes(count: 300_007, worldSize: 3, rank: r)
+            let messages = ringMessages(count: 300_007, worldSize: 3, rank: r, chunkBytes: chunk)
+            let c = outcomes[r].counters
+            #expect(c.payloadBytesSent == 3 * expected.sent && c.payloadBytesReceived == 3 * expected.received)
+            #expect(c.controlBytesSent == 3 * messages.sent * (WireHeader.size + DataPlaneSeal.overheadBytes))
+            #expect(c.controlBytesReceived == 3 * messages.received * (WireHeader.size + DataPlaneSeal.overheadBytes))
+        }
+        #expect(group.map(\.droppedMessages) == [0, 0, 0])
+    }
+
     @Test("ring of 2 and of 1 over tcp")
     func ringSmallWorlds() throws {
         for n in [1, 2] {
