@@ -134,12 +134,10 @@ public final class Conv2d: Layer {
         bn?.bind(parameters: parameters, buffers: buffers)
     }
 
-    /// Whether oneDNN's primitives beat im2col + sgemm for this layer on input `x` (per-layer times of
-    /// both on this project's CPUs, docs/engine.md): every k×k convolution but a stem with few input
-    /// channels, where the reorders cost more than the convolution saves.
-    func prefersOneDNN(_ x: Shape) -> Bool {
-        kernel > 1 && cin > 3
-    }
+    /// Whether oneDNN's primitives beat im2col + sgemm for this layer's shape (per-layer times of both
+    /// on this project's AVX2 and AVX-512 CPUs, docs/engine.md): every k×k convolution but a stem with
+    /// 3 input channels, where the reorders cost more than the convolution saves.
+    var prefersOneDNN: Bool { kernel > 1 && cin > 3 }
 
     /// The algorithm a forward pass on `x` runs (and the backward pass after it).
     func algorithm(_ x: Shape, training: Bool) -> ConvolutionAlgorithm {
@@ -147,7 +145,7 @@ public final class Conv2d: Layer {
         let fitsWindows = (ys.h - 1) * stride + kernel >= x.h + padding && (ys.w - 1) * stride + kernel >= x.w + padding
         guard training, !flat, fitsWindows, workspace.precision == .fp32 else { return .gemm }
         switch workspace.convolutionAlgorithm {
-        case .automatic: return prefersOneDNN(x) ? .onednn : .gemm
+        case .automatic: return prefersOneDNN ? .onednn : .gemm
         case let chosen: return chosen
         }
     }
