@@ -4,12 +4,16 @@ import CDNNL
 /// convolution shape, with reorders between the engine's channel-major (C, N, H, W) layout and the
 /// blocked formats oneDNN picks (nChw8c on AVX2). No bias (the engine adds it with ReLU/BatchNorm).
 ///
-/// Per layer this beat im2col + sgemm for every 3×3 convolution of the recipe's model, reorders
-/// included (`scripts/bench-conv-layers.c`, docs/engine.md); 1×1 convolutions stay single GEMMs.
+/// `Conv2d` picks it or im2col + sgemm per layer shape (`ConvolutionAlgorithm`, docs/engine.md).
 /// The source in oneDNN's format is kept from forward for the weight gradient (instead of the
-/// 9× larger im2col columns).
+/// 9× larger im2col columns). Blocked tensors that live only inside one call (the destination, the
+/// destination gradient, the input gradient) are bound per call to two scratch buffers that all
+/// convolutions of a network share.
 final class DirectConvolution {
     let n: Int
+    /// oneDNN's implementation names (`dnnl_query_impl_info_str`), e.g. `jit:avx2`: one name when forward,
+    /// backward-data and backward-weights agree, else the three separated by slashes.
+    let implementation: String
     private let forwardPrimitive: dnnl_primitive_t, dataPrimitive: dnnl_primitive_t, weightsPrimitive: dnnl_primitive_t
     // oneDNN-format memories (owned)
     private let src: dnnl_memory_t, weightsForward: dnnl_memory_t, dst: dnnl_memory_t
@@ -25,6 +29,7 @@ final class DirectConvolution {
     private var descriptors = [dnnl_primitive_desc_t]()
     private var memories = [dnnl_memory_t]()
     private var primitives = [dnnl_primitive_t]()
+    private let scratch: (FloatBuffer, FloatBuffer)
 
     nonisolated(unsafe) static let engine: dnnl_engine_t = {
         var e: dnnl_engine_t?
@@ -41,9 +46,12 @@ final class DirectConvolution {
         precondition(status == dnnl_success, "oneDNN \(what) failed with status \(status.rawValue)")
     }
 
-    /// x (cin, n, h, w) → y (cout, n, ho, wo), weights (cout, cin, k, k).
-    init(cin: Int, cout: Int, kernel k: Int, stride: Int, padding p: Int, n: Int, h: Int, w: Int, ho: Int, wo: Int) {
+    /// x (cin, n, h, w) → y (cout, n, ho, wo), weights (cout, cin, k, k); `scratch` holds the blocked
+    /// tensors that live only inside one call.
+    init(cin: Int, cout: Int, kernel k: Int, stride: Int, padding p: Int, n: Int, h: Int, w: Int, ho: Int, wo: Int,
+         scratch: (FloatBuffer, FloatBuffer)) {
         self.n = n
+        self.scratch = scratch
         typealias MD = dnnl_memory_desc_t
         func md(_ dims: [Int], tag: dnnl_format_tag_t) -> MD {
             var d = MD()
@@ -83,6 +91,8 @@ final class DirectConvolution {
         DirectConvolution.check(dnnl_convolution_backward_weights_desc_init(&wd, dnnl_convolution_direct, &srcAny, &wAny, nil,
                                                                             &dstAny, strides, pad, padR), "conv bwd weights desc")
         let wpd = create(&wd, hint: fpd)
+        let names = [fpd, dpd, wpd].map(DirectConvolution.implementationName)
+        implementation = Set(names).count == 1 ? names[0] : names.joined(separator: " / ")
         func query(_ pd: dnnl_primitive_desc_t, _ what: dnnl_query_t) -> UnsafePointer<MD> { dnnl_primitive_desc_query_md(pd, what, 0)! }
 
         var memories = [dnnl_memory_t]()
@@ -120,12 +130,13 @@ final class DirectConvolution {
 
         forwardPrimitive = primitive(fpd); dataPrimitive = primitive(dpd); weightsPrimitive = primitive(wpd)
         src = memory(query(fpd, dnnl_query_src_md)); weightsForward = memory(query(fpd, dnnl_query_weights_md))
-        dst = memory(query(fpd, dnnl_query_dst_md))
-        diffDstData = memory(query(dpd, dnnl_query_diff_dst_md)); weightsData = memory(query(dpd, dnnl_query_weights_md))
-        diffSrc = memory(query(dpd, dnnl_query_diff_src_md))
-        diffDstWeights = memory(query(wpd, dnnl_query_diff_dst_md)); diffWeights = memory(query(wpd, dnnl_query_diff_weights_md))
+        dst = memory(query(fpd, dnnl_query_dst_md), owned: false)
+        diffDstData = memory(query(dpd, dnnl_query_diff_dst_md), owned: false); weightsData = memory(query(dpd, dnnl_query_weights_md))
+        diffSrc = memory(query(dpd, dnnl_query_diff_src_md), owned: false)
+        diffDstWeights = memory(query(wpd, dnnl_query_diff_dst_md), owned: false)
+        diffWeights = memory(query(wpd, dnnl_query_diff_weights_md))
         let sameSource = dnnl_memory_desc_equal(query(fpd, dnnl_query_src_md), query(wpd, dnnl_query_src_md)) != 0
-        srcForWeights = sameSource ? nil : memory(query(wpd, dnnl_query_src_md))
+        srcForWeights = sameSource ? nil : memory(query(wpd, dnnl_query_src_md), owned: false)
         xUser = memory(&xCM, owned: false); yUser = memory(&yCM, owned: false)
         wUser = memory(&wPlain, owned: false); dwUser = memory(&wPlain, owned: false)
         dyUser = memory(&yCM, owned: false); dxUser = memory(&xCM, owned: false)
@@ -144,6 +155,12 @@ final class DirectConvolution {
         self.primitives = primitives
     }
 
+    static func implementationName(_ pd: dnnl_primitive_desc_t) -> String {
+        var name: UnsafePointer<CChar>?
+        guard dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &name) == dnnl_success, let name else { return "unknown" }
+        return String(cString: name)
+    }
+
     deinit {
         for p in primitives { dnnl_primitive_destroy(p) }
         for m in memories { dnnl_memory_destroy(m) }
@@ -157,6 +174,12 @@ final class DirectConvolution {
     private func bind(_ m: dnnl_memory_t, _ p: UnsafeRawPointer) {
         DirectConvolution.check(dnnl_memory_set_data_handle(m, UnsafeMutableRawPointer(mutating: p)), "memory_set_data_handle")
     }
+    /// Binds `m` to `buffer`, grown to `m`'s size.
+    private func bind(_ m: dnnl_memory_t, scratch buffer: FloatBuffer) {
+        var md: UnsafePointer<dnnl_memory_desc_t>?
+        DirectConvolution.check(dnnl_memory_get_memory_desc(m, &md), "memory_get_memory_desc")
+        bind(m, buffer.reserve((dnnl_memory_desc_get_size(md) + 3) / 4))
+    }
     private static let from: Int32 = 1, to: Int32 = 17  // DNNL_ARG_FROM, DNNL_ARG_TO
     private static let argSrc: Int32 = 1, argDst: Int32 = 17, argWeights: Int32 = 33
     private static let argDiffSrc: Int32 = 129, argDiffDst: Int32 = 145, argDiffWeights: Int32 = 161
@@ -164,7 +187,7 @@ final class DirectConvolution {
     /// y = W ∗ x (no bias), both channel-major; keeps x in oneDNN's format for `backward`.
     func forward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>) {
         typealias D = DirectConvolution
-        bind(xUser, x); bind(wUser, weight); bind(yUser, y)
+        bind(xUser, x); bind(wUser, weight); bind(yUser, y); bind(dst, scratch: scratch.0)
         run(toSrc, [(D.from, xUser), (D.to, src)])
         run(toWeightsForward, [(D.from, wUser), (D.to, weightsForward)])
         run(forwardPrimitive, [(D.argSrc, src), (D.argWeights, weightsForward), (D.argDst, dst)])
@@ -176,17 +199,18 @@ final class DirectConvolution {
     func backward(dy: UnsafePointer<Float>, weight: UnsafePointer<Float>, dw: UnsafeMutablePointer<Float>,
                   dx: UnsafeMutablePointer<Float>?, accumulate: Bool) {
         typealias D = DirectConvolution
-        bind(dyUser, dy); bind(wUser, weight); bind(dwUser, dw)
+        bind(dyUser, dy); bind(wUser, weight); bind(dwUser, dw); bind(diffDstWeights, scratch: scratch.0)
         run(toDiffDstWeights, [(D.from, dyUser), (D.to, diffDstWeights)])
         var source = src
         if let toSrcForWeights, let srcForWeights {
+            bind(srcForWeights, scratch: scratch.1)
             run(toSrcForWeights, [(D.from, src), (D.to, srcForWeights)])
             source = srcForWeights
         }
         run(weightsPrimitive, [(D.argSrc, source), (D.argDiffDst, diffDstWeights), (D.argDiffWeights, diffWeights)])
         run(fromDiffWeights, [(D.from, diffWeights), (D.to, dwUser)])
         if let dx {
-            bind(dxUser, dx)
+            bind(dxUser, dx); bind(diffDstData, scratch: scratch.0); bind(diffSrc, scratch: scratch.1)
             run(toDiffDstData, [(D.from, dyUser), (D.to, diffDstData)])
             run(toWeightsData, [(D.from, wUser), (D.to, weightsData)])
             run(dataPrimitive, [(D.argDiffDst, diffDstData), (D.argWeights, weightsData), (D.argDiffSrc, diffSrc)])

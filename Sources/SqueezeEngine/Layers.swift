@@ -30,11 +30,12 @@ extension Layer {
 /// arithmetic of the convolution GEMMs.
 final class Workspace {
     let scratch = FloatBuffer()
+    /// With `scratch`, the blocked tensors `DirectConvolution` needs only inside one call.
+    let blockedScratch = FloatBuffer()
     var precision = Precision.fp32
-    /// Training-mode fp32 k×k convolutions (k > 1, not `flat`) on oneDNN's convolution primitives
-    /// (`DirectConvolution`) instead of im2col + GEMM. Off by default: faster, but its summation
-    /// order moves the 4-step PyTorch fixture's bias updates beyond that test's 1e-3 (docs/engine.md).
-    var directConvolution = false
+    var convolutionAlgorithm = ConvolutionAlgorithm.automatic
+    /// Per-layer times of training steps (`Network.profile`), when set.
+    var profile: LayerProfile?
     let mixed = MixedPrecisionGEMM()
     /// Eval-mode activations: a layer takes a buffer that does not hold its input (a Fire module
     /// needs three at once: input, squeeze output, output).
@@ -66,6 +67,17 @@ final class Workspace {
     }
 }
 
+/// How training-mode fp32 convolutions are computed. Eval mode (which keeps nothing for backward and
+/// borrows one shared im2col scratch) and bf16 always use im2col + GEMM.
+public enum ConvolutionAlgorithm: String, Sendable, CaseIterable {
+    /// Per layer shape, the faster of the two on this CPU (`Conv2d.prefersOneDNN`): the default.
+    case automatic
+    /// im2col + oneDNN's sgemm; a 1×1 convolution is one GEMM.
+    case gemm
+    /// oneDNN's convolution primitives in the blocked layout they pick (`DirectConvolution`).
+    case onednn
+}
+
 /// Conv2d, optionally followed by BatchNorm2d, optionally followed by ReLU (fused).
 ///
 /// A fully connected layer is the same thing: `Linear` over a flattened (C, H, W) input is a
@@ -74,8 +86,9 @@ final class Workspace {
 /// only changes the weight's declared shape to PyTorch's (out, in) for the state_dict.
 ///
 /// Forward: col = im2col(x) (Cin·k·k, N·Ho·Wo) — skipped for 1×1/stride 1/pad 0, where col is x itself;
-/// z = W (Cout, Cin·k·k) · col + b; y = relu(bn(z)). In training, fp32 k×k convolutions use oneDNN's
-/// convolution primitives instead of im2col + GEMM (`DirectConvolution`), same formulas.
+/// z = W (Cout, Cin·k·k) · col + b; y = relu(bn(z)). In training, fp32 convolutions may use oneDNN's
+/// convolution primitives instead of im2col + GEMM (`DirectConvolution`, see `ConvolutionAlgorithm`),
+/// same formulas.
 /// Backward: dz = dy ⊙ [y > 0] (through BN when present); db = Σ_cols dz; dW = dz · colᵀ;
 /// dx = col2im(Wᵀ · dz).
 public final class Conv2d: Layer {
@@ -92,10 +105,9 @@ public final class Conv2d: Layer {
     private let pre = FloatBuffer()     // z (cout, N·Ho·Wo), training only: kept for BatchNorm's backward
     private let out = Slot(), dxSlot = Slot()
     private var x: Tensor?, y: Tensor?  // of the last training-mode forward
-    /// oneDNN's convolution primitives for the current input shape, when they run (see `useDirectConvolution`).
+    /// oneDNN's convolution primitives for the current input shape, when they run (see `ConvolutionAlgorithm`).
     private var direct: DirectConvolution?, directInput: Shape?
     private var usedDirect = false
-
 
     init(name: String, cin: Int, cout: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
          relu: Bool, batchNorm: Bool, flat: Bool = false, workspace: Workspace) {
@@ -122,6 +134,32 @@ public final class Conv2d: Layer {
         bn?.bind(parameters: parameters, buffers: buffers)
     }
 
+    /// Whether oneDNN's primitives beat im2col + sgemm for this layer's shape (per-layer times of both
+    /// on this project's AVX2 and AVX-512 CPUs, docs/engine.md): every k×k convolution but a stem with
+    /// 3 input channels, where the reorders cost more than the convolution saves.
+    var prefersOneDNN: Bool { kernel > 1 && cin > 3 }
+
+    /// The algorithm a forward pass on `x` runs (and the backward pass after it).
+    func algorithm(_ x: Shape, training: Bool) -> ConvolutionAlgorithm {
+        let ys = outputShape(x)
+        let fitsWindows = (ys.h - 1) * stride + kernel >= x.h + padding && (ys.w - 1) * stride + kernel >= x.w + padding
+        guard training, !flat, fitsWindows, workspace.precision == .fp32 else { return .gemm }
+        switch workspace.convolutionAlgorithm {
+        case .automatic: return prefersOneDNN ? .onednn : .gemm
+        case let chosen: return chosen
+        }
+    }
+
+    /// What the last forward pass ran: oneDNN's implementation name, or `im2col+sgemm` (`sgemm` for 1×1).
+    var implementation: String {
+        if usedDirect, let direct { return direct.implementation }
+        let gemm = isPointwise ? "sgemm" : "im2col+sgemm"
+        return workspace.precision == .bf16 ? gemm + " (bf16-rounded inputs)" : gemm
+    }
+
+    /// Multiply-accumulates of one forward call on `x`.
+    func macs(_ x: Shape) -> Int { outputShape(x).count * cin * kernel * kernel }
+
     public func outputShape(_ s: Shape) -> Shape {
         precondition(s.c == cin, "\(name): expected \(cin) input channels, got \(s.c)")
         return Shape(c: cout, n: s.n,
@@ -142,23 +180,26 @@ public final class Conv2d: Layer {
         let cols = ys.columns
         // z is kept for BatchNorm's backward in training; eval normalises in place.
         let z = bn == nil || !training ? destination : pre.reserve(cout * cols)
-        let fitsWindows = (ys.h - 1) * stride + kernel >= x.shape.h + padding && (ys.w - 1) * stride + kernel >= x.shape.w + padding
-        usedDirect = training && !isPointwise && !flat && fitsWindows && workspace.precision == .fp32 && workspace.directConvolution
-        if usedDirect {
-            if directInput != x.shape {
-                direct = DirectConvolution(cin: cin, cout: cout, kernel: kernel, stride: stride, padding: padding,
-                                           n: x.shape.n, h: x.shape.h, w: x.shape.w, ho: ys.h, wo: ys.w)
-                directInput = x.shape
+        usedDirect = algorithm(x.shape, training: training) == .onednn
+        if usedDirect && directInput != x.shape {
+            direct = DirectConvolution(cin: cin, cout: cout, kernel: kernel, stride: stride, padding: padding,
+                                       n: x.shape.n, h: x.shape.h, w: x.shape.w, ho: ys.h, wo: ys.w,
+                                       scratch: (workspace.scratch, workspace.blockedScratch))
+            directInput = x.shape
+        }
+        let profile = training ? workspace.profile : nil
+        profiled(profile, name, implementation, backward: false, flops: 2 * macs(x.shape)) {
+            if usedDirect {
+                direct!.forward(x: x.data, weight: weight.value, into: z)
+            } else {
+                im2colGEMM(x, ys, training: training, into: z)
             }
-            direct!.forward(x: x.data, weight: weight.value, into: z)
-        } else {
-            im2colGEMM(x, ys, training: training, into: z)
+            Kernels.addBias(z, bias: bias.value, rows: cout, columns: cols, relu: relu && bn == nil)
         }
         if let bn {
-            Kernels.addBias(z, bias: bias.value, rows: cout, columns: cols, relu: false)
-            bn.forward(z, into: destination, columns: cols, training: training, relu: relu)
-        } else {
-            Kernels.addBias(z, bias: bias.value, rows: cout, columns: cols, relu: relu)
+            profiled(profile, bn.name, "swift", backward: false) {
+                bn.forward(z, into: destination, columns: cols, training: training, relu: relu)
+            }
         }
         let y = Tensor(data: destination, shape: ys)
         (self.x, self.y) = training ? (x, y) : (nil, nil)
@@ -188,15 +229,23 @@ public final class Conv2d: Layer {
     /// Input gradient written into `dx` (or added to it when `accumulate`), if given.
     func backward(_ dy: Tensor, into dx: Tensor?, accumulate: Bool) {
         guard let x, let y else { preconditionFailure("\(name): backward before forward") }
-        let cols = y.shape.columns, depth = cin * kernel * kernel
-        let db = bias.gradient
+        let cols = y.shape.columns
+        let profile = workspace.profile
         if let bn {
-            if relu { Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: true, biasGrad: nil) }
-            bn.backward(dy.data, z: pre.pointer, columns: cols)  // dy ← dz
-            Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: false, biasGrad: db)
-        } else {
-            Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: relu, biasGrad: db)
+            profiled(profile, bn.name, "swift", backward: true) {
+                if relu { Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: true, biasGrad: nil) }
+                bn.backward(dy.data, z: pre.pointer, columns: cols)  // dy ← dz
+            }
         }
+        profiled(profile, name, implementation, backward: true, flops: (dx == nil ? 2 : 4) * macs(x.shape)) {
+            Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: relu && bn == nil, biasGrad: bias.gradient)
+            convolutionBackward(dy, x: x, y: y, into: dx, accumulate: accumulate)
+        }
+    }
+
+    /// dW = dz · colᵀ and dx = col2im(Wᵀ · dz) (written, or added when `accumulate`) from dz in `dy`.
+    private func convolutionBackward(_ dy: Tensor, x: Tensor, y: Tensor, into dx: Tensor?, accumulate: Bool) {
+        let cols = y.shape.columns, depth = cin * kernel * kernel
         if usedDirect {
             direct!.backward(dy: dy.data, weight: weight.value, dw: weight.gradient, dx: dx?.data, accumulate: accumulate)
             return
@@ -423,11 +472,13 @@ public final class Dropout: Layer {
         let n = x.shape.count
         let m = mask.reserve(n)
         let scale = 1 / (1 - p)
+        var generator = rng  // a local copy: no exclusive access to the property per element
         for i in 0..<n {
-            let keep = rng.uniformFloat() >= p
+            let keep = generator.uniformFloat() >= p
             m[i] = keep ? scale : 0
             x.data[i] *= m[i]
         }
+        rng = generator
         return x
     }
 

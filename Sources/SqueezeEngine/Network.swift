@@ -19,11 +19,17 @@ public final class Network {
         set { workspace.precision = newValue }
     }
 
-    /// Training-mode fp32 k×k convolutions on oneDNN's convolution primitives instead of im2col +
-    /// GEMM (off by default; see docs/engine.md for speed and numerics).
-    public var useDirectConvolution: Bool {
-        get { workspace.directConvolution }
-        set { workspace.directConvolution = newValue }
+    /// How training-mode fp32 convolutions are computed: `automatic` (the default) picks per layer
+    /// shape; `gemm` and `onednn` force one algorithm everywhere (for debugging and measurements).
+    public var convolutionAlgorithm: ConvolutionAlgorithm {
+        get { workspace.convolutionAlgorithm }
+        set { workspace.convolutionAlgorithm = newValue }
+    }
+
+    /// Records per-layer times of training-mode forward and backward passes while set (`bench train --layers`).
+    public var profile: LayerProfile? {
+        get { workspace.profile }
+        set { workspace.profile = newValue }
     }
 
     /// Builds the model and initialises it as torchvision does. SqueezeNet: kaiming-uniform
@@ -87,10 +93,19 @@ public final class Network {
     /// Training mode keeps what `backward` needs; eval mode keeps nothing (its activations rotate
     /// through three shared buffers, and the logits are valid until the next forward).
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
-        guard let tracer else { return layers.reduce(x) { $1.forward($0, training: training) } }
+        if tracer == nil && workspace.profile == nil { return layers.reduce(x) { $1.forward($0, training: training) } }
+        let profile = training ? workspace.profile : nil
         return layers.reduce(x) { x, layer in
-            traced(tracer, .compute, "forward", "forward " + layer.name) { layer.forward(x, training: training) }
+            traced(tracer, .compute, "forward", "forward " + layer.name) {
+                profiledUnlessSplit(profile, layer, backward: false) { layer.forward(x, training: training) }
+            }
         }
+    }
+
+    /// Times `layer` as a whole, unless it times its own parts (convolutions, their BatchNorms).
+    private func profiledUnlessSplit<R>(_ profile: LayerProfile?, _ layer: any Layer, backward: Bool, _ body: () -> R) -> R {
+        guard !(layer is Conv2d || layer is Fire) else { return body() }
+        return profiled(profile, layer.name, "swift", backward: backward, body)
     }
 
     /// Backward from dL/dlogits (modified in place). Parameter gradients are overwritten.
@@ -99,7 +114,9 @@ public final class Network {
     public func backward(_ dLogits: Tensor, gradientsReady: ((Range<Int>) -> Void)? = nil) {
         var g: Tensor? = dLogits
         for i in layers.indices.reversed() {
-            g = traced(tracer, .compute, "backward", "backward " + layers[i].name) { layers[i].backward(g!, needInputGradient: i > 0) }
+            g = traced(tracer, .compute, "backward", "backward " + layers[i].name) {
+                profiledUnlessSplit(workspace.profile, layers[i], backward: true) { layers[i].backward(g!, needInputGradient: i > 0) }
+            }
             if let gradientsReady, !layerRanges[i].isEmpty { gradientsReady(layerRanges[i]) }
         }
     }

@@ -1,8 +1,10 @@
 /// Plain reference kernels: direct loops, no GEMM, no workspace, generic over the float type so that
 /// tests can run them in Double for finite-difference checks and compare the fast kernels against them.
+/// `@inlinable` so that the tests specialise them for their float type (unspecialised generic
+/// arithmetic is about a hundred times slower).
 /// Layout: channel-major (C, N, H, W) as everywhere in the engine; weights (Cout, Cin, k, k).
 public enum Reference {
-    public static func conv2d<T: BinaryFloatingPoint>(_ x: [T], _ s: Shape, weight: [T], bias: [T], cout: Int,
+    @inlinable public static func conv2d<T: BinaryFloatingPoint>(_ x: [T], _ s: Shape, weight: [T], bias: [T], cout: Int,
                                                       kernel k: Int, stride: Int, padding p: Int) -> (y: [T], shape: Shape) {
         let ho = (s.h + 2 * p - k) / stride + 1, wo = (s.w + 2 * p - k) / stride + 1
         let ys = Shape(c: cout, n: s.n, h: ho, w: wo)
@@ -29,7 +31,7 @@ public enum Reference {
         return (y, ys)
     }
 
-    public static func conv2dBackward<T: BinaryFloatingPoint>(_ x: [T], _ s: Shape, weight: [T], dy: [T], cout: Int,
+    @inlinable public static func conv2dBackward<T: BinaryFloatingPoint>(_ x: [T], _ s: Shape, weight: [T], dy: [T], cout: Int,
                                                               kernel k: Int, stride: Int, padding p: Int)
         -> (dx: [T], dw: [T], db: [T]) {
         let ho = (s.h + 2 * p - k) / stride + 1, wo = (s.w + 2 * p - k) / stride + 1
@@ -59,11 +61,11 @@ public enum Reference {
         return (dx, dw, db)
     }
 
-    public static func relu<T: BinaryFloatingPoint>(_ x: [T]) -> [T] { x.map { max($0, 0) } }
-    public static func reluBackward<T: BinaryFloatingPoint>(_ y: [T], dy: [T]) -> [T] { zip(y, dy).map { $0 > 0 ? $1 : 0 } }
+    @inlinable public static func relu<T: BinaryFloatingPoint>(_ x: [T]) -> [T] { x.map { max($0, 0) } }
+    @inlinable public static func reluBackward<T: BinaryFloatingPoint>(_ y: [T], dy: [T]) -> [T] { zip(y, dy).map { $0 > 0 ? $1 : 0 } }
 
     /// Max pooling, PyTorch ceil_mode=True, no padding. Ties go to the first maximum in scan order.
-    public static func maxPool<T: BinaryFloatingPoint>(_ x: [T], _ s: Shape, kernel k: Int, stride st: Int)
+    @inlinable public static func maxPool<T: BinaryFloatingPoint>(_ x: [T], _ s: Shape, kernel k: Int, stride st: Int)
         -> (y: [T], shape: Shape, argmax: [Int]) {
         func out(_ n: Int) -> Int {
             var o = (n - k + st - 1) / st + 1
@@ -90,23 +92,23 @@ public enum Reference {
         return (y, ys, arg)
     }
 
-    public static func maxPoolBackward<T: BinaryFloatingPoint>(dy: [T], argmax: [Int], inputCount: Int) -> [T] {
+    @inlinable public static func maxPoolBackward<T: BinaryFloatingPoint>(dy: [T], argmax: [Int], inputCount: Int) -> [T] {
         var dx = [T](repeating: 0, count: inputCount)
         for (o, i) in argmax.enumerated() { dx[i] += dy[o] }
         return dx
     }
 
-    public static func globalAvgPool<T: BinaryFloatingPoint>(_ x: [T], _ s: Shape) -> [T] {
+    @inlinable public static func globalAvgPool<T: BinaryFloatingPoint>(_ x: [T], _ s: Shape) -> [T] {
         (0..<(s.c * s.n)).map { i in x[(i * s.plane)..<((i + 1) * s.plane)].reduce(0, +) / T(s.plane) }
     }
 
-    public static func globalAvgPoolBackward<T: BinaryFloatingPoint>(dy: [T], _ s: Shape) -> [T] {
+    @inlinable public static func globalAvgPoolBackward<T: BinaryFloatingPoint>(dy: [T], _ s: Shape) -> [T] {
         (0..<s.count).map { dy[$0 / s.plane] / T(s.plane) }
     }
 
     /// Mean softmax cross-entropy over logits (K, N) against targets smoothed by `eps`
     /// (q = (1 − eps)·onehot + eps/K), and its gradient.
-    public static func softmaxCrossEntropy<T: BinaryFloatingPoint>(_ logits: [T], classes k: Int, labels: [Int], labelSmoothing eps: T = 0)
+    @inlinable public static func softmaxCrossEntropy<T: BinaryFloatingPoint>(_ logits: [T], classes k: Int, labels: [Int], labelSmoothing eps: T = 0)
         -> (loss: T, gradient: [T]) where T: ExpressibleByFloatLiteral {
         let n = labels.count
         var loss: T = 0
@@ -123,7 +125,7 @@ public enum Reference {
     }
 
     /// BatchNorm2d in training mode (batch statistics, biased variance) on (C, M) rows.
-    public static func batchNorm<T: BinaryFloatingPoint>(_ z: [T], channels: Int, gamma: [T], beta: [T], eps: T) -> [T] {
+    @inlinable public static func batchNorm<T: BinaryFloatingPoint>(_ z: [T], channels: Int, gamma: [T], beta: [T], eps: T) -> [T] {
         let m = z.count / channels
         var y = z
         for c in 0..<channels {

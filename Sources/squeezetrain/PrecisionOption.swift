@@ -23,6 +23,15 @@ struct PrecisionOption: ParsableArguments {
     }
 }
 
-/// `SQUEEZETRAIN_CONVOLUTION=direct` (experimental, training only): fp32 k×k convolutions on oneDNN's
-/// convolution primitives instead of im2col + GEMM (`Network.useDirectConvolution`; docs/engine.md).
-var directConvolutionRequested: Bool { ProcessInfo.processInfo.environment["SQUEEZETRAIN_CONVOLUTION"] == "direct" }
+/// `SQUEEZETRAIN_CONVOLUTION` (a debugging override, for `train` and `bench train`): `gemm` forces
+/// im2col + sgemm, `onednn` (or `direct`) oneDNN's convolution primitives, for every training-mode fp32
+/// convolution; unset or `automatic`, the engine picks per layer shape (`ConvolutionAlgorithm`, docs/engine.md).
+func convolutionOverride() throws -> ConvolutionAlgorithm {
+    let name = "SQUEEZETRAIN_CONVOLUTION"
+    guard let value = ProcessInfo.processInfo.environment[name], !value.isEmpty else { return .automatic }
+    if value == "direct" { return .onednn }
+    guard let algorithm = ConvolutionAlgorithm(rawValue: value) else {
+        throw ValidationError("\(name)=\(value) is not an algorithm: use automatic (the default), gemm or onednn, or unset it")
+    }
+    return algorithm
+}

@@ -26,6 +26,7 @@ struct Train: ParsableCommand {
 
     func validate() throws {
         try requireRange("--threads", threads, 1...256)
+        _ = try convolutionOverride()
     }
 
     func run() throws {
@@ -42,7 +43,7 @@ struct Train: ParsableCommand {
             let precision = self.precision.resolved()
             config.precision = precision == .fp32 ? nil : precision
             let trainer = try Trainer(config: config, trainSet: trainSet)
-            trainer.network.useDirectConvolution = directConvolutionRequested
+            trainer.network.convolutionAlgorithm = try convolutionOverride()
             trainer.tracer = tracing.tracer(pid: 0, processName: "train")
             defer { writeTrace(trainer.tracer) }
             if let initWeights { try trainer.network.loadWeights(from: initWeights) }

@@ -98,6 +98,7 @@ struct PrecisionTests {
         for precision in [Precision.fp32, .bf16] {
             let net = Network(config: c, seed: 1)
             net.precision = precision
+            net.convolutionAlgorithm = .gemm  // bf16's algorithm: the runs differ only in rounding
             let sgd = SGD(parameterCount: net.parameters.count, momentum: 0.9, weightDecay: 5e-4)
             var losses = [Float]()
             for _ in 0..<20 {
@@ -153,7 +154,7 @@ struct DirectConvolutionTests {
         var results = [[Float]]()
         for direct in [false, true] {
             let workspace = Workspace()
-            workspace.directConvolution = direct
+            workspace.convolutionAlgorithm = direct ? .onednn : .gemm
             let conv = Conv2d(name: "c", cin: s.c, cout: cout, kernel: kernel, stride: stride, padding: padding,
                               relu: true, batchNorm: false, workspace: workspace)
             let params = ParameterStore(conv.parameterSpecs)
@@ -171,5 +172,49 @@ struct DirectConvolutionTests {
             results.append(array(y) + added + array(dx.tensor) + params.copyGradients())
         }
         #expect(relativeError(results[1], results[0]) < 1e-5)
+    }
+}
+
+@Suite("Per-layer profile (bench train --layers)")
+struct LayerProfileTests {
+    /// Two training steps of the recipe's model: every convolution, BatchNorm, pool and dropout gets one
+    /// forward and one backward sample per step, named as the state_dict, with the implementation that
+    /// ran (the default picks oneDNN for the Fire 3×3 layers, sgemm for 1×1 layers and the stem) and
+    /// the FLOPs of its call (the stem's backward without the input gradient nobody needs).
+    @Test func everyLayerTimedOncePerStepWithWhatRan() throws {
+        var c = ModelConfig()
+        c.batchNorm = true
+        c.lateDownsample = true
+        let net = Network(config: c, seed: 1)
+        let profile = LayerProfile()
+        net.profile = profile
+        let s = Shape(c: 3, n: 2, h: 32, w: 32)
+        let x = HostTensor(randomArray(s.count, seed: 50), s)
+        for _ in 0..<2 { _ = lossAndGradients(net, x.tensor, labels: [1, 2]) }
+        let byName = Dictionary(uniqueKeysWithValues: profile.entries.map { ($0.name, $0) })
+        let convolutions = net.summary(inputSize: 32)
+        // a BatchNorm after every convolution but the classifier, 2 max-pools, dropout, the average pool
+        #expect(profile.entries.count == 2 * convolutions.count - 1 + 4)
+        for entry in profile.entries {
+            #expect(entry.forwardSeconds.count == 2 && entry.backwardSeconds.count == 2, "\(entry.name)")
+        }
+        for row in convolutions {
+            let entry = try #require(byName[row.name])
+            if row.name != "classifier.1" {
+                let bn = try #require(byName[row.name + "_bn"])
+                #expect(bn.implementation == "swift" && bn.forwardFLOPs == 0)
+            }
+            #expect(entry.forwardFLOPs == 2 * row.macs * s.n, "\(row.name)")
+            #expect(entry.backwardFLOPs == (row.name == "features.0" ? 2 : 4) * row.macs * s.n, "\(row.name)")
+            let oneDNN = row.name.hasSuffix("expand3x3")
+            #expect((entry.implementation.contains("sgemm")) == !oneDNN, "\(row.name): \(entry.implementation)")
+        }
+        #expect(byName["features.0"]?.implementation == "im2col+sgemm")
+        #expect(byName["classifier.0"] != nil && byName["features.5"] != nil && byName["features.8"] != nil && byName["classifier.3"] != nil)
+
+        profile.clearSamples()
+        net.profile = nil
+        _ = lossAndGradients(net, x.tensor, labels: [1, 2])
+        #expect(profile.entries.allSatisfy { $0.forwardSeconds.isEmpty && $0.backwardSeconds.isEmpty })
     }
 }

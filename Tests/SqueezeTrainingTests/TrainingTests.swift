@@ -76,11 +76,11 @@ struct TrainingTests {
             let got = Array(values[spec.range])
             let scale = want.reduce(Float(0)) { max($0, abs($1)) }
             let err = zip(got, want).reduce(Float(0)) { max($0, abs($1.0 - $1.1)) } / scale
-            // Float summation order differs (and compounds over 4 steps); biases start at 0, so their scale is the
-            // change itself, a sum with much cancellation: its relative error depends on the GEMM kernel's order.
-            // AVX-512 sgemm kernels stayed under 1e-3; on AVX2 (AMD EPYC family 23) the same code gives 1.76e-3
-            // on features.11.expand1x1.bias and 1.03e-3 on another bias, so biases get 3e-3, weights keep 1e-3.
-            let tolerance: Float = spec.name.hasSuffix(".bias") ? 3e-3 : 1e-3
+            // Biases start at 0, so their scale is the 4 steps' change itself. Measured against a float64 run of
+            // the same steps (NumericsTests), PyTorch's own bias updates are off by up to 1.02e-2 (max-pool ties
+            // that float32 rounding breaks differently), and ours must be no further off than PyTorch's; so ours
+            // and PyTorch's may differ by up to twice that. Weights (relative to their size) keep 1e-3.
+            let tolerance: Float = spec.name.hasSuffix(".bias") ? 2.1e-2 : 1e-3
             #expect(err < tolerance, "\(spec.name): relative error \(err)")
         }
     }
