@@ -28,7 +28,7 @@ struct DirectoryLockProcessTests {
         var alive = run
         while !alive.isEmpty && Date() < deadline {
             usleep(10_000)
-            alive = liveProcesses(matching: "127.0.0.1:\(port)")
+            alive = alive.filter { isRunning($0.key) }
         }
         #expect(alive.isEmpty, "still alive 1 s after launch was killed: \(alive)")
         first.process.waitUntilExit()
@@ -107,7 +107,7 @@ struct DirectoryLockProcessTests {
         let coordinator = try #require(liveProcesses(matching: "127.0.0.1:\(port)").first { $0.value.contains(" coordinator ") }?.key)
         kill(coordinator, SIGKILL)
         let deadline = Date().addingTimeInterval(5)
-        while liveProcesses(matching: "127.0.0.1:\(port)")[coordinator] != nil && Date() < deadline { usleep(10_000) }
+        while isRunning(coordinator) && Date() < deadline { usleep(10_000) }
         let atDeath = steps(in: dir + "/ckpt").max() ?? 0
         #expect(run.wait(timeout: 60) != 0)
         // One more may have passed its check just before the coordinator died.
@@ -127,6 +127,15 @@ func liveProcesses(matching text: String) -> [Int32: String] {
         if line.contains(text) { found[pid] = line }
     }
     return found
+}
+
+/// Whether `pid` has not finished exiting: it exists and is not a zombie. (An exiting process's
+/// command line reads empty before it has closed its files, and so released its locks; a zombie's
+/// files are closed.)
+func isRunning(_ pid: Int32) -> Bool {
+    guard let stat = try? String(contentsOfFile: "/proc/\(pid)/stat", encoding: .utf8),
+          let close = stat.lastIndex(of: ")") else { return false }
+    return stat[stat.index(after: close)...].trimmingCharacters(in: .whitespaces).first != "Z"
 }
 
 /// Name → size and modification time of every file in `dir`.

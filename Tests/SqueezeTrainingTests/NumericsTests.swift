@@ -102,16 +102,16 @@ func updateError(_ after: [Float], _ before: [Float], reference: [Double], refer
     return worst / max(scale, 1e-30)
 }
 
-@Suite("Numerics against a float64 reference (the PyTorch step fixture's four steps)")
+@Suite("Numerics against a float64 reference (the PyTorch step fixture's four steps)", .needsShared)
 struct NumericsTests {
     let golden = sharedDirectory + "/reference/squeezenet_cifar_golden/init.safetensors"
 
     /// The fixture's records as the fixture script computes them (float32 arithmetic), channel-major.
-    func records(batch: Int, step: Int) -> (x: [Double], labels: [Int]) {
+    func records(batch: Int, step: Int) throws -> (x: [Double], labels: [Int]) {
         let mean = ModelConfig.engineInputMean, std = ModelConfig.engineInputStd, plane = 32 * 32
         var x = [Double](repeating: 0, count: 3 * batch * plane)
         for j in 0..<batch {
-            let image = firstTrainingFile.image(step * batch + j)
+            let image = try firstTrainingFile.image(step * batch + j)
             for c in 0..<3 {
                 for p in 0..<plane {
                     let byte = Float(image[image.startIndex + c * plane + p])
@@ -119,7 +119,8 @@ struct NumericsTests {
                 }
             }
         }
-        return (x, (0..<batch).map { Int(firstTrainingFile.labels[step * batch + $0]) })
+        let labels = try firstTrainingFile.labels
+        return (x, (0..<batch).map { Int(labels[step * batch + $0]) })
     }
 
     /// With the default convolutions (`automatic`) and with oneDNN's everywhere, squeezetrain's float32
@@ -145,7 +146,7 @@ struct NumericsTests {
         let initial = reference.values
         let pytorchLosses = try fixture["losses"]!.floats()
         for step in 0..<4 {
-            let (x, labels) = records(batch: config.batchSize, step: step)
+            let (x, labels) = try records(batch: config.batchSize, step: step)
             let loss = reference.step(x: x, shape: Shape(c: 3, n: config.batchSize, h: 32, w: 32), labels: labels,
                                learningRate: Double(config.learningRate), momentum: Double(config.momentum),
                                weightDecay: Double(config.weightDecay))
