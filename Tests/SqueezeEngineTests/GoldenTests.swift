@@ -111,6 +111,37 @@ struct GoldenFixtureTests {
         let update = zip(net.parameters.copyValues(), before).map { $0 - $1 }
         try expectSampled(update, of: net, expected, key: "sgd_update", tolerance: 1e-3)
     }
+
+    @Test func weightsRoundTripAndMismatchesAreListed() throws {
+        let net = model()
+        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("squeezetrain-weights-\(getpid())")
+        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(at: dir) }
+        let path = dir.appendingPathComponent("w.safetensors").path
+        try net.saveWeights(to: path)
+        let other = Network(config: net.config, seed: 99)
+        try other.loadWeights(from: path)
+        let same = other.parameters.copyValues() == net.parameters.copyValues()  // outside #expect: no element-wise diff
+        #expect(same)
+
+        // A 1000-class torchvision-shaped model cannot take the 10-class file: one error names the tensors.
+        var wide = ModelConfig()
+        wide.classes = 1000
+        wide.architecture = .squeezenet1_0
+        let wrong = Network(config: wide)
+        let before = wrong.parameters.copyValues()
+        do {
+            try wrong.loadWeights(from: path)
+            Issue.record("a mismatched file loaded")
+        } catch {
+            let message = String(describing: error)
+            #expect(message.contains("classifier.1.weight"))
+            #expect(message.contains("features.5.squeeze.weight"))  // 1.0 has a Fire module at 5, 1.1 a pool
+            #expect(message.contains(path))
+        }
+        let untouched = wrong.parameters.copyValues() == before  // outside #expect: no element-wise diff
+        #expect(untouched)
+    }
 }
 
 @Suite("PyTorch golden reference (squeezenet1_1, CIFAR stem, batch 8)", .needsPyTorchReference)
@@ -171,36 +202,5 @@ struct GoldenTests {
             let err = relativeError(Array(values[spec.range]), try expected["after_sgd." + spec.name]!.floats())
             #expect(err < 1e-5, "after_sgd.\(spec.name): relative error \(err)")
         }
-    }
-
-    @Test func weightsRoundTripAndMismatchesAreListed() throws {
-        let net = try model()
-        let dir = FileManager.default.temporaryDirectory.appendingPathComponent("squeezetrain-weights-\(getpid())")
-        try FileManager.default.createDirectory(at: dir, withIntermediateDirectories: true)
-        defer { try? FileManager.default.removeItem(at: dir) }
-        let path = dir.appendingPathComponent("w.safetensors").path
-        try net.saveWeights(to: path)
-        let other = Network(config: net.config, seed: 99)
-        try other.loadWeights(from: path)
-        let same = other.parameters.copyValues() == net.parameters.copyValues()  // outside #expect: no element-wise diff
-        #expect(same)
-
-        // A 1000-class torchvision-shaped model cannot take the 10-class file: one error names the tensors.
-        var wide = ModelConfig()
-        wide.classes = 1000
-        wide.architecture = .squeezenet1_0
-        let wrong = Network(config: wide)
-        let before = wrong.parameters.copyValues()
-        do {
-            try wrong.loadWeights(from: path)
-            Issue.record("a mismatched file loaded")
-        } catch {
-            let message = String(describing: error)
-            #expect(message.contains("classifier.1.weight"))
-            #expect(message.contains("features.5.squeeze.weight"))  // 1.0 has a Fire module at 5, 1.1 a pool
-            #expect(message.contains(path))
-        }
-        let untouched = wrong.parameters.copyValues() == before  // outside #expect: no element-wise diff
-        #expect(untouched)
     }
 }
