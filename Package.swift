@@ -52,12 +52,16 @@ let package = Package(
             ],
             swiftSettings: optimize),
 
+        // What the tests share: their inputs (../shared when present, else committed fixtures and generated
+        // CIFAR-10-format files), the tiers, the executable they start.
+        .target(name: "SqueezeTestSupport", dependencies: ["SqueezeEngine", "SqueezeData"], path: "Tests/SqueezeTestSupport"),
+
         .testTarget(name: "SqueezeSystemTests", dependencies: ["SqueezeSystem"]),
-        .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeEngine"]),
-        .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeData"]),
+        .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeTestSupport", "SqueezeEngine"]),
+        .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeTestSupport", "SqueezeData"]),
         .testTarget(name: "SqueezeCommTests", dependencies: ["SqueezeComm"]),
-        .testTarget(name: "SqueezeCompressTests", dependencies: ["SqueezeCompress", "SqueezeEngine", "SqueezeData", "SqueezeTraining"]),
-        .testTarget(name: "SqueezeTrainingTests", dependencies: ["SqueezeTraining"], exclude: ["Fixtures"]),
-        .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeCluster", "SqueezeComm", "SqueezeEngine", "SqueezeTraining"]),
+        .testTarget(name: "SqueezeCompressTests", dependencies: ["SqueezeTestSupport", "SqueezeCompress", "SqueezeEngine", "SqueezeData", "SqueezeTraining"]),
+        .testTarget(name: "SqueezeTrainingTests", dependencies: ["SqueezeTestSupport", "SqueezeTraining"], exclude: ["Fixtures"]),
+        .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeTestSupport", "SqueezeCluster", "SqueezeComm", "SqueezeEngine", "SqueezeTraining"]),
     ]
 )

@@ -1,12 +1,13 @@
 import Foundation
 import SqueezeEngine
 import Testing
+import SqueezeTestSupport
 
 /// The commands that read weights take the model from the file's metadata; flags given must agree.
 @Suite(.timeLimit(.minutes(10))) struct WeightsMetadataCommandLineTests {
     static let shipped = packageRoot.appendingPathComponent("docs/results/squeezenet-bn-late-80-epochs.safetensors").path
 
-    /// A CIFAR-10 directory whose test set is the first `records` records of the real one.
+    /// A CIFAR-10 directory whose test set is the first `records` records of the tests' one.
     func smallTestSet(_ dir: String, records: Int = 200) throws -> String {
         let data = dir + "/cifar"
         try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
@@ -21,7 +22,8 @@ import Testing
         return (status, c.output)
     }
 
-    @Test func evalNeedsNoModelFlagsForWeightsWithMetadata() throws {
+    /// The shipped weights score above 80% only on real images.
+    @Test(.needsRealCIFAR10) func evalNeedsNoModelFlagsForWeightsWithMetadata() throws {
         let dir = try temporaryDirectory("meta-eval")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         // The 90% model (BatchNorm, late downsampling): without the metadata these flags were required,

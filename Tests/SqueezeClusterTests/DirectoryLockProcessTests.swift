@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import SqueezeTestSupport
 import SqueezeTraining
 @testable import SqueezeCluster
 
@@ -63,7 +64,8 @@ struct DirectoryLockProcessTests {
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let ckpt = dir + "/ckpt"
         // An earlier run's checkpoints (steps 1 and 2), continued by a run that writes nothing more
-        // for minutes (its next checkpoint is at the end of the first epoch, 3,125 steps on).
+        // for minutes (its next checkpoint is at the end of the first epoch: 3,125 steps on with the real
+        // CIFAR-10, 625 with the generated one, SyntheticCIFAR10.recordsPerTrainFile).
         let earlier = try launch(dir, port: try freeTCPPort(), ["--steps", "2", "--checkpoint-every", "1"], log: "earlier.log")
         #expect(earlier.wait() == 0, "\(earlier.output)")
         let port = try freeTCPPort()

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import SqueezeTestSupport
 import SqueezeComm
 import SqueezeEngine
 @testable import SqueezeCluster

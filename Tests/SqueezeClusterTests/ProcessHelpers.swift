@@ -2,22 +2,14 @@ import Foundation
 import Testing
 import SqueezeComm
 @testable import SqueezeCluster
+import SqueezeTestSupport
 
 /// The package root (…/Tests/SqueezeClusterTests/ProcessHelpers.swift → …).
-let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-let sharedDirectory = packageRoot.deletingLastPathComponent().appendingPathComponent("shared").path
-let cifarDirectory = sharedDirectory + "/data/cifar-10-batches-bin"
-let goldenWeights = sharedDirectory + "/reference/squeezenet_cifar_golden/init.safetensors"
-
-/// The `squeezetrain` executable built alongside the tests.
-let squeezetrain: String = {
-    let fm = FileManager.default
-    var candidates = [URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path]
-    if let exe = Bundle.main.executablePath { candidates.append((exe as NSString).deletingLastPathComponent) }
-    candidates += ["release", "debug"].map { packageRoot.appendingPathComponent(".build/\($0)").path }
-    for dir in candidates where fm.isExecutableFile(atPath: dir + "/squeezetrain") { return dir + "/squeezetrain" }
-    return "squeezetrain executable not found next to the tests (\(candidates)); run `swift build` first"
-}()
+let packageRoot = URL(fileURLWithPath: TestInputs.packageRoot)
+/// The CIFAR-10 every child process trains on: real when ../shared has it, else generated (SyntheticCIFAR10).
+let cifarDirectory = TestInputs.cifar10
+/// The weights every rank of a run starts from: PyTorch's reference initial weights, else seed-0 ones.
+let goldenWeights = TestInputs.initialWeights
 
 /// The run key every child process gets through $SQUEEZETRAIN_KEY_FILE, so the tests run the
 /// default, encrypted path (a private directory, removed with the machine's temporary files).
@@ -65,7 +57,7 @@ final class Child {
         env["SQUEEZETRAIN_KEY_FILE"] = testKeyFile
         env.merge(environment) { $1 }
         process.environment = env
-        try process.run()
+        try startProcess(process)
     }
 
     var output: String { (try? String(contentsOfFile: logPath, encoding: .utf8)) ?? "" }
@@ -144,6 +136,6 @@ func killProcesses(matching pattern: String) throws {
     let pkill = Process()
     pkill.executableURL = URL(fileURLWithPath: "/usr/bin/pkill")
     pkill.arguments = ["-9", "-f", pattern]
-    try pkill.run()
+    try startProcess(pkill)
     pkill.waitUntilExit()
 }

@@ -1,16 +1,7 @@
 import Foundation
 import Testing
 import SqueezeEngine
-
-/// The `squeezetrain` executable built alongside the tests.
-let squeezetrain: String = {
-    let fm = FileManager.default
-    var candidates = [URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path]
-    if let exe = Bundle.main.executablePath { candidates.append((exe as NSString).deletingLastPathComponent) }
-    candidates += ["release", "debug"].map { packageRoot.appendingPathComponent(".build/\($0)").path }
-    for dir in candidates where fm.isExecutableFile(atPath: dir + "/squeezetrain") { return dir + "/squeezetrain" }
-    return "squeezetrain executable not found next to the tests (\(candidates)); run `swift build` first"
-}()
+import SqueezeTestSupport
 
 /// Runs `squeezetrain arguments`; returns its exit status and its standard output and error together.
 func runSqueezetrain(_ arguments: [String]) throws -> (status: Int32, output: String) {
@@ -18,7 +9,7 @@ func runSqueezetrain(_ arguments: [String]) throws -> (status: Int32, output: St
     process.executableURL = URL(fileURLWithPath: squeezetrain)
     process.arguments = arguments
     var env = ProcessInfo.processInfo.environment
-    env["CIFAR10_DIR"] = cifarDirectory
+    env["CIFAR10_DIR"] = TestInputs.cifar10
     process.environment = env
     let log = FileManager.default.temporaryDirectory.appendingPathComponent("squeezetrain-compress-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).log")
     _ = FileManager.default.createFile(atPath: log.path, contents: nil)
@@ -26,7 +17,7 @@ func runSqueezetrain(_ arguments: [String]) throws -> (status: Int32, output: St
     let handle = try FileHandle(forWritingTo: log)
     process.standardOutput = handle
     process.standardError = handle
-    try process.run()
+    try startProcess(process)
     process.waitUntilExit()
     try handle.close()
     return (process.terminationStatus, try String(contentsOf: log, encoding: .utf8))
@@ -41,7 +32,7 @@ struct CompressCommandTests {
         return path
     }
 
-    @Test(.needsCIFAR10) func aTinyRunWritesAFileThatInspectAndEvalAccept() throws {
+    @Test func aTinyRunWritesAFileThatInspectAndEvalAccept() throws {
         let dir = try temporaryDirectory("compress")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let weights = try smallWeights(in: dir)

@@ -4,24 +4,15 @@ import SqueezeData
 import SqueezeEngine
 import SqueezeTraining
 @testable import SqueezeCompress
+import SqueezeTestSupport
 
-/// The package root (…/Tests/SqueezeCompressTests/CompressionTrainingTests.swift → …).
-let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent()
-let cifarDirectory = packageRoot.deletingLastPathComponent().appendingPathComponent("shared/data/cifar-10-batches-bin").path
-/// 256 training records, loaded once (an error, not a trap, when unreadable).
+/// 256 training records (real ones when ../shared has CIFAR-10, else generated), loaded once (an error, not a
+/// trap, when unreadable).
 let smallTrainingSetResult = Result {
-    let file = try CIFAR10(directory: cifarDirectory, files: ["data_batch_1.bin"])
+    let file = try CIFAR10(directory: TestInputs.cifar10, files: ["data_batch_1.bin"])
     return try CIFAR10(images: Array(file.images[0..<(256 * CIFAR10.imageBytes)]), labels: Array(file.labels[0..<256]))
 }
 var smallTrainingSet: CIFAR10 { get throws { try smallTrainingSetResult.get() } }
-
-/// Tests that need CIFAR-10 from ../shared are reported as skipped, with the reason, without it.
-extension Trait where Self == ConditionTrait {
-    static var needsCIFAR10: Self {
-        .enabled(if: ["data_batch_1.bin", "test_batch.bin"].allSatisfy { FileManager.default.fileExists(atPath: cifarDirectory + "/" + $0) },
-                 "needs CIFAR-10 in ../shared/data/cifar-10-batches-bin beside the checkout (scripts/get-cifar10)")
-    }
-}
 
 /// A small SqueezeNet with BatchNorm, trained with augmentation, momentum and weight decay.
 func smallConfig(steps: Int) -> TrainingConfig {
@@ -82,7 +73,7 @@ struct CompressionTrainingTests {
         #expect(abs(kept / total - 0.11) < 0.01)  // the paper's 11% overall (with fc8 at 0.5: still about 11%)
     }
 
-    @Test(.needsCIFAR10) func maskedRetrainingKeepsPrunedWeightsAtZeroThroughStepsAndACheckpoint() throws {
+    @Test func maskedRetrainingKeepsPrunedWeightsAtZeroThroughStepsAndACheckpoint() throws {
         let config = smallConfig(steps: 8)
         let trainer = try Trainer(config: config, trainSet: smallTrainingSet)
         try train(trainer, steps: 2)  // momentum is nonzero everywhere before pruning
@@ -123,7 +114,7 @@ struct CompressionTrainingTests {
         #expect(!prunedStayZero(unmasked.network, velocity: unmasked.optimizer.velocity.pointer))
     }
 
-    @Test(.needsCIFAR10, arguments: [6, 4]) func quantizedFineTuningKeepsEveryWeightInItsCodebook(bits: Int) throws {
+    @Test(arguments: [6, 4]) func quantizedFineTuningKeepsEveryWeightInItsCodebook(bits: Int) throws {
         let trainer = try Trainer(config: smallConfig(steps: 4), trainSet: smallTrainingSet)
         let net = trainer.network
         let names = Set(net.compressibleWeights.map(\.name))

@@ -7,10 +7,12 @@ import Testing
 import SqueezeEngine
 @testable import SqueezeCompress
 @testable import SqueezeTraining
+import SqueezeTestSupport
 
 /// A python3 that imports numpy ($SQUEEZETRAIN_PYTHON, python3 on the PATH, or /tmp/pt/bin/python), or
-/// why there is none.
+/// why there is none (none is looked for in the quick tier, which starts no process).
 let numpyPython: (path: String?, reason: String) = {
+    if TestTier.isQuick { return (nil, "starts python: in the full tier (scripts/test), not scripts/test --quick") }
     var candidates = ["python3", "/tmp/pt/bin/python"]
     if let chosen = ProcessInfo.processInfo.environment["SQUEEZETRAIN_PYTHON"] { candidates.insert(chosen, at: 0) }
     for python in candidates where (try? runPython(python, ["-c", "import numpy"]).status) == 0 { return (python, "") }
@@ -25,7 +27,7 @@ func runPython(_ python: String, _ arguments: [String]) throws -> (status: Int32
     let pipe = Pipe()
     process.standardOutput = pipe
     process.standardError = pipe
-    try process.run()
+    try startProcess(process)
     let output = pipe.fileHandleForReading.readDataToEndOfFile()
     process.waitUntilExit()
     return (process.terminationStatus, String(decoding: output, as: UTF8.self))
@@ -34,7 +36,7 @@ func runPython(_ python: String, _ arguments: [String]) throws -> (status: Int32
 /// Runs the independent reader on `file`, writing `output`; fails the test with its output if it fails.
 func independentRead(_ file: String, to output: String) throws {
     let python = try #require(numpyPython.path)
-    let run = try runPython(python, [packageRoot.appendingPathComponent("scripts/read-squeezetrain.py").path, file, "--output", output])
+    let run = try runPython(python, [TestInputs.packageRoot + "/scripts/read-squeezetrain.py", file, "--output", output])
     try #require(run.status == 0, "\(run.output)")
 }
 
@@ -49,8 +51,8 @@ func expectSameTensors(_ a: String, _ b: String) throws {
     }
 }
 
-let shippedCompressed = packageRoot.appendingPathComponent("docs/results/squeezenet-deep-compression.sqz").path
-let shippedWeights = packageRoot.appendingPathComponent("docs/results/squeezenet-bn-late-80-epochs.safetensors").path
+let shippedCompressed = TestInputs.packageRoot + "/docs/results/squeezenet-deep-compression.sqz"
+let shippedWeights = TestInputs.packageRoot + "/docs/results/squeezenet-bn-late-80-epochs.safetensors"
 
 /// `json` (a model configuration) with `key` set to `value`.
 func configJSON(_ json: String, setting key: String, to value: Any) throws -> String {

@@ -1,8 +1,9 @@
 import Foundation
 import Testing
 @testable import SqueezeData
+import SqueezeTestSupport
 
-@Suite(.needsCIFAR10) struct RealDataTests {
+@Suite(.needsRealCIFAR10) struct RealDataTests {
     @Test func trainSplitHas50000RecordsWithValidLabels() throws {
         let train = try cachedTrain.get()
         #expect(train.count == 50_000)
@@ -68,12 +69,7 @@ import Testing
 @Suite struct BadInputTests {
     /// Writes `records` records (label `labelFor(r)`, pixels = record number) to `path`.
     func writeBatch(_ path: String, records: Int, labelFor: (Int) -> UInt8 = { UInt8($0 % 10) }) throws {
-        var bytes = [UInt8]()
-        for r in 0..<records {
-            bytes.append(labelFor(r))
-            bytes += [UInt8](repeating: UInt8(r % 256), count: 3072)
-        }
-        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        try SyntheticCIFAR10.write(SyntheticCIFAR10.uniformRecords(records, label: labelFor), to: path)
     }
 
     @Test func missingDirectory() throws {
@@ -144,7 +140,7 @@ import Testing
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let path = dir + "/test_batch.bin"
         // 3,072 × k bytes: a multiple of the image size but not of the record size (0 bytes when k = 0).
-        try Data(repeating: 1, count: 3072 * records).write(to: URL(fileURLWithPath: path))
+        try SyntheticCIFAR10.write(SyntheticCIFAR10.imagesWithoutLabels(records), to: path)
         let error = #expect(throws: DataError.self) { try CIFAR10(directory: dir, split: .test) }
         #expect(error == .badFileSize(file: path, size: 3072 * records))
         #expect(error?.description.contains(path) == true)

@@ -1,9 +1,10 @@
 import Foundation
 import Testing
 @testable import SqueezeEngine
+import SqueezeTestSupport
 
 /// Tests/Fixtures: small committed inputs.
-let fixturesDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().path + "/Fixtures"
+let fixturesDirectory = TestInputs.fixtures
 
 /// scale × (2u − 1), u the top 53 bits of splitmix64(i) as a fraction, rounded once to Float: the values
 /// scripts/make-alexnet-fixture.py computes for flat index i.
@@ -67,18 +68,11 @@ struct AlexNetTests {
         var config = alexnet
         config.dropout = 0
         let net = Network(config: config)
-        var bound = 0.0
-        for spec in net.parameters.specs {  // each weight precedes its bias, which shares its bound
-            if spec.name.hasSuffix(".weight") { bound = 1 / Double(spec.shape.dropFirst().reduce(1, *)).squareRoot() }
-            let p = net.parameters.values.pointer + spec.offset
-            for j in 0..<spec.count { p[j] = formulaValue(UInt64(spec.offset + j), scale: bound) }
+        setFormulaWeights(net) { spec in  // a bias shares its weight's bound
+            let layer = String(spec.name.dropLast(spec.name.hasSuffix(".bias") ? 5 : 7))
+            return 1 / Double(net.parameters.spec(layer + ".weight")!.shape.dropFirst().reduce(1, *)).squareRoot()
         }
-        let (n, side) = (2, 64), plane = 64 * 64
-        var cnhw = [Float](repeating: 0, count: 3 * n * plane)  // the formula runs over NCHW; the model takes (C, N, H, W)
-        for i in 0..<n { for c in 0..<3 { for q in 0..<plane {
-            cnhw[(c * n + i) * plane + q] = formulaValue(1 << 40 + UInt64((i * 3 + c) * plane + q), scale: 2)
-        } } }
-        let x = HostTensor(cnhw, Shape(c: 3, n: n, h: side, w: side))
+        let x = formulaImages(2, side: 64)
 
         let logits = net.predict(x.tensor)                       // (10, 2)
         let want = try expected["logits"]!.floats()              // (2, 10)
@@ -86,17 +80,9 @@ struct AlexNetTests {
         let (loss, _) = lossAndGradients(net, x.tensor, labels: [3, 7])
         let wantLoss = try expected["loss"]!.floats()[0]
         #expect(abs(loss - wantLoss) / wantLoss < 1e-5, "loss \(loss), PyTorch \(wantLoss)")
-        let grads = net.parameters.copyGradients()
         #expect(net.parameters.specs.count == 16)
-        for spec in net.parameters.specs {
-            let g = grads[spec.range], m = min(64, spec.count)
-            let norm = Float(g.reduce(0.0) { $0 + Double($1) * Double($1) }.squareRoot())
-            let wantNorm = try expected["gradnorm." + spec.name]!.floats()[0]
-            #expect(abs(norm - wantNorm) <= 1e-4 * wantNorm, "\(spec.name): gradient norm \(norm), PyTorch \(wantNorm)")
-            let sampled = (0..<m).map { g[spec.offset + $0 * spec.count / m] }
-            let err = relativeError(sampled, try expected["grad." + spec.name]!.floats())
-            #expect(err < 1e-3, "\(spec.name): gradient elements, relative error \(err)")
-        }
+        try expectSampled(net.parameters.copyGradients(), of: net, expected, key: "grad", tolerance: 1e-3,
+                          normKey: "gradnorm", normTolerance: 1e-4)
     }
 
     /// classifier.1 (a convolution whose kernel covers the whole 6×6 map, weight declared (out, in))

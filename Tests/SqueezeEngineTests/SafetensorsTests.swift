@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import SqueezeEngine
+import SqueezeTestSupport
 
 /// A fresh directory under the system temporary directory, removed when released.
 private final class TemporaryDirectory {
@@ -201,7 +202,7 @@ private func fileBytes(_ path: String) throws -> [UInt8] {
 
 // MARK: - Files written by PyTorch
 
-@Test(.needsGolden) func readsTheReferenceInitialWeights() throws {
+@Test(.needsPyTorchReference) func readsTheReferenceInitialWeights() throws {
     let path = goldenDirectory + "/init.safetensors"
     let (tensors, metadata) = try Safetensors.read(path: path)
     #expect(tensors.count == 52)
@@ -224,7 +225,7 @@ private func fileBytes(_ path: String) throws -> [UInt8] {
     #expect(tensors["classifier.1.bias"]?.shape == [10])
 }
 
-@Test(.needsGolden) func readsTheReferenceBatch() throws {
+@Test(.needsPyTorchReference) func readsTheReferenceBatch() throws {
     let path = goldenDirectory + "/batch.safetensors"
     let (tensors, _) = try Safetensors.read(path: path)
     #expect(Set(tensors.keys) == ["x", "y"])
@@ -246,7 +247,19 @@ private func fileBytes(_ path: String) throws -> [UInt8] {
     #expect(error?.description == "\(path): tensor 'y' is I64, but F32 is required")
 }
 
-@Test(.needsGolden) func rewritingReferenceFilesReproducesTorchsBytes() throws {
+/// The committed fixtures were written by safetensors.torch too: rewriting them gives the same bytes.
+@Test func rewritingFixturesReproducesTorchsBytes() throws {
+    let directory = try TemporaryDirectory()
+    for name in ["squeezenet-step.safetensors", "alexnet-step.safetensors"] {
+        let source = TestInputs.fixtures + "/" + name
+        let (tensors, metadata) = try Safetensors.read(path: source)
+        let copy = directory.file(name)
+        try Safetensors.write(path: copy, tensors: Array(tensors.values), metadata: metadata)
+        #expect(try fileBytes(copy) == fileBytes(source), "rewriting \(name)")
+    }
+}
+
+@Test(.needsPyTorchReference) func rewritingReferenceFilesReproducesTorchsBytes() throws {
     let directory = try TemporaryDirectory()
     for name in ["init.safetensors", "batch.safetensors"] {
         let source = goldenDirectory + "/" + name
@@ -434,7 +447,7 @@ private func fileBytes(_ path: String) throws -> [UInt8] {
         """)
 }
 
-@Test(.needsGolden) func validationAcceptsTheReferenceWeights() throws {
+@Test(.needsPyTorchReference) func validationAcceptsTheReferenceWeights() throws {
     let path = goldenDirectory + "/init.safetensors"
     let (tensors, _) = try Safetensors.read(path: path)
     // The shapes the model config asks for (squeezenet1_1, CIFAR stem, 10 classes: the reference's model).
@@ -453,7 +466,7 @@ private func fileBytes(_ path: String) throws -> [UInt8] {
 
 // MARK: The model configuration in the metadata
 
-@Test(.needsGolden) func weightsCarryTheirModelConfiguration() throws {
+@Test func weightsCarryTheirModelConfiguration() throws {
     let dir = try TemporaryDirectory()
     var config = ModelConfig()
     config.batchNorm = true; config.lateDownsample = true; config.fire.baseE = 96; config.classes = 7
@@ -463,7 +476,7 @@ private func fileBytes(_ path: String) throws -> [UInt8] {
     #expect(try Safetensors.readMetadata(path: dir.file("w.safetensors"))["squeezetrain.model"] != nil)
 
     // A file without the metadata (PyTorch's, say) has no saved configuration.
-    #expect(try Network.savedConfig(path: goldenDirectory + "/init.safetensors") == nil)
+    #expect(try Network.savedConfig(path: TestInputs.fixtures + "/squeezenet-step.safetensors") == nil)
 }
 
 @Test func malformedModelMetadataIsAnErrorNamingTheFile() throws {

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import SqueezeData
+import SqueezeTestSupport
 @testable import SqueezeEngine
 @testable import SqueezeTraining
 
@@ -102,9 +103,9 @@ func updateError(_ after: [Float], _ before: [Float], reference: [Double], refer
     return worst / max(scale, 1e-30)
 }
 
-@Suite("Numerics against a float64 reference (the PyTorch step fixture's four steps)", .needsShared)
+@Suite("Numerics against a float64 reference (the PyTorch step fixture's four steps)", .needsRealCIFAR10, .needsPyTorchReference)
 struct NumericsTests {
-    let golden = sharedDirectory + "/reference/squeezenet_cifar_golden/init.safetensors"
+    let golden = TestInputs.initialWeights
 
     /// The fixture's records as the fixture script computes them (float32 arithmetic), channel-major.
     func records(batch: Int, step: Int) throws -> (x: [Double], labels: [Int]) {

@@ -6,7 +6,7 @@ import SqueezeEngine
 
 @Suite("Training loop, stop token, metrics lines")
 struct TrainingLoopTests {
-    @Test(.needsShared) func aStopRequestEndsTheRunAtTheNextStepWithACheckpoint() throws {
+    @Test func aStopRequestEndsTheRunAtTheNextStepWithACheckpoint() throws {
         let dir = try temporaryDirectory("loop-stop")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let trainer = try Trainer(config: deterministicConfig(steps: 100, batch: 8), trainSet: firstTrainingFile)

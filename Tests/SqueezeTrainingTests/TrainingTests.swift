@@ -3,27 +3,15 @@ import Testing
 import SqueezeData
 import SqueezeEngine
 @testable import SqueezeTraining
+import SqueezeTestSupport
 
 let testsDirectory = URL(fileURLWithPath: #filePath).deletingLastPathComponent()
 let packageDirectory = testsDirectory.deletingLastPathComponent().deletingLastPathComponent()
-/// `shared/` beside the package checkout.
-let sharedDirectory = packageDirectory.deletingLastPathComponent().appendingPathComponent("shared").path
-let cifarDirectory = sharedDirectory + "/data/cifar-10-batches-bin"
 
-/// One CIFAR-10 training file (10,000 records), loaded once for all tests (an error, not a trap, when unreadable).
-let firstTrainingFileResult = Result { try CIFAR10(directory: cifarDirectory, files: ["data_batch_1.bin"]) }
+/// One CIFAR-10 training file (the real one's 10,000 records when ../shared has it, else generated ones),
+/// loaded once for all tests (an error, not a trap, when unreadable).
+let firstTrainingFileResult = Result { try CIFAR10(directory: TestInputs.cifar10, files: ["data_batch_1.bin"]) }
 var firstTrainingFile: CIFAR10 { get throws { try firstTrainingFileResult.get() } }
-
-/// Tests that need ../shared (CIFAR-10, the PyTorch reference) are reported as skipped, with the reason, without it.
-let sharedInputsPresent = ["/data/cifar-10-batches-bin/data_batch_1.bin", "/data/cifar-10-batches-bin/test_batch.bin",
-                           "/reference/squeezenet_cifar_golden/init.safetensors"]
-    .allSatisfy { FileManager.default.fileExists(atPath: sharedDirectory + $0) }
-
-extension Trait where Self == ConditionTrait {
-    static var needsShared: Self {
-        .enabled(if: sharedInputsPresent, "needs CIFAR-10 and the PyTorch reference in ../shared beside the checkout (scripts/get-cifar10)")
-    }
-}
 
 func temporaryDirectory(_ name: String) throws -> String {
     let dir = FileManager.default.temporaryDirectory.appendingPathComponent("squeezetrain-\(name)-\(getpid())-\(UInt32.random(in: 0...UInt32.max))")
@@ -57,11 +45,12 @@ func train(_ trainer: Trainer, steps: Int) throws -> [Float] {
     return losses
 }
 
-@Suite("Single-process training", .needsShared)
+@Suite("Single-process training")
 struct TrainingTests {
-    let golden = sharedDirectory + "/reference/squeezenet_cifar_golden/init.safetensors"
+    let golden = TestInputs.initialWeights
 
-    @Test func matchesPyTorchOnTheSameRecords() throws {
+    /// PyTorch's four steps on the first 128 real records from its reference initial weights.
+    @Test(.needsRealCIFAR10, .needsPyTorchReference) func matchesPyTorchOnTheSameRecords() throws {
         // Tests/SqueezeTrainingTests/Fixtures/pytorch-4-steps.safetensors, from scripts/make-training-fixture.py
         let expected = try Safetensors.read(path: testsDirectory.path + "/Fixtures/pytorch-4-steps.safetensors").tensors
         let trainer = try Trainer(config: deterministicConfig(steps: 4), trainSet: firstTrainingFile)
@@ -196,7 +185,7 @@ struct TrainingTests {
     #expect(refusal(step: 4).contains("residual-000000004-rank1.safetensors: checksum mismatch"))
 }
 
-@Test(.needsShared) func flipEvaluationAveragesEachImageWithItsMirror() throws {
+@Test func flipEvaluationAveragesEachImageWithItsMirror() throws {
     var config = deterministicConfig(steps: 10)
     config.model.batchNorm = true
     let trainer = try Trainer(config: config, trainSet: firstTrainingFile)
@@ -217,7 +206,7 @@ struct TrainingTests {
     #expect(flipped.allSatisfy { $0.images == count })
 }
 
-@Test(.needsShared) func shardedEvaluationAddsUpToTheWhole() throws {
+@Test func shardedEvaluationAddsUpToTheWhole() throws {
     let trainer = try Trainer(config: deterministicConfig(steps: 1), trainSet: firstTrainingFile)
     let file = try firstTrainingFile
     let subset = try CIFAR10(images: Array(file.images[0..<(300 * 3072)]), labels: Array(file.labels[0..<300]))
@@ -233,13 +222,13 @@ struct TrainingTests {
 /// 500 test images, far above chance with and without flip TTA (88.0% and 89.8% when they were
 /// saved; 89.52% and 90.44% on the whole test set). Fails if the weight format or the model's
 /// layout drifts from theirs (without late downsampling they score 45.6%).
-@Test(.needsShared) func shippedRecipeWeightsStillClassify() throws {
+@Test(.needsRealCIFAR10) func shippedRecipeWeightsStillClassify() throws {
     var config = ModelConfig()
     config.batchNorm = true
     config.lateDownsample = true
     let net = Network(config: config)
     try net.loadWeights(from: packageDirectory.path + "/docs/results/squeezenet-bn-late-80-epochs.safetensors")
-    let test = try CIFAR10(directory: cifarDirectory, files: ["test_batch.bin"])
+    let test = try CIFAR10(directory: TestInputs.cifar10, files: ["test_batch.bin"])
     let first = Array(0..<500)
     let plain = Trainer.evaluate(net, test, indices: first), flipped = Trainer.evaluate(net, test, indices: first, flip: true)
     #expect(plain.accuracy > 0.85, "\(plain.accuracy)")
@@ -248,7 +237,7 @@ struct TrainingTests {
 
 /// Checkpoints are never lost: pruning keeps the file just written (which `latest` names) whatever the
 /// steps of the files already there, and `--resume` over only corrupt files is an error naming each.
-@Suite("Checkpoint directory safety", .needsShared)
+@Suite("Checkpoint directory safety")
 struct CheckpointDirectoryTests {
     func trainer(steps: Int) throws -> Trainer { try Trainer(config: deterministicConfig(steps: steps, batch: 8), trainSet: firstTrainingFile) }
 
@@ -346,7 +335,7 @@ func metricsWriteFailureIsReportedNotATrap() throws {
 
 /// A loss that is no longer a number stops training at that step with an error naming it and the likely
 /// cause, before the weights change: nothing trains on with NaN weights.
-@Test(.needsShared) func nonFiniteLossStopsTrainingNamingTheStep() throws {
+@Test func nonFiniteLossStopsTrainingNamingTheStep() throws {
     var config = deterministicConfig(steps: 30, batch: 16)
     config.learningRate = 1e6
     let trainer = try Trainer(config: config, trainSet: firstTrainingFile)
