@@ -21,7 +21,16 @@ let numpyPython: (path: String?, reason: String) = {
 
 /// Runs `python arguments` (a bare name is looked up on the PATH); its exit status and output.
 func runPython(_ python: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-    try runCollectingOutput("/usr/bin/env", [python] + arguments)
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
+    process.arguments = [python] + arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try startProcess(process)
+    let output = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: output, as: UTF8.self))
 }
 
 /// Runs the independent reader on `file`, writing `output`; fails the test with its output if it fails.

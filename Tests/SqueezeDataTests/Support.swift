@@ -44,5 +44,14 @@ func plane(_ buffer: [Float], c: Int, n: Int, batch: Int, side: Int = 32) -> Arr
 /// Runs `executable arguments` as user and group nobody (65534, through setpriv; the caller is root);
 /// returns its exit status and its standard output and error together.
 func runAsNobody(_ executable: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-    try runCollectingOutput("/usr/bin/setpriv", ["--reuid=65534", "--regid=65534", "--clear-groups", executable] + arguments)
+    let process = Process()
+    process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
+    process.arguments = ["--reuid=65534", "--regid=65534", "--clear-groups", executable] + arguments
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try startProcess(process)
+    let output = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: output, as: UTF8.self))
 }

@@ -27,18 +27,3 @@ public let squeezetrain: String = {
     return candidates.map { $0 + "/squeezetrain" }.first { FileManager.default.isExecutableFile(atPath: $0) }
         ?? "squeezetrain executable not found next to the tests (\(candidates)); run `swift build` first"
 }()
-
-/// Runs `executable arguments` to its end (through `startProcess`); its exit status and its standard
-/// output and error together.
-public func runCollectingOutput(_ executable: String, _ arguments: [String]) throws -> (status: Int32, output: String) {
-    let process = Process()
-    process.executableURL = URL(fileURLWithPath: executable)
-    process.arguments = arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try startProcess(process)
-    let output = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: output, as: UTF8.self))
-}
