@@ -221,7 +221,7 @@ struct BenchClusterCommand: ReportingCommand {
             let worker = WorkerProcess(coordinator: endpoint, options: workerOptions(threads: threads, data: data, rank: r, joinTimeout: 120, trace: nil,
                                                                                      window: TraceOptions.defaultWindow),
                                        access: access, cpus: bindTo.cpus(rank: r, threads: threads))
-            specs.append(try run.spec("worker \(r)", worker, ["worker", "--coordinator", endpoint]))
+            specs.append(try run.spec("worker \(r)", worker, ["worker", "--coordinator", endpoint, "--rank", "\(r)"]))
         }
         let log = LogBuffer()
         let group = ProcessGroup(specs, write: log.add)

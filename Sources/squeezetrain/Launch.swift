@@ -115,7 +115,7 @@ struct Launch: ReportingCommand {
                 worker.ownPaths = WorkerFiles.ownPaths(checkpointDir: cluster.checkpoints.checkpointDir, initWeights: initWeights, saveWeights: saveWeights)
             }
             let process = WorkerProcess(coordinator: endpoint, options: worker, access: access, cpus: bindTo.cpus(rank: r, threads: threads))
-            all.append(try run.spec("worker \(r)", process, ["worker", "--coordinator", endpoint, "--events"]))
+            all.append(try run.spec("worker \(r)", process, ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--events"]))
         }
         return all
     }

@@ -10,17 +10,20 @@ struct TraceOptions: ParsableArguments {
         "Write a timeline here: Chrome trace-event JSON (open it in https://ui.perfetto.dev or chrome://tracing), one track per rank.",
         discussion: "Off by default, at no cost. See docs/cluster.md (\"Timeline\") for what each command records."))
     var trace: String?
-    @Option(help: "Steps the timeline records: N (the N steps after this run's first step, a warm-up) or A:B (steps A to B-1 as the metrics number them); at most 1000 steps. Default: 5.",
-            transform: { try TraceWindow(parsing: $0) })
-    var traceSteps: TraceWindow?
+    @Option(help: "Steps the timeline records: N (the N steps after this run's first step, a warm-up) or A:B (steps A to B-1 as the metrics number them); at most 1000 steps. Default: 5.")
+    var traceSteps: String?
 
-    var window: TraceWindow { traceSteps ?? Self.defaultWindow }
+    /// `--trace-steps` (checked by `validate()`), else the default.
+    var window: TraceWindow { traceSteps.flatMap { try? TraceWindow(parsing: $0) } ?? Self.defaultWindow }
     static let defaultWindow = try! TraceWindow(parsing: "5")  // a literal
 
     func validate() throws {
         guard let trace else {
             if traceSteps != nil { throw ValidationError("--trace-steps needs --trace FILE") }
             return
+        }
+        if let traceSteps {
+            do { _ = try TraceWindow(parsing: traceSteps) } catch { throw ValidationError("\(error)") }
         }
         do { try TraceFile.checkWritable(trace) } catch { throw ValidationError("\(error)") }
     }
