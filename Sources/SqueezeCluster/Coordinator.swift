@@ -4,8 +4,9 @@ import SqueezeEngine
 import SqueezeSystem
 import SqueezeTraining
 
-/// How the coordinator runs a cluster.
-public struct CoordinatorOptions: Sendable {
+/// How the coordinator runs a cluster. Codable: `launch` hands it to its coordinator process in a file
+/// (`CoordinatorProcess`); the tracer is the process's own.
+public struct CoordinatorOptions: Codable, Sendable {
     public var bind: String
     public var workers: Int
     public var config: TrainingConfig
@@ -41,14 +42,10 @@ public struct CoordinatorOptions: Sendable {
     public init(bind: String, workers: Int, config: TrainingConfig) {
         self.bind = bind; self.workers = workers; self.config = config
     }
-}
-
-/// The run was stopped (a signal, a worker's request) before training began.
-public struct Interrupted: Error, CustomStringConvertible, Sendable {
-    public var reason: String
-    public var signal: Int32?
-    public init(reason: String, signal: Int32? = nil) { self.reason = reason; self.signal = signal }
-    public var description: String { "stopped: \(reason)" }
+    enum CodingKeys: String, CodingKey {
+        case bind, workers, config, trainingRecords, algorithm, compression, bucketBytes, transport, timeout, joinTimeout, metricsPath
+        case initWeights, saveWeights, evaluate, checkpointDirectory, checkpointEvery, keepCheckpoints, resume, startOver, quiet
+    }
 }
 
 /// Per-rank totals for the summary table.

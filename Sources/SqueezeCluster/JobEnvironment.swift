@@ -245,24 +245,23 @@ public struct JobEnvironment: Equatable, Sendable, CustomStringConvertible {
 /// what is malformed (unbalanced or nested brackets, an empty element, a range that runs backwards or
 /// is not numeric). Only the first `limit` names are generated, so `node[0-999999999]` costs nothing.
 public func expandHostList(_ list: String, limit: Int = 4096) throws -> [String] {
-    struct Malformed: Error, CustomStringConvertible { var description: String }
     // Split at commas outside brackets.
     var patterns = [String](), current = "", depth = 0
     for ch in list {
         switch ch {
-        case "[": depth += 1; guard depth == 1 else { throw Malformed(description: "nested '[' in '\(list)'") }
-        case "]": depth -= 1; guard depth == 0 else { throw Malformed(description: "']' without '[' in '\(list)'") }
+        case "[": depth += 1; guard depth == 1 else { throw ClusterError("nested '[' in '\(list)'") }
+        case "]": depth -= 1; guard depth == 0 else { throw ClusterError("']' without '[' in '\(list)'") }
         case "," where depth == 0: patterns.append(current); current = ""; continue
         default: break
         }
         current.append(ch)
     }
-    guard depth == 0 else { throw Malformed(description: "unclosed '[' in '\(list)'") }
+    guard depth == 0 else { throw ClusterError("unclosed '[' in '\(list)'") }
     patterns.append(current)
 
     var hosts = [String]()
     for pattern in patterns {
-        guard !pattern.isEmpty else { throw Malformed(description: "empty host name in '\(list)'") }
+        guard !pattern.isEmpty else { throw ClusterError("empty host name in '\(list)'") }
         // Alternate literal text and bracket groups: prefix [a-b,c] middle [d] suffix.
         var parts = [[String]]()
         var rest = Substring(pattern)
@@ -274,7 +273,7 @@ public func expandHostList(_ list: String, limit: Int = 4096) throws -> [String]
                 let bounds = item.split(separator: "-", omittingEmptySubsequences: false)
                 guard (1...2).contains(bounds.count), bounds.allSatisfy({ !$0.isEmpty && $0.allSatisfy(\.isASCII) && $0.allSatisfy(\.isNumber) }),
                       let low = Int(bounds[0]), let high = Int(bounds.last!), low <= high else {
-                    throw Malformed(description: "'\(item)' in '\(pattern)' is not a number or an ascending range a-b")
+                    throw ClusterError("'\(item)' in '\(pattern)' is not a number or an ascending range a-b")
                 }
                 let width = bounds[0].count
                 for n in low...high {

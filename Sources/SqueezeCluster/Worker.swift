@@ -6,7 +6,7 @@ import SqueezeSystem
 import SqueezeTraining
 
 /// How a worker joins a run.
-public struct WorkerOptions: Sendable {
+public struct WorkerOptions: Codable, Sendable {
     /// Compute threads (sent to the coordinator; the executable sets OpenMP's team size).
     public var threads = 1
     /// CIFAR-10 directory on this machine (nil: the usual search).
@@ -27,7 +27,7 @@ public struct WorkerOptions: Sendable {
 }
 
 /// The files a worker of an unauthenticated run was given itself (absolute paths).
-public struct OwnPaths: Sendable, Equatable {
+public struct OwnPaths: Codable, Sendable, Equatable {
     public var checkpointDirectory: String?, initWeights: String?, saveWeights: String?
     public init(checkpointDirectory: String? = nil, initWeights: String? = nil, saveWeights: String? = nil) {
         self.checkpointDirectory = checkpointDirectory; self.initWeights = initWeights; self.saveWeights = saveWeights

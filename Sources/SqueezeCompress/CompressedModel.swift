@@ -200,71 +200,67 @@ extension CompressedModel {
         func fail(_ reason: String) -> CompressedFormatError { CompressedFormatError(file: file, reason: reason) }
         guard data.count >= 12 else { throw fail("truncated: \(data.count) bytes is too short for a compressed model") }
         guard Array(data.prefix(4)) == magic else { throw fail("not a squeezetrain compressed model (wrong magic)") }
-        var reader = ByteReader(data: data, end: data.count - 4)
+        var reader = ByteReader(data: data, end: data.count - 4, file: file)
         _ = try reader.bytes(4)
         let version = try reader.u16()
         guard version == Self.version else { throw fail("compressed-model format version \(version) is not supported (this build reads \(Self.version))") }
         let stored = data.suffix(4).withUnsafeBytes { UInt32(littleEndian: $0.loadUnaligned(as: UInt32.self)) }
         guard stored == crc32(data.dropLast(4)) else { throw fail("checksum mismatch: the file is corrupt, truncated or was modified") }
-        do {
-            guard try reader.u16() == 0 else { throw fail("unknown flags") }
-            let json = try reader.bytes(try reader.u32())
-            let config: ModelConfig
-            do { config = try JSONDecoder().decode(ModelConfig.self, from: Data(json)) } catch {
-                throw fail("the model configuration does not decode (\(error))")
-            }
-            if let reason = config.invalidReason { throw fail("the model configuration describes no valid model: \(reason)") }
-            let expected = Network.stateShapes(config)
-            let count = try reader.u32()
-            guard count == expected.count else { throw fail("\(count) tensors, but the model has \(expected.count)") }
-            var tensors = [CompressedTensor]()
-            for _ in 0..<count {
-                guard let name = String(validating: try reader.bytes(try reader.u16()), as: UTF8.self) else { throw fail("a tensor name is not UTF-8") }
-                guard let shape = expected[name] else { throw fail("tensor '\(name)' is not part of the model") }
-                guard !tensors.contains(where: { $0.name == name }) else { throw fail("tensor '\(name)' appears twice") }
-                let rank = try reader.u8()
-                let dims = try (0..<rank).map { _ in try reader.u32() }
-                guard dims == shape else { throw fail("tensor '\(name)' has shape \(dims), the model needs \(shape)") }
-                let n = shape.reduce(1, *)
-                switch try reader.u8() {
-                case 0:
-                    let values = try (0..<n).map { _ in Float(bitPattern: UInt32(try reader.u32())) }
-                    guard values.allSatisfy(\.isFinite) else { throw fail("tensor '\(name)' holds a value that is not finite") }
-                    tensors.append(CompressedTensor(name: name, shape: shape, storage: .plain(values)))
-                case 1:
-                    let bits = try reader.u8()
-                    guard (1...8).contains(bits) else { throw fail("tensor '\(name)': \(bits)-bit codes are not supported (1 to 8)") }
-                    let k = try reader.u16()
-                    guard (1...(1 << bits)).contains(k) else { throw fail("tensor '\(name)': a codebook of \(k) values for \(bits)-bit codes") }
-                    let codebook = try (0..<k).map { _ in Float(bitPattern: UInt32(try reader.u32())) }
-                    let indexBits = try reader.u8()
-                    guard (1...8).contains(indexBits) else { throw fail("tensor '\(name)': \(indexBits)-bit relative indices are not supported (1 to 8)") }
-                    let entries = try reader.u32()
-                    // Each entry advances at least one position: more entries than values cannot fit.
-                    guard entries <= n else { throw fail("tensor '\(name)': \(entries) entries for \(n) values") }
-                    let codeTable: HuffmanCode, indexTable: HuffmanCode
-                    do {
-                        codeTable = try HuffmanCode(lengths: try reader.bytes(k))
-                        indexTable = try HuffmanCode(lengths: try reader.bytes(1 << indexBits))
-                    } catch let e as HuffmanError { throw fail("tensor '\(name)': corrupt Huffman table: \(e)") }
-                    let codes: [Int], gaps: [Int]
-                    do {
-                        codes = try codeTable.decode(try reader.bytes(try reader.u32()), count: entries)
-                        gaps = try indexTable.decode(try reader.bytes(try reader.u32()), count: entries)
-                    } catch let e as HuffmanError { throw fail("tensor '\(name)': corrupt Huffman stream: \(e)") }
-                    let shared = SharedWeights(bits: bits, codebook: codebook, indexBits: indexBits,
-                                               codes: codes.map(UInt8.init), gaps: gaps.map(UInt8.init))
-                    if let problem = shared.problem(count: n) { throw fail("tensor '\(name)': \(problem)") }
-                    tensors.append(CompressedTensor(name: name, shape: shape, storage: .shared(shared)))
-                case let kind:
-                    throw fail("tensor '\(name)': unknown storage kind \(kind)")
-                }
-            }
-            guard reader.atEnd else { throw fail("\(reader.remaining) unexpected bytes after the last tensor") }
-            return CompressedModel(config: config, tensors: tensors)
-        } catch let e as ByteReader.Truncated {
-            throw fail("truncated: \(e)")
+        guard try reader.u16() == 0 else { throw fail("unknown flags") }
+        let json = try reader.bytes(try reader.u32())
+        let config: ModelConfig
+        do { config = try JSONDecoder().decode(ModelConfig.self, from: Data(json)) } catch {
+            throw fail("the model configuration does not decode (\(error))")
         }
+        if let reason = config.invalidReason { throw fail("the model configuration describes no valid model: \(reason)") }
+        let expected = Network.stateShapes(config)
+        let count = try reader.u32()
+        guard count == expected.count else { throw fail("\(count) tensors, but the model has \(expected.count)") }
+        var tensors = [CompressedTensor]()
+        for _ in 0..<count {
+            guard let name = String(validating: try reader.bytes(try reader.u16()), as: UTF8.self) else { throw fail("a tensor name is not UTF-8") }
+            guard let shape = expected[name] else { throw fail("tensor '\(name)' is not part of the model") }
+            guard !tensors.contains(where: { $0.name == name }) else { throw fail("tensor '\(name)' appears twice") }
+            let rank = try reader.u8()
+            let dims = try (0..<rank).map { _ in try reader.u32() }
+            guard dims == shape else { throw fail("tensor '\(name)' has shape \(dims), the model needs \(shape)") }
+            let n = shape.reduce(1, *)
+            switch try reader.u8() {
+            case 0:
+                let values = try (0..<n).map { _ in Float(bitPattern: UInt32(try reader.u32())) }
+                guard values.allSatisfy(\.isFinite) else { throw fail("tensor '\(name)' holds a value that is not finite") }
+                tensors.append(CompressedTensor(name: name, shape: shape, storage: .plain(values)))
+            case 1:
+                let bits = try reader.u8()
+                guard (1...8).contains(bits) else { throw fail("tensor '\(name)': \(bits)-bit codes are not supported (1 to 8)") }
+                let k = try reader.u16()
+                guard (1...(1 << bits)).contains(k) else { throw fail("tensor '\(name)': a codebook of \(k) values for \(bits)-bit codes") }
+                let codebook = try (0..<k).map { _ in Float(bitPattern: UInt32(try reader.u32())) }
+                let indexBits = try reader.u8()
+                guard (1...8).contains(indexBits) else { throw fail("tensor '\(name)': \(indexBits)-bit relative indices are not supported (1 to 8)") }
+                let entries = try reader.u32()
+                // Each entry advances at least one position: more entries than values cannot fit.
+                guard entries <= n else { throw fail("tensor '\(name)': \(entries) entries for \(n) values") }
+                let codeTable: HuffmanCode, indexTable: HuffmanCode
+                do {
+                    codeTable = try HuffmanCode(lengths: try reader.bytes(k))
+                    indexTable = try HuffmanCode(lengths: try reader.bytes(1 << indexBits))
+                } catch let e as HuffmanError { throw fail("tensor '\(name)': corrupt Huffman table: \(e)") }
+                let codes: [Int], gaps: [Int]
+                do {
+                    codes = try codeTable.decode(try reader.bytes(try reader.u32()), count: entries)
+                    gaps = try indexTable.decode(try reader.bytes(try reader.u32()), count: entries)
+                } catch let e as HuffmanError { throw fail("tensor '\(name)': corrupt Huffman stream: \(e)") }
+                let shared = SharedWeights(bits: bits, codebook: codebook, indexBits: indexBits,
+                                           codes: codes.map(UInt8.init), gaps: gaps.map(UInt8.init))
+                if let problem = shared.problem(count: n) { throw fail("tensor '\(name)': \(problem)") }
+                tensors.append(CompressedTensor(name: name, shape: shape, storage: .shared(shared)))
+            case let kind:
+                throw fail("tensor '\(name)': unknown storage kind \(kind)")
+            }
+        }
+        guard reader.atEnd else { throw fail("\(reader.remaining) unexpected bytes after the last tensor") }
+        return CompressedModel(config: config, tensors: tensors)
     }
 
     /// Reads and decodes the file at `path`.
@@ -325,15 +321,16 @@ private struct ByteWriter {
 
 /// Little-endian fields, never past `end`.
 private struct ByteReader {
-    struct Truncated: Error, CustomStringConvertible { var description: String }
     let data: [UInt8]
     let end: Int
+    /// For the errors.
+    let file: String
     var position = 0
     var atEnd: Bool { position == end }
     var remaining: Int { end - position }
 
     mutating func bytes(_ n: Int) throws -> [UInt8] {
-        guard n >= 0, n <= end - position else { throw Truncated(description: "\(n) bytes needed at offset \(position), \(end - position) left") }
+        guard n >= 0, n <= end - position else { throw CompressedFormatError(file: file, reason: "truncated: \(n) bytes needed at offset \(position), \(end - position) left") }
         defer { position += n }
         return Array(data[position..<position + n])
     }

@@ -45,6 +45,15 @@ public struct TraceWindow: Sendable, Equatable, CustomStringConvertible {
     public var description: String { range.map { "\($0.lowerBound):\($0.upperBound)" } ?? "\(count)" }
 }
 
+/// Coded as its text form (`--trace-steps`).
+extension TraceWindow: Codable {
+    public init(from decoder: any Decoder) throws { try self.init(parsing: try decoder.singleValueContainer().decode(String.self)) }
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(description)
+    }
+}
+
 public struct TraceError: Error, CustomStringConvertible {
     public let description: String
     public init(_ description: String) { self.description = description }

@@ -11,7 +11,7 @@ func selfExecutable() -> String {
     (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? CommandLine.arguments[0]
 }
 
-struct BenchAllReduce: ParsableCommand {
+struct BenchAllReduce: ReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "allreduce",
         abstract: "Time one all-reduce (average) of F floats between N worker processes on this machine.",
@@ -23,11 +23,11 @@ struct BenchAllReduce: ParsableCommand {
     @Option(help: "Worker processes.") var workers = 2
     @Option(help: "Floats per all-reduce (727,626 = SqueezeNet 1.1 on CIFAR-10; 57,044,810 = AlexNet).") var floats = 727_626
     @Option(help: "ring, star (through a hub process, as the coordinator would be) or tree (binary, rooted at rank 0).") var algorithm: AllReduceAlgorithm = .ring
-    @Option(help: "tcp or ipc.") var transport = "tcp"
+    @Option(help: "tcp or ipc.") var transport: DataTransportKind = .tcp
     @Option(help: "Timed all-reduces (the median is reported).") var iterations = 50
     @Option(help: "Untimed warm-up all-reduces.") var warmup = 5
     @Option(help: "Pipelining chunk in KiB (the cluster uses 1024).") var chunkKb = 1024
-    @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 or topk:F.") var compress = "none"
+    @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 or topk:F.") var compress: GradientCompression = .none
     @Option(help: "core: bind participant r (and its I/O thread) to the r-th allowed CPU, round-robin, as mpirun --bind-to core does; none: leave placement to the scheduler.")
     var bindTo: WorkerBinding = .core
     @Flag(help: "Measure plain sockets instead of the default: a fresh run key, every tcp frame sealed with AES-256-GCM (ipc sockets live in a directory only you can enter and are not sealed).")
@@ -58,55 +58,51 @@ struct BenchAllReduce: ParsableCommand {
         guard workers >= 1, floats >= 1, iterations >= 1, warmup >= 0 else {
             throw ValidationError("--workers, --floats and --iterations must be at least 1")
         }
-        guard ["tcp", "ipc"].contains(transport) else { throw ValidationError("--transport must be tcp or ipc") }
         try validateAlgorithm(algorithm, compress: compress)
     }
 
     /// What protects the frames: nothing with --insecure, CURVE if asked, else what a run's data plane gets.
     var protection: DataProtection {
         if insecure { return .none }
-        return curveDataPlane ? .curve : DataProtection(keyed: true, kind: DataTransportKind(rawValue: transport) ?? .tcp)
+        return curveDataPlane ? .curve : DataProtection(keyed: true, kind: transport)
     }
 
-    func run() throws {
+    func execute() throws {
         if let rank, let endpoints { return try participate(rank: rank, endpoints: endpoints.split(separator: ",").map(String.init)) }
-        do {
-            var report = try launch()
-            report.sealGbps = try sealThroughput() / 1e9
-            if json { return try printJSON(report) }
-            let shielded = ["curve": " (CURVE-encrypted)", "aes-gcm": " (frames sealed with AES-256-GCM)"][report.protection] ?? " (plain)"
-            print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport)"
-                  + shielded + ", bound to \(bindTo == .core ? "cores" : "no core")"
-                  + (compress == "none" ? ":" : ", --compress \(compress) (bus bandwidth counts float32 bytes):"))
-            print(String(format: "  %.3f ms per all-reduce (median of %d; best %.3f ms), bus bandwidth %.2f GB/s",
-                         report.secondsPerAllreduce * 1e3, iterations, report.secondsPerAllreduceMin * 1e3, report.busBandwidthGbps))
-            // Rank 0's counters: every worker's with ring and star, the root's (the most) with the tree.
-            print("  bytes sent by rank 0 per all-reduce: \(grouped(report.bytesSentPerWorker)), received: \(grouped(report.bytesReceivedPerWorker))")
-            print(String(format: "  AES-256-GCM (OpenSSL) on one core of this machine: %.2f GB/s (1 MiB frames)", report.sealGbps ?? 0))
-        } catch {
-            throw fail(String(describing: error))
-        }
+        var report = try launch()
+        report.sealGbps = try sealThroughput() / 1e9
+        if json { return try printJSON(report) }
+        let shielded = ["curve": " (CURVE-encrypted)", "aes-gcm": " (frames sealed with AES-256-GCM)"][report.protection] ?? " (plain)"
+        print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport.rawValue)"
+              + shielded + ", bound to \(bindTo == .core ? "cores" : "no core")"
+              + (compress == .none ? ":" : ", --compress \(compress) (bus bandwidth counts float32 bytes):"))
+        print(String(format: "  %.3f ms per all-reduce (median of %d; best %.3f ms), bus bandwidth %.2f GB/s",
+                     report.secondsPerAllreduce * 1e3, iterations, report.secondsPerAllreduceMin * 1e3, report.busBandwidthGbps))
+        // Rank 0's counters: every worker's with ring and star, the root's (the most) with the tree.
+        print("  bytes sent by rank 0 per all-reduce: \(grouped(report.bytesSentPerWorker)), received: \(grouped(report.bytesReceivedPerWorker))")
+        print(String(format: "  AES-256-GCM (OpenSSL) on one core of this machine: %.2f GB/s (1 MiB frames)", report.sealGbps ?? 0))
     }
 
     /// Spawns the participants (N workers, plus a hub for star) and returns rank 0's report.
     private func launch() throws -> Report {
         let group = algorithm.groupSize(workers: workers)
         let endpoints = try (0..<group).map { r -> String in
-            transport == "ipc" ? try ipcEndpoint("bench-\(r)")
+            transport == .ipc ? try ipcEndpoint("bench-\(r)")
                                : "tcp://127.0.0.1:\(try freeTCPPort())"
         }
-        let key = insecure ? nil : try EphemeralKey()
-        defer { key?.remove() }
+        let run = try RunDirectory(prefix: "squeezetrain-bench-")
+        defer { run.remove() }
+        let key = insecure ? nil : try run.makeKey()
         let salt = DataPlaneSeal.hex(try DataPlaneSeal.randomSalt())  // as a coordinator draws one per rendezvous
         var children = [(Process, Pipe)]()
         for r in 0..<group {
             let p = Process(), out = Pipe()
             p.executableURL = URL(fileURLWithPath: selfExecutable())
             p.arguments = ["bench", "allreduce", "--workers", "\(workers)", "--floats", "\(floats)", "--algorithm", algorithm.rawValue,
-                           "--transport", transport, "--iterations", "\(iterations)", "--warmup", "\(warmup)", "--chunk-kb", "\(chunkKb)",
-                           "--compress", compress, "--bind-to", bindTo.rawValue,
+                           "--transport", transport.rawValue, "--iterations", "\(iterations)", "--warmup", "\(warmup)", "--chunk-kb", "\(chunkKb)",
+                           "--compress", compress.description, "--bind-to", bindTo.rawValue,
                            "--rank", "\(r)", "--endpoints", endpoints.joined(separator: ",")]
-                + (key.map { ["--key-file", $0.path, "--salt", salt] } ?? ["--insecure"]) + (curveDataPlane ? ["--curve-data-plane"] : [])
+                + (key.map { ["--key-file", $0, "--salt", salt] } ?? ["--insecure"]) + (curveDataPlane ? ["--curve-data-plane"] : [])
             p.standardOutput = out
             try p.run()
             children.append((p, out))
@@ -122,7 +118,8 @@ struct BenchAllReduce: ParsableCommand {
                 report = try decoder.decode(Report.self, from: data)
             }
         }
-        return report!
+        guard let report else { throw ClusterError("bench participant 0 wrote no report") }
+        return report
     }
 
     private func participate(rank: Int, endpoints: [String]) throws {
@@ -131,7 +128,7 @@ struct BenchAllReduce: ParsableCommand {
         if bindTo == .core { try CPUAffinity.bindCurrentThread(to: CPUAffinity.cpus(forLocalRank: rank)) }
         // The spawner passes the run's key or --insecure: a participant with neither must not run in the clear.
         guard keyFile != nil || insecure else {
-            throw fail("bench participant \(rank) has no --key-file and no --insecure: give it the run's key (or --insecure to measure plain sockets)")
+            throw ClusterError("bench participant \(rank) has no --key-file and no --insecure: give it the run's key (or --insecure to measure plain sockets)")
         }
         let security: PeerSecurity = try keyFile.map { .curve(try RunKey.read(from: $0)) } ?? .insecure
         let context = try ZMQContext()
@@ -141,21 +138,20 @@ struct BenchAllReduce: ParsableCommand {
         switch (protection, security) {
         case (.curve, _): transportOptions.security = security
         case (.aesGCM, .curve(let key)):
-            guard let salt = salt.flatMap(DataPlaneSeal.salt(hex:)) else { throw fail("bench participant \(rank) has no valid --salt (64 hex digits)") }
+            guard let salt = salt.flatMap(DataPlaneSeal.salt(hex:)) else { throw ClusterError("bench participant \(rank) has no valid --salt (64 hex digits)") }
             transportOptions.seal = try DataPlaneSeal(key: key, salt: salt)
-        default: transportOptions.security = transport == "ipc" ? .privateIPC : .insecure
+        default: transportOptions.security = transport == .ipc ? .privateIPC : .insecure
         }
         let transport = try ZMQTransport(rank: rank, worldSize: group, bind: endpoints[rank], context: context, options: transportOptions)
         defer { transport.close() }
         try transport.connect(topology: algorithm.topology(workers: workers), endpoints: endpoints)
         let options = CollectiveOptions(chunkBytes: chunkKb * 1024, timeout: .seconds(60))
-        let compression = try GradientCompression(parsing: compress)
         if algorithm == .star && rank == workers {
-            _ = try CommBenchmark.hubSeconds(StarAllReduceHub(transport: transport, options: options, compression: compression), floats: floats,
+            _ = try CommBenchmark.hubSeconds(StarAllReduceHub(transport: transport, options: options, compression: compress), floats: floats,
                                              iterations: iterations, warmup: warmup)
             return
         }
-        let reducer = makeAllReducer(transport, algorithm: algorithm, hub: workers, options: options, compression: compression)
+        let reducer = makeAllReducer(transport, algorithm: algorithm, hub: workers, options: options, compression: compress)
         let before = transport.counters
         let times = try CommBenchmark.allReduceSeconds(reducer, floats: floats, iterations: iterations, warmup: warmup)
         let rounds = iterations + warmup
@@ -163,7 +159,7 @@ struct BenchAllReduce: ParsableCommand {
         let received = (transport.counters.payloadBytesReceived - before.payloadBytesReceived) / rounds
         let median = CommBenchmark.median(times)
         let bus = workers > 1 ? 2 * Double(workers - 1) / Double(workers) * Double(4 * floats) / median / 1e9 : 0
-        let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport, compress: compress, bindTo: bindTo.rawValue,
+        let report = Report(workers: workers, floats: floats, algorithm: algorithm.rawValue, transport: self.transport.rawValue, compress: compress.description, bindTo: bindTo.rawValue,
                             iterations: iterations, encrypted: protection != .none, protection: protection.rawValue,
                             secondsPerAllreduce: median, secondsPerAllreduceMin: times.min()!,
                             busBandwidthGbps: bus, bytesSentPerWorker: sent, bytesReceivedPerWorker: received)
@@ -175,7 +171,7 @@ struct BenchAllReduce: ParsableCommand {
     }
 }
 
-struct BenchClusterCommand: ParsableCommand {
+struct BenchClusterCommand: ReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "cluster",
         abstract: "Training throughput of a local cluster (coordinator + N worker processes) on CIFAR-10.",
@@ -208,46 +204,40 @@ struct BenchClusterCommand: ParsableCommand {
         guard steps >= 1, warmup >= 0 else { throw ValidationError("--steps must be at least 1") }
     }
 
-    func run() throws {
-        do {
-            let dir = try makePrivateDirectory(prefix: "squeezetrain-bench-cluster-")  // fresh, mode 0700
-            defer { try? FileManager.default.removeItem(atPath: dir) }
-            let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
-            let exe = selfExecutable()
-            let key = insecure ? nil : try EphemeralKey()
-            defer { key?.remove() }
-            let security = key.map { ["--key-file", $0.path] } ?? ["--insecure"]
-            var coordinator = ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--steps", "\(warmup + steps)",
-                               "--batch-size", "\(batchSize)", "--metrics", dir + "/metrics.jsonl"] + model.arguments + security
-            var comm = communication
-            comm.noEval = true  // a throughput benchmark: no test-set evaluation at the end
-            coordinator += comm.arguments
-            if let data { coordinator += ["--data", data] }
-            var specs = [ProcessSpec(name: "coordinator", executable: exe, arguments: coordinator)]
-            for r in 0..<workers {
-                var args = ["worker", "--coordinator", endpoint, "--rank", "\(r)", "--threads", "\(threads)"] + security
-                if let data { args += ["--data", data] }
-                args += bindTo.arguments(rank: r, threads: threads)
-                specs.append(ProcessSpec(name: "worker \(r)", executable: exe, arguments: args))
-            }
-            let log = LogBuffer()
-            let group = ProcessGroup(specs, write: log.add)
-            try group.start()
-            let outcome = group.wait(primary: "coordinator")
-            guard outcome == .success else { throw ClusterError("\(outcome)\n" + log.text) }
-            let report = try summarise(dir + "/metrics.jsonl")
-            if json { return try printJSON(report) }
-            print("\(workers) workers × \(threads) thread(s), global batch \(batchSize), \(report.model), \(report.allreduce) all-reduce"
-                  + (insecure ? ", plain sockets:" : ", CURVE control plane, data plane \(communication.dataTransport) "
-                     + (report.protection == "aes-gcm" ? "sealed with AES-256-GCM:" : "not sealed (private ipc):")))
-            print(String(format: "  %.0f images/s (median step %.1f ms over %d steps)", report.imagesPerSecond,
-                         report.secondsPerStepMedian * 1e3, steps))
-            print(String(format: "  sent per worker per step %@ (theory %@), received %@; all-reduce busy %.0f%% of the step",
-                         megabytes(report.bytesSentPerWorkerPerStep), megabytes(report.theoryBytesSentPerWorkerPerStep),
-                         megabytes(report.bytesReceivedPerWorkerPerStep), 100 * report.allreduceShareOfStep))
-        } catch {
-            throw fail(String(describing: error))
+    func execute() throws {
+        let run = try RunDirectory(prefix: "squeezetrain-bench-cluster-")
+        defer { run.remove() }
+        let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
+        let access = PeerAccess(keyFile: insecure ? nil : try run.makeKey(), insecure: insecure)
+        var training = try TrainingOptions.parse([])
+        (training.model, training.data, training.batchSize, training.steps) = (model, data, batchSize, warmup + steps)
+        var comm = communication
+        comm.noEval = true  // a throughput benchmark: no test-set evaluation at the end
+        let coordinator = CoordinatorProcess(options: coordinatorOptions(bind: endpoint, workers: workers, training: training, cluster: comm,
+                                                                         metrics: run.path + "/metrics.jsonl", initWeights: nil, saveWeights: nil),
+                                             access: access, traceWindow: TraceOptions.defaultWindow)
+        var specs = [try run.spec("coordinator", coordinator, ["coordinator", "--bind", endpoint, "--workers", "\(workers)"])]
+        for r in 0..<workers {
+            let worker = WorkerProcess(coordinator: endpoint, options: workerOptions(threads: threads, data: data, rank: r, joinTimeout: 120, trace: nil,
+                                                                                     window: TraceOptions.defaultWindow),
+                                       access: access, cpus: bindTo.cpus(rank: r, threads: threads))
+            specs.append(try run.spec("worker \(r)", worker, ["worker", "--coordinator", endpoint, "--rank", "\(r)"]))
         }
+        let log = LogBuffer()
+        let group = ProcessGroup(specs, write: log.add)
+        try group.start()
+        let outcome = group.wait(primary: "coordinator")
+        guard outcome == .success else { throw ClusterError("\(outcome)\n" + log.text) }
+        let report = try summarise(run.path + "/metrics.jsonl")
+        if json { return try printJSON(report) }
+        print("\(workers) workers × \(threads) thread(s), global batch \(batchSize), \(report.model), \(report.allreduce) all-reduce"
+              + (insecure ? ", plain sockets:" : ", CURVE control plane, data plane \(communication.dataTransport.rawValue) "
+                 + (report.protection == "aes-gcm" ? "sealed with AES-256-GCM:" : "not sealed (private ipc):")))
+        print(String(format: "  %.0f images/s (median step %.1f ms over %d steps)", report.imagesPerSecond,
+                     report.secondsPerStepMedian * 1e3, steps))
+        print(String(format: "  sent per worker per step %@ (theory %@), received %@; all-reduce busy %.0f%% of the step",
+                     megabytes(report.bytesSentPerWorkerPerStep), megabytes(report.theoryBytesSentPerWorkerPerStep),
+                     megabytes(report.bytesReceivedPerWorkerPerStep), 100 * report.allreduceShareOfStep))
     }
 
     private func summarise(_ path: String) throws -> Report {
@@ -263,7 +253,7 @@ struct BenchClusterCommand: ParsableCommand {
         func mean(_ k: String) -> Double { lines.reduce(0) { $0 + number($1, k) } / n }
         return Report(workers: workers, batchSize: batchSize, threadsPerWorker: threads, model: model.config.architecture.rawValue,
                       allreduce: communication.allreduce.rawValue, steps: bySteps.count, encrypted: !insecure,
-                      protection: (insecure ? .none : DataProtection(keyed: true, kind: DataTransportKind(rawValue: communication.dataTransport) ?? .tcp)).rawValue,
+                      protection: (insecure ? .none : DataProtection(keyed: true, kind: communication.dataTransport)).rawValue,
                       imagesPerSecond: Double(batchSize) / median, secondsPerStepMedian: median,
                       bytesSentPerWorkerPerStep: mean("allreduce_bytes_sent"), bytesReceivedPerWorkerPerStep: mean("allreduce_bytes_received"),
                       // The mean over the lines like the bytes (ring and star lines carry one figure, the tree's differ by rank).

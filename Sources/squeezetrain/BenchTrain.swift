@@ -1,9 +1,10 @@
 import ArgumentParser
 import Foundation
+import SqueezeTraining
 import SqueezeEngine
 import SqueezeSystem
 
-struct BenchTrain: ParsableCommand {
+struct BenchTrain: ReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "train",
         abstract: "Training throughput (forward + backward + SGD step) on random data, after a warm-up.")
@@ -60,7 +61,7 @@ struct BenchTrain: ParsableCommand {
         _ = try convolutionOverride()
     }
 
-    func run() throws {
+    func execute() throws {
         ComputeThreads.set(threads)
         let config = modelOptions.config
         let net = Network(config: config, seed: 0)

@@ -20,11 +20,4 @@ struct CheckpointOptions: ParsableArguments {
         if startOver && checkpointDir == nil { throw ValidationError("--start-over needs --checkpoint-dir") }
         if resume && startOver { throw ValidationError("--resume continues the checkpoints in --checkpoint-dir and --start-over deletes them: give one") }
     }
-
-    /// These options as command-line arguments (for the processes `launch` starts), with an absolute directory.
-    var arguments: [String] {
-        ["--checkpoint-every", "\(checkpointEvery)", "--keep-checkpoints", "\(keepCheckpoints)"] + (resume ? ["--resume"] : [])
-            + (startOver ? ["--start-over"] : [])
-            + (checkpointDir.map { ["--checkpoint-dir", absolutePath($0)] } ?? [])
-    }
 }

@@ -8,12 +8,18 @@ import SqueezeSystem
 import SqueezeTraining
 
 extension AllReduceAlgorithm: ExpressibleByArgument {}
+extension DataTransportKind: ExpressibleByArgument {}
 
-/// `--compress` parses, and the all-reduce takes it (the tree refuses topk).
-func validateAlgorithm(_ algorithm: AllReduceAlgorithm, compress: String) throws {
-    let compression: GradientCompression
-    do { compression = try GradientCompression(parsing: compress) } catch { throw ValidationError("--compress: \(error)") }
-    if let refusal = algorithm.refusal(compression) { throw ValidationError(refusal) }
+/// `--compress`: a value that does not parse is refused naming the flag and the accepted forms.
+extension GradientCompression: ExpressibleByArgument {
+    public init?(argument: String) { try? self.init(parsing: argument) }
+    public static var allValueStrings: [String] { ["none", "fp16", "bf16", "int8", "topk:F with 0 < F ≤ 1"] }
+    public static var defaultCompletionKind: CompletionKind { .list(["none", "fp16", "bf16", "int8", "topk:"]) }
+}
+
+/// The all-reduce takes the compression (the tree refuses topk).
+func validateAlgorithm(_ algorithm: AllReduceAlgorithm, compress: GradientCompression) throws {
+    if let refusal = algorithm.refusal(compress) { throw ValidationError(refusal) }
 }
 
 /// Options of a cluster run beyond the training itself, shared by `coordinator`, `launch` and the benchmarks.
@@ -21,15 +27,15 @@ struct ClusterOptions: ParsableArguments {
     @Option(help: "All-reduce: ring (reduce-scatter + all-gather between workers), star (through the coordinator) or tree (partial sums up a binary tree of workers rooted at rank 0, the average down; not with --compress topk).")
     var allreduce: AllReduceAlgorithm = .ring
     @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 (per-chunk scale, error feedback) or topk:F (the fraction F of largest entries, error feedback).")
-    var compress = "none"
+    var compress: GradientCompression = .none
     @Option(help: "Gradient bucket size in MB (buckets start as soon as backward has finished them).")
     var bucketMb: Double = 1
     @Option(help: ArgumentHelp("Data-plane transport between workers: tcp (frames sealed with AES-256-GCM under the run key) or ipc (same machine only, "
                                + "sockets in a directory only you can enter, nothing sealed). Default: tcp; launch: ipc, the control plane too.",
                                valueName: "transport"))
-    var transport: String?
+    var transport: DataTransportKind?
     /// The data plane's transport: `--transport`, else tcp (launch has its own default, ipc).
-    var dataTransport: String { transport ?? "tcp" }
+    var dataTransport: DataTransportKind { transport ?? .tcp }
     @Option(help: "Seconds of silence after which a worker counts as lost (workers heartbeat 4 times per timeout).")
     var timeout: Double = 10
     @Option(help: "Seconds to wait for all workers to join.")
@@ -40,7 +46,6 @@ struct ClusterOptions: ParsableArguments {
     @OptionGroup var precision: PrecisionOption
 
     func validate() throws {
-        guard ["tcp", "ipc"].contains(dataTransport) else { throw ValidationError("--transport must be tcp or ipc (got \(dataTransport))") }
         guard bucketMb.isFinite, bucketMb >= 0.001, bucketMb <= 4096 else { throw ValidationError("--bucket-mb must be in 0.001...4096 (got \(bucketMb))") }
         try validateAlgorithm(allreduce, compress: compress)
         guard timeout.isFinite, timeout >= 0.1, timeout <= 3600 else { throw ValidationError("--timeout must be in 0.1...3600 seconds (got \(timeout))") }
@@ -50,7 +55,7 @@ struct ClusterOptions: ParsableArguments {
     }
 }
 
-struct CoordinatorCommand: ParsableCommand {
+struct CoordinatorCommand: ReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "coordinator",
         abstract: "Own a cluster run: wait for the workers, assign ranks, collect metrics, detect failures.")
@@ -70,88 +75,64 @@ struct CoordinatorCommand: ParsableCommand {
     @OptionGroup var security: SecurityOptions
     @OptionGroup(title: "Timeline (the star hub's track; a ring's gradients never pass the coordinator)") var tracing: TraceOptions
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
+    /// launch's: the rest of this process's configuration, a `CoordinatorProcess` in a private directory (the flags above are not read).
+    @Option(help: .hidden) var config: String?
 
     func validate() throws {
         do { _ = try Endpoint(bind, flag: "--bind") } catch { throw ValidationError(error.description) }
         try requireRange("--workers", workers, 1...1024)
+        guard config == nil else { return }
         guard training.batchSize % workers == 0 else {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }
         try tracing.requireStarHub(communication.allreduce)
     }
 
-    func run() throws {
-        ProcessGroup.endWithLauncher()
-        do {
-            let summary = try runCoordinator(bind: bind, workers: workers, training: training, communication: communication,
-                                             security: try security.security(endpoint: bind, transport: communication.dataTransport),
-                                             metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
-                                             tracer: tracing.tracer(pid: workers, processName: "star hub (coordinator)"),
-                                             events: eventWriter(events), log: { emit("\($0)\n") })
-            try endRun(summary, workers: workers, resume: communication.checkpoints.checkpointDir != nil ? "--resume" : nil)
-        } catch let e as ExitCode {
-            throw e
-        } catch let e as Interrupted {
-            throw stoppedBeforeTraining(e)
-        } catch {
-            throw fail(String(describing: error))
-        }
+    func execute() throws {
+        var process = try config.map { try ProcessConfigFile.read(CoordinatorProcess.self, from: $0) }
+            ?? CoordinatorProcess(options: coordinatorOptions(bind: bind, workers: workers, training: training, cluster: communication,
+                                                              metrics: metrics, initWeights: initWeights, saveWeights: saveWeights),
+                                  access: security.access, trace: tracing.trace, traceWindow: tracing.window)
+        (process.options.bind, process.options.workers) = (bind, workers)
+        let summary = try ClusterRuntime.run(process, events: eventWriter(events), log: logLine)
+        try endRun(summary, workers: workers, resume: process.options.checkpointDirectory != nil ? "--resume" : nil)
     }
 }
 
-/// Runs a coordinator bound to `bind` until the run ends. `stop` is the caller's when it already takes
-/// the signals (`join`), else SIGINT/SIGTERM are taken here; `hubHost` is the address the star hub's
-/// data plane binds (default: the local address on the route to the bound endpoint).
-func runCoordinator(bind: String, workers: Int, training: TrainingOptions, communication: ClusterOptions,
-                    security: PeerSecurity, metrics: String?, initWeights: String? = nil, saveWeights: String? = nil, quiet: Bool = false,
-                    tracer: Tracer? = nil, stop: StopToken? = nil, hubHost: (@Sendable () throws -> String)? = nil,
-                    events: @escaping (ClusterEvent) -> Void = { _ in }, log: @escaping (String) -> Void) throws -> ClusterSummary {
-    let stop = stop ?? stopOnSignals()
-    let records = trainingRecordCount(training.data)
+/// The coordinator's options from the flags of `coordinator`, `launch`, `join` and `bench cluster`:
+/// the one place they become a run (paths made absolute, since workers may run elsewhere).
+func coordinatorOptions(bind: String, workers: Int, training: TrainingOptions, cluster: ClusterOptions,
+                        metrics: String?, initWeights: String?, saveWeights: String?) -> CoordinatorOptions {
+    let records = ClusterRuntime.trainingRecordCount(training.data)
     var config = training.config(trainingRecords: records, workers: workers)
-    config.precision = communication.precision.precision == .fp32 ? nil : communication.precision.precision  // each worker checks its CPU
+    config.precision = cluster.precision.precision == .fp32 ? nil : cluster.precision.precision  // each worker checks its CPU
     var options = CoordinatorOptions(bind: bind, workers: workers, config: config)
     options.trainingRecords = records
-    options.algorithm = communication.allreduce
-    options.compression = try GradientCompression(parsing: communication.compress)
-    options.bucketBytes = Int(communication.bucketMb * 1_048_576)
-    options.transport = DataTransportKind(rawValue: communication.dataTransport)!  // validated
-    options.timeout = .milliseconds(Int(communication.timeout * 1000))
-    options.joinTimeout = .milliseconds(Int(communication.joinTimeout * 1000))
+    options.algorithm = cluster.allreduce
+    options.compression = cluster.compress
+    options.bucketBytes = Int(cluster.bucketMb * 1_048_576)
+    options.transport = cluster.dataTransport
+    options.timeout = .milliseconds(Int(cluster.timeout * 1000))
+    options.joinTimeout = .milliseconds(Int(cluster.joinTimeout * 1000))
     options.metricsPath = metrics
-    options.evaluate = !communication.noEval
-    options.checkpointDirectory = communication.checkpoints.checkpointDir.map(absolutePath)
-    options.checkpointEvery = communication.checkpoints.checkpointEvery
-    options.keepCheckpoints = communication.checkpoints.keepCheckpoints
-    options.resume = communication.checkpoints.resume
-    options.startOver = communication.checkpoints.startOver
+    options.evaluate = !cluster.noEval
+    options.checkpointDirectory = cluster.checkpoints.checkpointDir.map(absolutePath)
+    options.checkpointEvery = cluster.checkpoints.checkpointEvery
+    options.keepCheckpoints = cluster.checkpoints.keepCheckpoints
+    options.resume = cluster.checkpoints.resume
+    options.startOver = cluster.checkpoints.startOver
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
-    options.quiet = quiet
-    options.tracer = tracer
-    defer { writeTrace(tracer) }  // after the hub's thread has ended, also after a failure
-    raiseDescriptorLimit()
-    let context = try ZMQContext()
-    defer { context.terminate() }
-    try authenticate(context, security)
-    let server = try ZMQControlServer(context: context, bind: bind, security: security, log: log)
-    defer { server.close() }
-    let endpoint = server.endpoint
-    var transportOptions = ZMQTransport.Options()
-    transportOptions.security = security
-    let dataPlane = ZMQDataPlane(context: context, host: hubHost ?? { try localAddress(towards: endpoint) }, options: transportOptions,
-                                 hubRank: workers)
-    return try Coordinator(options: options, channel: server, dataPlane: dataPlane, stop: stop, events: events, log: log).run()
+    return options
 }
 
-/// Training records in the data directory (from file sizes), or CIFAR-10's 50,000 when it cannot be found here.
-func trainingRecordCount(_ data: String?) -> Int {
-    guard let dir = try? CIFAR10.resolveDirectory(explicit: data) else { return 50_000 }
-    let bytes = CIFAR10.Split.train.fileNames.reduce(0) { total, name in
-        let size = (try? FileManager.default.attributesOfItem(atPath: (dir as NSString).appendingPathComponent(name))[.size] as? Int) ?? 0
-        return total + size
-    }
-    return bytes > 0 ? bytes / CIFAR10.recordSize : 50_000
+/// A worker's options from the flags of `worker`, `launch`, `join` and `bench cluster`.
+func workerOptions(threads: Int, data: String?, rank: Int?, joinTimeout: Double, trace: String?, window: TraceWindow) -> WorkerOptions {
+    var options = WorkerOptions()
+    options.threads = threads; options.data = data; options.rank = rank
+    options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
+    options.tracePath = trace; options.traceWindow = window
+    return options
 }
 
 func printSummary(_ s: ClusterSummary, workers: Int) {
@@ -176,7 +157,7 @@ func printSummary(_ s: ClusterSummary, workers: Int) {
 }
 
 
-struct WorkerCommand: ParsableCommand {
+struct WorkerCommand: ReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "worker",
         abstract: "Join a coordinator, train on this worker's shard, all-reduce gradients with the others.")
@@ -200,6 +181,8 @@ struct WorkerCommand: ParsableCommand {
     var files: WorkerFiles
     @OptionGroup(title: "Timeline (this rank's track)") var tracing: TraceOptions
     @Flag(help: .hidden) var events = false  // ClusterEvent lines on standard output (for launch)
+    /// launch's: the rest of this process's configuration, a `WorkerProcess` in a private directory (the flags above are not read).
+    @Option(help: .hidden) var config: String?
 
     func validate() throws {
         do { _ = try Endpoint(coordinator, flag: "--coordinator") } catch { throw ValidationError(error.description) }
@@ -213,29 +196,17 @@ struct WorkerCommand: ParsableCommand {
         }
     }
 
-    func run() throws {
-        ProcessGroup.endWithLauncher()
-        // Before any thread starts (compute, loader, libzmq I/O): they inherit the binding.
-        if let cpus {
-            do { try CPUAffinity.bindCurrentThread(to: try CPUAffinity.parseList(cpus)) } catch { throw fail("--cpus \(cpus): \(error)") }
-            emit("bound to CPU(s) \(CPUAffinity.allowedCPUs().map(String.init).joined(separator: ","))\n")
-        }
-        let signals = stopOnSignals()
-        ComputeThreads.set(threads)
-        var options = WorkerOptions()
-        options.threads = threads; options.data = data; options.rank = rank
-        options.joinTimeout = .milliseconds(Int(joinTimeout * 1000))
-        options.tracePath = tracing.trace; options.traceWindow = tracing.window
+    func execute() throws {
+        var process = try config.map { try ProcessConfigFile.read(WorkerProcess.self, from: $0) } ?? self.process
+        process.coordinator = coordinator
+        try ClusterRuntime.run(process, events: eventWriter(events), log: logLine)
+    }
+
+    /// This worker as its flags describe it.
+    var process: WorkerProcess {
+        var options = workerOptions(threads: threads, data: data, rank: rank, joinTimeout: joinTimeout, trace: tracing.trace, window: tracing.window)
         if security.insecure { options.ownPaths = files.ownPaths }
-        do {
-            let (advertise, coordinator) = (advertise, coordinator)
-            try runWorker(coordinator: coordinator, options: options, dataHost: { try advertise ?? localAddress(towards: coordinator) },
-                          security: try self.security.security(endpoint: coordinator), signals: signals, events: eventWriter(events))
-        } catch let e as Interrupted {
-            throw stoppedBeforeTraining(e)
-        } catch {
-            throw fail(String(describing: error))
-        }
+        return WorkerProcess(coordinator: coordinator, options: options, access: security.access, advertise: advertise, cpus: cpus)
     }
 }
 
@@ -251,14 +222,11 @@ struct WorkerFiles: ParsableArguments {
         [("--checkpoint-dir", checkpointDir), ("--init-weights", initWeights), ("--save-weights", saveWeights)].compactMap { $0.1 == nil ? nil : $0.0 }
     }
 
-    var ownPaths: OwnPaths {
-        OwnPaths(checkpointDirectory: checkpointDir.map(absolutePath), initWeights: initWeights.map(absolutePath), saveWeights: saveWeights.map(absolutePath))
-    }
+    var ownPaths: OwnPaths { Self.ownPaths(checkpointDir: checkpointDir, initWeights: initWeights, saveWeights: saveWeights) }
 
-    /// These flags for a worker process.
-    static func arguments(checkpointDir: String?, initWeights: String?, saveWeights: String?) -> [String] {
-        [("--checkpoint-dir", checkpointDir), ("--init-weights", initWeights), ("--save-weights", saveWeights)]
-            .flatMap { given in given.1.map { [given.0, absolutePath($0)] } ?? [] }
+    /// A worker's own paths, made absolute.
+    static func ownPaths(checkpointDir: String?, initWeights: String?, saveWeights: String?) -> OwnPaths {
+        OwnPaths(checkpointDirectory: checkpointDir.map(absolutePath), initWeights: initWeights.map(absolutePath), saveWeights: saveWeights.map(absolutePath))
     }
 }
 
@@ -278,38 +246,15 @@ func endRun(_ summary: ClusterSummary, workers: Int, resume: String?) throws {
     }
 }
 
-/// A stop before training (a signal while waiting): said plainly, exit 128 + the signal (1 without one).
-func stoppedBeforeTraining(_ e: Interrupted) -> ExitCode {
-    emit("\(e)\n")
-    return ExitCode(e.signal.map { 128 + $0 } ?? 1)
-}
-
-/// Runs a worker connected to the control endpoint `coordinator` until the run ends; its data plane
-/// binds on `dataHost()` (asked once the worker has its rank).
-func runWorker(coordinator: String, options: WorkerOptions, dataHost: @escaping @Sendable () throws -> String,
-               security: PeerSecurity, signals: StopToken, events: @escaping (ClusterEvent) -> Void = { _ in }) throws {
-    raiseDescriptorLimit()
-    let context = try ZMQContext()
-    defer { context.terminate() }
-    try authenticate(context, security)
-    var transportOptions = ZMQTransport.Options()
-    transportOptions.abandonTimeout = .seconds(5)
-    transportOptions.security = security
-    let dataPlane = ZMQDataPlane(context: context, host: dataHost, options: transportOptions)
-    events(ClusterEvent(.joining, endpoint: coordinator))  // `signals` already takes SIGINT and SIGTERM
-    try Worker(options: options, control: ZMQControlConnector(context: context, coordinator: coordinator, security: security),
-               dataPlane: dataPlane, signals: signals, events: events, log: { emit("\($0)\n") }).run()
-}
-
 /// Paths sent to workers are made absolute: a worker may run in another directory.
 func absolutePath(_ path: String) -> String {
     path.hasPrefix("/") ? path : FileManager.default.currentDirectoryPath + "/" + path
 }
 
-extension ClusterOptions {
-    var arguments: [String] {
-        ["--allreduce", allreduce.rawValue, "--compress", compress, "--bucket-mb", "\(bucketMb)", "--transport", dataTransport,
-         "--timeout", "\(timeout)", "--join-timeout", "\(joinTimeout)", "--precision", precision.precision.rawValue]
-            + (noEval ? ["--no-eval"] : []) + checkpoints.arguments
-    }
+/// Writes `ClusterEvent` lines on standard output when asked to (`--events`), else nothing.
+func eventWriter(_ enabled: Bool) -> (ClusterEvent) -> Void {
+    enabled ? { emit($0.line + "\n") } : { _ in }
 }
+
+/// A log line of a cluster process.
+func logLine(_ line: String) { emit(line + "\n") }

@@ -6,7 +6,7 @@ import SqueezeEngine
 import SqueezeSystem
 import SqueezeTraining
 
-struct Compress: ParsableCommand {
+struct Compress: ReportingCommand {
     static let configuration = CommandConfiguration(
         abstract: "Deep Compression (Han et al., 2016) of trained weights: magnitude pruning, trained quantization and Huffman coding, each with retraining on CIFAR-10; writes a compressed model (.sqz).",
         discussion: """
@@ -105,95 +105,23 @@ struct Compress: ParsableCommand {
         return DensityPolicy(architecture, overrides: overrides)
     }
 
-    struct Stage: Encodable {
-        var stage: String, steps: Int, testAccuracy: Double, testLoss: Double
-    }
-
-    struct Report: Encodable {
-        var weights: String, output: String, model: String, bits: Int, evalImages: Int
-        var parameters: Int, fp32Bytes: Int, compressedBytes: Int, density: Double
-        var densities: [String: Double]
-        var stages: [Stage]
-    }
-
-    func run() throws {
+    func execute() throws {
         let stop = stopOnSignals()  // first: threads started later inherit its signal mask
         ComputeThreads.set(threads)
-        do {
-            try checkPaths()
-            let net = try loadNetwork(weights: weights, model: model)
-            let policy = try densityPolicy(for: net)
-            let names = Set(net.compressibleWeights.map(\.name))
-            let dir = try CIFAR10.resolveDirectory(explicit: data)
-            let trainSet = try CIFAR10(directory: dir, split: .train), testSet = try CIFAR10(directory: dir, split: .test)
-            var config = TrainingConfig()
-            config.model = net.config
-            config.batchSize = batchSize; config.seed = seed
-            let precision = self.precision.resolved()
-            config.precision = precision == .fp32 ? nil : precision
-            let perEpoch = config.stepsPerEpoch(trainingRecords: trainSet.count)
-            let testIndices = evalImages.map { Array(0..<$0) }
-            var stages = [Stage]()
-            func evaluate(_ stage: String, steps: Int = 0) {
-                let e = Trainer.evaluate(net, testSet, indices: testIndices, imageSize: config.imageSize)
-                stages.append(Stage(stage: stage, steps: steps, testAccuracy: e.accuracy, testLoss: e.loss))
-                emit(String(format: "%@: test accuracy %.2f%% (loss %.4f, %d images)\n", stage, 100 * e.accuracy, e.loss, e.images))
-            }
-            /// Retrains `net` for `steps` steps at peak rate `rate` with `constraint` applied around each step.
-            func retrain(_ what: String, steps: Int, rate: Float, constraint: ParameterConstraint) throws {
-                guard steps > 0 else { return }
-                var c = config
-                c.totalSteps = steps; c.learningRate = rate
-                let trainer = try Trainer(config: c, trainSet: trainSet)
-                trainer.network.copyState(from: net)
-                trainer.constraint = constraint
-                emit("\(what): \(steps) steps of \(batchSize) (\(String(format: "%.2f", Double(steps) / Double(perEpoch))) epochs), lr \(rate), \(threads) thread(s)\n")
-                var options = RunOptions()
-                options.evaluateEachEpoch = false
-                let summary = try runTraining(trainer, testSet: nil, options: options, stop: stop)
-                if let sig = summary.interruptedBy {
-                    emit("stopped by signal \(sig) during \(what); nothing written\n")
-                    throw ExitCode(128 + sig)
-                }
-                net.copyState(from: trainer.network)
-                evaluate("after \(what)", steps: steps)
-            }
-
-            emit("compressing \(weights): \(net.config.architecture.rawValue), \(grouped(net.parameters.count)) parameters, "
-                 + "\(bits)-bit codebooks; CIFAR-10 from \(dir)\n")
-            evaluate("dense")
-            let densities = Dictionary(uniqueKeysWithValues: net.compressibleWeights.map { ($0.name, policy.density(of: $0.name)) })
-            let pruning = PrunedTraining(pruning: net, densities: densities)
-            evaluate(String(format: "pruned to %.1f%% of the weights", 100 * pruning.density))
-            try retrain("pruning retraining", steps: pruneSteps ?? Int((pruneEpochs * Double(perEpoch)).rounded()), rate: lr, constraint: pruning)
-            if let savePruned {
-                try net.saveWeights(to: savePruned)
-                emit("pruned weights written to \(savePruned)\n")
-            }
-            let sharing = SharedTraining(quantizing: net, names: names, bits: bits)
-            evaluate("quantized to \(bits) bits")
-            try retrain("quantized fine-tuning", steps: quantizeSteps ?? Int((quantizeEpochs * Double(perEpoch)).rounded()),
-                        rate: quantizeLr, constraint: sharing)
-
-            let bytes = try sharing.compressedModel(of: net).encoded()
-            try AtomicFile.write(bytes, to: output)
-            let fp32 = 4 * net.parameters.count
-            emit("wrote \(output): \(grouped(bytes.count)) bytes; fp32 parameters \(grouped(fp32)) bytes, "
-                 + String(format: "%.1f× smaller (see squeezetrain inspect %@)\n", Double(fp32) / Double(bytes.count), output))
-            if let report {
-                let r = Report(weights: weights, output: output, model: net.config.architecture.rawValue, bits: bits,
-                               evalImages: testIndices?.count ?? testSet.count, parameters: net.parameters.count, fp32Bytes: fp32,
-                               compressedBytes: bytes.count, density: pruning.density, densities: densities, stages: stages)
-                let encoder = JSONEncoder()
-                encoder.keyEncodingStrategy = .convertToSnakeCase
-                encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-                try AtomicFile.write(Array(try encoder.encode(r)) + [10], to: report)
-            }
-        } catch let e as ExitCode {
-            throw e
-        } catch {
-            throw fail(String(describing: error))
-        }
+        try checkPaths()
+        let net = try loadNetwork(weights: weights, model: model)
+        let policy = try densityPolicy(for: net)
+        let dir = try CIFAR10.resolveDirectory(explicit: data)
+        var config = DeepCompression.Config(network: net, weights: weights, output: output, trainSet: try CIFAR10(directory: dir, split: .train),
+                                            testSet: try CIFAR10(directory: dir, split: .test), policy: policy)
+        config.dataDirectory = dir
+        config.bits = bits; config.learningRate = lr; config.quantizeLearningRate = quantizeLr
+        config.batchSize = batchSize; config.seed = seed; config.precision = precision.resolved()
+        config.threads = threads; config.evalImages = evalImages; config.savePruned = savePruned; config.stop = stop
+        config.pruneSteps = pruneSteps ?? Int((pruneEpochs * Double(config.stepsPerEpoch)).rounded())
+        config.quantizeSteps = quantizeSteps ?? Int((quantizeEpochs * Double(config.stepsPerEpoch)).rounded())
+        let result = try DeepCompression.run(config)
+        if let report { try AtomicFile.write(try jsonText(result) + [10], to: report) }
     }
 
     /// Fails before any training on a path that would fail after it: a missing or compressed input,

@@ -4,7 +4,7 @@ import SqueezeCompress
 import SqueezeEngine
 import SqueezeTraining
 
-struct Export: ParsableCommand {
+struct Export: ReportingCommand {
     static let configuration = CommandConfiguration(
         abstract: "Write a checkpoint's or a compressed model's weights as safetensors with torchvision's names (for eval, --init-weights or PyTorch).")
 
@@ -19,37 +19,33 @@ struct Export: ParsableCommand {
         guard (checkpoint == nil) != (weights == nil) else { throw ValidationError("give either --checkpoint or --weights") }
     }
 
-    func run() throws {
-        do {
-            if let weights {
-                guard isCompressedModel(weights) else { throw ValidationError("\(weights) is not a compressed model (.sqz); eval reads safetensors as they are") }
-                let compressed = try CompressedModel.load(path: weights)
-                let net = Network(config: compressed.config)
-                try compressed.load(into: net)
-                try net.saveWeights(to: output)
-                emit("wrote \(output): \(compressed.config.architecture.rawValue) weights decoded from \(weights)\n")
-                return
-            }
-            guard let checkpoint else { return }
-            var isDirectory: ObjCBool = false
-            guard FileManager.default.fileExists(atPath: checkpoint, isDirectory: &isDirectory) else {
-                throw TrainingError.checkpoint("\(checkpoint) does not exist")
-            }
-            let found: Checkpoint
-            if isDirectory.boolValue {
-                let (newest, skipped) = Checkpoint.newestValid(in: checkpoint)
-                for s in skipped { emit("skipping checkpoint \(s.path): \(s.reason)\n") }
-                guard let newest else { throw TrainingError.checkpoint("no valid checkpoint in \(checkpoint)") }
-                found = newest
-            } else {
-                found = try Checkpoint.load(path: checkpoint)
-            }
-            let net = Network(config: found.config.model)
-            try found.copyWeights(into: net)
+    func execute() throws {
+        if let weights {
+            guard isCompressedModel(weights) else { throw ValidationError("\(weights) is not a compressed model (.sqz); eval reads safetensors as they are") }
+            let compressed = try CompressedModel.load(path: weights)
+            let net = Network(config: compressed.config)
+            try compressed.load(into: net)
             try net.saveWeights(to: output)
-            emit("wrote \(output): \(found.config.model.architecture.rawValue) weights at step \(found.step) of \(found.path ?? checkpoint)\n")
-        } catch {
-            throw fail(String(describing: error))
+            emit("wrote \(output): \(compressed.config.architecture.rawValue) weights decoded from \(weights)\n")
+            return
         }
+        guard let checkpoint else { return }
+        var isDirectory: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: checkpoint, isDirectory: &isDirectory) else {
+            throw TrainingError.checkpoint("\(checkpoint) does not exist")
+        }
+        let found: Checkpoint
+        if isDirectory.boolValue {
+            let (newest, skipped) = Checkpoint.newestValid(in: checkpoint)
+            for s in skipped { emit("skipping checkpoint \(s.path): \(s.reason)\n") }
+            guard let newest else { throw TrainingError.checkpoint("no valid checkpoint in \(checkpoint)") }
+            found = newest
+        } else {
+            found = try Checkpoint.load(path: checkpoint)
+        }
+        let net = Network(config: found.config.model)
+        try found.copyWeights(into: net)
+        try net.saveWeights(to: output)
+        emit("wrote \(output): \(found.config.model.architecture.rawValue) weights at step \(found.step) of \(found.path ?? checkpoint)\n")
     }
 }

@@ -9,7 +9,7 @@ import SqueezeTraining
 /// One process of a run placed by a scheduler: every process runs the same command line, and each
 /// learns its place from the launcher's environment (`JobEnvironment`). Rank 0 runs the coordinator
 /// on threads of its own beside its worker; every rank runs a worker.
-struct Join: ParsableCommand {
+struct Join: ReportingCommand {
     static let configuration = CommandConfiguration(
         abstract: "Be one process of a run started by torchrun, SLURM (srun), Open MPI (mpirun) or Kubernetes: the same command line everywhere.",
         discussion: """
@@ -73,11 +73,11 @@ struct Join: ParsableCommand {
         .init(rank: rank, worldSize: worldSize, localRank: localRank, masterAddr: masterAddr, masterPort: masterPort)
     }
 
-    func run() throws {
+    func execute() throws {
         let job: JobEnvironment
-        do { job = try JobEnvironment.detect(ProcessInfo.processInfo.environment, overrides: overrides) } catch { throw fail("join: \(error)") }
+        do { job = try JobEnvironment.detect(ProcessInfo.processInfo.environment, overrides: overrides) } catch { throw ClusterError("join: \(error)") }
         guard training.batchSize % job.worldSize == 0 else {
-            throw fail("join: --batch-size \(training.batchSize) is the global batch; it must divide evenly over the \(job.worldSize) processes of the run")
+            throw ClusterError("join: --batch-size \(training.batchSize) is the global batch; it must divide evenly over the \(job.worldSize) processes of the run")
         }
         let allowed = CPUAffinity.allowedCPUs().count
         let share = job.threadShare(allowedCPUs: allowed)
@@ -98,39 +98,29 @@ struct Join: ParsableCommand {
         // Before any thread starts (signals, compute, libzmq I/O): they inherit the binding.
         if bindTo == .core {
             let cpus = CPUAffinity.cpus(forLocalRank: job.localRank, count: threads)
-            do { try CPUAffinity.bindCurrentThread(to: cpus) } catch { throw fail("join: --bind-to core (local rank \(job.localRank)): \(error)") }
+            do { try CPUAffinity.bindCurrentThread(to: cpus) } catch { throw ClusterError("join: --bind-to core (local rank \(job.localRank)): \(error)") }
             emit("join: bound to CPU(s) \(CPUAffinity.allowedCPUs().map(String.init).joined(separator: ","))\n")
         }
         ComputeThreads.set(threads)
 
-        var options = WorkerOptions()
-        options.threads = threads; options.data = training.data; options.rank = job.rank
-        options.joinTimeout = .milliseconds(Int(cluster.joinTimeout * 1000))
-        options.tracePath = tracing.joinPath(rank: job.rank); options.traceWindow = tracing.window
+        var options = workerOptions(threads: threads, data: training.data, rank: job.rank, joinTimeout: cluster.joinTimeout,
+                                    trace: tracing.joinPath(rank: job.rank), window: tracing.window)
         // Every process finds its own address on the route to rank 0's host.
         let route = "tcp://\(job.coordinatorHost):\(job.coordinatorPort)"
         let advertise = advertise
         let dataHost: @Sendable () throws -> String = { try advertise ?? localAddress(towards: route) }
         let peers: PeerSecurity
-        do { peers = try security.security(endpoint: route) } catch { throw fail("join: \(error)") }
+        do { peers = try security.access.security(endpoint: route) } catch { throw ClusterError("join: \(error)") }
         if peers == .insecure {  // every process has the same command line: its own paths are the coordinator's
-            options.ownPaths = OwnPaths(checkpointDirectory: cluster.checkpoints.checkpointDir.map(absolutePath),
-                                        initWeights: initWeights.map(absolutePath), saveWeights: saveWeights.map(absolutePath))
+            options.ownPaths = WorkerFiles.ownPaths(checkpointDir: cluster.checkpoints.checkpointDir, initWeights: initWeights, saveWeights: saveWeights)
         }
         guard job.rank == 0 else {
             // A signal before training ends this process; during training it asks the coordinator to stop the run.
             let signals = stopOnSignals()
-            do {
-                try runWorker(coordinator: route, options: options, dataHost: dataHost, security: peers, signals: signals)
-            } catch let e as Interrupted {
-                throw stoppedBeforeTraining(e)
-            } catch {
-                throw fail(String(describing: error))
-            }
-            return
+            return try ClusterRuntime.runWorker(coordinator: route, options: options, dataHost: dataHost, security: peers, signals: signals, log: logLine)
         }
         if let restart, restart.elastic.restartCount == 0 {
-            do { try restart.recordFirstStart() } catch { throw fail("join: \(error)") }
+            do { try restart.recordFirstStart() } catch { throw ClusterError("join: \(error)") }
         }
         try runRankZero(job, cluster: cluster, worker: options, dataHost: dataHost, security: peers)
     }
@@ -140,7 +130,7 @@ struct Join: ParsableCommand {
                              dataHost: @escaping @Sendable () throws -> String, security: PeerSecurity) throws {
         switch isThisHost(job.coordinatorHost) {
         case false:
-            throw fail("join: rank 0 runs the coordinator on this machine (\(ProcessInfo.processInfo.hostName)), but the others will look for it at "
+            throw ClusterError("join: rank 0 runs the coordinator on this machine (\(ProcessInfo.processInfo.hostName)), but the others will look for it at "
                        + "\(job.coordinatorHost), which is not an address of this machine; set MASTER_ADDR (or --master-addr) to rank 0's host")
         case nil:
             emit("join: warning: \(job.coordinatorHost) does not resolve here (yet); the other ranks must reach this machine by that name\n")
@@ -150,28 +140,34 @@ struct Join: ParsableCommand {
         if let refusal = tcpPortRefusal(job.coordinatorPort) {
             let fix = job.storePort.map { "torchrun's agent holds MASTER_PORT \($0) and join takes MASTER_PORT + 2; give join --master-port with a free port, or torchrun another --master-port" }
                 ?? (masterPort != nil ? "give --master-port a free port" : "set MASTER_PORT (or --master-port) to a free port")
-            throw fail("join: rank 0 cannot run the coordinator: \(refusal); \(fix)")
+            throw ClusterError("join: rank 0 cannot run the coordinator: \(refusal); \(fix)")
         }
         let stop = stopOnSignals()  // before any other thread starts: they inherit the blocked signals
         let hubTrace = cluster.allreduce == .star ? tracing.joinPath(rank: nil) : nil
         let hubTracer = hubTrace.map { Tracer(path: $0, pid: job.worldSize, processName: "star hub (coordinator)", window: tracing.window) }
-        let coordinator = CoordinatorThread { [training, cluster, metrics, initWeights, saveWeights] in
-            try runCoordinator(bind: "tcp://0.0.0.0:\(job.coordinatorPort)", workers: job.worldSize, training: training,
-                               communication: cluster, security: security, metrics: metrics, initWeights: initWeights, saveWeights: saveWeights,
-                               tracer: hubTracer, stop: stop, hubHost: dataHost, log: { emit("\($0)\n") })
+        var options = coordinatorOptions(bind: "tcp://0.0.0.0:\(job.coordinatorPort)", workers: job.worldSize, training: training, cluster: cluster,
+                                         metrics: metrics, initWeights: initWeights, saveWeights: saveWeights)
+        options.tracer = hubTracer
+        // A coordinator that fails ends the process at once (its error on standard error): worker 0
+        // could otherwise wait for it until its timeouts.
+        let coordinator = CoordinatorThread(onFailure: { error in
+            printError("coordinator: \(error)")
+            Foundation.exit(1)
+        }) { [options] in
+            try ClusterRuntime.runCoordinator(options, security: security, stop: stop, hubHost: dataHost, log: logLine)
         }
         do {
             // The signals are the coordinator's (it stops every rank at one step); this worker follows it.
-            try runWorker(coordinator: "tcp://127.0.0.1:\(job.coordinatorPort)", options: worker, dataHost: dataHost,
-                          security: security, signals: StopToken())
+            try ClusterRuntime.runWorker(coordinator: "tcp://127.0.0.1:\(job.coordinatorPort)", options: worker, dataHost: dataHost,
+                                         security: security, signals: StopToken(), log: logLine)
         } catch {
             // The coordinator has been told; give it the time to tell the others before exiting.
-            FileHandleOutput.standardError("squeezetrain: error: \(error)\n")
+            printError("\(error)")
             _ = coordinator.wait(timeout: .seconds(Int(cluster.timeout.rounded(.up)) + 5))
             throw ExitCode(1)
         }
-        guard let summary = coordinator.wait(timeout: .seconds(Int(cluster.timeout.rounded(.up)) * 4 + 30)) else {
-            throw fail("join: worker 0 finished but the coordinator did not")
+        guard case .success(let summary)? = coordinator.wait(timeout: .seconds(Int(cluster.timeout.rounded(.up)) * 4 + 30)) else {
+            throw ClusterError("join: worker 0 finished but the coordinator did not")
         }
         try endRun(summary, workers: job.worldSize, resume: cluster.checkpoints.checkpointDir != nil ? "join --resume" : nil)
     }
@@ -216,33 +212,5 @@ struct TorchrunRestart: CustomStringConvertible {
         let text = "torchrun job \(elastic.runID ?? "(no TORCHELASTIC_RUN_ID)") first started here at \(Date()); "
             + "its restarts continue these checkpoints\n"
         try AtomicFile.write(Array(text.utf8), to: marker)
-    }
-}
-
-/// Runs the coordinator on a thread of its own. A coordinator that fails ends the process (exit
-/// status 1, the error on standard error): worker 0 could otherwise wait for it until its timeouts.
-final class CoordinatorThread: @unchecked Sendable {
-    // @unchecked Sendable: `summary` is written once, before `done` is signalled, and read after.
-    private var summary: ClusterSummary?
-    private let done = DispatchSemaphore(value: 0)
-
-    init(_ body: @escaping @Sendable () throws -> ClusterSummary) {
-        let thread = Thread { [self] in
-            do {
-                summary = try body()
-                done.signal()
-            } catch {
-                FileHandleOutput.standardError("squeezetrain: error: coordinator: \(error)\n")
-                exit(1)
-            }
-        }
-        thread.name = "coordinator"
-        thread.start()
-    }
-
-    /// The coordinator's summary once it has finished, or nil after `timeout`.
-    func wait(timeout: Duration) -> ClusterSummary? {
-        let seconds = Double(timeout.components.seconds)
-        return done.wait(timeout: .now() + seconds) == .success ? summary : nil
     }
 }

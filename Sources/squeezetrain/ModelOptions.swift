@@ -99,16 +99,3 @@ struct ModelOptions: ParsableArguments {
         return out
     }
 }
-
-extension ModelOptions {
-    /// These options as command-line arguments (for the processes `launch` starts).
-    var arguments: [String] {
-        let c = config
-        var a = ["--model", c.architecture.rawValue, "--classes", "\(c.classes)", "--stem", c.stem.rawValue, "--bypass", c.bypass.rawValue,
-                 "--base-e", "\(c.fire.baseE)", "--incr-e", "\(c.fire.incrE)", "--pct-3x3", "\(c.fire.pct3x3)", "--freq", "\(c.fire.freq)",
-                 "--sr", "\(c.fire.squeezeRatio)"]
-        if c.lateDownsample { a.append("--late-downsample") }
-        if c.batchNorm { a.append("--batch-norm") }
-        return a
-    }
-}

@@ -1,23 +1,20 @@
+// What every command shares: printing (JSON, tables, numbers), the one error report, flag range checks.
+
 import Foundation
 import ArgumentParser
+import SqueezeTraining
 
 /// JSON with snake_case keys, one object per call.
 func printJSON<T: Encodable>(_ value: T) throws {
+    print(String(decoding: try jsonText(value), as: UTF8.self))
+}
+
+/// `value` as pretty-printed JSON with snake_case keys, sorted.
+func jsonText<T: Encodable>(_ value: T) throws -> [UInt8] {
     let encoder = JSONEncoder()
     encoder.keyEncodingStrategy = .convertToSnakeCase
     encoder.outputFormatting = [.prettyPrinted, .sortedKeys, .withoutEscapingSlashes]
-    print(String(decoding: try encoder.encode(value), as: UTF8.self))
-}
-
-/// 1234567 → "1,234,567"
-func grouped(_ n: Int) -> String {
-    let digits = String(n.magnitude)
-    var out = ""
-    for (i, ch) in digits.enumerated() {
-        if i > 0 && (digits.count - i) % 3 == 0 { out.append(",") }
-        out.append(ch)
-    }
-    return n < 0 ? "-" + out : out
+    return Array(try encoder.encode(value))
 }
 
 func pad(_ s: String, _ width: Int, right: Bool = false) -> String {
@@ -42,6 +39,37 @@ func peakResidentBytes() -> Int {
 
 enum FileHandleOutput {
     static func standardError(_ text: String) { FileHandle.standardError.write(Data(text.utf8)) }
+}
+
+/// A command whose failures are all reported one way (`reported(_:)`): it implements `execute()`.
+protocol ReportingCommand: ParsableCommand {
+    func execute() throws
+}
+
+extension ReportingCommand {
+    func run() throws {
+        do { try execute() } catch { throw reported(error) }
+    }
+}
+
+/// Reports a command's error and returns the exit code to end with: an `ExitCode` passes as it is; a
+/// stop before the work began (`Interrupted`) is said plainly, exit 128 + the signal (1 without one);
+/// anything else is printed for people (no stack trace for expected failures), exit 1.
+func reported(_ error: any Error) -> ExitCode {
+    switch error {
+    case let code as ExitCode: return code
+    case let stop as Interrupted:
+        emit("\(stop)\n")
+        return ExitCode(stop.exitCode)
+    default:
+        printError("\(error)")
+        return ExitCode(1)
+    }
+}
+
+/// `squeezetrain: error: MESSAGE` on standard error.
+func printError(_ message: String) {
+    FileHandleOutput.standardError("squeezetrain: error: \(message)\n")
 }
 
 /// Throws a `ValidationError` naming `flag` unless `value` lies in `range`.

@@ -1,7 +1,8 @@
 import ArgumentParser
+import SqueezeTraining
 import SqueezeEngine
 
-struct Params: ParsableCommand {
+struct Params: ReportingCommand {
     static let configuration = CommandConfiguration(
         abstract: "Per-layer parameter table (like the paper's Table 1) with multiply-accumulates per image, the totals and the model size.",
         discussion: "MACs count one image's forward pass through the convolutions and linear layers (Cout·Hout·Wout·Cin·k·k; bias, BatchNorm and pooling not counted). A training step costs about 3× that per image (forward, backward-data, backward-weights), so a run's training compute is epochs × 50,000 × 3 × MACs.")
@@ -21,7 +22,7 @@ struct Params: ParsableCommand {
         var bytesFp32: Int, bytesFp16: Int, bytesInt8: Int
     }
 
-    func run() throws {
+    func execute() throws {
         let config = modelOptions.config
         let net = Network(config: config)
         let total = net.parameters.count

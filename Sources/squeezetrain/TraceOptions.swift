@@ -13,14 +13,18 @@ struct TraceOptions: ParsableArguments {
     @Option(help: "Steps the timeline records: N (the N steps after this run's first step, a warm-up) or A:B (steps A to B-1 as the metrics number them); at most 1000 steps. Default: 5.")
     var traceSteps: String?
 
-    var window: TraceWindow { try! TraceWindow(parsing: traceSteps ?? "5") }  // validated
+    /// `--trace-steps` (checked by `validate()`), else the default.
+    var window: TraceWindow { traceSteps.flatMap { try? TraceWindow(parsing: $0) } ?? Self.defaultWindow }
+    static let defaultWindow = try! TraceWindow(parsing: "5")  // a literal
 
     func validate() throws {
         guard let trace else {
             if traceSteps != nil { throw ValidationError("--trace-steps needs --trace FILE") }
             return
         }
-        do { _ = try TraceWindow(parsing: traceSteps ?? "5") } catch { throw ValidationError("\(error)") }
+        if let traceSteps {
+            do { _ = try TraceWindow(parsing: traceSteps) } catch { throw ValidationError("\(error)") }
+        }
         do { try TraceFile.checkWritable(trace) } catch { throw ValidationError("\(error)") }
     }
 
@@ -28,9 +32,6 @@ struct TraceOptions: ParsableArguments {
     func tracer(pid: Int, processName: String) -> Tracer? {
         trace.map { Tracer(path: $0, pid: pid, processName: processName, window: window) }
     }
-
-    /// The options for a process `launch` starts, writing to `path`.
-    func arguments(path: String) -> [String] { ["--trace", path, "--trace-steps", window.description] }
 }
 
 extension TraceOptions {
@@ -49,16 +50,5 @@ extension TraceOptions {
             let ext = (path as NSString).pathExtension
             return ext.isEmpty ? path + tag : (path as NSString).deletingPathExtension + tag + "." + ext
         }
-    }
-}
-
-/// Writes a run's timeline (also after a failure: what was recorded); a failed write is a warning, not the run's error.
-func writeTrace(_ tracer: Tracer?) {
-    guard let tracer else { return }
-    do {
-        try tracer.write()
-        emit("timeline written to \(tracer.path)\n")
-    } catch {
-        emit("warning: the timeline was not written: \(error)\n")
     }
 }

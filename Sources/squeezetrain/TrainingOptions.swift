@@ -76,27 +76,3 @@ struct TrainingOptions: ParsableArguments {
 
     func dataDirectory() throws -> String { try CIFAR10.resolveDirectory(explicit: data) }
 }
-
-/// Prints an error for people and exits non-zero (no stack trace for expected failures).
-func fail(_ message: String, code: Int32 = 1) -> ExitCode {
-    FileHandleOutput.standardError("squeezetrain: error: \(message)\n")
-    return ExitCode(code)
-}
-
-extension TrainingOptions {
-    /// These options as command-line arguments (for the processes `launch` starts).
-    var arguments: [String] {
-        var a = model.arguments
-        if let data { a += ["--data", data] }
-        if let epochs { a += ["--epochs", "\(epochs)"] }
-        if let steps { a += ["--steps", "\(steps)"] }
-        a += ["--batch-size", "\(batchSize)", "--lr", "\(lr)", "--momentum", "\(momentum)", "--weight-decay", "\(weightDecay)",
-              "--schedule", schedule.rawValue, "--warmup-epochs", "\(warmupEpochs)", "--seed", "\(seed)", "--dropout", "\(dropout)"]
-        if nesterov { a.append("--nesterov") }
-        if noAugment { a.append("--no-augment") }
-        if cutout > 0 { a += ["--cutout", "\(cutout)"] }
-        if labelSmoothing > 0 { a += ["--label-smoothing", "\(labelSmoothing)"] }
-        if noShuffle { a.append("--no-shuffle") }
-        return a
-    }
-}

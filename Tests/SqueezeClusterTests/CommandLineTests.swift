@@ -103,13 +103,35 @@ import SqueezeTestSupport
         (["join", "--join-timeout", "0"], "--join-timeout"),
     ])
     func badNumbersAreRefusedNamingTheFlag(arguments: [String], flag: String) throws {
-        let dir = try temporaryDirectory("numbers")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let c = try Child(arguments, log: dir + "/out.log")
-        let status = c.wait(timeout: 60)
-        #expect(status != 0, "\(arguments) exited 0: \(c.output)")
-        #expect(c.output.contains(flag) && c.output.contains("must"), "\(arguments): \(c.output)")
-        #expect(!c.output.contains("training squeezenet") && !c.output.contains("waiting for"), "\(arguments) started: \(c.output)")
+        let output = try refusedBeforeStarting(arguments)
+        #expect(output.contains(flag) && output.contains("must"), "\(arguments): \(output)")
+    }
+}
+
+/// Runs a command that must fail before it starts anything; its output.
+func refusedBeforeStarting(_ arguments: [String]) throws -> String {
+    let dir = try temporaryDirectory("refused")
+    defer { try? FileManager.default.removeItem(atPath: dir) }
+    let c = try Child(arguments, log: dir + "/out.log")
+    #expect(c.wait(timeout: 60) != 0, "\(arguments) exited 0: \(c.output)")
+    for started in ["training squeezenet", "waiting for", "joined"] {
+        #expect(!c.output.contains(started), "\(arguments) started: \(c.output)")
+    }
+    return c.output
+}
+
+/// A value an option does not take is refused naming the flag and the values it takes.
+@Suite(.timeLimit(.minutes(10))) struct OptionValueTests {
+    @Test(arguments: [
+        (["launch", "--compress", "zip"], "'--compress <compress>'. Please provide one of 'none', 'fp16', 'bf16', 'int8' or 'topk:F with 0 < F ≤ 1'"),
+        (["bench", "cluster", "--compress", "topk:2"], "'--compress <compress>'. Please provide one of"),
+        (["coordinator", "--bind", "tcp://127.0.0.1:1", "--workers", "1", "--transport", "udp"], "'--transport <transport>'. Please provide one of 'tcp' and 'ipc'"),
+        (["bench", "allreduce", "--transport", "udp"], "'--transport <transport>'. Please provide one of 'tcp' and 'ipc'"),
+        (["eval", "--weights", "w.safetensors", "--tta", "both"], "'--tta <tta>'. Please provide one of 'none' and 'flip'"),
+    ])
+    func badValuesAreRefusedNamingTheChoices(arguments: [String], message: String) throws {
+        let output = try refusedBeforeStarting(arguments)
+        #expect(output.contains(message), "\(arguments): \(output)")
     }
 }
 
@@ -123,12 +145,8 @@ import SqueezeTestSupport
         ["bench", "cluster", "--allreduce", "tree", "--compress", "topk:0.01"],
     ])
     func treeWithTopkIsRefusedNamingBothFlags(arguments: [String]) throws {
-        let dir = try temporaryDirectory("tree-topk")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let c = try Child(arguments, log: dir + "/out.log")
-        #expect(c.wait(timeout: 60) != 0, "\(arguments) exited 0: \(c.output)")
-        #expect(c.output.contains("--allreduce tree does not take --compress topk:0.01"), "\(arguments): \(c.output)")
-        #expect(!c.output.contains("waiting for"), "\(arguments) started: \(c.output)")
+        let output = try refusedBeforeStarting(arguments)
+        #expect(output.contains("--allreduce tree does not take --compress topk:0.01"), "\(arguments): \(output)")
     }
 }
 
@@ -145,12 +163,7 @@ import SqueezeTestSupport
         (["worker", "--coordinator", "tcp://127.0.0.1"], "no port"),
     ])
     func badEndpointsAreRefusedNamingTheFlag(arguments: [String], reason: String) throws {
-        let dir = try temporaryDirectory("endpoints")
-        defer { try? FileManager.default.removeItem(atPath: dir) }
-        let c = try Child(arguments, log: dir + "/out.log")
-        #expect(c.wait(timeout: 60) != 0, "\(arguments) exited 0: \(c.output)")
-        let flag = arguments[1]
-        #expect(c.output.contains(flag) && c.output.contains(reason), "\(arguments): \(c.output)")
-        #expect(!c.output.contains("waiting for") && !c.output.contains("joined"), "\(arguments) started: \(c.output)")
+        let output = try refusedBeforeStarting(arguments)
+        #expect(output.contains(arguments[1]) && output.contains(reason), "\(arguments): \(output)")
     }
 }

@@ -24,13 +24,7 @@ func runPython(_ python: String, _ arguments: [String]) throws -> (status: Int32
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/env")
     process.arguments = [python] + arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try startProcess(process)
-    let output = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: output, as: UTF8.self))
+    return try runCollectingOutput(process)
 }
 
 /// Runs the independent reader on `file`, writing `output`; fails the test with its output if it fails.

@@ -47,11 +47,5 @@ func runAsNobody(_ executable: String, _ arguments: [String]) throws -> (status:
     let process = Process()
     process.executableURL = URL(fileURLWithPath: "/usr/bin/setpriv")
     process.arguments = ["--reuid=65534", "--regid=65534", "--clear-groups", executable] + arguments
-    let pipe = Pipe()
-    process.standardOutput = pipe
-    process.standardError = pipe
-    try startProcess(process)
-    let output = pipe.fileHandleForReading.readDataToEndOfFile()
-    process.waitUntilExit()
-    return (process.terminationStatus, String(decoding: output, as: UTF8.self))
+    return try runCollectingOutput(process)
 }

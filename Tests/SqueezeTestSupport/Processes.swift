@@ -19,6 +19,18 @@ public func startProcess(_ process: Process) throws {
     try process.run()
 }
 
+/// Starts `process` (through `startProcess`) and waits for it: its exit status and its standard output
+/// and error together.
+public func runCollectingOutput(_ process: Process) throws -> (status: Int32, output: String) {
+    let pipe = Pipe()
+    process.standardOutput = pipe
+    process.standardError = pipe
+    try startProcess(process)
+    let output = pipe.fileHandleForReading.readDataToEndOfFile()
+    process.waitUntilExit()
+    return (process.terminationStatus, String(decoding: output, as: UTF8.self))
+}
+
 /// The `squeezetrain` executable built alongside the tests.
 public let squeezetrain: String = {
     var candidates = [URL(fileURLWithPath: CommandLine.arguments[0]).deletingLastPathComponent().path]
