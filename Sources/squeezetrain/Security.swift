@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeSystem
 import SqueezeTraining
 
