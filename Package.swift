@@ -24,15 +24,19 @@ let package = Package(
         // Linux system calls Swift's Glibc module leaves out (CPU affinity).
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
 
-        // System errors (errno + function) and the atomic file write; no dependencies.
-        .target(name: "SqueezeSystem", swiftSettings: optimize),
+        // System errors (errno + function), the atomic file write, CPU pinning, a monitor, rate-limited logs.
+        .target(name: "SqueezeSystem", dependencies: ["CLinux"], swiftSettings: optimize),
 
         // Tensors, kernels (forward/backward pairs), layers, models, optimizer, safetensors.
         .target(name: "SqueezeEngine", dependencies: ["CDNNL", "SqueezeSystem"], swiftSettings: optimize),
         // CIFAR-10 reader, augmentation, sharded sampler.
         .target(name: "SqueezeData", dependencies: ["SqueezeEngine"], swiftSettings: optimize),
-        // ZeroMQ wrapper, transports, wire protocol, all-reduce algorithms, byte counters.
-        .target(name: "SqueezeComm", dependencies: ["CZeroMQ", "CCrypto", "CLinux", "SqueezeSystem"], swiftSettings: optimize),
+        // Bytes between processes: the ZeroMQ wrapper, keys, CURVE/ZAP, the sealed data plane, the data-plane
+        // and control-plane channels and their in-process twins, the private ipc directory, byte counters.
+        .target(name: "SqueezeTransport", dependencies: ["CZeroMQ", "CCrypto", "SqueezeSystem"], swiftSettings: optimize),
+        // Ring, star and tree all-reduce over a Transport (one per file), codecs, reduction kernels, the
+        // wire header, the traffic theory, the algorithm enum and its factory.
+        .target(name: "SqueezeCollectives", dependencies: ["SqueezeTransport", "SqueezeSystem"], swiftSettings: optimize),
 
         // Deep Compression: pruning, weight sharing (and their retraining), Huffman coding, the .sqz file format.
         .target(name: "SqueezeCompress", dependencies: ["SqueezeEngine", "SqueezeTraining"], swiftSettings: optimize),
@@ -41,27 +45,30 @@ let package = Package(
         .target(name: "SqueezeTraining", dependencies: ["SqueezeSystem", "SqueezeEngine", "SqueezeData"], swiftSettings: optimize),
 
         // Coordinator, worker loop, launcher.
-        .target(name: "SqueezeCluster", dependencies: ["CLinux", "SqueezeEngine", "SqueezeData", "SqueezeTraining", "SqueezeComm"],
+        .target(name: "SqueezeCluster", dependencies: ["CLinux", "SqueezeEngine", "SqueezeData", "SqueezeTraining", "SqueezeTransport",
+                                                      "SqueezeCollectives"],
                 swiftSettings: optimize),
 
         .executableTarget(
             name: "squeezetrain",
             dependencies: [
-                "SqueezeEngine", "SqueezeData", "SqueezeComm", "SqueezeTraining", "SqueezeCluster", "SqueezeCompress",
+                "SqueezeEngine", "SqueezeData", "SqueezeTransport", "SqueezeCollectives", "SqueezeTraining", "SqueezeCluster", "SqueezeCompress",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ],
             swiftSettings: optimize),
 
         // What the tests share: their inputs (../shared when present, else committed fixtures and generated
-        // CIFAR-10-format files), the tiers, the executable they start.
+        // CIFAR-10-format files), the tiers, the executable they start, ranks as threads.
         .target(name: "SqueezeTestSupport", dependencies: ["SqueezeEngine", "SqueezeData"], path: "Tests/SqueezeTestSupport"),
 
         .testTarget(name: "SqueezeSystemTests", dependencies: ["SqueezeSystem"]),
         .testTarget(name: "SqueezeEngineTests", dependencies: ["SqueezeTestSupport", "SqueezeEngine"]),
         .testTarget(name: "SqueezeDataTests", dependencies: ["SqueezeTestSupport", "SqueezeData"]),
-        .testTarget(name: "SqueezeCommTests", dependencies: ["SqueezeComm"]),
+        // The seal's tests send collective frames (WireHeader) as an attacker would capture them.
+        .testTarget(name: "SqueezeTransportTests", dependencies: ["SqueezeTestSupport", "SqueezeTransport", "SqueezeCollectives"]),
+        .testTarget(name: "SqueezeCollectivesTests", dependencies: ["SqueezeTestSupport", "SqueezeCollectives", "SqueezeTransport"]),
         .testTarget(name: "SqueezeCompressTests", dependencies: ["SqueezeTestSupport", "SqueezeCompress", "SqueezeEngine", "SqueezeData", "SqueezeTraining"]),
         .testTarget(name: "SqueezeTrainingTests", dependencies: ["SqueezeTestSupport", "SqueezeTraining"], exclude: ["Fixtures"]),
-        .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeTestSupport", "SqueezeCluster", "SqueezeComm", "SqueezeEngine", "SqueezeTraining"]),
+        .testTarget(name: "SqueezeClusterTests", dependencies: ["SqueezeTestSupport", "SqueezeCluster", "SqueezeTransport", "SqueezeCollectives", "SqueezeEngine", "SqueezeTraining"]),
     ]
 )

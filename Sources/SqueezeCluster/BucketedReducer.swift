@@ -1,5 +1,6 @@
 import Foundation
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeSystem
 import SqueezeTraining
 

@@ -3,7 +3,8 @@
 // limit, signals, CPU binding); also the coordinator on a thread of its own (rank 0 of `join`).
 
 import Foundation
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeData
 import SqueezeEngine
 import SqueezeSystem

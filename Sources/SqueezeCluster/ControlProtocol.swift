@@ -1,5 +1,6 @@
 import Foundation
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeEngine
 import SqueezeTraining
 
@@ -16,7 +17,7 @@ import SqueezeTraining
 ///
 /// A wrong magic or version, an unknown kind, a length that disagrees with the frame (truncated or
 /// padded), or a body that does not decode is rejected with `ControlError`, naming the peer.
-/// Gradients never travel here: they go over the data plane (SqueezeComm's transport).
+/// Gradients never travel here: they go over the data plane (SqueezeTransport's data plane).
 public enum ControlKind: UInt16, Sendable, CaseIterable {
     case hello = 1, welcome, ready, start, stepReport, heartbeat, stop, abort, reject, failure
 }
@@ -33,8 +34,11 @@ public enum ControlMessage: Sendable {
     case reject(Reject)
     case failure(Failure)
 
+    /// A field a build of the previous version would ignore, and so misbehave, bumps the version; a
+    /// value it would refuse by name (a new algorithm) does not.
     /// 3: the welcome carries the data-plane salt (a build of version 2 would not seal its frames).
-    public static let version: UInt16 = 3
+    /// 4: the welcome carries the chunk size (a build of version 3 would cut messages at its own default).
+    public static let version: UInt16 = 4
     static let magic: [UInt8] = Array("SQZC".utf8)
     static let headerSize = 12
 
@@ -123,35 +127,12 @@ public struct ControlError: Error, CustomStringConvertible, Sendable {
     public var description: String { "message from \(peer) rejected: \(problem)" }
 }
 
-/// Which all-reduce the workers use. On the wire (`Welcome`) its raw value: a build that does not know
-/// a value (one older than `tree`) refuses the welcome naming it, so no version bump was needed for it.
-public enum AllReduceAlgorithm: String, Codable, Sendable, CaseIterable {
-    /// Reduce-scatter then all-gather around a ring of workers (bandwidth-optimal).
-    case ring
-    /// Every worker sends its gradient to the coordinator, which averages and sends it back.
-    case star
-    /// Partial sums up a binary tree of workers rooted at rank 0, the average back down (FireCaffe's
-    /// reduction tree). Not with topk compression.
-    case tree
-
-    /// The data plane's shape for `workers` workers (a star's hub, the coordinator, is rank `workers`).
-    public func topology(workers: Int) -> Topology {
-        switch self {
-        case .ring: .ring
-        case .star: .star(hub: workers)
-        case .tree: .tree
-        }
-    }
-
-    /// Ranks of the data plane: the workers, plus the hub for a star.
-    public func groupSize(workers: Int) -> Int { self == .star ? workers + 1 : workers }
-
-    /// Why this algorithm cannot run with `compression`, or nil.
+extension AllReduceAlgorithm {
+    /// Why this algorithm cannot run with `compression`, in the command line's words, or nil.
     public func refusal(_ compression: GradientCompression) -> String? {
-        if self == .tree, case .topk = compression {
-            return "--allreduce tree does not take --compress \(compression) (sparse partial sums grow on the way up the tree): use --allreduce ring or star with top-k"
-        }
-        return nil
+        guard let problem = unsupported(compression) else { return nil }
+        return "--allreduce \(self) does not take --compress \(compression) (\(problem.reason)): "
+            + "use --allreduce \(problem.alternatives.map(\.rawValue).joined(separator: " or ")) with \(problem.compressionKind)"
     }
 }
 
@@ -173,6 +154,8 @@ public struct Welcome: Codable, Sendable {
     public var algorithm: AllReduceAlgorithm
     public var compression: GradientCompression
     public var bucketBytes: Int
+    /// Payload bytes per data-plane message (`CollectiveOptions.chunkBytes`): every rank must cut the same chunks.
+    public var chunkBytes: Int
     /// Data-plane transport; on the wire its raw value, "tcp" or "ipc" (as in version 2 when it was a string).
     public var transport: DataTransportKind
     public var timeoutSeconds: Double
@@ -262,4 +245,18 @@ public func parametersChecksum(_ values: UnsafeBufferPointer<Float>) -> String {
     var h: UInt64 = 0xCBF2_9CE4_8422_2325
     for v in values { h = (h ^ UInt64(v.bitPattern)) &* 0x100_0000_01B3 }
     return String(h, radix: 16)
+}
+
+extension ControlServerChannel {
+    func send(_ message: ControlMessage, to peer: [UInt8]) { send(message.encoded(), to: peer) }
+}
+
+extension ControlClientChannel {
+    func send(_ message: ControlMessage) throws { try send(message.encoded()) }
+
+    /// The next message from the coordinator, or nil after `timeout` (zero: don't wait).
+    func receiveMessage(timeout: Duration, from coordinator: String) throws -> ControlMessage? {
+        guard let frame = try receive(timeout: timeout) else { return nil }
+        return try frame.withUnsafeBytes { try ControlMessage.decode($0, from: "the coordinator at \(coordinator)") }
+    }
 }

@@ -1,5 +1,6 @@
 import Foundation
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeEngine
 import SqueezeSystem
 import SqueezeTraining
@@ -15,6 +16,8 @@ public struct CoordinatorOptions: Codable, Sendable {
     public var algorithm: AllReduceAlgorithm = .ring
     public var compression: GradientCompression = .none
     public var bucketBytes = 1 << 20
+    /// Payload bytes per data-plane message, sent to every worker in the welcome.
+    public var chunkBytes = CollectiveOptions.defaultChunkBytes
     public var transport = DataTransportKind.tcp
     /// Silence (no heartbeat, no report) after which a worker counts as lost.
     public var timeout: Duration = .seconds(10)
@@ -144,6 +147,7 @@ public final class Coordinator {
         directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)  // before any other work
         let n = options.workers, config = options.config
         if let refusal = options.algorithm.refusal(options.compression) { throw ClusterError(refusal) }
+        guard options.chunkBytes >= MemoryLayout<Float>.size else { throw ClusterError("data-plane chunks of \(options.chunkBytes) bytes: at least one Float (4 bytes)") }
         let reference = Network(config: config.model, seed: config.seed)
         if let path = options.initWeights { try reference.loadWeights(from: path) }
         if let found = try Resume.start(directory: options.checkpointDirectory, resume: options.resume, startOver: options.startOver, log: log) {
@@ -286,7 +290,8 @@ public final class Coordinator {
         names[rank] = "\(h.host) pid \(h.pid)"
         lastHeard[rank] = clock.now
         channel.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
-                                      compression: options.compression, bucketBytes: options.bucketBytes, transport: options.transport,
+                                      compression: options.compression, bucketBytes: options.bucketBytes,
+                                      chunkBytes: options.chunkBytes, transport: options.transport,
                                       timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
                                       initWeights: options.initWeights, saveWeights: options.saveWeights,
                                       evaluate: options.evaluate, checkpointDirectory: options.checkpointDirectory,
@@ -319,7 +324,7 @@ public final class Coordinator {
         if let hub {
             all.append(hub.boundEndpoint)
             try hub.connect(topology: .star(hub: n), endpoints: all)
-            hubThread = HubThread(hub: hub, options: CollectiveOptions(timeout: options.timeout), compression: options.compression,
+            hubThread = HubThread(hub: hub, options: CollectiveOptions(chunkBytes: options.chunkBytes, timeout: options.timeout), compression: options.compression,
                                   plan: plan, steps: startStep..<config.totalSteps, tracer: options.tracer)
         }
         for id in identities { channel.send(.start(Start(step: startStep, endpoints: all)), to: id!) }
@@ -412,7 +417,8 @@ final class Progress {
     init(options: CoordinatorOptions, plan: [Range<Int>], startStep: Int, forwardMACs: Int, metrics: MetricsSink?) {
         let n = options.workers, config = options.config
         self.options = options; self.metrics = metrics; self.forwardMACs = forwardMACs
-        let expected = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression)
+        let expected = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression,
+                                     chunkBytes: options.chunkBytes)
         theory = expected.bytesSent
         theoryPerRank = (0..<n).map { expected.bytesSent(rank: $0) }
         uncompressed = (0..<n).map { expected.uncompressedBytesSent(rank: $0) }

@@ -1,4 +1,5 @@
 import Foundation
+import SqueezeTransport
 
 /// A TCP port that was free a moment ago on `host` (bind to port 0, read it back, close).
 /// Another process could take it before it is used again; callers bind it at once.
@@ -61,35 +62,4 @@ public func tcpPortRefusal(_ port: Int) -> String? {
     guard errno == EADDRINUSE else { return "port \(port) cannot be bound: \(reason)" }
     return "port \(port) is already taken (\(reason)): " + (tcpListener(port: port).map { "\($0) listens on it" }
         ?? "no listener on it in /proc/net/tcp, so its owner is unknown")
-}
-
-/// Who listens on TCP `port` in this network namespace, best effort: the listening sockets' inodes
-/// from /proc/net/tcp and tcp6, then the process holding one among /proc/*/fd, as
-/// "pid 812 (python3 /tmp/pt/bin/torchrun --nproc-per-node 2 …)". nil when nothing listens there.
-public func tcpListener(port: Int) -> String? {
-    var inodes = Set<String>()
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        guard let text = try? String(contentsOfFile: table, encoding: .utf8) else { continue }
-        for line in text.split(separator: "\n").dropFirst() {
-            // sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode …
-            let f = line.split(separator: " ", omittingEmptySubsequences: true)
-            guard f.count > 9, f[3] == "0A", let colon = f[1].lastIndex(of: ":"),
-                  Int(f[1][f[1].index(after: colon)...], radix: 16) == port else { continue }
-            inodes.insert(String(f[9]))
-        }
-    }
-    guard !inodes.isEmpty else { return nil }
-    let targets = Set(inodes.map { "socket:[\($0)]" })
-    let pids = ((try? FileManager.default.contentsOfDirectory(atPath: "/proc")) ?? []).filter { Int($0) != nil }
-    for pid in pids {
-        let fds = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/\(pid)/fd")) ?? []
-        for fd in fds {
-            guard let link = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/\(pid)/fd/\(fd)"), targets.contains(link) else { continue }
-            let raw = (try? Data(contentsOf: URL(fileURLWithPath: "/proc/\(pid)/cmdline"))) ?? Data()
-            var command = String(decoding: raw, as: UTF8.self).split(whereSeparator: { $0 == "\0" || $0.isNewline }).joined(separator: " ")
-            if command.count > 160 { command = String(command.prefix(160)) + "…" }
-            return "pid \(pid) (\(command.isEmpty ? "command line unknown" : command))"
-        }
-    }
-    return "a process this user cannot see (another user's, or outside this PID namespace)"
 }

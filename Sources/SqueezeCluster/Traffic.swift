@@ -1,4 +1,5 @@
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 
 /// The theory of a step's all-reduce traffic, per worker, for a bucket plan: what the progress
 /// display, the summary table and the metrics put next to the measured bytes.

@@ -1,5 +1,6 @@
 import Foundation
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeData
 import SqueezeEngine
 import SqueezeSystem
@@ -111,6 +112,10 @@ public final class Worker {
 
     private func train(_ welcome: Welcome, channel: any ControlClientChannel, heartbeat: HeartbeatSender) throws {
         try options.ownPaths?.check(welcome, coordinator: coordinator)  // before any file is touched
+        guard welcome.chunkBytes >= MemoryLayout<Float>.size else {
+            throw ClusterError("the coordinator at \(coordinator) asks for data-plane chunks of \(welcome.chunkBytes) bytes, "
+                               + "less than one Float: is it another build? (run the same build everywhere)")
+        }
         let (rank, world) = (welcome.rank, welcome.worldSize)
         let timeout = Duration.milliseconds(Int(welcome.timeoutSeconds * 1000))
         let model = try prepareModel(welcome)
@@ -195,7 +200,7 @@ public final class Worker {
     private func makeReducer(_ welcome: Welcome, trainer: Trainer, transport: any DataPlaneTransport,
                              timeout: Duration, tracer: Tracer?) -> (BucketedReducer, (any ErrorFeedbackReducer)?) {
         let (rank, world) = (welcome.rank, welcome.worldSize)
-        let allReducer = makeAllReducer(transport, algorithm: welcome.algorithm, hub: world, options: CollectiveOptions(timeout: timeout),
+        let allReducer = makeAllReducer(transport, algorithm: welcome.algorithm, hub: world, options: CollectiveOptions(chunkBytes: welcome.chunkBytes, timeout: timeout),
                                         compression: welcome.compression, tracer: tracer)
         let count = trainer.network.parameters.count
         let feedback = welcome.compression.usesErrorFeedback ? allReducer as? any ErrorFeedbackReducer : nil
@@ -233,26 +238,6 @@ public final class Worker {
             }
         }
         throw ClusterError("no word from the coordinator at \(coordinator) for \(timeout) while waiting for \(what)")
-    }
-}
-
-/// A worker's all-reduce over a transport of any type (the collectives are generic over it); a star's hub
-/// is rank `hub`; `tracer` records its sends, receives and reduces.
-public func makeAllReducer<T: Transport>(_ transport: T, algorithm: AllReduceAlgorithm, hub: Int, options: CollectiveOptions,
-                                         compression: GradientCompression, tracer: Tracer? = nil) -> any AllReducer {
-    switch algorithm {
-    case .ring:
-        let ring = RingAllReduce(transport: transport, options: options, compression: compression)
-        ring.tracer = tracer
-        return ring
-    case .star:
-        let star = StarAllReduceWorker(transport: transport, hub: hub, options: options, compression: compression)
-        star.tracer = tracer
-        return star
-    case .tree:
-        let tree = TreeAllReduce(transport: transport, options: options, compression: compression)
-        tree.tracer = tracer
-        return tree
     }
 }
 

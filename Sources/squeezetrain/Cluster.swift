@@ -1,7 +1,8 @@
 import ArgumentParser
 import Foundation
 import SqueezeCluster
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeData
 import SqueezeEngine
 import SqueezeSystem

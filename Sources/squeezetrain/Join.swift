@@ -1,7 +1,8 @@
 import ArgumentParser
 import Foundation
 import SqueezeCluster
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeEngine
 import SqueezeSystem
 import SqueezeTraining

@@ -1,6 +1,7 @@
 import ArgumentParser
 import Foundation
 import SqueezeCluster
+import SqueezeCollectives
 import SqueezeSystem
 import SqueezeTraining
 

@@ -1,7 +1,9 @@
 import Foundation
 import Testing
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeEngine
+import SqueezeSystem
 import SqueezeTraining
 @testable import SqueezeCluster
 

@@ -1,4 +1,5 @@
 import Testing
+import SqueezeCollectives
 import SqueezeTraining
 @testable import SqueezeCluster
 
@@ -18,7 +19,7 @@ struct ControlProtocolTests {
     /// it) is refused naming the value, so no protocol version bump was needed for it.
     @Test func anAlgorithmTravelsByNameAndAnUnknownOneIsRefusedNamingIt() throws {
         let welcome = ControlMessage.welcome(Welcome(
-            rank: 1, worldSize: 3, config: TrainingConfig(), algorithm: .tree, compression: .int8, bucketBytes: 1 << 20, transport: .tcp,
+            rank: 1, worldSize: 3, config: TrainingConfig(), algorithm: .tree, compression: .int8, bucketBytes: 1 << 20, chunkBytes: 1 << 20, transport: .tcp,
             timeoutSeconds: 10, parametersChecksum: "0", initWeights: nil, saveWeights: nil, evaluate: false,
             checkpointDirectory: nil, checkpointEvery: 0, keepCheckpoints: 3, resumeFrom: nil)).encoded()
         guard case .welcome(let w) = try decode(welcome) else { Issue.record("wrong kind"); return }

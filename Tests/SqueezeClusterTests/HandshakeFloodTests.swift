@@ -1,7 +1,8 @@
 import CZeroMQ
 import Foundation
 import Testing
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 @testable import SqueezeCluster
 
 /// A flood of failed handshakes against the coordinator's control socket, while the coordinator does

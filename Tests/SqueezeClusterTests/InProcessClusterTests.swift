@@ -1,6 +1,7 @@
 import Foundation
 import Testing
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeEngine
 import SqueezeTraining
 @testable import SqueezeCluster
@@ -153,6 +154,32 @@ struct InProcessClusterTests {
         #expect(summary.perRank.map(\.bytesSent) == edges.map { 2 * copy * $0 })
     }
 
+    /// The chunk size travels in the welcome: with 64 KiB chunks (not the 1 MiB default) int8 sends a
+    /// scale per 16,384 elements, and every rank (and the star's hub) cuts the same chunks.
+    @Test(arguments: [AllReduceAlgorithm.ring, .star])
+    func everyRankCutsTheCoordinatorsChunks(algorithm: AllReduceAlgorithm) throws {
+        let chunk = 64 << 10
+        let run = try runInProcess(clusterOptions(workers: 2, steps: 1) {
+            $0.compression = .int8; $0.algorithm = algorithm; $0.bucketBytes = 524_288; $0.chunkBytes = chunk
+        })
+        _ = try run.summary.get()
+        #expect(run.workerErrors.allSatisfy { $0 == nil }, "\(run.workerErrors)")
+        let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 524_288)
+        #expect(run.metrics.count == 2)
+        for line in run.metrics {
+            let rank = line["rank"] as! Int
+            func sent(_ chunkBytes: Int) -> Int {
+                plan.reduce(0) { bytes, bucket in
+                    bytes + (algorithm == .ring
+                        ? ringPayloadBytes(count: bucket.count, worldSize: 2, rank: rank, compression: .int8, chunkBytes: chunkBytes)!.sent
+                        : GradientCompression.int8.densePayloadBytes(count: bucket.count, chunkBytes: chunkBytes)!)
+                }
+            }
+            #expect(sent(chunk) != sent(CollectiveOptions.defaultChunkBytes))  // so the default's chunks would show
+            #expect(line["allreduce_bytes_sent"] as? Int == sent(chunk), "rank \(rank)")
+        }
+    }
+
     /// What the codecs put on the wire, against the collectives' own formulas per bucket; the
     /// metrics carry the uncompressed reference and the ratio.
     @Test(arguments: [("fp16", AllReduceAlgorithm.ring), ("int8", .star), ("topk:0.01", .ring), ("bf16", .star)])
@@ -293,7 +320,7 @@ struct WorkerProtocolTests {
             let (peer, hello) = try next()
             guard case .hello = hello else { throw TestFailure("expected hello, got \(hello.kind)") }
             plane.server.send(ControlMessage.welcome(Welcome(
-                rank: 0, worldSize: 1, config: config, algorithm: .ring, compression: .none, bucketBytes: 1 << 20, transport: .tcp,
+                rank: 0, worldSize: 1, config: config, algorithm: .ring, compression: .none, bucketBytes: 1 << 20, chunkBytes: 1 << 20, transport: .tcp,
                 timeoutSeconds: 10, parametersChecksum: checksum, initWeights: nil, saveWeights: nil, evaluate: false,
                 checkpointDirectory: checkpointDirectory, checkpointEvery: 0, keepCheckpoints: 3, resumeFrom: resumeFrom)).encoded(), to: peer)
             guard case .ready(let ready) = try next().message else { throw TestFailure("expected ready") }

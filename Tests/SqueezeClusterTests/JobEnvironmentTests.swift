@@ -1,6 +1,7 @@
 import Foundation
 @testable import SqueezeCluster
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import Testing
 
 @Suite struct JobEnvironmentTests {

@@ -1,8 +1,10 @@
 import Foundation
 import Testing
 import SqueezeTestSupport
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeEngine
+import SqueezeSystem
 @testable import SqueezeCluster
 
 /// `squeezetrain join` under real launchers: processes started by hand with torchrun's variables,
