@@ -1,6 +1,5 @@
 import ArgumentParser
 import Foundation
-import SqueezeCollectives
 import SqueezeTransport
 import SqueezeSystem
 import SqueezeTraining
