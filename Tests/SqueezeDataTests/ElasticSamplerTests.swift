@@ -68,6 +68,18 @@ import Testing
         }
     }
 
+    /// 1,017 records at batch 20: padded for 4 workers to 1,020 (51 batches, the last one repeating the
+    /// order's first 3 records); for 3 workers 1,017 would need no padding (50 batches). After a change
+    /// from 4 to 3 the epoch keeps the layout it began with.
+    @Test func theEpochKeepsTheLayoutItBeganWith() throws {
+        let four = try ShardedSampler(count: 1_017, numShards: 4, rank: 0, globalBatchSize: 20, seed: 2)
+        let three = try four.resharded(numShards: 3, rank: 2)
+        #expect(four.batchesPerEpoch == 51 && three.batchesPerEpoch == 51 && three.paddedCount == 1_020)
+        #expect(try ShardedSampler(count: 1_017, numShards: 3, rank: 2, globalBatchSize: 20, seed: 2).batchesPerEpoch == 50)
+        let last = (0..<3).flatMap { try! four.resharded(numShards: 3, rank: $0).localBatch(epoch: 0, 50) }
+        #expect(Set(last) == Set(four.globalBatch(epoch: 0, 50)) && four.globalBatch(epoch: 0, 50).suffix(3) == four.order(epoch: 0).prefix(3))
+    }
+
     @Test func aChangeCannotGoBackInTime() throws {
         var s = ElasticSampler(try ShardedSampler(count: 100, numShards: 2, rank: 0, globalBatchSize: 10), fromStep: 4)
         try s.reshard(atStep: 6, numShards: 3, rank: 2)
