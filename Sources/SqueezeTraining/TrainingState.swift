@@ -15,7 +15,8 @@ public struct TrainingState {
     public let checksum: String
 
     /// Captures `trainer`'s state (any rank's: after each all-reduce every rank holds the same);
-    /// `worldSize` (the number of workers that trained it) is recorded with it.
+    /// `worldSize` (the number of workers that trained it) is recorded with it and enters the checksum,
+    /// so every rank passes the same.
     public init(trainer: Trainer, worldSize: Int) throws {
         checkpoint = Checkpoint(trainer: trainer, worldSize: worldSize)
         checksum = try checkpoint.signedMetadata()["checksum"]!

@@ -28,6 +28,9 @@ struct TrainingStateTests {
         let live = try trained(config())
         let sent = try TrainingState(trainer: live, worldSize: 3)
         let bytes = try sent.encoded()
+        // Sent once: parameters and momentum, 4 bytes each, and a header of a few kilobytes.
+        let parameters = live.network.parameters.count
+        #expect(bytes.count > 8 * parameters && bytes.count < 8 * parameters + 16_384, "\(bytes.count) bytes for \(parameters) parameters")
         let joiner = try Trainer(config: config(), trainSet: firstTrainingFile)
         try TrainingState(decoding: bytes, from: "rank 0", expected: sent.checksum).restore(into: joiner)
         #expect(joiner.step == 2)
