@@ -30,13 +30,16 @@ public final class BucketedReducer: GradientReducer, @unchecked Sendable {
     public let plan: [Range<Int>]
     private let reducer: any AllReducer
     private let lock = NSCondition()
-    private var queue = [(bucket: Int, step: Int, buffer: UnsafeMutableBufferPointer<Float>)]()
+    private var queue = [(bucket: Int, step: Int, weight: Float?, buffer: UnsafeMutableBufferPointer<Float>)]()
     private var done = 0, submitted = 0
     private var failure: Error?
     private var closing = false
     private var thread: Thread?
     /// The step whose gradients are being reduced (set by the worker before each step).
     public var step = 0
+    /// This rank's `shareWeight` (set with the members, before a step): each bucket is scaled by it
+    /// before its all-reduce. nil (equal shares): nothing is scaled.
+    public var shareWeight: Float?
     /// Seconds the communication thread spent in all-reduces during the last step.
     public private(set) var busySeconds = 0.0
     /// Records each bucket's all-reduce on the communication thread (nil: not traced); set before the first step.
@@ -55,7 +58,7 @@ public final class BucketedReducer: GradientReducer, @unchecked Sendable {
         guard let k = plan.firstIndex(where: { $0.lowerBound == range.lowerBound }) else { return }
         lock.lock()
         if submitted == 0 { busySeconds = 0 }
-        queue.append((k, step, gradients))
+        queue.append((k, step, shareWeight, gradients))
         submitted += 1
         lock.signal()
         lock.unlock()
@@ -92,6 +95,7 @@ public final class BucketedReducer: GradientReducer, @unchecked Sendable {
             if !failed {
                 do {
                     let range = plan[job.bucket]
+                    if let weight = job.weight { scaleByShare(job.buffer, range: range, weight: weight) }
                     try traced(tracer, .allReduce, "allreduce", "all-reduce bucket \(job.bucket)",
                                ["step": job.step, "bucket": job.bucket, "bytes": range.count * MemoryLayout<Float>.size]) {
                         try reducer.allReduceAverage(job.buffer, range: range,

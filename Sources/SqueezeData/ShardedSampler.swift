@@ -6,15 +6,19 @@ import SqueezeEngine
 /// For epoch e the order is a permutation of `0..<count` (Fisher–Yates, swapping `i` with
 /// `rng.below(i + 1)` for `i` from `count − 1` down to 1, `rng = SeededRNG(seed: seed &+ UInt64(e))`),
 /// or file order when `shuffle` is off. It is padded by repeating from its start up to
-/// `paddedCount`, the next multiple of `numShards`. Rank r's share is every `numShards`-th element
-/// starting at r.
+/// `paddedCount`, the next multiple of `layoutShards` (the number of workers, unless an elastic run
+/// keeps the layout of the world size it started with, see `resharded`). Rank r's share is every
+/// `numShards`-th element starting at r.
 ///
-/// Batching: the global batch size B is split evenly, `localBatchSize` = B / numShards.
-/// Global batch k is `order[k*B ..< (k+1)*B]` and rank r's k-th local batch is its elements at
-/// positions ≡ r (mod numShards) — equivalently, the k-th run of `localBatchSize` in rank r's share.
-/// Interleaving all ranks' k-th local batches (rank 0's first, rank 1's first, …) gives global batch
-/// k, so N ranks see exactly the batches of one process. There are `batchesPerEpoch` =
-/// floor(paddedCount / B) batches; the last partial global batch of each epoch is dropped.
+/// Batching: global batch k is `order[k*B ..< (k+1)*B]`, whatever the number of workers N, and rank
+/// r's k-th local batch is its elements at positions ≡ r (mod N): `share(rank:of:globalBatch:)`
+/// records, ⌈B/N⌉ for the first B mod N ranks and ⌊B/N⌋ for the others (B/N each when N divides B,
+/// and then also the k-th run of `localBatchSize` in rank r's share). Interleaving all ranks' k-th
+/// local batches (rank 0's first, rank 1's first, …) gives global batch k, so N ranks see exactly the
+/// batches of one process. There are `batchesPerEpoch` = floor(paddedCount / B) batches; the last
+/// partial global batch of each epoch is dropped. Since neither the batches nor their number depend
+/// on N, a run may change N (and ranks) between two steps of an epoch (`resharded`): the rest of the
+/// epoch's batches are the same, divided over the new ranks.
 public struct ShardedSampler: Sendable, Equatable {
     public let count: Int
     public let numShards: Int
@@ -23,20 +27,26 @@ public struct ShardedSampler: Sendable, Equatable {
     public let shuffle: Bool
     public let seed: UInt64
 
-    /// Throws `DataError.invalidConfiguration` unless count ≥ 1, numShards ≥ 1, 0 ≤ rank < numShards,
-    /// and globalBatchSize is a positive multiple of numShards no larger than `paddedCount`.
+    /// The number of workers whose padding the epoch's layout uses (`numShards` unless `resharded`).
+    public let layoutShards: Int
+
+    /// Throws `DataError.invalidConfiguration` unless count ≥ 1, 1 ≤ numShards ≤ globalBatchSize (every
+    /// rank gets at least one record per batch), 0 ≤ rank < numShards, layoutShards ≥ 1 (nil: numShards)
+    /// and globalBatchSize ≤ `paddedCount`.
     public init(count: Int, numShards: Int = 1, rank: Int = 0, globalBatchSize: Int,
-                shuffle: Bool = true, seed: UInt64 = 0) throws {
+                shuffle: Bool = true, seed: UInt64 = 0, layoutShards: Int? = nil) throws {
         guard count >= 1 else { throw DataError.invalidConfiguration("the data set is empty") }
         guard numShards >= 1 else { throw DataError.invalidConfiguration("number of shards \(numShards) must be at least 1") }
         guard (0..<numShards).contains(rank) else {
             throw DataError.invalidConfiguration("rank \(rank) is not in 0..<\(numShards)")
         }
-        guard globalBatchSize >= 1, globalBatchSize % numShards == 0 else {
+        guard globalBatchSize >= 1, numShards <= globalBatchSize else {
             throw DataError.invalidConfiguration(
-                "global batch size \(globalBatchSize) must be a positive multiple of the number of workers \(numShards)")
+                "global batch size \(globalBatchSize) gives no image to some of the \(numShards) workers: it must be at least the number of workers")
         }
-        let padded = (count + numShards - 1) / numShards * numShards
+        let layout = layoutShards ?? numShards
+        guard layout >= 1 else { throw DataError.invalidConfiguration("layout shards \(layout) must be at least 1") }
+        let padded = (count + layout - 1) / layout * layout
         guard globalBatchSize <= padded else {
             throw DataError.invalidConfiguration(
                 "global batch size \(globalBatchSize) is larger than the data set (\(count) records)")
@@ -47,14 +57,30 @@ public struct ShardedSampler: Sendable, Equatable {
         self.globalBatchSize = globalBatchSize
         self.shuffle = shuffle
         self.seed = seed
+        self.layoutShards = layout
     }
 
-    /// `count` rounded up to a multiple of `numShards`.
-    public var paddedCount: Int { (count + numShards - 1) / numShards * numShards }
-    /// Records per rank per epoch (`paddedCount / numShards`), as `len(DistributedSampler)`.
-    public var samplesPerShard: Int { paddedCount / numShards }
-    /// Records per rank per batch: `globalBatchSize / numShards`.
-    public var localBatchSize: Int { globalBatchSize / numShards }
+    /// The same data order and batches divided over `numShards` workers, this one holding `rank`: what
+    /// an elastic run switches to at a step boundary when its members change. The layout (padding,
+    /// batches per epoch) stays this sampler's, so the rest of the epoch is the same global batches.
+    public func resharded(numShards: Int, rank: Int) throws -> ShardedSampler {
+        try ShardedSampler(count: count, numShards: numShards, rank: rank, globalBatchSize: globalBatchSize,
+                           shuffle: shuffle, seed: seed, layoutShards: layoutShards)
+    }
+
+    /// Records of each global batch of `globalBatch` that rank `rank` of `workers` trains on: the first
+    /// `globalBatch mod workers` ranks take one more than the others.
+    public static func share(rank: Int, of workers: Int, globalBatch: Int) -> Int {
+        precondition((0..<workers).contains(rank), "rank \(rank) is not in 0..<\(workers)")
+        return (globalBatch - rank + workers - 1) / workers
+    }
+
+    /// `count` rounded up to a multiple of `layoutShards`.
+    public var paddedCount: Int { (count + layoutShards - 1) / layoutShards * layoutShards }
+    /// Records of this rank per epoch (`paddedCount / numShards` when that divides), as `len(DistributedSampler)`.
+    public var samplesPerShard: Int { (paddedCount - rank + numShards - 1) / numShards }
+    /// Records of this rank per batch: `share(rank:of:globalBatch:)`, `globalBatchSize / numShards` when that divides.
+    public var localBatchSize: Int { ShardedSampler.share(rank: rank, of: numShards, globalBatch: globalBatchSize) }
     /// floor(paddedCount / globalBatchSize); the trailing partial global batch is dropped.
     public var batchesPerEpoch: Int { paddedCount / globalBatchSize }
 

@@ -205,6 +205,24 @@ public enum Safetensors {
         try withHeader(path: path) { _, _, metadata, _ in metadata }
     }
 
+    /// Decodes the bytes of a whole safetensors file held in memory (`encode`'s, or received), with the
+    /// checks `read` makes; `source` names them in errors, as a file's path would.
+    public static func decode(_ bytes: [UInt8], source: String) throws -> (tensors: [String: SafetensorsTensor], metadata: [String: String]) {
+        guard bytes.count >= 8 else { throw SafetensorsError.tooShort(file: source, size: bytes.count) }
+        let headerLength = bytes.withUnsafeBytes { UInt64(littleEndian: $0.loadUnaligned(as: UInt64.self)) }
+        guard headerLength <= UInt64(bytes.count - 8) else {
+            throw SafetensorsError.headerBeyondFile(file: source, headerLength: headerLength, fileSize: bytes.count)
+        }
+        let dataStart = 8 + Int(headerLength)
+        let (entries, metadata) = try parseHeader(Array(bytes[8..<dataStart]), path: source, dataSize: bytes.count - dataStart)
+        var tensors = [String: SafetensorsTensor](minimumCapacity: entries.count)
+        for entry in entries {
+            tensors[entry.name] = SafetensorsTensor(name: entry.name, dtype: entry.dtype, shape: entry.shape,
+                                                    bytes: Array(bytes[(dataStart + entry.begin)..<(dataStart + entry.end)]))
+        }
+        return (tensors, metadata)
+    }
+
     /// Opens `path`, reads and checks its header, and passes the open file, the entries, the metadata
     /// and the offset of the data section to `body`.
     private static func withHeader<R>(
@@ -381,7 +399,37 @@ public enum Safetensors {
         var withBytes: ((UnsafeRawBufferPointer) throws -> Void) throws -> Void
     }
 
+    /// The F32 `tensors` and string `metadata` as the bytes of a safetensors file, in memory (the
+    /// layout `write` gives a file).
+    public static func encode(tensors: [(name: String, shape: [Int], data: UnsafeBufferPointer<Float>)],
+                              metadata: [String: String] = [:]) throws -> [UInt8] {
+        let (prefix, items) = try layout(tensors.map { tensor in
+            Item(name: tensor.name, dtype: .f32, shape: tensor.shape, byteCount: tensor.data.count * MemoryLayout<Float>.stride,
+                 withBytes: { body in try body(UnsafeRawBufferPointer(tensor.data)) })
+        }, metadata: metadata, file: "safetensors in memory")
+        var bytes = prefix
+        bytes.reserveCapacity(prefix.count + items.reduce(0) { $0 + $1.byteCount })
+        for item in items { try item.withBytes { bytes += $0 } }
+        return bytes
+    }
+
     private static func write(path: String, items unordered: [Item], metadata: [String: String]) throws {
+        let (prefix, items) = try layout(unordered, metadata: metadata, file: path)
+        do {
+            try AtomicFile.write(to: path) { file in
+                try file.write(prefix)
+                for item in items {
+                    try item.withBytes { try file.write($0) }
+                }
+            }
+        } catch let error as SystemError {
+            throw SafetensorsError.io(file: path, operation: error.operation ?? error.function, reason: error.message)
+        }
+    }
+
+    /// Checks `unordered` (`file` names them in errors), orders them as the layout wants and returns the
+    /// file's first bytes (header length and header) with the items in the order their data follows.
+    private static func layout(_ unordered: [Item], metadata: [String: String], file path: String) throws -> (prefix: [UInt8], items: [Item]) {
         var seen = Set<String>()
         for item in unordered {
             func invalid(_ reason: String) -> SafetensorsError {
@@ -424,17 +472,7 @@ public enum Safetensors {
         header += repeatElement(UInt8(ascii: " "), count: (8 - header.count % 8) % 8)
         var prefix = withUnsafeBytes(of: UInt64(header.count).littleEndian) { Array($0) }
         prefix += header
-
-        do {
-            try AtomicFile.write(to: path) { file in
-                try file.write(prefix)
-                for item in items {
-                    try item.withBytes { try file.write($0) }
-                }
-            }
-        } catch let error as SystemError {
-            throw SafetensorsError.io(file: path, operation: error.operation ?? error.function, reason: error.message)
-        }
+        return (prefix, items)
     }
 
     /// `text` as a JSON string literal.

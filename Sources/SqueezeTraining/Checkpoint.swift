@@ -58,8 +58,7 @@ public struct Checkpoint {
         try CheckpointDirectory.check(directory)
         let name = Checkpoint.fileName(step: step)
         let path = (directory as NSString).appendingPathComponent(name)
-        var meta = try metadata()
-        meta["checksum"] = Checkpoint.checksum(tensors: tensors, metadata: meta)
+        let meta = try signedMetadata()
         let names = tensors.keys.sorted()
         try withFloatViews(names) { views in
             try Safetensors.write(path: path, tensors: zip(names, views).map { ($0, shapes[$0] ?? [$1.count], $1) }, metadata: meta)
@@ -70,6 +69,13 @@ public struct Checkpoint {
         try AtomicFile.write(Array((name + "\n").utf8), to: (directory as NSString).appendingPathComponent("latest"))
         try prune(directory: directory, current: name, keep: max(keep, 1))
         return path
+    }
+
+    /// The metadata with its `checksum` (of the tensors and the rest of the metadata).
+    func signedMetadata() throws -> [String: String] {
+        var meta = try metadata()
+        meta["checksum"] = Checkpoint.checksum(tensors: tensors, metadata: meta)
+        return meta
     }
 
     private func metadata() throws -> [String: String] {
@@ -84,7 +90,7 @@ public struct Checkpoint {
         ]
     }
 
-    private func withFloatViews<R>(_ names: [String], _ body: ([UnsafeBufferPointer<Float>]) throws -> R) rethrows -> R {
+    func withFloatViews<R>(_ names: [String], _ body: ([UnsafeBufferPointer<Float>]) throws -> R) rethrows -> R {
         var views = [UnsafeBufferPointer<Float>]()
         func go(_ i: Int) throws -> R {
             if i == names.count { return try body(views) }
@@ -96,6 +102,12 @@ public struct Checkpoint {
     /// Reads and verifies a checkpoint file: format, version, checksum and every metadata field.
     public static func load(path: String) throws -> Checkpoint {
         let (raw, meta) = try Safetensors.read(path: path)
+        return try verified(raw, meta, path: path)
+    }
+
+    /// The checkpoint in `raw` and `meta` (read from `path`, or received from the peer it names), once its
+    /// format, version, checksum and every metadata field check out.
+    static func verified(_ raw: [String: SafetensorsTensor], _ meta: [String: String], path: String) throws -> Checkpoint {
         func field(_ key: String) throws -> String {
             guard let v = meta[key] else { throw TrainingError.checkpoint("\(path): not a squeezetrain checkpoint (no '\(key)' in its metadata)") }
             return v
@@ -185,15 +197,27 @@ public struct Checkpoint {
     }
 
     static func differences(_ a: TrainingConfig, _ b: TrainingConfig) -> String {
+        fieldDifferences(a, b).map { "\($0.field) was \($0.a), now \($0.b)" }.joined(separator: "; ")
+    }
+
+    /// Each field in which `a` and `b` differ, by its JSON name (a nested one dotted: `model.classes`),
+    /// with both values ("unset" for an optional field that is not set), in name order.
+    static func fieldDifferences(_ a: TrainingConfig, _ b: TrainingConfig) -> [(field: String, a: String, b: String)] {
+        func fields(_ object: [String: Any], prefix: String = "") -> [String: String] {
+            var out = [String: String]()
+            for (key, value) in object {
+                if let nested = value as? [String: Any] { out.merge(fields(nested, prefix: prefix + key + "."), uniquingKeysWith: { $1 }) }
+                else { out[prefix + key] = String(describing: value) }
+            }
+            return out
+        }
         func fields(_ c: TrainingConfig) -> [String: String] {
             let data = (try? JSONEncoder().encode(c)) ?? Data()
-            let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] ?? [:]
-            return object.mapValues { String(describing: $0) }
+            return fields((try? JSONSerialization.jsonObject(with: data)) as? [String: Any] ?? [:])
         }
         let fa = fields(a), fb = fields(b)
         // Optional fields (cutout) are absent from the JSON when unset.
-        return Set(fa.keys).union(fb.keys).sorted().filter { fa[$0] != fb[$0] }
-            .map { "\($0) was \(fa[$0] ?? "unset"), now \(fb[$0] ?? "unset")" }.joined(separator: "; ")
+        return Set(fa.keys).union(fb.keys).sorted().filter { fa[$0] != fb[$0] }.map { ($0, fa[$0] ?? "unset", fb[$0] ?? "unset") }
     }
 
     /// Throws unless `metadata["checksum"]` is the checksum of `tensors` and the rest of `metadata`.

@@ -91,11 +91,13 @@ import Testing
     }
 
     @Test func invalidSettingsThrowClearErrors() {
-        let notDivisible = #expect(throws: DataError.self) {
-            try ShardedSampler(count: 100, numShards: 3, rank: 0, globalBatchSize: 64)
+        // Uneven shares are fine (ElasticSamplerTests); a batch with fewer images than workers is not.
+        let tooFew = #expect(throws: DataError.self) {
+            try ShardedSampler(count: 100, numShards: 5, rank: 0, globalBatchSize: 4)
         }
-        #expect(notDivisible?.description.contains("64") == true)
-        #expect(notDivisible?.description.contains("3") == true)
+        #expect(tooFew?.description.contains("4") == true)
+        #expect(tooFew?.description.contains("5") == true)
+        #expect(throws: DataError.self) { try ShardedSampler(count: 100, globalBatchSize: 4, layoutShards: 0) }
         #expect(throws: DataError.self) { try ShardedSampler(count: 100, numShards: 2, rank: 2, globalBatchSize: 64) }
         #expect(throws: DataError.self) { try ShardedSampler(count: 100, numShards: 0, rank: 0, globalBatchSize: 64) }
         #expect(throws: DataError.self) { try ShardedSampler(count: 0, globalBatchSize: 64) }
