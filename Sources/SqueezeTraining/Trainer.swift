@@ -48,6 +48,9 @@ public final class Trainer {
     public let sampler: ShardedSampler
     public let schedule: LearningRateSchedule
     public let trainSet: CIFAR10
+    /// The moving average of the weights (`config.ema`; nil: none). Evaluation uses it, and
+    /// `TrainingLoop` leaves it in `network` when a run ends.
+    public let average: WeightAverage?
     public let rank: Int, worldSize: Int
     /// Steps completed (global, counting steps before a resume).
     public var step = 0
@@ -81,6 +84,8 @@ public final class Trainer {
             throw TrainingError.invalidConfiguration(String(describing: error))
         }
         schedule = config.learningRateSchedule(stepsPerEpoch: sampler.batchesPerEpoch)
+        let (network, perEpoch) = (network, sampler.batchesPerEpoch)
+        average = config.ema.map { WeightAverage($0, stepsPerEpoch: perEpoch, network: network) }
     }
 
     public var stepsPerEpoch: Int { sampler.batchesPerEpoch }
@@ -99,6 +104,8 @@ public final class Trainer {
     public func trainStep(_ batch: BatchLoader.Batch, reducer: GradientReducer? = nil) throws -> StepResult {
         precondition(batch.position == position, "batch for \(batch.position) at \(position)")
         let t0 = DispatchTime.now().uptimeNanoseconds
+        // The average starts from the weights the run starts from (--init-weights are loaded after init).
+        if step == 0 { average?.reset(to: network) }
         // Dropout masks are a function of (seed, rank, step), like the augmentation: a resumed run
         // draws the same masks without any generator state in the checkpoint, and ranks differ.
         for (i, dropout) in network.dropouts.enumerated() {
@@ -141,6 +148,7 @@ public final class Trainer {
             constraint?.willUpdate(network.parameters, optimizer: optimizer, learningRate: lr)
             optimizer.step(network.parameters, learningRate: lr)
             constraint?.didUpdate(network.parameters)
+            average?.update(network, step: step + 1)
         }
         let t3 = DispatchTime.now().uptimeNanoseconds
         let result = StepResult(step: step, epoch: epoch, loss: loss, correct: correct, images: batch.count,
@@ -150,9 +158,11 @@ public final class Trainer {
         return result
     }
 
-    /// Eval-mode accuracy on `dataset` (no augmentation), in batches of `batchSize`.
+    /// Eval-mode accuracy on `dataset` (no augmentation), in batches of `batchSize`; of the averaged
+    /// weights when the run keeps an average (`--ema`).
     public func evaluate(_ dataset: CIFAR10, indices: [Int]? = nil, batchSize: Int = 500) -> Evaluation {
-        Trainer.evaluate(network, dataset, indices: indices, batchSize: batchSize, imageSize: config.imageSize)
+        let run = { Trainer.evaluate(self.network, dataset, indices: indices, batchSize: batchSize, imageSize: self.config.imageSize) }
+        return average.map { $0.withAverage(in: network, run) } ?? run()
     }
 
     /// Evaluates `indices` of `dataset` (all records when nil). With `flip`, each image is also

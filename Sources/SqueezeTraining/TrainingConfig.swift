@@ -25,6 +25,9 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     /// Arithmetic of the convolution GEMMs (nil: fp32; optional so that older checkpoints decode).
     /// Gradients stay fp32 either way, so the all-reduce is unchanged.
     public var precision: Precision?
+    /// `--ema`: an exponential moving average of the weights, used for evaluation and the final
+    /// weights (nil: none; optional so that older checkpoints decode).
+    public var ema: EMASettings?
     /// Side of the (square) training images: 32, CIFAR-10's own, or 64 (upsampled) for AlexNet.
     public var imageSize: Int { model.cifarImageSize }
 

@@ -43,6 +43,14 @@ struct TrainingOptions: ParsableArguments {
     var labelSmoothing: Float = 0
     @Flag(help: "Take records in file order instead of a seeded shuffle per epoch.")
     var noShuffle = false
+    @Option(help: ArgumentHelp("Keep an exponential moving average of the weights and BatchNorm statistics, e ← d·e + (1 − d)·w after each step, and use it for the per-epoch test accuracy and the final weights (--save-weights); checkpoints keep it (0: off).", valueName: "d"))
+    var ema: Float = 0
+    @Option(help: "With --ema: the average only follows the weights for this many epochs, then starts averaging.")
+    var emaStartEpochs: Double = 0
+    @Option(help: "With --ema: update the average every K steps.")
+    var emaEvery = 1
+    @Flag(help: "With --ema: after each update set the weights to the average (airbench's Lookahead-style variant).")
+    var emaLookahead = false
 
     func validate() throws {
         try requireRange("--batch-size", batchSize, 1...50_000)
@@ -57,6 +65,18 @@ struct TrainingOptions: ParsableArguments {
         guard (0...CIFAR10.imageSide).contains(cutout) else { throw ValidationError("--cutout must be in 0...32 pixels (got \(cutout))") }
         guard labelSmoothing >= 0, labelSmoothing < 1 else { throw ValidationError("--label-smoothing must be in [0, 1) (got \(labelSmoothing))") }
         if cutout > 0 && noAugment { throw ValidationError("--cutout is an augmentation; it cannot be combined with --no-augment") }
+        try validateEMA()
+    }
+
+    private func validateEMA() throws {
+        guard ema == 0 else {
+            guard ema > 0, ema < 1 else { throw ValidationError("--ema must be a decay in (0, 1), e.g. 0.999, or 0 for none (got \(ema))") }
+            try requireFinite("--ema-start-epochs", emaStartEpochs, 0...100_000)
+            return try requireRange("--ema-every", emaEvery, 1...1_000_000)
+        }
+        for (flag, given) in [("--ema-start-epochs", emaStartEpochs != 0), ("--ema-every", emaEvery != 1), ("--ema-lookahead", emaLookahead)] where given {
+            throw ValidationError("\(flag) sets up the moving average of the weights; add --ema DECAY (e.g. --ema 0.999)")
+        }
     }
 
     /// The run's configuration; `trainingRecords` sizes an epoch (for --epochs and warm-up).
@@ -69,6 +89,7 @@ struct TrainingOptions: ParsableArguments {
         c.augment = !noAugment; c.shuffle = !noShuffle
         c.cutout = cutout > 0 ? cutout : nil
         c.labelSmoothing = labelSmoothing > 0 ? labelSmoothing : nil
+        c.ema = ema > 0 ? EMASettings(decay: ema, startEpochs: emaStartEpochs, every: emaEvery, lookahead: emaLookahead) : nil
         let perEpoch = c.stepsPerEpoch(trainingRecords: trainingRecords, workers: workers)
         c.totalSteps = steps ?? (epochs ?? 30) * perEpoch
         return c
@@ -97,6 +118,8 @@ extension TrainingOptions {
         if cutout > 0 { a += ["--cutout", "\(cutout)"] }
         if labelSmoothing > 0 { a += ["--label-smoothing", "\(labelSmoothing)"] }
         if noShuffle { a.append("--no-shuffle") }
+        if ema > 0 { a += ["--ema", "\(ema)", "--ema-start-epochs", "\(emaStartEpochs)", "--ema-every", "\(emaEvery)"] }
+        if emaLookahead { a.append("--ema-lookahead") }
         return a
     }
 }
