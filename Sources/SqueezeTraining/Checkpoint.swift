@@ -199,7 +199,12 @@ public struct Checkpoint {
         func fields(_ c: TrainingConfig) -> [String: String] {
             let data = (try? JSONEncoder().encode(c)) ?? Data()
             let object = (try? JSONSerialization.jsonObject(with: data)) as? [String: Any] ?? [:]
-            return object.mapValues { String(describing: $0) }
+            // Nested objects (the model, --ema) as JSON with sorted keys: a dictionary's description has no fixed order.
+            return object.mapValues { v in
+                guard JSONSerialization.isValidJSONObject(v), let json = try? JSONSerialization.data(withJSONObject: v, options: .sortedKeys)
+                else { return String(describing: v) }
+                return String(decoding: json, as: UTF8.self)
+            }
         }
         let fa = fields(a), fb = fields(b)
         // Optional fields (cutout) are absent from the JSON when unset.

@@ -97,7 +97,8 @@ public final class Trainer {
     public func makeLoader() -> BatchLoader {
         let end = BatchPosition(epoch: config.totalSteps / stepsPerEpoch, batch: config.totalSteps % stepsPerEpoch)
         return BatchLoader(dataset: trainSet, sampler: sampler, augmentSeed: config.augment ? config.seed : nil,
-                           cutout: config.cutout ?? 0, start: position, end: end, imageSize: config.imageSize)
+                           cutout: config.cutout ?? 0, translate: config.translate ?? 4, flip: config.flip ?? .random,
+                           start: position, end: end, imageSize: config.imageSize)
     }
 
     /// Forward, backward (handing finished gradient ranges to `reducer`), gradient average, SGD step.

@@ -1,3 +1,4 @@
+import SqueezeData
 import SqueezeEngine
 
 /// Everything that defines a training run's arithmetic (not where it runs): saved in checkpoints,
@@ -19,6 +20,10 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     /// Side of a Cutout square applied after crop and flip (nil: none; optional so that
     /// checkpoints written before it existed still decode).
     public var cutout: Int?
+    /// `--flip`: how training images are mirrored (nil: `.random`, the original; optional for the same reason).
+    public var flip: FlipMode?
+    /// `--translate`: the crop's largest shift in pixels, 0...4 (nil: 4, the original).
+    public var translate: Int?
     /// Label smoothing ε of the training loss (nil: none; optional for the same reason).
     public var labelSmoothing: Float?
     public var shuffle = true

@@ -4,6 +4,7 @@ import SqueezeEngine
 import SqueezeTraining
 
 extension LearningRateSchedule.Kind: ExpressibleByArgument {}
+extension FlipMode: ExpressibleByArgument {}
 
 /// Options defining a training run; shared by `train`, `coordinator` and `launch`.
 struct TrainingOptions: ParsableArguments {
@@ -37,6 +38,10 @@ struct TrainingOptions: ParsableArguments {
     var dropout: Float = 0.5
     @Flag(help: "No random crop and flip.")
     var noAugment = false
+    @Option(help: "Horizontal flips of training images: random (each image with probability ½ every epoch), alternating (each image every other epoch, which epochs drawn once per image from the seed; airbench's derandomised flips) or none.")
+    var flip: FlipMode = .random
+    @Option(help: ArgumentHelp("Random crop: shift each training image by up to N pixels in each direction (a 32×32 crop of the image zero-padded by N; 0...4).", valueName: "N"))
+    var translate = 4
     @Option(help: "Cutout: blank a random N×N square of every training image after crop and flip (DeVries & Taylor, 2017; 0: off).")
     var cutout = 0
     @Option(help: "Label smoothing ε of the training loss: targets (1 − ε)·one-hot + ε/classes, as PyTorch's CrossEntropyLoss(label_smoothing:). Test loss stays plain.")
@@ -45,9 +50,9 @@ struct TrainingOptions: ParsableArguments {
     var noShuffle = false
     @Option(help: ArgumentHelp("Keep an exponential moving average of the weights and BatchNorm statistics, e ← d·e + (1 − d)·w after each step, and use it for the per-epoch test accuracy and the final weights (--save-weights); checkpoints keep it (0: off).", valueName: "d"))
     var ema: Float = 0
-    @Option(help: "With --ema: the average only follows the weights for this many epochs, then starts averaging.")
+    @Option(help: ArgumentHelp("With --ema: the average only follows the weights for the first E epochs, then starts averaging.", valueName: "E"))
     var emaStartEpochs: Double = 0
-    @Option(help: "With --ema: update the average every K steps.")
+    @Option(help: ArgumentHelp("With --ema: update the average every K steps.", valueName: "K"))
     var emaEvery = 1
     @Flag(help: "With --ema: after each update set the weights to the average (airbench's Lookahead-style variant).")
     var emaLookahead = false
@@ -65,6 +70,10 @@ struct TrainingOptions: ParsableArguments {
         guard (0...CIFAR10.imageSide).contains(cutout) else { throw ValidationError("--cutout must be in 0...32 pixels (got \(cutout))") }
         guard labelSmoothing >= 0, labelSmoothing < 1 else { throw ValidationError("--label-smoothing must be in [0, 1) (got \(labelSmoothing))") }
         if cutout > 0 && noAugment { throw ValidationError("--cutout is an augmentation; it cannot be combined with --no-augment") }
+        try requireRange("--translate", translate, 0...4, " pixels")
+        for (flag, given) in [("--flip", flip != .random), ("--translate", translate != 4)] where given && noAugment {
+            throw ValidationError("\(flag) is an augmentation; it cannot be combined with --no-augment")
+        }
         try validateEMA()
     }
 
@@ -88,6 +97,8 @@ struct TrainingOptions: ParsableArguments {
         c.weightDecay = weightDecay; c.schedule = schedule; c.warmupEpochs = warmupEpochs; c.seed = seed
         c.augment = !noAugment; c.shuffle = !noShuffle
         c.cutout = cutout > 0 ? cutout : nil
+        c.flip = flip == .random ? nil : flip
+        c.translate = translate == 4 ? nil : translate
         c.labelSmoothing = labelSmoothing > 0 ? labelSmoothing : nil
         c.ema = ema > 0 ? EMASettings(decay: ema, startEpochs: emaStartEpochs, every: emaEvery, lookahead: emaLookahead) : nil
         let perEpoch = c.stepsPerEpoch(trainingRecords: trainingRecords, workers: workers)
@@ -116,6 +127,8 @@ extension TrainingOptions {
         if nesterov { a.append("--nesterov") }
         if noAugment { a.append("--no-augment") }
         if cutout > 0 { a += ["--cutout", "\(cutout)"] }
+        if flip != .random { a += ["--flip", flip.rawValue] }
+        if translate != 4 { a += ["--translate", "\(translate)"] }
         if labelSmoothing > 0 { a += ["--label-smoothing", "\(labelSmoothing)"] }
         if noShuffle { a.append("--no-shuffle") }
         if ema > 0 { a += ["--ema", "\(ema)", "--ema-start-epochs", "\(emaStartEpochs)", "--ema-every", "\(emaEvery)"] }
