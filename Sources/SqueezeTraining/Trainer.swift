@@ -77,6 +77,11 @@ public final class Trainer {
         network.precision = config.precision ?? .fp32
         optimizer = SGD(parameterCount: network.parameters.count, momentum: config.momentum,
                         weightDecay: config.weightDecay, nesterov: config.nesterov)
+        optimizer.decoupledWeightDecay = config.decoupledWeightDecay ?? false
+        if let scale = config.bnBiasLearningRateScale {
+            optimizer.scaledRanges = network.parameters.specs.filter { $0.name.hasSuffix("_bn.bias") }.map(\.range)
+            optimizer.rangeScale = scale
+        }
         do {
             sampler = try ShardedSampler(count: trainSet.count, numShards: worldSize, rank: rank,
                                          globalBatchSize: config.batchSize, shuffle: config.shuffle, seed: config.seed)
@@ -147,7 +152,7 @@ public final class Trainer {
         }
         traced(tracer, .compute, "optimizer", "optimizer step", ["step": step]) {
             constraint?.willUpdate(network.parameters, optimizer: optimizer, learningRate: lr)
-            optimizer.step(network.parameters, learningRate: lr)
+            optimizer.step(network.parameters, learningRate: lr, scheduleFactor: lr / config.learningRate)
             constraint?.didUpdate(network.parameters)
             average?.update(network, step: step + 1)
         }

@@ -13,7 +13,13 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     public var momentum: Float = 0.9
     public var nesterov = false
     public var weightDecay: Float = 5e-4
+    /// `--decoupled-weight-decay`: SGDW's decay instead of L2 (`SGD`; nil: L2, as before).
+    public var decoupledWeightDecay: Bool?
+    /// `--bn-bias-lr-scale`: BatchNorm's biases train at this multiple of the learning rate (nil: 1).
+    public var bnBiasLearningRateScale: Float?
     public var schedule: LearningRateSchedule.Kind = .cosine
+    /// `--lr-floor`: where the `linear` schedule ends, as a fraction of the learning rate (nil: 0).
+    public var lrFloor: Float?
     public var warmupEpochs: Double = 0
     public var seed: UInt64 = 0
     public var augment = true
@@ -46,6 +52,6 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
 
     public func learningRateSchedule(stepsPerEpoch: Int) -> LearningRateSchedule {
         LearningRateSchedule(kind: schedule, baseRate: learningRate, totalSteps: totalSteps,
-                             warmupSteps: Int((warmupEpochs * Double(stepsPerEpoch)).rounded()))
+                             warmupSteps: Int((warmupEpochs * Double(stepsPerEpoch)).rounded()), floor: lrFloor ?? 0)
     }
 }

@@ -28,8 +28,14 @@ struct TrainingOptions: ParsableArguments {
     var nesterov = false
     @Option(help: "L2 weight decay (applied to every parameter, as torch.optim.SGD).")
     var weightDecay: Float = 5e-4
-    @Option(help: "Learning-rate schedule: constant, step (×0.1 at 50% and 75% of the run) or cosine.")
+    @Flag(help: "Decouple the weight decay (SGDW, Loshchilov & Hutter): instead of adding λ·p to the gradient, shrink every parameter by (lr now / --lr)·λ·p each step, outside the momentum; λ = --weight-decay.")
+    var decoupledWeightDecay = false
+    @Option(help: ArgumentHelp("Train BatchNorm's biases (β) at S × the learning rate, with their L2 weight decay divided by S (airbench's bias scaler; needs --batch-norm).", valueName: "S"))
+    var bnBiasLrScale: Float = 1
+    @Option(help: "Learning-rate schedule after the warm-up: constant, step (×0.1 at 50% and 75% of the run), cosine (to 0) or linear (a straight line down to --lr-floor × --lr; with --warmup-epochs, triangular).")
     var schedule: LearningRateSchedule.Kind = .cosine
+    @Option(help: ArgumentHelp("With --schedule linear: the rate it ends at, as a fraction of --lr (0...1).", valueName: "F"))
+    var lrFloor: Float = 0
     @Option(help: "Linear learning-rate warm-up, in epochs.")
     var warmupEpochs: Double = 0
     @Option(help: "Seed for initialisation, data order, augmentation and dropout.")
@@ -66,6 +72,12 @@ struct TrainingOptions: ParsableArguments {
         guard momentum >= 0, momentum < 1 else { throw ValidationError("--momentum must be in [0, 1) (got \(momentum))") }
         guard weightDecay >= 0, weightDecay <= 1 else { throw ValidationError("--weight-decay must be in 0...1 (got \(weightDecay))") }
         try requireFinite("--warmup-epochs", warmupEpochs, 0...100_000)
+        guard lrFloor >= 0, lrFloor <= 1 else { throw ValidationError("--lr-floor must be a fraction of --lr in 0...1 (got \(lrFloor))") }
+        if lrFloor > 0 && schedule != .linear { throw ValidationError("--lr-floor is where the linear schedule ends; add --schedule linear") }
+        guard bnBiasLrScale > 0, bnBiasLrScale <= 1000 else { throw ValidationError("--bn-bias-lr-scale must be in (0, 1000] (got \(bnBiasLrScale))") }
+        if bnBiasLrScale != 1 && !model.config.batchNorm {
+            throw ValidationError("--bn-bias-lr-scale scales BatchNorm's biases, and this model has no BatchNorm; add --batch-norm")
+        }
         guard dropout >= 0, dropout < 1 else { throw ValidationError("--dropout must be in [0, 1) (got \(dropout))") }
         guard (0...CIFAR10.imageSide).contains(cutout) else { throw ValidationError("--cutout must be in 0...32 pixels (got \(cutout))") }
         guard labelSmoothing >= 0, labelSmoothing < 1 else { throw ValidationError("--label-smoothing must be in [0, 1) (got \(labelSmoothing))") }
@@ -94,7 +106,10 @@ struct TrainingOptions: ParsableArguments {
         c.model = model.config
         c.model.dropout = dropout
         c.batchSize = batchSize; c.learningRate = lr; c.momentum = momentum; c.nesterov = nesterov
-        c.weightDecay = weightDecay; c.schedule = schedule; c.warmupEpochs = warmupEpochs; c.seed = seed
+        c.weightDecay = weightDecay; c.schedule = schedule; c.lrFloor = lrFloor > 0 ? lrFloor : nil
+        c.decoupledWeightDecay = decoupledWeightDecay ? true : nil
+        c.bnBiasLearningRateScale = bnBiasLrScale != 1 ? bnBiasLrScale : nil
+        c.warmupEpochs = warmupEpochs; c.seed = seed
         c.augment = !noAugment; c.shuffle = !noShuffle
         c.cutout = cutout > 0 ? cutout : nil
         c.flip = flip == .random ? nil : flip
@@ -125,6 +140,9 @@ extension TrainingOptions {
         a += ["--batch-size", "\(batchSize)", "--lr", "\(lr)", "--momentum", "\(momentum)", "--weight-decay", "\(weightDecay)",
               "--schedule", schedule.rawValue, "--warmup-epochs", "\(warmupEpochs)", "--seed", "\(seed)", "--dropout", "\(dropout)"]
         if nesterov { a.append("--nesterov") }
+        if decoupledWeightDecay { a.append("--decoupled-weight-decay") }
+        if bnBiasLrScale != 1 { a += ["--bn-bias-lr-scale", "\(bnBiasLrScale)"] }
+        if lrFloor > 0 { a += ["--lr-floor", "\(lrFloor)"] }
         if noAugment { a.append("--no-augment") }
         if cutout > 0 { a += ["--cutout", "\(cutout)"] }
         if flip != .random { a += ["--flip", flip.rawValue] }

@@ -4,7 +4,8 @@ import SqueezeData
 import SqueezeEngine
 @testable import SqueezeTraining
 
-/// The fast-CIFAR-10 tricks of the training recipe: the moving average of the weights (`--ema`).
+/// The fast-CIFAR-10 tricks of the training recipe: the moving average of the weights (`--ema`), the
+/// BatchNorm bias learning-rate scale, decoupled weight decay and the linear schedule.
 @Suite("Recipe tricks")
 struct RecipeTests {
     /// A deterministic BatchNorm run (so there are buffers to average too) with `ema`.
@@ -137,5 +138,70 @@ struct RecipeTests {
         } catch {
             #expect("\(error)".contains("ema was unset"), "\(error)")
         }
+    }
+
+    /// With momentum 0 one step is p − η·(∇ + λ·p): BatchNorm's biases, and only they, take S·η and λ/S.
+    @Test func bnBiasLearningRateScaleAppliesOnlyToBatchNormBiases() throws {
+        var c = config(steps: 1, ema: nil)
+        c.momentum = 0
+        c.bnBiasLearningRateScale = 8
+        let trainer = try Trainer(config: c, trainSet: firstTrainingFile)
+        let params = trainer.network.parameters
+        let before = params.copyValues()
+        let loader = trainer.makeLoader()
+        defer { loader.stop() }
+        _ = try trainer.trainStep(try #require(loader.next()))
+        let after = params.copyValues(), g = params.copyGradients()
+        let (lr, wd, s) = (c.learningRate, c.weightDecay, Float(8))
+        var scaled = 0, plain = 0
+        for spec in params.specs {
+            let isBias = spec.name.hasSuffix("_bn.bias")
+            let (rate, decay) = isBias ? (lr * s, wd / s) : (lr, wd)
+            let expected = spec.range.map { before[$0] - rate * (g[$0] + decay * before[$0]) }
+            #expect(Array(after[spec.range]) == expected, "\(spec.name)")
+            if isBias { scaled += spec.count } else { plain += spec.count }
+        }
+        #expect(scaled > 0 && plain > 0 && trainer.optimizer.scaledRanges.count == trainer.network.buffers.specs.count / 2)
+        #expect(g.contains { $0 != 0 } && after != before)
+    }
+
+    /// SGDW over two steps with Nesterov momentum: the decay is (η_t/η)·λ·p_{t−1}, outside the momentum.
+    @Test func decoupledWeightDecayShrinksOutsideTheMomentum() {
+        let store = ParameterStore([ParameterSpec(name: "w", shape: [2])])
+        let sgd = SGD(parameterCount: 2, momentum: 0.9, weightDecay: 0.01, nesterov: true)
+        sgd.decoupledWeightDecay = true
+        store.values.pointer.update(from: [1, -2], count: 2)
+        let grads: [[Float]] = [[0.5, 0.25], [-1, 0.125]]
+        var p: [Float] = [1, -2], b: [Float] = [0, 0]
+        for (t, grad) in grads.enumerated() {
+            store.gradients.pointer.update(from: grad, count: 2)
+            let (lr, factor): (Float, Float) = t == 0 ? (0.1, 1) : (0.05, 0.5)
+            sgd.step(store, learningRate: lr, scheduleFactor: factor)
+            for i in 0..<2 {
+                b[i] = 0.9 * b[i] + grad[i]
+                let d = grad[i] + 0.9 * b[i]
+                p[i] = p[i] - lr * d - factor * 0.01 * p[i]
+            }
+            let got = store.copyValues()
+            for i in 0..<2 { #expect(abs(got[i] - p[i]) <= 1e-6 * abs(p[i]), "step \(t + 1), parameter \(i): \(got[i]) vs \(p[i])") }
+        }
+        // Off, the same steps are L2 (the decay inside the gradient): a different result.
+        let l2 = SGD(parameterCount: 2, momentum: 0.9, weightDecay: 0.01, nesterov: true)
+        store.values.pointer.update(from: [1, -2], count: 2)
+        for grad in grads { store.gradients.pointer.update(from: grad, count: 2); l2.step(store, learningRate: 0.1) }
+        #expect(store.copyValues() != p)
+    }
+
+    /// Linear warm-up over 10 steps, then a straight line from 0.4 down to 0.1 × 0.4 over the remaining 100.
+    @Test func linearScheduleValues() {
+        var c = TrainingConfig()
+        c.schedule = .linear; c.learningRate = 0.4; c.lrFloor = 0.1; c.totalSteps = 110; c.warmupEpochs = 1
+        let s = c.learningRateSchedule(stepsPerEpoch: 10)
+        for (step, rate) in [(0, 0.04), (9, 0.4), (10, 0.4), (60, 0.22), (85, 0.13), (109, 0.04 + 0.36 * 0.01), (110, 0.04), (500, 0.04)] {
+            #expect(abs(Double(s.rate(at: step)) - rate) < 1e-6, "step \(step): \(s.rate(at: step)), want \(rate)")
+        }
+        // No floor: down to 0 at the end.
+        c.lrFloor = nil
+        #expect(c.learningRateSchedule(stepsPerEpoch: 10).rate(at: 110) == 0)
     }
 }
