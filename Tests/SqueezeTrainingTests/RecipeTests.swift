@@ -147,6 +147,8 @@ struct RecipeTests {
         c.bnBiasLearningRateScale = 8
         let trainer = try Trainer(config: c, trainSet: firstTrainingFile)
         let params = trainer.network.parameters
+        // BatchNorm's biases start at 0, which would hide their weight decay.
+        for spec in params.specs where spec.name.hasSuffix("_bn.bias") { params.value(spec.name).update(repeating: 0.5, count: spec.count) }
         let before = params.copyValues()
         let loader = trainer.makeLoader()
         defer { loader.stop() }
