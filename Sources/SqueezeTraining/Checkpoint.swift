@@ -5,9 +5,10 @@ import SqueezeSystem
 /// A checkpoint: one safetensors file holding everything needed to continue a run exactly.
 ///
 /// Tensors: the parameters and buffers under torchvision's names, the SGD momentum buffers as
-/// `optimizer.momentum.<name>`, and with `--ema` the averaged parameters and buffers as `ema.<name>`. Metadata (strings): `format` = "squeezetrain-checkpoint",
-/// `format_version`, `step` (steps completed; with the configuration it fixes the epoch, the position
-/// inside the epoch and the learning-rate schedule), `world_size`, `config` (the `TrainingConfig` as
+/// `optimizer.momentum.<name>`, and with `--ema` the averaged parameters and buffers as `ema.<name>`.
+/// Metadata (strings): `format` = "squeezetrain-checkpoint", `format_version`, `step` (steps
+/// completed; with the configuration it fixes the epoch, the position inside the epoch and the
+/// learning-rate schedule), `world_size`, `config` (the `TrainingConfig` as
 /// JSON, which includes the model and the seed; data order, augmentation and dropout masks are pure
 /// functions of the seed, the epoch or step, the record and the rank, so no generator state is
 /// needed), and `checksum` (FNV-1a-64 over the tensors in name order and the other metadata).
