@@ -90,7 +90,7 @@ public final class Trainer {
         }
         schedule = config.learningRateSchedule(stepsPerEpoch: sampler.batchesPerEpoch)
         let (network, perEpoch) = (network, sampler.batchesPerEpoch)
-        average = config.ema.map { WeightAverage($0, stepsPerEpoch: perEpoch, network: network) }
+        average = config.ema.map { WeightAverage($0, stepsPerEpoch: perEpoch, totalSteps: config.totalSteps, network: network) }
     }
 
     public var stepsPerEpoch: Int { sampler.batchesPerEpoch }

@@ -1,3 +1,4 @@
+import Foundation
 import SqueezeEngine
 
 /// `--ema`: how the exponential moving average of the weights is kept (part of `TrainingConfig`).
@@ -10,9 +11,19 @@ public struct EMASettings: Codable, Equatable, Sendable {
     public var every: Int
     /// airbench's Lookahead variant: after every update the weights are set to the average.
     public var lookahead: Bool
+    /// The update after step t uses decay·(t/T)^power (T: the run's steps), so that the average follows the
+    /// weights closely early on and averages strongly at the end, as airbench's (nil: 0, a constant decay).
+    public var decayPower: Double?
 
-    public init(decay: Float, startEpochs: Double = 0, every: Int = 1, lookahead: Bool = false) {
+    public init(decay: Float, startEpochs: Double = 0, every: Int = 1, lookahead: Bool = false, decayPower: Double? = nil) {
         self.decay = decay; self.startEpochs = startEpochs; self.every = every; self.lookahead = lookahead
+        self.decayPower = decayPower
+    }
+
+    /// The decay of the update after `step` of `totalSteps` steps.
+    public func decay(step: Int, totalSteps: Int) -> Float {
+        guard let power = decayPower, power != 0 else { return decay }
+        return decay * Float(pow(Double(step) / Double(max(totalSteps, 1)), power))
     }
 }
 
@@ -20,18 +31,19 @@ public struct EMASettings: Codable, Equatable, Sendable {
 /// (BatchNorm's running statistics), in flat buffers laid out as the network's.
 ///
 /// With S = the start step (`startEpochs` × steps per epoch) and w_t the weights after t steps:
-///   e_0 = w_0;  e_t = w_t for t ≤ S;  e_t = d·e_{t−K} + (1 − d)·w_t when t − S is a multiple of K
-/// (K = `every`), and unchanged at the other steps. So with K = 1, e_T = d^(T−S)·w_S + Σ_{t=S+1}^{T} (1 − d)·d^(T−t)·w_t.
+///   e_0 = w_0;  e_t = w_t for t ≤ S;  e_t = d_t·e_{t−K} + (1 − d_t)·w_t when t − S is a multiple of K
+/// (K = `every`), and unchanged at the other steps; d_t = d, or d·(t/T)^power with `decayPower`.
+/// So with K = 1 and a constant d, e_T = d^(T−S)·w_S + Σ_{t=S+1}^{T} (1 − d)·d^(T−t)·w_t.
 /// With `lookahead`, w_t ← e_t after each update: training continues from the average.
 public final class WeightAverage {
     public let settings: EMASettings
-    public let startStep: Int
+    public let startStep: Int, totalSteps: Int
     /// The averaged parameters and buffers, in the order of `network.parameters` and `network.buffers`.
     public let parameters: FloatBuffer, buffers: FloatBuffer
     private let parameterCount: Int, bufferCount: Int
 
-    public init(_ settings: EMASettings, stepsPerEpoch: Int, network: Network) {
-        self.settings = settings
+    public init(_ settings: EMASettings, stepsPerEpoch: Int, totalSteps: Int, network: Network) {
+        self.settings = settings; self.totalSteps = totalSteps
         startStep = Int((settings.startEpochs * Double(stepsPerEpoch)).rounded())
         parameterCount = network.parameters.count; bufferCount = network.buffers.count
         parameters = FloatBuffer(count: parameterCount); buffers = FloatBuffer(count: bufferCount)
@@ -48,7 +60,7 @@ public final class WeightAverage {
     public func update(_ network: Network, step: Int) {
         if step <= startStep { return reset(to: network) }
         guard (step - startStep) % settings.every == 0 else { return }
-        let d = settings.decay
+        let d = settings.decay(step: step, totalSteps: totalSteps)
         func lerp(_ e: UnsafeMutablePointer<Float>, _ w: UnsafeMutablePointer<Float>, _ n: Int) {
             for i in 0..<n { e[i] = d * e[i] + (1 - d) * w[i] }
             if settings.lookahead { w.update(from: e, count: n) }

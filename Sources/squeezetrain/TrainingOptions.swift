@@ -62,6 +62,8 @@ struct TrainingOptions: ParsableArguments {
     var emaEvery = 1
     @Flag(help: "With --ema: after each update set the weights to the average (airbench's Lookahead-style variant).")
     var emaLookahead = false
+    @Option(help: ArgumentHelp("With --ema: the update after step t of T uses d·(t/T)^P instead of d (airbench: P = 3; 0: a constant d).", valueName: "P"))
+    var emaDecayPower: Double = 0
 
     func validate() throws {
         try requireRange("--batch-size", batchSize, 1...50_000)
@@ -93,9 +95,11 @@ struct TrainingOptions: ParsableArguments {
         guard ema == 0 else {
             guard ema > 0, ema < 1 else { throw ValidationError("--ema must be a decay in (0, 1), e.g. 0.999, or 0 for none (got \(ema))") }
             try requireFinite("--ema-start-epochs", emaStartEpochs, 0...100_000)
+            try requireFinite("--ema-decay-power", emaDecayPower, 0...100)
             return try requireRange("--ema-every", emaEvery, 1...1_000_000)
         }
-        for (flag, given) in [("--ema-start-epochs", emaStartEpochs != 0), ("--ema-every", emaEvery != 1), ("--ema-lookahead", emaLookahead)] where given {
+        for (flag, given) in [("--ema-start-epochs", emaStartEpochs != 0), ("--ema-every", emaEvery != 1), ("--ema-lookahead", emaLookahead),
+                              ("--ema-decay-power", emaDecayPower != 0)] where given {
             throw ValidationError("\(flag) sets up the moving average of the weights; add --ema DECAY (e.g. --ema 0.999)")
         }
     }
@@ -115,7 +119,8 @@ struct TrainingOptions: ParsableArguments {
         c.flip = flip == .random ? nil : flip
         c.translate = translate == 4 ? nil : translate
         c.labelSmoothing = labelSmoothing > 0 ? labelSmoothing : nil
-        c.ema = ema > 0 ? EMASettings(decay: ema, startEpochs: emaStartEpochs, every: emaEvery, lookahead: emaLookahead) : nil
+        c.ema = ema > 0 ? EMASettings(decay: ema, startEpochs: emaStartEpochs, every: emaEvery, lookahead: emaLookahead,
+                                           decayPower: emaDecayPower != 0 ? emaDecayPower : nil) : nil
         let perEpoch = c.stepsPerEpoch(trainingRecords: trainingRecords, workers: workers)
         c.totalSteps = steps ?? (epochs ?? 30) * perEpoch
         return c
@@ -151,6 +156,7 @@ extension TrainingOptions {
         if noShuffle { a.append("--no-shuffle") }
         if ema > 0 { a += ["--ema", "\(ema)", "--ema-start-epochs", "\(emaStartEpochs)", "--ema-every", "\(emaEvery)"] }
         if emaLookahead { a.append("--ema-lookahead") }
+        if emaDecayPower != 0 { a += ["--ema-decay-power", "\(emaDecayPower)"] }
         return a
     }
 }

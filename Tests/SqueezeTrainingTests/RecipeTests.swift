@@ -56,6 +56,20 @@ struct RecipeTests {
         #expect(relativeError(got, w[steps].map(Double.init)) > 1e-3, "the average is not the last weights")
     }
 
+    /// With a decay power P the update after step t uses d·(t/T)^P: e_t = d_t·e_{t−1} + (1 − d_t)·w_t.
+    @Test func emaDecayRisesOverTheRunWithAPower() throws {
+        let settings = EMASettings(decay: 0.9, decayPower: 2)
+        #expect(settings.decay(step: 2, totalSteps: 4) == 0.9 * 0.25 && settings.decay(step: 4, totalSteps: 4) == 0.9)
+        let trainer = try Trainer(config: config(steps: 4, ema: settings), trainSet: firstTrainingFile)
+        let w = try trajectory(trainer, steps: 4)
+        var want = w[0].map(Double.init)
+        for t in 1...4 {
+            let d = 0.9 * pow(Double(t) / 4, 2)
+            for i in want.indices { want[i] = d * want[i] + (1 - d) * Double(w[t][i]) }
+        }
+        #expect(relativeError(average(try #require(trainer.average), trainer.network), want) < 1e-5)
+    }
+
     /// Following until the start step S, then an update every K steps; with Lookahead the weights become the average.
     @Test(arguments: [false, true]) func emaStartsAfterItsEpochsAndUpdatesEveryKSteps(lookahead: Bool) throws {
         let d: Float = 0.5, perEpoch = 10_000 / 8
