@@ -56,12 +56,13 @@ public final class BatchLoader {
     ///   - sampler: this rank's sampler (order, shard, batch size).
     ///   - augmentSeed: nil for no augmentation; else crop-and-flip seeded per (seed, epoch, record).
     ///   - cutout: with augmentation, the side of a Cutout square (0: none; see `CropFlip`).
+    ///   - translate, flip: with augmentation, the crop's largest shift and the flips (`CropFlip.random`).
     ///   - start: the first batch to produce.
     ///   - end: the position to stop before (nil: never stop).
     ///   - imageSize: 32, or a larger side to upsample to (bilinear, see `upsampleBilinear`).
     ///   - buffers: batches in memory at once, including the one lent out (≥ 2).
-    public init(dataset: CIFAR10, sampler: ShardedSampler, augmentSeed: UInt64?, cutout: Int = 0,
-                start: BatchPosition = BatchPosition(epoch: 0, batch: 0), end: BatchPosition? = nil,
+    public init(dataset: CIFAR10, sampler: ShardedSampler, augmentSeed: UInt64?, cutout: Int = 0, translate: Int = 4,
+                flip: FlipMode = .random, start: BatchPosition = BatchPosition(epoch: 0, batch: 0), end: BatchPosition? = nil,
                 imageSize: Int = CIFAR10.imageSide, buffers: Int = 2) {
         precondition(buffers >= 2, "a loader needs at least two buffers")
         precondition(imageSize >= CIFAR10.imageSide, "imageSize must be at least 32")
@@ -71,7 +72,7 @@ public final class BatchLoader {
         self.sampler = sampler
         self.imageSize = imageSize
         state = LoaderState(dataset: dataset, sampler: sampler, augmentSeed: augmentSeed, cutout: cutout,
-                            start: start, end: end, imageSize: imageSize, buffers: buffers)
+                            translate: translate, flip: flip, start: start, end: end, imageSize: imageSize, buffers: buffers)
         let state = self.state
         let thread = Thread { state.produce() }
         thread.name = "BatchLoader"
@@ -130,6 +131,8 @@ private final class LoaderState: @unchecked Sendable {
     let sampler: ShardedSampler
     let augmentSeed: UInt64?
     let cutout: Int
+    let translate: Int
+    let flip: FlipMode
     let start: BatchPosition
     let end: BatchPosition?
     let imageSize: Int
@@ -149,12 +152,14 @@ private final class LoaderState: @unchecked Sendable {
     private let ready = DispatchSemaphore(value: 0)
     private let exited = DispatchSemaphore(value: 0)
 
-    init(dataset: CIFAR10, sampler: ShardedSampler, augmentSeed: UInt64?, cutout: Int, start: BatchPosition,
+    init(dataset: CIFAR10, sampler: ShardedSampler, augmentSeed: UInt64?, cutout: Int, translate: Int, flip: FlipMode, start: BatchPosition,
          end: BatchPosition?, imageSize: Int, buffers: Int) {
         self.dataset = dataset
         self.sampler = sampler
         self.augmentSeed = augmentSeed
         self.cutout = cutout
+        self.translate = translate
+        self.flip = flip
         self.start = start
         self.end = end
         self.imageSize = imageSize
@@ -191,7 +196,7 @@ private final class LoaderState: @unchecked Sendable {
             let target = buffers[slot].pointer
             // The sampler covers exactly the data set's records (checked in init).
             let labels = try! dataset.fillBatch(indices: indices, epoch: position.epoch, augmentSeed: augmentSeed,
-                                           cutout: cutout, into: scratch ?? target)
+                                           cutout: cutout, translate: translate, flip: flip, into: scratch ?? target)
             if let scratch {
                 upsampleBilinear(scratch, planes: 3 * indices.count, from: side, to: imageSize, into: target)
             }

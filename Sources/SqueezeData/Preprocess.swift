@@ -15,6 +15,13 @@ public enum Normalization {
     static let table: [Float] = (0..<3).flatMap { c in (0..<256).map { normalize(UInt8($0), channel: c) } }
 }
 
+/// How training images are flipped left–right: `random` (each image with probability ½ in each epoch,
+/// torchvision's `RandomHorizontalFlip`), `alternating` (airbench's derandomised flips: each image in
+/// every other epoch, which of the two drawn once per image) or `none`.
+public enum FlipMode: String, Codable, Sendable, CaseIterable {
+    case random, alternating, none
+}
+
 /// One image's augmentation, as torchvision's `RandomCrop(32, padding: 4)` then
 /// `RandomHorizontalFlip(p: 0.5)`: the image is zero-padded by 4 pixels on every side (in pixel
 /// space, so a padded pixel normalises to `(0 − mean) / std`), a 32×32 window at rows
@@ -58,27 +65,45 @@ public struct CropFlip: Equatable, Sendable {
     /// was drawn before (exact resume, and N workers reproduce a single process). With
     /// `cutout` > 0 a Cutout square of that side follows, its centre drawn after the crop and flip
     /// (which are therefore the same with and without it).
-    public static func random(seed: UInt64, epoch: Int, index: Int, cutout: Int = 0) -> CropFlip {
+    ///
+    /// The crop shifts the image by −`translate`…`translate` pixels in each direction (offsets
+    /// 4 − translate … 4 + translate, uniformly; 4, the default, is `RandomCrop(32, padding: 4)`).
+    /// With `flip` = `.alternating` record i is mirrored in the epochs where epoch + p(i) is odd, with
+    /// p(i) ∈ {0, 1} drawn from (seed, i) alone (`flipParity`).
+    public static func random(seed: UInt64, epoch: Int, index: Int, cutout: Int = 0, translate: Int = 4,
+                              flip mode: FlipMode = .random) -> CropFlip {
+        precondition((0...4).contains(translate), "translate is in 0...4 pixels")
         var rng = SeededRNG(seed: seed, stream: streamID(epoch: epoch, index: index))
-        let offsetY = rng.below(9)
-        let offsetX = rng.below(9)
-        let flip = rng.below(2) == 1
+        let offsetY = 4 - translate + rng.below(2 * translate + 1)
+        let offsetX = 4 - translate + rng.below(2 * translate + 1)
+        var flip = rng.below(2) == 1
+        switch mode {
+        case .random: break
+        case .alternating: flip = (epoch + flipParity(seed: seed, index: index)) % 2 == 1
+        case .none: flip = false
+        }
         guard cutout > 0 else { return CropFlip(offsetY: offsetY, offsetX: offsetX, flip: flip) }
         let y = rng.below(CIFAR10.imageSide), x = rng.below(CIFAR10.imageSide)
         return CropFlip(offsetY: offsetY, offsetX: offsetX, flip: flip, cutout: Cutout(y: y, x: x, size: cutout))
     }
 
-    /// Mixes (epoch, index) into one stream number (SplitMix64 finaliser over a tagged pair),
-    /// so that neighbouring records and epochs get unrelated streams.
-    static func streamID(epoch: Int, index: Int) -> UInt64 {
+    /// The epoch parity (0 or 1) in which `.alternating` flips record `index` first: one draw from
+    /// (seed, index) alone, so every epoch of every rank agrees on it.
+    public static func flipParity(seed: UInt64, index: Int) -> Int {
+        var rng = SeededRNG(seed: seed, stream: streamID(epoch: 0, index: index, tag: 0x464C_4950_5041_5231))  // "FLIPPAR1"
+        return rng.below(2)
+    }
+
+    /// Mixes (epoch, index) into one stream number (SplitMix64 finaliser over a pair tagged with the
+    /// purpose, "AUGMENT1" by default), so that neighbouring records and epochs get unrelated streams.
+    static func streamID(epoch: Int, index: Int, tag: UInt64 = 0x4155_474D_454E_5431) -> UInt64 {
         func mix(_ v: UInt64) -> UInt64 {
             var x = v &+ 0x9E37_79B9_7F4A_7C15
             x = (x ^ (x >> 30)) &* 0xBF58_476D_1CE4_E5B9
             x = (x ^ (x >> 27)) &* 0x94D0_49BB_1331_11EB
             return x ^ (x >> 31)
         }
-        let augmentTag: UInt64 = 0x4155_474D_454E_5431  // "AUGMENT1"
-        return mix(mix(augmentTag ^ UInt64(truncatingIfNeeded: epoch)) ^ UInt64(truncatingIfNeeded: index))
+        return mix(mix(tag ^ UInt64(truncatingIfNeeded: epoch)) ^ UInt64(truncatingIfNeeded: index))
     }
 }
 
@@ -91,12 +116,15 @@ extension CIFAR10 {
     /// Batch slot n holds record `indices[n]` and the returned `labels[n]` is its class.
     ///
     /// With `augmentSeed` nil, no augmentation. Otherwise record i gets
-    /// `CropFlip.random(seed: augmentSeed, epoch: epoch, index: i, cutout: cutout)`.
+    /// `CropFlip.random(seed: augmentSeed, epoch: epoch, index: i, cutout: cutout, translate: translate, flip: flip)`.
     @discardableResult
     public func fillBatch(
-        indices: [Int], epoch: Int = 0, augmentSeed: UInt64? = nil, cutout: Int = 0, into images: UnsafeMutablePointer<Float>
+        indices: [Int], epoch: Int = 0, augmentSeed: UInt64? = nil, cutout: Int = 0, translate: Int = 4, flip: FlipMode = .random,
+        into images: UnsafeMutablePointer<Float>
     ) throws -> [Int32] {
-        let transforms = augmentSeed.map { seed in indices.map { CropFlip.random(seed: seed, epoch: epoch, index: $0, cutout: cutout) } }
+        let transforms = augmentSeed.map { seed in
+            indices.map { CropFlip.random(seed: seed, epoch: epoch, index: $0, cutout: cutout, translate: translate, flip: flip) }
+        }
         return try fillBatch(indices: indices, transforms: transforms, into: images)
     }
 

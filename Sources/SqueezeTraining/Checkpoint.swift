@@ -4,10 +4,11 @@ import SqueezeSystem
 
 /// A checkpoint: one safetensors file holding everything needed to continue a run exactly.
 ///
-/// Tensors: the parameters and buffers under torchvision's names, and the SGD momentum buffers as
-/// `optimizer.momentum.<name>`. Metadata (strings): `format` = "squeezetrain-checkpoint",
-/// `format_version`, `step` (steps completed; with the configuration it fixes the epoch, the position
-/// inside the epoch and the learning-rate schedule), `world_size`, `config` (the `TrainingConfig` as
+/// Tensors: the parameters and buffers under torchvision's names, the SGD momentum buffers as
+/// `optimizer.momentum.<name>`, and with `--ema` the averaged parameters and buffers as `ema.<name>`.
+/// Metadata (strings): `format` = "squeezetrain-checkpoint", `format_version`, `step` (steps
+/// completed; with the configuration it fixes the epoch, the position inside the epoch and the
+/// learning-rate schedule), `world_size`, `config` (the `TrainingConfig` as
 /// JSON, which includes the model and the seed; data order, augmentation and dropout masks are pure
 /// functions of the seed, the epoch or step, the record and the rank, so no generator state is
 /// needed), and `checksum` (FNV-1a-64 over the tensors in name order and the other metadata).
@@ -44,9 +45,16 @@ public struct Checkpoint {
         take(net.parameters.specs, from: net.parameters.values.pointer)
         take(net.buffers.specs, from: net.buffers.values.pointer)
         take(net.parameters.specs, from: trainer.optimizer.velocity.pointer, prefix: "optimizer.momentum.")
+        if let average = trainer.average {
+            take(net.parameters.specs, from: average.parameters.pointer, prefix: Checkpoint.averagePrefix)
+            take(net.buffers.specs, from: average.buffers.pointer, prefix: Checkpoint.averagePrefix)
+        }
         tensors = t
         self.shapes = shapes
     }
+
+    /// Prefix of the moving average's tensors (`--ema` runs only): `ema.<parameter or buffer name>`.
+    static let averagePrefix = "ema."
 
     static func fileName(step: Int) -> String { String(format: "checkpoint-%09d.safetensors", step) }
 
@@ -150,12 +158,16 @@ public struct Checkpoint {
         return (nil, skipped)
     }
 
-    /// Puts this state into `trainer` (model, buffers, momentum, step).
+    /// Puts this state into `trainer` (model, buffers, momentum, the moving average, step).
     /// The trainer's configuration must equal the checkpoint's, except the run length.
     public func restore(into trainer: Trainer) throws {
         try checkCompatible(with: trainer.config)
         try copyWeights(into: trainer.network)
         try copy(trainer.network.parameters.specs, prefix: "optimizer.momentum.", to: trainer.optimizer.velocity.pointer)
+        if let average = trainer.average {
+            try copy(trainer.network.parameters.specs, prefix: Checkpoint.averagePrefix, to: average.parameters.pointer)
+            try copy(trainer.network.buffers.specs, prefix: Checkpoint.averagePrefix, to: average.buffers.pointer)
+        }
         trainer.step = step
     }
 

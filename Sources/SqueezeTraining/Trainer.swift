@@ -48,6 +48,9 @@ public final class Trainer {
     public let sampler: ShardedSampler
     public let schedule: LearningRateSchedule
     public let trainSet: CIFAR10
+    /// The moving average of the weights (`config.ema`; nil: none). Evaluation uses it, and
+    /// `TrainingLoop` leaves it in `network` when a run ends.
+    public let average: WeightAverage?
     public let rank: Int, worldSize: Int
     /// Steps completed (global, counting steps before a resume).
     public var step = 0
@@ -74,6 +77,11 @@ public final class Trainer {
         network.precision = config.precision ?? .fp32
         optimizer = SGD(parameterCount: network.parameters.count, momentum: config.momentum,
                         weightDecay: config.weightDecay, nesterov: config.nesterov)
+        optimizer.decoupledWeightDecay = config.decoupledWeightDecay ?? false
+        if let scale = config.bnBiasLearningRateScale {
+            optimizer.scaledRanges = network.parameters.specs.filter { $0.name.hasSuffix("_bn.bias") }.map(\.range)
+            optimizer.rangeScale = scale
+        }
         do {
             sampler = try ShardedSampler(count: trainSet.count, numShards: worldSize, rank: rank,
                                          globalBatchSize: config.batchSize, shuffle: config.shuffle, seed: config.seed)
@@ -81,6 +89,8 @@ public final class Trainer {
             throw TrainingError.invalidConfiguration(String(describing: error))
         }
         schedule = config.learningRateSchedule(stepsPerEpoch: sampler.batchesPerEpoch)
+        let (network, perEpoch) = (network, sampler.batchesPerEpoch)
+        average = config.ema.map { WeightAverage($0, stepsPerEpoch: perEpoch, totalSteps: config.totalSteps, network: network) }
     }
 
     public var stepsPerEpoch: Int { sampler.batchesPerEpoch }
@@ -92,13 +102,16 @@ public final class Trainer {
     public func makeLoader() -> BatchLoader {
         let end = BatchPosition(epoch: config.totalSteps / stepsPerEpoch, batch: config.totalSteps % stepsPerEpoch)
         return BatchLoader(dataset: trainSet, sampler: sampler, augmentSeed: config.augment ? config.seed : nil,
-                           cutout: config.cutout ?? 0, start: position, end: end, imageSize: config.imageSize)
+                           cutout: config.cutout ?? 0, translate: config.translate ?? 4, flip: config.flip ?? .random,
+                           start: position, end: end, imageSize: config.imageSize)
     }
 
     /// Forward, backward (handing finished gradient ranges to `reducer`), gradient average, SGD step.
     public func trainStep(_ batch: BatchLoader.Batch, reducer: GradientReducer? = nil) throws -> StepResult {
         precondition(batch.position == position, "batch for \(batch.position) at \(position)")
         let t0 = DispatchTime.now().uptimeNanoseconds
+        // The average starts from the weights the run starts from (--init-weights are loaded after init).
+        if step == 0 { average?.reset(to: network) }
         // Dropout masks are a function of (seed, rank, step), like the augmentation: a resumed run
         // draws the same masks without any generator state in the checkpoint, and ranks differ.
         for (i, dropout) in network.dropouts.enumerated() {
@@ -139,8 +152,9 @@ public final class Trainer {
         }
         traced(tracer, .compute, "optimizer", "optimizer step", ["step": step]) {
             constraint?.willUpdate(network.parameters, optimizer: optimizer, learningRate: lr)
-            optimizer.step(network.parameters, learningRate: lr)
+            optimizer.step(network.parameters, learningRate: lr, scheduleFactor: lr / config.learningRate)
             constraint?.didUpdate(network.parameters)
+            average?.update(network, step: step + 1)
         }
         let t3 = DispatchTime.now().uptimeNanoseconds
         let result = StepResult(step: step, epoch: epoch, loss: loss, correct: correct, images: batch.count,
@@ -150,9 +164,11 @@ public final class Trainer {
         return result
     }
 
-    /// Eval-mode accuracy on `dataset` (no augmentation), in batches of `batchSize`.
+    /// Eval-mode accuracy on `dataset` (no augmentation), in batches of `batchSize`; of the averaged
+    /// weights when the run keeps an average (`--ema`).
     public func evaluate(_ dataset: CIFAR10, indices: [Int]? = nil, batchSize: Int = 500) -> Evaluation {
-        Trainer.evaluate(network, dataset, indices: indices, batchSize: batchSize, imageSize: config.imageSize)
+        let run = { Trainer.evaluate(self.network, dataset, indices: indices, batchSize: batchSize, imageSize: self.config.imageSize) }
+        return average.map { $0.withAverage(in: network, run) } ?? run()
     }
 
     /// Evaluates `indices` of `dataset` (all records when nil). With `flip`, each image is also

@@ -1,3 +1,4 @@
+import SqueezeData
 import SqueezeEngine
 
 /// Everything that defines a training run's arithmetic (not where it runs): saved in checkpoints,
@@ -12,19 +13,32 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     public var momentum: Float = 0.9
     public var nesterov = false
     public var weightDecay: Float = 5e-4
+    /// `--decoupled-weight-decay`: SGDW's decay instead of L2 (`SGD`; nil: L2, as before).
+    public var decoupledWeightDecay: Bool?
+    /// `--bn-bias-lr-scale`: BatchNorm's biases train at this multiple of the learning rate (nil: 1).
+    public var bnBiasLearningRateScale: Float?
     public var schedule: LearningRateSchedule.Kind = .cosine
+    /// `--lr-floor`: where the `linear` schedule ends, as a fraction of the learning rate (nil: 0).
+    public var lrFloor: Float?
     public var warmupEpochs: Double = 0
     public var seed: UInt64 = 0
     public var augment = true
     /// Side of a Cutout square applied after crop and flip (nil: none; optional so that
     /// checkpoints written before it existed still decode).
     public var cutout: Int?
+    /// `--flip`: how training images are mirrored (nil: `.random`, the original; optional for the same reason).
+    public var flip: FlipMode?
+    /// `--translate`: the crop's largest shift in pixels, 0...4 (nil: 4, the original).
+    public var translate: Int?
     /// Label smoothing ε of the training loss (nil: none; optional for the same reason).
     public var labelSmoothing: Float?
     public var shuffle = true
     /// Arithmetic of the convolution GEMMs (nil: fp32; optional so that older checkpoints decode).
     /// Gradients stay fp32 either way, so the all-reduce is unchanged.
     public var precision: Precision?
+    /// `--ema`: an exponential moving average of the weights, used for evaluation and the final
+    /// weights (nil: none; optional so that older checkpoints decode).
+    public var ema: EMASettings?
     /// Side of the (square) training images: 32, CIFAR-10's own, or 64 (upsampled) for AlexNet.
     public var imageSize: Int { model.cifarImageSize }
 
@@ -38,6 +52,6 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
 
     public func learningRateSchedule(stepsPerEpoch: Int) -> LearningRateSchedule {
         LearningRateSchedule(kind: schedule, baseRate: learningRate, totalSteps: totalSteps,
-                             warmupSteps: Int((warmupEpochs * Double(stepsPerEpoch)).rounded()))
+                             warmupSteps: Int((warmupEpochs * Double(stepsPerEpoch)).rounded()), floor: lrFloor ?? 0)
     }
 }

@@ -87,6 +87,8 @@ public struct TrainingLoop {
         public var stoppedEarly: String?
     }
 
+    /// Runs to the end of the run or a stop. With `--ema` the network then holds the averaged weights
+    /// (what `--save-weights` writes); the checkpoints, written before, keep the raw ones and the average.
     public func run(_ hooks: TrainingLoopHooks) throws -> Outcome {
         let loader = trainer.makeLoader()
         defer { loader.stop() }
@@ -120,6 +122,7 @@ public struct TrainingLoop {
                 break
             }
         }
+        trainer.average?.adopt(into: trainer.network)
         return Outcome(stepsRun: trainer.step - firstStep, finalStep: trainer.step, stoppedEarly: stoppedEarly)
     }
 }
