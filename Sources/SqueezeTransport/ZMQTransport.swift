@@ -349,19 +349,14 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         // The remaining frames of a multipart message are delivered atomically with the first.
         var frames = 0
         var more = idFrame.hasMore
-        if more {
-            try inbound.receive(into: controlFrame)
-            frames += 1
-            more = controlFrame.hasMore
-        } else {
-            controlFrame.reset()
-        }
-        if more {
-            try inbound.receive(into: payloadFrame)
-            frames += 1
-            more = payloadFrame.hasMore
-        } else {
-            payloadFrame.reset()
+        for frame in [controlFrame, payloadFrame] {
+            if more {
+                try inbound.receive(into: frame)
+                frames += 1
+                more = frame.hasMore
+            } else {
+                frame.reset()
+            }
         }
         while more {
             try inbound.receive(into: spareFrame)
