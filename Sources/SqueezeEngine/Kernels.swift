@@ -230,11 +230,13 @@ enum Kernels {
                     var best = src[at]
                     if rows == 3 && cols == 3 {
                         // unrolled 3×3 window, branch-free selects in scan order
-                        for o in [1, 2, w, w + 1, w + 2, 2 * w, 2 * w + 1, 2 * w + 2] {
-                            let p = h0 * w + w0 + o, v = src[p]
-                            at = v > best ? p : at
+                        let corner = at
+                        @inline(__always) func take(_ o: Int) {
+                            let v = src[corner + o]
+                            at = v > best ? corner + o : at
                             best = v > best ? v : best
                         }
+                        take(1); take(2); take(w); take(w + 1); take(w + 2); take(2 * w); take(2 * w + 1); take(2 * w + 2)
                     } else {
                         for i in 0..<rows {
                             for j in 0..<cols {
