@@ -248,10 +248,12 @@ struct FastKernelTests {
         #expect(grads[w.count..<(w.count + cout)].allSatisfy { abs($0) < 1e-4 }, "the bias cancels in the normalisation")
     }
 
-    @Test(arguments: [(1, 7), (3, 13), (2, 8), (3, 32)])
-    func maxPool(batch: Int, hw: Int) {
-        let s = Shape(c: 3, n: batch, h: hw, w: hw)
-        let xs: [Float] = randomArray(s.count, seed: 12)
+    /// With `ties`, values in {0, 1, 2} (as after a ReLU): the arg-max must be the first in scan order.
+    @Test(arguments: [(1, 7), (3, 13), (2, 8), (3, 32), (2, 33)], [false, true])
+    func maxPool(size: (batch: Int, hw: Int), ties: Bool) {
+        let s = Shape(c: 3, n: size.batch, h: size.hw, w: size.hw)
+        let random: [Float] = randomArray(s.count, seed: 12)
+        let xs = ties ? random.map { max(0, ($0 * 2).rounded()) } : random
         let pool = MaxPool(name: "p")
         let x = HostTensor(xs, s)
         let y = pool.forward(x.tensor, training: true)
