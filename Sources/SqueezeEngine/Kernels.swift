@@ -155,18 +155,6 @@ enum Kernels {
         return s
     }
 
-    /// Σ a[i]·b[i] over 0..<n (SIMD partial sums).
-    @inline(__always) static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD16<Float>(), i = 0
-        while i + 16 <= n {
-            acc += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD16<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD16<Float>.self)
-            i += 16
-        }
-        var s = acc.sum()
-        while i < n { s += a[i] * b[i]; i += 1 }
-        return s
-    }
-
     /// Σ (p[i] − c)² over 0..<n (SIMD partial sums).
     @inline(__always) static func sumSquaredDeviation(_ p: UnsafePointer<Float>, _ n: Int, from c: Float) -> Float {
         var acc = SIMD16<Float>(), i = 0
@@ -218,7 +206,6 @@ enum Kernels {
                                y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>?) {
         let (h, w) = (x.shape.h, x.shape.w)
         let planes = x.shape.c * x.shape.n
-        if k == 3 { return maxPool3x3(x, stride: s, ho: ho, wo: wo, y: y, argmax: argmax) }
         parallelFor(planes, minimumPerThread: 16) { range in
         for pl in range {
             let src = x.data + pl * h * w
@@ -231,13 +218,11 @@ enum Kernels {
                     var best = src[at]
                     if rows == 3 && cols == 3 {
                         // unrolled 3×3 window, branch-free selects in scan order
-                        let corner = at
-                        @inline(__always) func take(_ o: Int) {
-                            let v = src[corner + o]
-                            at = v > best ? corner + o : at
+                        for o in [1, 2, w, w + 1, w + 2, 2 * w, 2 * w + 1, 2 * w + 2] {
+                            let p = h0 * w + w0 + o, v = src[p]
+                            at = v > best ? p : at
                             best = v > best ? v : best
                         }
-                        take(1); take(2); take(w); take(w + 1); take(w + 2); take(2 * w); take(2 * w + 1); take(2 * w + 2)
                     } else {
                         for i in 0..<rows {
                             for j in 0..<cols {
@@ -252,70 +237,6 @@ enum Kernels {
                 }
             }
         }
-        }
-    }
-
-    /// `maxPoolForward` for 3×3 windows, vectorised: per input row, the first maximum of every window of
-    /// three columns (at every column); per output row, the first maximum of three such rows; then every
-    /// s-th column. Rows first, then columns: the scan order's first maximum, as the plain loop.
-    @inline(never) static func maxPool3x3(_ x: Tensor, stride s: Int, ho: Int, wo: Int,
-                                          y: UnsafeMutablePointer<Float>, argmax: UnsafeMutablePointer<Int32>?) {
-        let (h, w) = (x.shape.h, x.shape.w)
-        parallelFor(x.shape.c * x.shape.n, minimumPerThread: 16) { range in
-            // per input row: window maxima and their columns; one output row's maxima and input offsets
-            let rowMax = UnsafeMutablePointer<Float>.allocate(capacity: h * w + w)
-            let rowAt = UnsafeMutablePointer<Int32>.allocate(capacity: h * w + w)
-            defer { rowMax.deallocate(); rowAt.deallocate() }
-            let outMax = rowMax + h * w, outAt = rowAt + h * w
-            for pl in range {
-                let src = x.data + pl * h * w, dst = y + pl * ho * wo
-                for r in 0..<h { firstMaxOfThree(src + r * w, step: 1, count: w, base: 0, into: rowMax + r * w, at: rowAt + r * w) }
-                for oh in 0..<ho {
-                    let h0 = oh * s
-                    firstMaxOfThree(rowMax + h0 * w, rowAt + h0 * w, step: w, rows: min(3, h - h0), count: w, base: Int32(h0 * w),
-                                    into: outMax, at: outAt)
-                    for ow in 0..<wo { dst[oh * wo + ow] = outMax[ow * s] }
-                    if let argmax { for ow in 0..<wo { argmax[pl * ho * wo + oh * wo + ow] = outAt[ow * s] } }
-                }
-            }
-        }
-    }
-
-    /// For i in 0..<count: the first maximum of v[i], v[i + step], v[i + 2·step] (those below `count`
-    /// along a row when step is 1), and its position: (i + j·step) + base, or with `positions`,
-    /// positions[i + j·step] + j·step + base. `rows` (≤ 3) limits the candidates for step > 1.
-    @inline(__always) static func firstMaxOfThree(_ v: UnsafePointer<Float>, _ positions: UnsafePointer<Int32>? = nil,
-                                                  step: Int, rows: Int = 3, count: Int, base: Int32,
-                                                  into best: UnsafeMutablePointer<Float>, at: UnsafeMutablePointer<Int32>) {
-        typealias V = SIMD16<Float>
-        typealias I = SIMD16<Int32>
-        let lanes = I(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
-        let candidates = step == 1 ? 3 : rows
-        func position(_ i: Int, _ j: Int) -> Int32 { (positions?[i + j * step] ?? Int32(i)) &+ Int32(j * step) &+ base }
-        var i = 0
-        // vectors whose candidates all lie inside: i + 15 + 2·step < count for rows, any i for step > 1
-        let vectorEnd = step == 1 ? count - 17 : count - 15
-        while i < vectorEnd {
-            var b = UnsafeRawPointer(v + i).loadUnaligned(as: V.self)
-            var a = positions.map { UnsafeRawPointer($0 + i).loadUnaligned(as: I.self) } ?? lanes &+ Int32(i)
-            for j in 1..<candidates {
-                let c = UnsafeRawPointer(v + i + j * step).loadUnaligned(as: V.self)
-                let p = positions.map { UnsafeRawPointer($0 + i + j * step).loadUnaligned(as: I.self) } ?? lanes &+ Int32(i)
-                let better = c .> b
-                b.replace(with: c, where: better)
-                a.replace(with: p &+ Int32(j * step), where: better)
-            }
-            UnsafeMutableRawPointer(best + i).storeBytes(of: b, as: V.self)
-            UnsafeMutableRawPointer(at + i).storeBytes(of: a &+ base, as: I.self)
-            i += 16
-        }
-        while i < count {
-            var b = v[i], a = position(i, 0)
-            for j in 1..<candidates where step > 1 || i + j < count {
-                if v[i + j * step] > b { b = v[i + j * step]; a = position(i, j) }
-            }
-            best[i] = b; at[i] = a
-            i += 1
         }
     }
 
