@@ -155,18 +155,6 @@ enum Kernels {
         return s
     }
 
-    /// Σ a[i]·b[i] over 0..<n (SIMD partial sums).
-    @inline(__always) static func dot(_ a: UnsafePointer<Float>, _ b: UnsafePointer<Float>, _ n: Int) -> Float {
-        var acc = SIMD16<Float>(), i = 0
-        while i + 16 <= n {
-            acc += UnsafeRawPointer(a + i).loadUnaligned(as: SIMD16<Float>.self) * UnsafeRawPointer(b + i).loadUnaligned(as: SIMD16<Float>.self)
-            i += 16
-        }
-        var s = acc.sum()
-        while i < n { s += a[i] * b[i]; i += 1 }
-        return s
-    }
-
     /// Σ (p[i] − c)² over 0..<n (SIMD partial sums).
     @inline(__always) static func sumSquaredDeviation(_ p: UnsafePointer<Float>, _ n: Int, from c: Float) -> Float {
         var acc = SIMD16<Float>(), i = 0

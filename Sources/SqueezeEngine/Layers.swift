@@ -194,11 +194,12 @@ public final class Conv2d: Layer {
             } else {
                 im2colGEMM(x, ys, training: training, into: z)
             }
-            Kernels.addBias(z, bias: bias.value, rows: cout, columns: cols, relu: relu && bn == nil)
+            // BatchNorm folds the bias into its shift (it subtracts the mean anyway): one pass fewer.
+            if bn == nil { Kernels.addBias(z, bias: bias.value, rows: cout, columns: cols, relu: relu) }
         }
         if let bn {
             profiled(profile, bn.name, "swift", backward: false) {
-                bn.forward(z, into: destination, columns: cols, training: training, relu: relu)
+                bn.forward(z, into: destination, columns: cols, training: training, relu: relu, bias: bias.value)
             }
         }
         let y = Tensor(data: destination, shape: ys)
@@ -233,12 +234,14 @@ public final class Conv2d: Layer {
         let profile = workspace.profile
         if let bn {
             profiled(profile, bn.name, "swift", backward: true) {
-                if relu { Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: true, biasGrad: nil) }
-                bn.backward(dy.data, z: pre.pointer, columns: cols)  // dy ← dz
+                // dy ← dz, with the ReLU mask and the bias gradient in the same two passes
+                bn.backward(dy.data, z: pre.pointer, columns: cols, reluOutput: relu ? UnsafePointer(y.data) : nil, biasGrad: bias.gradient)
             }
         }
         profiled(profile, name, implementation, backward: true, flops: (dx == nil ? 2 : 4) * macs(x.shape)) {
-            Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: relu && bn == nil, biasGrad: bias.gradient)
+            if bn == nil {
+                Kernels.reluBackwardBiasGrad(dy.data, y: y.data, rows: cout, columns: cols, relu: relu, biasGrad: bias.gradient)
+            }
             convolutionBackward(dy, x: x, y: y, into: dx, accumulate: accumulate)
         }
     }
@@ -291,22 +294,25 @@ final class BatchNorm {
         runningMean = buffers.view(name + ".running_mean"); runningVar = buffers.view(name + ".running_var")
     }
 
-    /// z (channels, m) and y may be the same buffer (eval mode normalises in place).
-    func forward(_ z: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, columns m: Int, training: Bool, relu: Bool) {
+    /// z (channels, m) and y may be the same buffer (eval mode normalises in place). `bias` (the
+    /// convolution's, not yet added to z) shifts only the running mean: the normalised output does not
+    /// depend on it. The kept mean is z's own, for `backward`.
+    func forward(_ z: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>, columns m: Int, training: Bool, relu: Bool,
+                 bias convBias: UnsafePointer<Float>? = nil) {
         let means = mean.reserve(channels), invStds = invStd.reserve(channels)
         let gamma = weight.value, beta = bias.value, runningMean = runningMean.value, runningVar = runningVar.value
         parallelFor(channels) { range in
         for c in range {
-            let row = z + c * m
+            let row = z + c * m, b = convBias?[c] ?? 0
             var mu: Float, variance: Float
             if training {
                 mu = Kernels.sum(row, m) / Float(m)
                 let q = Kernels.sumSquaredDeviation(row, m, from: mu)
                 variance = q / Float(m)
-                runningMean[c] = (1 - momentum) * runningMean[c] + momentum * mu
+                runningMean[c] = (1 - momentum) * runningMean[c] + momentum * (mu + b)
                 runningVar[c] = (1 - momentum) * runningVar[c] + momentum * q / Float(max(m - 1, 1))
             } else {
-                mu = runningMean[c]; variance = runningVar[c]
+                mu = runningMean[c] - b; variance = runningVar[c]
             }
             let inv = 1 / (variance + eps).squareRoot()
             means[c] = mu; invStds[c] = inv
@@ -321,24 +327,66 @@ final class BatchNorm {
         }
     }
 
-    /// g holds dL/dy (after the ReLU mask) and is overwritten with dL/dz (training-mode statistics).
-    func backward(_ g: UnsafeMutablePointer<Float>, z: UnsafePointer<Float>, columns m: Int) {
+    /// g holds dL/dy and is overwritten with dL/dz (training-mode statistics). With `reluOutput` (the
+    /// forward's output y), g is first masked by [y > 0]; `biasGrad` receives Σ dL/dz per channel (the
+    /// gradient of a bias added before the normalisation). Two passes over each row.
+    func backward(_ g: UnsafeMutablePointer<Float>, z: UnsafePointer<Float>, columns m: Int,
+                  reluOutput y: UnsafePointer<Float>? = nil, biasGrad: UnsafeMutablePointer<Float>? = nil) {
+        typealias V = SIMD16<Float>
         let means = mean.pointer, invStds = invStd.pointer
         let gamma = weight.value, dgamma = weight.gradient, dbeta = bias.gradient
         parallelFor(channels) { range in
         for c in range {
-            let row = g + c * m, zr = z + c * m
+            let row = g + c * m, zr = z + c * m, yr = y.map { $0 + c * m }
             let mu = means[c], inv = invStds[c]
-            let sumG = Kernels.sum(row, m)
-            let sumGX = (Kernels.dot(row, zr, m) - mu * sumG) * inv  // Σ g·x̂
+            let (sumG, sumGZ) = Self.maskedSums(row, zr, yr, m)
+            let sumGX = (sumGZ - mu * sumG) * inv  // Σ g·x̂
             dbeta[c] = sumG; dgamma[c] = sumGX
             let k = gamma[c] * inv / Float(m)
-            for i in 0..<m {
-                let xhat = (zr[i] - mu) * inv
-                row[i] = k * (Float(m) * row[i] - sumG - xhat * sumGX)
+            // dz = k·(m·g − Σg − x̂·Σg·x̂) = a·g + b0 + b1·(z − μ)
+            let a = k * Float(m), b0 = -k * sumG, b1 = -k * inv * sumGX
+            var acc = V(), i = 0
+            while i + V.scalarCount <= m {
+                var v = Self.load(row + i)
+                if let yr { v.replace(with: 0, where: Self.load(yr + i) .<= 0) }
+                let d = a * v + b0 + b1 * (Self.load(zr + i) - mu)
+                UnsafeMutableRawPointer(row + i).storeBytes(of: d, as: V.self)
+                acc += d
+                i += V.scalarCount
             }
+            var sum = acc.sum()
+            while i < m {
+                let v = yr == nil || yr![i] > 0 ? row[i] : 0
+                row[i] = a * v + b0 + b1 * (zr[i] - mu)
+                sum += row[i]
+                i += 1
+            }
+            biasGrad?[c] = sum
         }
         }
+    }
+
+    @inline(__always) private static func load(_ p: UnsafePointer<Float>) -> SIMD16<Float> {
+        UnsafeRawPointer(p).loadUnaligned(as: SIMD16<Float>.self)
+    }
+
+    /// (Σ g, Σ g·z) over one row, g masked by [y > 0] when y is given (SIMD partial sums).
+    @inline(__always) private static func maskedSums(_ g: UnsafePointer<Float>, _ z: UnsafePointer<Float>,
+                                                     _ y: UnsafePointer<Float>?, _ m: Int) -> (Float, Float) {
+        var sg = SIMD16<Float>(), sgz = SIMD16<Float>(), i = 0
+        while i + 16 <= m {
+            var v = load(g + i)
+            if let y { v.replace(with: 0, where: load(y + i) .<= 0) }
+            sg += v; sgz += v * load(z + i)
+            i += 16
+        }
+        var (a, b) = (sg.sum(), sgz.sum())
+        while i < m {
+            let v = y == nil || y![i] > 0 ? g[i] : 0
+            a += v; b += v * z[i]
+            i += 1
+        }
+        return (a, b)
     }
 }
 
@@ -454,13 +502,17 @@ public final class MaxPool: Layer {
 
 /// Dropout (inverted): in training y = x · m with m = 1/(1−p) with probability 1−p, else 0; identity in eval.
 /// Works in place on its input. The mask comes from the layer's own seeded generator (`rng`), which the
-/// trainer reseeds from (seed, rank, step) before every step, so nothing of it is checkpointed.
+/// trainer reseeds from (seed, rank, step) before every step, so nothing of it is checkpointed: each
+/// forward draws one word from it, and chunk k of the mask comes from stream k of that word (two
+/// 24-bit uniforms per 64-bit draw), so chunks fill in parallel and the mask does not depend on the
+/// thread count.
 public final class Dropout: Layer {
     public let name: String
     public let p: Float
     public var rng: SeededRNG
     private let mask = FloatBuffer()
     private var active = false
+    static let chunk = 1 << 14
 
     init(name: String, p: Float, rng: SeededRNG) { self.name = name; self.p = p; self.rng = rng }
 
@@ -469,24 +521,35 @@ public final class Dropout: Layer {
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
         active = training && p > 0
         guard active else { return x }
-        let n = x.shape.count
-        let m = mask.reserve(n)
-        let scale = 1 / (1 - p)
-        var generator = rng  // a local copy: no exclusive access to the property per element
-        for i in 0..<n {
-            let keep = generator.uniformFloat() >= p
-            m[i] = keep ? scale : 0
-            x.data[i] *= m[i]
+        let n = x.shape.count, m = mask.reserve(n), data = x.data
+        let seed = rng.next(), p = p, scale = 1 / (1 - p)
+        parallelFor((n + Self.chunk - 1) / Self.chunk) { chunks in
+            for k in chunks {
+                var generator = SeededRNG(seed: seed, stream: UInt64(k))
+                @inline(__always) func apply(_ i: Int, _ bits: UInt64) {
+                    m[i] = Float(bits) * (1.0 / 16_777_216.0) >= p ? scale : 0
+                    data[i] *= m[i]
+                }
+                var i = k * Self.chunk
+                let end = min(n, i + Self.chunk)
+                while i + 1 < end {
+                    let r = generator.next()
+                    apply(i, r >> 40); apply(i + 1, (r >> 16) & 0xFF_FFFF)
+                    i += 2
+                }
+                if i < end { apply(i, generator.next() >> 40) }
+            }
         }
-        rng = generator
         return x
     }
 
     public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
         guard needInputGradient else { return nil }
         if active {
-            let m = mask.pointer
-            for i in 0..<dy.shape.count { dy.data[i] *= m[i] }
+            let m = mask.pointer, g = dy.data
+            parallelFor(dy.shape.count, minimumPerThread: Self.chunk) { range in
+                for i in range { g[i] *= m[i] }
+            }
         }
         return dy
     }

@@ -206,10 +206,54 @@ struct FastKernelTests {
         }
     }
 
-    @Test(arguments: [(1, 7), (3, 13), (2, 8), (3, 32)])
-    func maxPool(batch: Int, hw: Int) {
-        let s = Shape(c: 3, n: batch, h: hw, w: hw)
-        let xs: [Float] = randomArray(s.count, seed: 12)
+    /// Conv2d + BatchNorm + ReLU (whose forward folds the convolution's bias into the normalisation and
+    /// whose backward fuses the ReLU mask and the bias gradient) against the Double reference: outputs,
+    /// the running mean (which must include the bias), and every gradient against finite differences.
+    @Test(arguments: [ConvolutionAlgorithm.gemm, .onednn])
+    func convolutionWithBatchNormMatchesFiniteDifferences(algorithm: ConvolutionAlgorithm) throws {
+        let s = Shape(c: 2, n: 2, h: 5, w: 5), cout = 3
+        let workspace = Workspace()
+        workspace.convolutionAlgorithm = algorithm
+        let conv = Conv2d(name: "c", cin: 2, cout: cout, kernel: 3, padding: 1, relu: true, batchNorm: true, workspace: workspace)
+        let params = ParameterStore(conv.parameterSpecs), buffers = ParameterStore(conv.bufferSpecs)
+        let w: [Double] = randomArray(cout * 2 * 9, seed: 51, as: Double.self)
+        let b: [Double] = [0.5, -1.5, 2.0], gamma: [Double] = [1.2, 0.8, -0.6], beta: [Double] = [0.3, 0.1, 0.2]
+        try params.load((w + b + gamma + beta).map(Float.init))
+        conv.bind(parameters: params, buffers: buffers)
+        let xs: [Double] = randomArray(s.count, seed: 52, as: Double.self)
+        let r: [Double] = randomArray(cout * s.columns, seed: 53, as: Double.self)
+        func reference(_ x: [Double], _ w: [Double], _ b: [Double]) -> [Double] {
+            let z = Reference.conv2d(x, s, weight: w, bias: b, cout: cout, kernel: 3, stride: 1, padding: 1).y
+            return Reference.relu(Reference.batchNorm(z, channels: cout, gamma: gamma, beta: beta, eps: 1e-5))
+        }
+        func loss(_ y: [Double]) -> Double { zip(y, r).reduce(0) { $0 + $1.0 * $1.1 } }
+
+        let x = HostTensor(xs.map(Float.init), s)
+        let y = conv.forward(x.tensor, training: true)
+        let expected = reference(xs, w, b)
+        #expect(maxAbsDiff(array(y), expected.map(Float.init)) < 1e-4)
+        let z = Reference.conv2d(xs, s, weight: w, bias: b, cout: cout, kernel: 3, stride: 1, padding: 1).y
+        let m = s.columns
+        for c in 0..<cout {  // running mean moved by momentum 0.1 from 0 towards the mean of z + bias
+            let mean = z[(c * m)..<((c + 1) * m)].reduce(0, +) / Double(m)
+            #expect(abs(Double(buffers.copyValues()[c]) - 0.1 * mean) < 1e-5)
+        }
+        let dy = HostTensor(r.map(Float.init), y.shape)
+        let dx = conv.backward(dy.tensor, needInputGradient: true)!
+        let grads = params.copyGradients().map(Double.init)
+        let dxRef = numericalGradient(xs) { loss(reference($0, w, b)) }
+        let dwRef = numericalGradient(w) { loss(reference(xs, $0, b)) }
+        #expect(maxAbsDiff(array(dx), dxRef.map(Float.init)) < 1e-3)
+        #expect(maxAbsDiff(Array(grads[0..<w.count]).map(Float.init), dwRef.map(Float.init)) < 1e-3)
+        #expect(grads[w.count..<(w.count + cout)].allSatisfy { abs($0) < 1e-4 }, "the bias cancels in the normalisation")
+    }
+
+    /// With `ties`, values in {0, 1, 2} (as after a ReLU): the arg-max must be the first in scan order.
+    @Test(arguments: [(1, 7), (3, 13), (2, 8), (3, 32), (2, 33)], [false, true])
+    func maxPool(size: (batch: Int, hw: Int), ties: Bool) {
+        let s = Shape(c: 3, n: size.batch, h: size.hw, w: size.hw)
+        let random: [Float] = randomArray(s.count, seed: 12)
+        let xs = ties ? random.map { max(0, ($0 * 2).rounded()) } : random
         let pool = MaxPool(name: "p")
         let x = HostTensor(xs, s)
         let y = pool.forward(x.tensor, training: true)
@@ -255,6 +299,22 @@ struct FastKernelTests {
         #expect(array(d.backward(dy.tensor, needInputGradient: true)!) == y)
         let e = HostTensor([Float](repeating: 1, count: s.count), s)
         #expect(array(d.forward(e.tensor, training: false)).allSatisfy { $0 == 1 })
+    }
+
+    @Test func dropoutMaskIsReproducibleAndEachChunkDrawsItsOwn() {
+        // The mask is filled in chunks (in parallel), each from its own stream of one draw of `rng`.
+        let s = Shape(c: 16, n: 4, h: 32, w: 32), chunk = Dropout.chunk
+        func mask(seed: UInt64) -> [Float] {
+            let d = Dropout(name: "d", p: 0.5, rng: SeededRNG(seed: seed))
+            let x = HostTensor([Float](repeating: 1, count: s.count), s)
+            return withExtendedLifetime(x) { array(d.forward(x.tensor, training: true)) }
+        }
+        let a = mask(seed: 9)
+        #expect(s.count > 3 * chunk)
+        #expect(a == mask(seed: 9))
+        #expect(a != mask(seed: 10))
+        #expect(a[0..<chunk] != a[chunk..<(2 * chunk)], "chunks must not repeat one stream")
+        #expect(abs(Double(a.filter { $0 > 0 }.count) / Double(s.count) - 0.5) < 0.01)
     }
 
     @Test func fireMatchesReferenceComposition() throws {
