@@ -175,9 +175,9 @@ public final class ZMQMessage {
     /// once it has sent it (or dropped it).
     public func allocate(count: Int, from pool: ZMQBufferPool) throws(ZMQError) {
         zmq_msg_close(msg)
-        let loan = Unmanaged.passRetained(ZMQBufferPool.Loan(pool: pool, buffer: pool.take(atLeast: count))).toOpaque()
-        let base = Unmanaged<ZMQBufferPool.Loan>.fromOpaque(loan).takeUnretainedValue().buffer.baseAddress
-        if zmq_msg_init_data(msg, base, count, zmqPoolCallback, loan) == -1 {
+        let buffer = pool.take(atLeast: count)
+        let loan = Unmanaged.passRetained(ZMQBufferPool.Loan(pool: pool, buffer: buffer)).toOpaque()
+        if zmq_msg_init_data(msg, buffer.baseAddress, count, zmqPoolCallback, loan) == -1 {
             let e = zmq_errno()
             zmqPoolCallback(nil, loan)
             zmq_msg_init(msg)

@@ -241,8 +241,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
     }
 
     /// Encrypts `payload` into a pooled buffer (libzmq gives it back to the pool once sent: nothing of
-    /// the caller's is lent) and sends [control + nonce + tag, ciphertext]. Sealing one chunk while libzmq's I/O thread
-    /// writes the previous one overlaps the cipher with the wire.
+    /// the caller's is lent) and sends [control + nonce + tag, ciphertext]. Sealing one chunk while
+    /// libzmq's I/O thread writes the previous one overlaps the cipher with the wire.
     private func sendSealed(_ sealer: FrameSealer, control: UnsafeRawBufferPointer, payload: UnsafeRawBufferPointer,
                             to peer: Int, socket: ZMQSocket) throws {
         sealedControl.removeAll(keepingCapacity: true)

@@ -66,6 +66,13 @@ struct SealTests {
         }
     }
 
+    /// A rank's frames of steps 1 and 2 (payload bytes 1 and 2), as an attacker on the wire captures them.
+    func framesOfTwoSteps(from t: ZMQTransport, tap: ZMQSocket) throws -> (first: [[UInt8]], second: [[UInt8]]) {
+        try send(t, 1, step: 1)
+        try send(t, 2, step: 2)
+        return (try captured(tap), try captured(tap))
+    }
+
     func nothingMore(_ t: ZMQTransport) {
         #expect(throws: CommError.self) { try t.receive(from: 1, timeout: .milliseconds(300)) { _, _ in () } }
     }
@@ -126,9 +133,7 @@ struct SealTests {
     @Test func replayedAndReorderedFramesAreDropped() throws {
         let (rank0, tap0, rank1, tap1) = try pair()
         defer { rank0.close(); rank1.close(); tap0.close(); tap1.close() }
-        try send(rank1, 1, step: 1)
-        try send(rank1, 2, step: 2)
-        let first = try captured(tap0), second = try captured(tap0)
+        let (first, second) = try framesOfTwoSteps(from: rank1, tap: tap0)
         let attacker = try inject([second, first, second], to: rank0.boundEndpoint)
         defer { attacker.close() }
         #expect(try rank0.receive(from: 1, timeout: .seconds(5)) { _, p in Array(p) } == [UInt8](repeating: 2, count: 64))
@@ -142,9 +147,7 @@ struct SealTests {
     @Test func aFrameDeliveredAheadOfItsTurnFailsTheHeaderCheck() throws {
         let (rank0, tap0, rank1, tap1) = try pair()
         defer { rank0.close(); rank1.close(); tap0.close(); tap1.close() }
-        try send(rank1, 1, step: 1)
-        try send(rank1, 2, step: 2)
-        let first = try captured(tap0), second = try captured(tap0)
+        let (first, second) = try framesOfTwoSteps(from: rank1, tap: tap0)
         let attacker = try inject([second, first], to: rank0.boundEndpoint)
         defer { attacker.close() }
         let expected = header(sender: 1, step: 1)
