@@ -7,17 +7,34 @@
 // receiver and the direction, so the frames from rank a to rank b and those from b to a never share
 // a key.
 //
-// Nonces. 96 bits: a 64-bit counter that the sender increments for every frame it sends to that
-// receiver (starting at 1), then the sender's and the receiver's rank (UInt16 each, little-endian).
-// A key lives for one rendezvous and one transport, so a key and nonce are never used twice, also
-// when a step is redone after a resume (a new rendezvous draws a new salt).
+// Nonces. 96 bits, little-endian: bits 0–63 a counter that the sender increments for every frame it
+// sends to that receiver (starting at 1), bits 64–79 the sender's rank, bits 80–95 the receiver's.
+// Neither wraps within a run: a key lives for one rendezvous and one transport, and 2^64 frames at
+// one per microsecond would take 584,000 years; ranks are below 65,536 (ZMQTransport refuses larger
+// groups). So a key and nonce are never used twice, also when a step is redone after a resume (a
+// new rendezvous draws a new salt, hence new keys, and its counters start again under those).
+//
+// Why (step, bucket, chunk) are not packed into the nonce: GCM asks of a nonce only that it never
+// repeat under a key, and the counter gives that. What binds a frame to its place in the schedule
+// is the tag: it covers the message's control part, the collective's WireHeader (kind, sender, ring
+// step, training step, bucket, offset, count), as additional authenticated data, and the collective
+// accepts a message only if that header is exactly the one its schedule expects next from that
+// peer. The frames from one rank to another follow that schedule in a fixed order (step by step,
+// bucket by bucket, chunk by chunk; ZMTP over one connection keeps it), so within a rendezvous the
+// counter and (step, bucket, chunk) determine each other: packing them would give the same nonces
+// under other names, and make the transport parse its client's header.
 //
 // On the wire a sealed frame is the message's control part (the WireHeader), then the nonce (12
 // bytes) and the tag (16 bytes); the payload part is the ciphertext, exactly as long as the
-// plaintext. The control part is the additional authenticated data. The receiver accepts a frame
-// only if the nonce names it as the receiver and a rank it receives from, the counter exceeds the
-// last one it accepted from that rank, and the tag verifies under that rank's key: a replayed,
-// reordered, reflected, misdirected or altered frame fails and is dropped and counted like a stranger's.
+// plaintext. The receiver accepts a frame only if the nonce names it as the receiver and a rank it
+// receives from, the counter exceeds the last one it accepted from that rank, and the tag verifies
+// under that rank's key. So a frame replayed (from this step or an earlier one), or older than one
+// accepted, fails the counter; one reflected to its sender or sent to another receiver fails the
+// receiver check, and with the nonce rewritten the tag (another pair's key); an altered one, or one
+// of another rendezvous, fails the tag. Each is dropped and counted like a stranger's. A newer frame
+// delivered ahead of an older one held back (which takes control of the tcp stream) verifies, but
+// its header is not the one expected: the collective fails naming the peer, as on a lost connection,
+// and never sums the wrong chunk; the held-back frame then fails the counter.
 
 import CCrypto
 import Foundation
@@ -83,7 +100,7 @@ public struct CryptoError: Error, CustomStringConvertible, Sendable {
     init(_ function: String) { description = "OpenSSL \(function) failed" }
 }
 
-/// The frame nonce: counter, sender, receiver (see the file's head).
+/// The frame nonce: a 64-bit counter, the sender's and the receiver's 16-bit ranks (see the file's head).
 struct FrameNonce: Equatable {
     var counter: UInt64, sender: UInt16, receiver: UInt16
 

@@ -170,14 +170,18 @@ public final class ZMQMessage {
         msg.deallocate()
     }
 
-    /// Replaces the content with `count` uninitialised bytes of libzmq's (`zmq_msg_init_size`), to be
-    /// written through `mutableBytes` before the message is sent.
-    public func allocate(count: Int) throws(ZMQError) {
+    /// Replaces the content with `count` uninitialised bytes of a buffer from `pool`, to be written
+    /// through `mutableBytes` before the message is sent; libzmq hands the buffer back to the pool
+    /// once it has sent it (or dropped it).
+    public func allocate(count: Int, from pool: ZMQBufferPool) throws(ZMQError) {
         zmq_msg_close(msg)
-        if zmq_msg_init_size(msg, count) == -1 {
+        let buffer = pool.take(atLeast: count)
+        let loan = Unmanaged.passRetained(ZMQBufferPool.Loan(pool: pool, buffer: buffer)).toOpaque()
+        if zmq_msg_init_data(msg, buffer.baseAddress, count, zmqPoolCallback, loan) == -1 {
             let e = zmq_errno()
+            zmqPoolCallback(nil, loan)
             zmq_msg_init(msg)
-            throw ZMQError(zmq: e, function: "zmq_msg_init_size")
+            throw ZMQError(zmq: e, function: "zmq_msg_init_data")
         }
     }
 
@@ -250,6 +254,50 @@ public final class ZMQReleaseTracker: @unchecked Sendable {
             return true
         }
     }
+}
+
+/// Buffers for messages their sender fills itself (sealed frames), reused once libzmq has sent them:
+/// a stream of 1 MiB frames then does not map and fault in fresh pages for every frame, as buffers of
+/// libzmq's own (`zmq_msg_init_size`) do whenever glibc's allocator has handed large blocks back to
+/// the kernel (docs/cluster.md, "The sealed data plane", has the page faults this saves).
+/// Sizes are rounded up to a power of two (at least 4 KiB); a few buffers of each size are kept.
+public final class ZMQBufferPool: @unchecked Sendable {
+    // @unchecked Sendable: `spare` is only touched with `lock` held (buffers come back on libzmq's I/O thread).
+    private let lock = Monitor()
+    private var spare = [Int: [UnsafeMutableRawBufferPointer]]()
+    /// Buffers kept per size; more that come back at once are freed.
+    private let keep: Int
+
+    public init(keep: Int = 8) { self.keep = keep }
+
+    deinit { for buffers in spare.values { for b in buffers { b.deallocate() } } }
+
+    /// A buffer lent to libzmq, and the pool it goes back to (the `hint` of `zmqPoolCallback`).
+    final class Loan {
+        let pool: ZMQBufferPool, buffer: UnsafeMutableRawBufferPointer
+        init(pool: ZMQBufferPool, buffer: UnsafeMutableRawBufferPointer) { self.pool = pool; self.buffer = buffer }
+    }
+
+    func take(atLeast count: Int) -> UnsafeMutableRawBufferPointer {
+        let size = max(4096, 1 << (Int.bitWidth - (count - 1).leadingZeroBitCount))
+        return lock.withLock { spare[size]?.popLast() } ?? .allocate(byteCount: size, alignment: 64)
+    }
+
+    func give(_ buffer: UnsafeMutableRawBufferPointer) {
+        let kept = lock.withLock { () -> Bool in
+            guard spare[buffer.count, default: []].count < keep else { return false }
+            spare[buffer.count, default: []].append(buffer)
+            return true
+        }
+        if !kept { buffer.deallocate() }
+    }
+}
+
+/// The `zmq_free_fn` of pooled messages: `hint` is a +1 reference to a `ZMQBufferPool.Loan`.
+private func zmqPoolCallback(_ data: UnsafeMutableRawPointer?, _ hint: UnsafeMutableRawPointer?) {
+    guard let hint else { return }
+    let loan = Unmanaged<ZMQBufferPool.Loan>.fromOpaque(hint).takeRetainedValue()
+    loan.pool.give(loan.buffer)
 }
 
 /// The `zmq_free_fn` for zero-copy messages: `hint` is a +1 reference to a ZMQReleaseTracker.

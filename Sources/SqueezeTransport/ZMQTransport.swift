@@ -73,6 +73,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
     private let sealer: FrameSealer?
     /// A sealed frame's control part: the message's, then the seal's nonce and tag.
     private var sealedControl = [UInt8]()
+    /// The buffers sealed payloads are encrypted into, reused once libzmq has sent them.
+    private let sealBuffers = ZMQBufferPool()
     /// Complete messages that arrived from a peer other than the one being waited for.
     private var stash: [[(control: ZMQMessage, payload: ZMQMessage)]]
     /// The ranks this one receives from, once `connect(topology:)` said; frames from others are dropped.
@@ -238,15 +240,15 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
         counters.messagesSent += 1
     }
 
-    /// Encrypts `payload` into a buffer of libzmq's (which owns it from the send on: nothing is lent)
-    /// and sends [control + nonce + tag, ciphertext]. Sealing one chunk while libzmq's I/O thread
-    /// writes the previous one overlaps the cipher with the wire.
+    /// Encrypts `payload` into a pooled buffer (libzmq gives it back to the pool once sent: nothing of
+    /// the caller's is lent) and sends [control + nonce + tag, ciphertext]. Sealing one chunk while
+    /// libzmq's I/O thread writes the previous one overlaps the cipher with the wire.
     private func sendSealed(_ sealer: FrameSealer, control: UnsafeRawBufferPointer, payload: UnsafeRawBufferPointer,
                             to peer: Int, socket: ZMQSocket) throws {
         sealedControl.removeAll(keepingCapacity: true)
         sealedControl.append(contentsOf: control)
         sealedControl.append(contentsOf: repeatElement(0, count: DataPlaneSeal.overheadBytes))
-        try sendFrame.allocate(count: payload.count)
+        try sendFrame.allocate(count: payload.count, from: sealBuffers)
         try sealedControl.withUnsafeMutableBytes { c in
             try sealer.seal(to: peer, aad: control, plaintext: payload, into: sendFrame.mutableBytes,
                             trailer: UnsafeMutableRawBufferPointer(rebasing: c[control.count...]))

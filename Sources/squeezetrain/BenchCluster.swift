@@ -24,14 +24,15 @@ struct BenchAllReduce: ReportingCommand {
     @Option(help: "Worker processes.") var workers = 2
     @Option(help: "Floats per all-reduce (727,626 = SqueezeNet 1.1 on CIFAR-10; 57,044,810 = AlexNet).") var floats = 727_626
     @Option(help: "ring, star (through a hub process, as the coordinator would be) or tree (binary, rooted at rank 0).") var algorithm: AllReduceAlgorithm = .ring
-    @Option(help: "tcp or ipc.") var transport: DataTransportKind = .tcp
+    @Option(help: "ipc (the default, as launch's: sockets in the private directory only you can enter, nothing sealed) or tcp (127.0.0.1; every frame sealed with AES-256-GCM under a fresh run key).")
+    var transport: DataTransportKind = .ipc
     @Option(help: "Timed all-reduces (the median is reported).") var iterations = 50
     @Option(help: "Untimed warm-up all-reduces.") var warmup = 5
     @Option(help: "Pipelining chunk in KiB (the cluster uses 1024).") var chunkKb = 1024
     @Option(help: "Gradient compression on the wire: none, fp16, bf16, int8 or topk:F.") var compress: GradientCompression = .none
     @Option(help: "core: bind participant r (and its I/O thread) to the r-th allowed CPU, round-robin, as mpirun --bind-to core does; none: leave placement to the scheduler.")
     var bindTo: WorkerBinding = .core
-    @Flag(help: "Measure plain sockets instead of the default: a fresh run key, every tcp frame sealed with AES-256-GCM (ipc sockets live in a directory only you can enter and are not sealed).")
+    @Flag(help: "Measure plain sockets instead of the default: a fresh run key, every tcp frame sealed with AES-256-GCM (ipc sockets live in a directory only you can enter and are not sealed either way).")
     var insecure = false
     @Flag(help: "Print a JSON object.") var json = false
     /// The data plane before it was sealed: CURVE on every socket (to compare against).
@@ -73,7 +74,8 @@ struct BenchAllReduce: ReportingCommand {
         var report = try launch()
         report.sealGbps = try sealThroughput() / 1e9
         if json { return try printJSON(report) }
-        let shielded = ["curve": " (CURVE-encrypted)", "aes-gcm": " (frames sealed with AES-256-GCM)"][report.protection] ?? " (plain)"
+        let shielded = ["curve": " (CURVE-encrypted)", "aes-gcm": " (frames sealed with AES-256-GCM)"][report.protection]
+            ?? (transport == .ipc ? " (private directory, nothing sealed)" : " (plain)")
         print("\(report.algorithm) all-reduce of \(grouped(floats)) floats (\(humanBytes(Double(4 * floats)))), \(workers) worker processes, \(transport.rawValue)"
               + shielded + ", bound to \(bindTo == .core ? "cores" : "no core")"
               + (compress == .none ? ":" : ", --compress \(compress) (bus bandwidth counts float32 bytes):"))
@@ -130,6 +132,11 @@ struct BenchAllReduce: ReportingCommand {
         // The spawner passes the run's key or --insecure: a participant with neither must not run in the clear.
         guard keyFile != nil || insecure else {
             throw ClusterError("bench participant \(rank) has no --key-file and no --insecure: give it the run's key (or --insecure to measure plain sockets)")
+        }
+        // A keyed ipc data plane goes unsealed only because no other user can reach its sockets.
+        if !insecure, transport == .ipc, let outside = endpoints.first(where: { privateIPCProblem($0) != nil }) {
+            throw ClusterError("bench participant \(rank): the endpoint \(outside) \(privateIPCProblem(outside)!), and an ipc data plane is not sealed; "
+                               + "pass --transport tcp to seal its frames")
         }
         let security: PeerSecurity = try keyFile.map { .curve(try RunKey.read(from: $0)) } ?? .insecure
         let context = try ZMQContext()

@@ -128,10 +128,12 @@ struct HardeningTests {
         #expect(again.output.contains("--steps 2") && again.output.contains("step 3"), "\(again.output)")
     }
 
-    /// `bench allreduce` says what protects the frames: sealed over tcp with its run key, nothing on ipc or
+    /// `bench allreduce` runs the local default (ipc, nothing sealed, as launch) unless told `--transport tcp`,
+    /// and says what ran and what protects the frames: sealed over tcp with its run key, nothing on ipc or
     /// with --insecure, CURVE when asked; the gradient bytes are the theory's whatever the protection.
-    @Test(arguments: [([String](), "aes-gcm"), (["--transport", "ipc"], "none"), (["--insecure"], "none"), (["--curve-data-plane"], "curve")])
-    func benchAllreduceReportsItsProtection(flags: [String], protection: String) throws {
+    @Test(arguments: [([String](), "ipc", "none"), (["--transport", "tcp"], "tcp", "aes-gcm"), (["--transport", "ipc"], "ipc", "none"),
+                      (["--transport", "tcp", "--insecure"], "tcp", "none"), (["--transport", "tcp", "--curve-data-plane"], "tcp", "curve")])
+    func benchAllreduceReportsItsProtection(flags: [String], transport: String, protection: String) throws {
         let dir = try temporaryDirectory("bench-protection")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let b = try Child(["bench", "allreduce", "--workers", "2", "--floats", "1000", "--iterations", "2", "--warmup", "0",
@@ -139,6 +141,7 @@ struct HardeningTests {
         #expect(b.wait(timeout: 60) == 0, "\(b.output)")
         let text = b.output.drop { $0 != "{" }  // the JSON object, pretty-printed
         let json = try #require(try? JSONSerialization.jsonObject(with: Data(text.utf8)) as? [String: Any], "\(b.output)")
+        #expect(json["transport"] as? String == transport, "\(b.output)")
         #expect(json["protection"] as? String == protection, "\(b.output)")
         #expect(json["encrypted"] as? Bool == (protection != "none"), "\(b.output)")
         #expect(json["bytes_sent_per_worker"] as? Int == 4000, "\(b.output)")  // 2(N−1)/N × 4 bytes × 1,000 floats
@@ -154,5 +157,20 @@ struct HardeningTests {
         #expect(p.wait(timeout: 30) == 1, "\(p.output)")
         #expect(p.output.contains("--key-file") && p.output.contains("--insecure"), "\(p.output)")
         #expect(!p.output.contains("\"encrypted\":false"), "\(p.output)")
+    }
+
+    /// A bench participant with its key but tcp endpoints and no `--transport tcp` would run the unsealed
+    /// ipc default over tcp: it refuses, naming the endpoint and the flag.
+    @Test func aBenchParticipantRefusesTCPEndpointsUnderTheIPCDefault() throws {
+        let dir = try temporaryDirectory("bench-participant-tcp")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let key = dir + "/run.key"
+        try RunKey.generate().write(to: key)
+        let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
+        let p = try Child(["bench", "allreduce", "--workers", "1", "--floats", "16", "--iterations", "1", "--warmup", "0",
+                           "--rank", "0", "--endpoints", endpoint, "--key-file", key], log: dir + "/p.log")
+        #expect(p.wait(timeout: 30) == 1, "\(p.output)")
+        #expect(p.output.contains(endpoint) && p.output.contains("--transport tcp"), "\(p.output)")
+        #expect(!p.output.contains("\"encrypted\""), "\(p.output)")
     }
 }
