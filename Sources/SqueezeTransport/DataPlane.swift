@@ -31,6 +31,8 @@ public protocol DataPlaneTransport: Transport {
     /// Give this to the peers that must connect here.
     var boundEndpoint: String { get }
     func connect(topology: Topology, endpoints: [String]) throws
+    /// Ends a blocked receive promptly once set (`CommError.interrupted`); nil: receives wait out their timeout.
+    var interruption: Interruption? { get set }
     /// Flushes what is still queued (up to `flushTimeout`) and closes.
     func close(flushTimeout: Duration)
 }

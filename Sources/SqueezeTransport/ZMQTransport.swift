@@ -79,6 +79,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
     private var inboundPeers: Set<Int>?
     /// Messages dropped: from an unknown routing id or an unexpected rank, malformed, or over the stash bound.
     public private(set) var droppedMessages = 0
+    /// Ends a blocked receive promptly once set (nil: a receive waits out its timeout).
+    public var interruption: Interruption?
     /// A message that keeps arriving from a peer nobody waits for cannot grow memory without bound.
     static let stashLimit = 4_096
     // Reusable receive/send frames: no allocation per message on the hot path.
@@ -318,7 +320,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
             }
             let remaining = deadline - ContinuousClock.now
             if remaining <= .zero { throw CommError.timeout(peer: peer, waited: timeout) }
-            _ = try inbound.waitReadable(timeout: remaining)
+            if let reason = interruption?.reason { throw CommError.interrupted(reason) }
+            _ = try inbound.waitReadable(timeout: interruption == nil ? remaining : min(remaining, Interruption.pollInterval))
         }
     }
 

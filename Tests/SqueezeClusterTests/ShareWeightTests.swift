@@ -1,6 +1,7 @@
 import Foundation
 import Testing
-import SqueezeComm
+import SqueezeCollectives
+import SqueezeTransport
 import SqueezeData
 import SqueezeEngine
 @testable import SqueezeCluster
