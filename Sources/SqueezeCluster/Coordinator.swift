@@ -525,11 +525,12 @@ extension Coordinator {
         for m in epoch.members { channel.send(.start(Start(step: epoch.fromStep, endpoints: all)), to: identities[m.value]!) }
         for m in epoch.members { lastHeard[m.value] = clock.now }
         phase = .training
-        let lost = membership.departures.filter { $0.epoch == epoch.number - 1 }.map(\.description)
-        metrics?.record(MembershipEvent(epoch: epoch.number, fromStep: epoch.fromStep, worldSize: epoch.worldSize, lost: lost,
-                                        lostSeconds: lostSeconds, resumedSeconds: progress.elapsed))
+        let departed = membership.departures.filter { $0.epoch == epoch.number - 1 }
+        let lost = departed.map(\.description).joined(separator: "; ")
+        metrics?.record(MembershipEvent(epoch: epoch.number, fromStep: epoch.fromStep, worldSize: epoch.worldSize, lostRanks: departed.map(\.rank),
+                                        lost: lost, lostSeconds: lostSeconds, resumedSeconds: progress.elapsed))
         events(ClusterEvent(.membership, step: epoch.fromStep, workers: epoch.worldSize))
-        log("membership epoch \(epoch.number): \(epoch.worldSize) worker(s) from step \(epoch.fromStep) (lost: \(lost.joined(separator: "; ")))")
+        log("membership epoch \(epoch.number): \(epoch.worldSize) worker(s) from step \(epoch.fromStep) (lost: \(lost))")
     }
 }
 

@@ -117,19 +117,21 @@ public struct RestartEvent: MetricsLine {
 }
 
 /// An elastic run's new membership epoch (issue 29): from `from_step` on, `world_size` workers train;
-/// `lost` says who left (rank, member, why, after which step); `lost_seconds` is when the coordinator
-/// learnt of the loss and `resumed_seconds` when it told the survivors to go on (since the run began).
+/// `lost_ranks` left (the ranks they held), `lost` says who and why; `lost_seconds` is when the
+/// coordinator learnt of the loss and `resumed_seconds` when it told the survivors to go on (seconds
+/// since training began).
 public struct MembershipEvent: MetricsLine {
     public var event = "membership"
     public var epoch: Int, fromStep: Int, worldSize: Int
-    public var lost: [String]
+    public var lostRanks: [Int], lost: String
     public var lostSeconds: Double, resumedSeconds: Double
-    public init(epoch: Int, fromStep: Int, worldSize: Int, lost: [String], lostSeconds: Double, resumedSeconds: Double) {
-        self.epoch = epoch; self.fromStep = fromStep; self.worldSize = worldSize; self.lost = lost
+    public init(epoch: Int, fromStep: Int, worldSize: Int, lostRanks: [Int], lost: String, lostSeconds: Double, resumedSeconds: Double) {
+        self.epoch = epoch; self.fromStep = fromStep; self.worldSize = worldSize; self.lostRanks = lostRanks; self.lost = lost
         self.lostSeconds = lostSeconds; self.resumedSeconds = resumedSeconds
     }
     enum CodingKeys: String, CodingKey {
-        case event, epoch, fromStep = "from_step", worldSize = "world_size", lost, lostSeconds = "lost_seconds", resumedSeconds = "resumed_seconds"
+        case event, epoch, fromStep = "from_step", worldSize = "world_size", lostRanks = "lost_ranks", lost
+        case lostSeconds = "lost_seconds", resumedSeconds = "resumed_seconds"
     }
 }
 

@@ -48,7 +48,7 @@ public final class ZMQControlServer: ControlServerChannel {
         // Copy inside withUnsafeBytes: a frame's bytes live in its message (inline for small ones),
         // which must not be freed before the copy is made.
         let id = parts[0].withUnsafeBytes { Array($0) }
-        owners[parts[0].sourceDescriptor] = id
+        owners[parts[parts.count - 1].sourceDescriptor] = id  // a frame from the wire (the identity frame is the socket's own)
         guard parts.count == 2 else { return (id, []) }
         return (id, parts[1].withUnsafeBytes { Array($0) })
     }

@@ -155,7 +155,7 @@ func printSummary(_ s: ClusterSummary, workers: Int) {
     for (rank, t) in s.perRank.enumerated() {
         let steps = Double(max(t.steps, 1))
         let sent = Double(t.bytesSent) / steps
-        let theory = s.theoryBytesPerRank[rank]
+        let theory = s.theoryBytesPerRank.indices.contains(rank) ? s.theoryBytesPerRank[rank] : 0  // a rank an elastic run no longer has
         totalSent += t.bytesSent; totalReceived += t.bytesReceived
         print(pad("\(rank)", 6) + pad(megabytes(sent), 14, right: true) + pad(megabytes(Double(t.bytesReceived) / steps), 15, right: true)
               + pad(megabytes(theory), 14, right: true) + pad(theory > 0 ? String(format: "%.4f", sent / theory) : "-", 8, right: true)
