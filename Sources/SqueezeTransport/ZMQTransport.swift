@@ -267,9 +267,18 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
     }
 
     public func completeSends(timeout: Duration) throws {
-        if tracker.waitUntilAllReleased(timeout: timeout) { return }
-        abandonSends()
-        throw CommError.sendsIncomplete(waited: timeout)
+        let deadline = ContinuousClock.now + timeout
+        // With an interruption, in short waits: a send to a peer that died is never released.
+        while !tracker.waitUntilAllReleased(timeout: interruption == nil ? timeout : min(timeout, Interruption.pollInterval)) {
+            if let reason = interruption?.reason {
+                abandonSends()
+                throw CommError.interrupted(reason)
+            }
+            if ContinuousClock.now >= deadline {
+                abandonSends()
+                throw CommError.sendsIncomplete(waited: timeout)
+            }
+        }
     }
 
     /// Closes every outbound socket (linger 0 drops what is queued, which releases the lent
