@@ -232,12 +232,12 @@ public final class Coordinator {
         phase = .finished
     }
 
-    private func rankOf(_ id: [UInt8]) -> Int? { identities.firstIndex { $0 == id } }
+    private func memberOf(_ id: [UInt8]) -> Int? { identities.firstIndex { $0 == id } }
 
     /// The member that sent `id`'s frames: from its main connection, or its heartbeat connection.
     private func holder(_ id: [UInt8]) -> (member: Int, heartbeat: Bool)? {
-        if let member = rankOf(id) { return (member, false) }
-        return ControlIdentity.mainIdentity(ofHeartbeat: id).flatMap(rankOf).map { ($0, true) }
+        if let member = memberOf(id) { return (member, false) }
+        return ControlIdentity.mainIdentity(ofHeartbeat: id).flatMap(memberOf).map { ($0, true) }
     }
 
     /// The rank `member` holds in the current membership epoch.
@@ -308,7 +308,7 @@ public final class Coordinator {
     /// Gives a new peer the rank it asked for if free, else the lowest free one, and the run's configuration.
     private func welcome(_ h: Hello, id: [UInt8]) {
         let n = options.workers
-        guard rankOf(id) == nil else { return }
+        guard memberOf(id) == nil else { return }
         let free = (0..<n).filter { identities[$0] == nil }
         guard let rank = h.requestedRank.flatMap({ free.contains($0) ? $0 : nil }) ?? free.first else {
             let reason = "the run already has its \(n) worker(s)"
@@ -334,7 +334,7 @@ public final class Coordinator {
 
     /// Accepts a worker whose model and initial parameters match the run's; training starts when all have.
     private func ready(_ r: Ready, id: [UInt8]) throws {
-        guard let rank = rankOf(id), rank == r.rank else { return }
+        guard let rank = memberOf(id), rank == r.rank else { return }
         var problems = [String]()
         if r.model != options.config.model { problems.append("its model configuration differs from the run's") }
         if r.parameterCount != parameterCount { problems.append("it has \(r.parameterCount) parameters, the run \(parameterCount)") }

@@ -25,10 +25,12 @@ struct ElasticTests {
         return (launch, worker)
     }
 
-    @Test func aKilledWorkerIsRemovedAndTheSurvivorsGoOnFromTheLastCompletedStep() throws {
+    @Test(arguments: ["ring", "tree"])
+    func aKilledWorkerIsRemovedAndTheSurvivorsGoOnFromTheLastCompletedStep(allreduce: String) throws {
         let dir = try temporaryDirectory("elastic-kill")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let (launch, _) = try launchAndSignal(SIGKILL, atStep: 6, ["--elastic", "--save-weights", dir + "/elastic.safetensors"] + Self.common, in: dir)
+        let common = Self.common + ["--allreduce", allreduce]
+        let (launch, _) = try launchAndSignal(SIGKILL, atStep: 6, ["--elastic", "--save-weights", dir + "/elastic.safetensors"] + common, in: dir)
         #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
         #expect(launch.output.contains("the run goes on without it"), "\(launch.output)")
         let all = try readAllMetrics(dir + "/m.jsonl")
@@ -50,14 +52,14 @@ struct ElasticTests {
         // The reference: 3 workers to step `from` (its checkpoint), then 2 resumed from it. The same global
         // batches and ring sums, so bit for bit the same weights, if the survivors went on from step `from`'s state.
         let first = try Child(["launch", "--workers", "3", "--checkpoint-dir", dir + "/ckpt", "--checkpoint-every", "\(from)", "--keep-checkpoints", "100"]
-                              + Self.common, log: dir + "/first.log")
+                              + common, log: dir + "/first.log")
         #expect(first.wait(timeout: 300) == 0, "\(first.output)")
         let keep = String(format: "checkpoint-%09d.safetensors", from)
         for name in try FileManager.default.contentsOfDirectory(atPath: dir + "/ckpt") where name.hasPrefix("checkpoint-") && name != keep {
             try FileManager.default.removeItem(atPath: dir + "/ckpt/" + name)
         }
         let second = try Child(["launch", "--workers", "2", "--checkpoint-dir", dir + "/ckpt", "--resume", "--save-weights", dir + "/reference.safetensors"]
-                               + Self.common, log: dir + "/second.log")
+                               + common, log: dir + "/second.log")
         #expect(second.wait(timeout: 300) == 0, "\(second.output)")
         #expect(second.output.contains("at step \(from)"), "\(second.output)")
         let difference = try byteDifference(dir + "/elastic.safetensors", dir + "/reference.safetensors")
