@@ -13,6 +13,8 @@ public struct ClusterEvent: Codable, Sendable, Equatable {
         case ready
         /// Rank 0 wrote the checkpoint of `step` at `path`.
         case checkpoint
+        /// An elastic run lost a member: from `step` on, `workers` workers train (a new membership epoch).
+        case membership
     }
     public var event: Kind
     public var endpoint: String?

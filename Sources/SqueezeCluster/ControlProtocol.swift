@@ -20,6 +20,7 @@ import SqueezeTraining
 /// Gradients never travel here: they go over the data plane (SqueezeTransport's data plane).
 public enum ControlKind: UInt16, Sendable, CaseIterable {
     case hello = 1, welcome, ready, start, stepReport, heartbeat, stop, abort, reject, failure
+    case halt, position, reform, save
 }
 
 public enum ControlMessage: Sendable {
@@ -33,12 +34,17 @@ public enum ControlMessage: Sendable {
     case abort(Abort)
     case reject(Reject)
     case failure(Failure)
+    case halt(Halt)
+    case position(Position)
+    case reform(Reform)
+    case save(Save)
 
     /// A field a build of the previous version would ignore, and so misbehave, bumps the version; a
     /// value it would refuse by name (a new algorithm) does not.
     /// 3: the welcome carries the data-plane salt (a build of version 2 would not seal its frames).
     /// 4: the welcome carries the chunk size (a build of version 3 would cut messages at its own default).
-    public static let version: UInt16 = 4
+    /// 5: elastic membership (the welcome's `elastic`; halt, position, reform and save).
+    public static let version: UInt16 = 5
     static let magic: [UInt8] = Array("SQZC".utf8)
     static let headerSize = 12
 
@@ -54,6 +60,10 @@ public enum ControlMessage: Sendable {
         case .abort: .abort
         case .reject: .reject
         case .failure: .failure
+        case .halt: .halt
+        case .position: .position
+        case .reform: .reform
+        case .save: .save
         }
     }
 
@@ -73,6 +83,10 @@ public enum ControlMessage: Sendable {
             case .abort(let m): body = try encoder.encode(m)
             case .reject(let m): body = try encoder.encode(m)
             case .failure(let m): body = try encoder.encode(m)
+            case .halt(let m): body = try encoder.encode(m)
+            case .position(let m): body = try encoder.encode(m)
+            case .reform(let m): body = try encoder.encode(m)
+            case .save(let m): body = try encoder.encode(m)
             }
         } catch {
             preconditionFailure("control message \(kind) does not encode: \(error)")
@@ -114,6 +128,10 @@ public enum ControlMessage: Sendable {
             case .abort: return .abort(try d.decode(Abort.self, from: body))
             case .reject: return .reject(try d.decode(Reject.self, from: body))
             case .failure: return .failure(try d.decode(Failure.self, from: body))
+            case .halt: return .halt(try d.decode(Halt.self, from: body))
+            case .position: return .position(try d.decode(Position.self, from: body))
+            case .reform: return .reform(try d.decode(Reform.self, from: body))
+            case .save: return .save(try d.decode(Save.self, from: body))
             }
         } catch {
             throw ControlError(peer: peer, problem: "\(kind) message body does not decode: \(error)")
@@ -177,6 +195,8 @@ public struct Welcome: Codable, Sendable {
     /// The rendezvous's data-plane salt (64 hex digits; `DataPlaneSeal`), fresh at every rendezvous:
     /// a sealed (tcp) data plane derives its keys from it and the run key.
     public var dataPlaneSalt: String? = nil
+    /// An elastic run (`--elastic`): a lost member is removed and the others go on (halt, position, reform).
+    public var elastic: Bool? = nil
 }
 
 /// Worker → coordinator: model built and verified, data plane bound.
@@ -239,6 +259,36 @@ public struct Failure: Codable, Sendable {
     public var step: Int
     public var message: String
 }
+
+/// Coordinator → every survivor of an elastic run, on its heartbeat connection (read while a step
+/// blocks) and its main one: a member was lost; abandon the step in flight and send a `position`.
+public struct Halt: Codable, Sendable {
+    /// The membership epoch halted (a worker passes over a halt of another: a late copy).
+    public var epoch: Int
+    public var reason: String
+}
+
+/// Worker → coordinator after a halt: the steps it completed (nothing of the abandoned step applied)
+/// and the checksum of its parameters and momentum (`stateChecksum`), which survivors at the same
+/// step must agree on. Also the answer to `save`, once the checkpoint is written.
+public struct Position: Codable, Sendable {
+    public var rank: Int
+    public var completedSteps: Int
+    public var checksum: String
+}
+
+/// Coordinator → each survivor: membership epoch `epoch` trains from `step` with `worldSize` workers,
+/// this one holding `rank`. The worker binds a new data plane and answers `ready`; `start` follows.
+public struct Reform: Codable, Sendable {
+    public var epoch: Int
+    public var step: Int
+    public var rank: Int
+    public var worldSize: Int
+}
+
+/// Coordinator → the furthest survivor when too few remain (`--min-workers`): write the checkpoint
+/// of your step (`reason` says why), answer `position`, and wait for the abort that ends the run.
+public struct Save: Codable, Sendable { public var reason: String }
 
 /// FNV-1a-64 over the bit patterns of `values`, as hex.
 public func parametersChecksum(_ values: UnsafeBufferPointer<Float>) -> String {

@@ -40,6 +40,10 @@ public struct CoordinatorOptions: Codable, Sendable {
     /// Delete the checkpoints already in `checkpointDirectory` and start at step 0.
     public var startOver = false
     public var quiet = false
+    /// An elastic run (`--elastic`): a lost worker is removed and the others go on from the last
+    /// completed step; below `minWorkers` the run checkpoints and stops (docs/cluster.md).
+    public var elastic = false
+    public var minWorkers = 1
     /// The star hub's timeline (nil: not traced; a ring has no hub).
     public var tracer: Tracer?
     public init(bind: String, workers: Int, config: TrainingConfig) {
@@ -48,6 +52,7 @@ public struct CoordinatorOptions: Codable, Sendable {
     enum CodingKeys: String, CodingKey {
         case bind, workers, config, trainingRecords, algorithm, compression, bucketBytes, transport, timeout, joinTimeout, metricsPath
         case initWeights, saveWeights, evaluate, checkpointDirectory, checkpointEvery, keepCheckpoints, resume, startOver, quiet
+        case elastic, minWorkers
     }
 }
 
@@ -73,6 +78,9 @@ public struct ClusterSummary: Sendable {
     public var finalStep = 0
     /// Why the run stopped before its last step (a signal, a stop request), if it did.
     public var stoppedEarly: String?
+    /// The membership epochs (one unless an elastic run lost workers) and who left.
+    public var epochs = [MembershipEpoch]()
+    public var departures = [Departure]()
 }
 
 /// Owns a run: rendezvous, ranks, configuration and the initial-weights checksum, metrics from
@@ -84,7 +92,9 @@ public struct ClusterSummary: Sendable {
 /// rendezvous deadline, heartbeats, silent workers, and a stop requested through `stop`. Tests
 /// drive it step by step over an `InProcessControlPlane` with a clock they advance by hand.
 public final class Coordinator {
-    public enum Phase: Sendable { case created, rendezvous, training, finished }
+    /// An elastic run that lost a member is `recovering` (waiting for the survivors' positions), then
+    /// `reforming` (waiting for their new data planes), or `stopping` (too few: a checkpoint is written).
+    public enum Phase: Sendable { case created, rendezvous, training, recovering, reforming, stopping, finished }
 
     let options: CoordinatorOptions
     let log: (String) -> Void
@@ -105,7 +115,7 @@ public final class Coordinator {
     private var directoryLock: DirectoryLock?
     private var hub: (any DataPlaneTransport)?
     private var hubThread: HubThread?
-    // Rendezvous.
+    // Rendezvous. These arrays are indexed by member (`MemberID`: the rank each held when training began).
     private var identities = [[UInt8]?]()
     private var names = [String]()
     private var endpoints = [String?]()
@@ -118,6 +128,14 @@ public final class Coordinator {
     private var lastHeard = [ContinuousClock.Instant]()
     private var lastStep = [Int]()
     private var lastBeat = ContinuousClock.Instant.now
+    // Membership (every run has one epoch; an elastic run one more after each loss).
+    private var membership: Membership!
+    /// The survivors' positions during a recovery, by member.
+    private var positions = [Int: Position]()
+    /// When the recovery under way began (the first loss), in the run's seconds.
+    private var lostSeconds = 0.0
+    /// While stopping: why, and how long the checkpoint may take.
+    private var stopping: (error: String, deadline: ContinuousClock.Instant)?
 
     /// `metrics` overrides `options.metricsPath`; `events` gets `listening` and `ready`.
     public init(options: CoordinatorOptions, channel: any ControlServerChannel, dataPlane: any DataPlaneFactory,
@@ -147,6 +165,12 @@ public final class Coordinator {
         directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)  // before any other work
         let n = options.workers, config = options.config
         if let refusal = options.algorithm.refusal(options.compression) { throw ClusterError(refusal) }
+        if options.elastic && options.algorithm == .star {
+            throw ClusterError("--elastic does not take --allreduce star yet (its hub is not re-formed after a loss): use --allreduce ring or tree")
+        }
+        do {
+            membership = try Membership(rules: MembershipRules(minWorkers: options.minWorkers, maxWorkers: n, globalBatch: config.batchSize), workers: n)
+        } catch { throw ClusterError("\(error)") }
         guard options.chunkBytes >= MemoryLayout<Float>.size else { throw ClusterError("data-plane chunks of \(options.chunkBytes) bytes: at least one Float (4 bytes)") }
         let reference = Network(config: config.model, seed: config.seed)
         if let path = options.initWeights { try reference.loadWeights(from: path) }
@@ -191,6 +215,8 @@ public final class Coordinator {
         for id in identities { if let id { channel.send(.stop(Stop(reason: "run complete")), to: id) } }
         hubThread?.join()
         var summary = progress.summary(startStep: startStep, stop: stop)
+        summary.epochs = membership.epochs
+        summary.departures = membership.departures
         if let hub { summary.hubBytesSent = hub.counters.payloadBytesSent; summary.hubBytesReceived = hub.counters.payloadBytesReceived }
         hub?.close(flushTimeout: .milliseconds(500))
         return summary
@@ -206,18 +232,21 @@ public final class Coordinator {
         phase = .finished
     }
 
-    private func rankOf(_ id: [UInt8]) -> Int? { identities.firstIndex { $0 == id } }
+    private func memberOf(_ id: [UInt8]) -> Int? { identities.firstIndex { $0 == id } }
 
-    /// The rank whose holder sent `id`'s frames: its main connection, or its heartbeat connection.
-    private func holder(_ id: [UInt8]) -> (rank: Int, heartbeat: Bool)? {
-        if let rank = rankOf(id) { return (rank, false) }
-        return ControlIdentity.mainIdentity(ofHeartbeat: id).flatMap(rankOf).map { ($0, true) }
+    /// The member that sent `id`'s frames: from its main connection, or its heartbeat connection.
+    private func holder(_ id: [UInt8]) -> (member: Int, heartbeat: Bool)? {
+        if let member = memberOf(id) { return (member, false) }
+        return ControlIdentity.mainIdentity(ofHeartbeat: id).flatMap(memberOf).map { ($0, true) }
     }
 
+    /// The rank `member` holds in the current membership epoch.
+    private func rank(of member: Int) -> Int { membership.current.rank(of: MemberID(member)) ?? member }
+
     private func handle(_ frame: [UInt8], from id: [UInt8]) throws {
-        let sender = holder(id)
-        if let sender { lastHeard[sender.rank] = clock.now }
-        guard let sender else {
+        let holder = holder(id)
+        if let holder { lastHeard[holder.member] = clock.now }
+        guard let holder else {
             // A peer without a rank may only ask for one; anything else is dropped (it cannot stop the run).
             let message: ControlMessage
             do { message = try frame.withUnsafeBytes { try ControlMessage.decode($0, from: "a peer that holds no rank") } } catch {
@@ -228,20 +257,22 @@ public final class Coordinator {
             return phase == .rendezvous ? welcome(h, id: id)
                 : channel.send(.reject(Reject(reason: "the run is already training with \(options.workers) worker(s)")), to: id)
         }
-        let peer = phase == .rendezvous ? "worker rank \(sender.rank) (\(names[sender.rank]))" : "worker rank \(sender.rank)"
+        let sender = (rank: rank(of: holder.member), heartbeat: holder.heartbeat), member = holder.member
+        let peer = phase == .rendezvous ? "worker rank \(sender.rank) (\(names[member]))" : "worker rank \(sender.rank)"
         guard let message = decodeOrReject(frame, from: peer, id: id) else { return }
         // Heartbeats may come from the heartbeat connection; everything else from the main one.
         switch message {
         case .heartbeat(let h):
             guard h.rank == sender.rank else { return drop("a heartbeat for rank \(h.rank) from rank \(sender.rank)'s holder") }
-            if phase == .training { lastStep[sender.rank] = max(lastStep[sender.rank], h.step) }
+            if phase == .training { lastStep[member] = max(lastStep[member], h.step) }
             return
         default:
             guard !sender.heartbeat else { return drop("a \(message.kind) message on rank \(sender.rank)'s heartbeat connection") }
         }
         switch phase {
         case .rendezvous: try rendezvous(message, rank: sender.rank, id: id)
-        case .training: try training(message, rank: sender.rank)
+        case .training: try training(message, rank: sender.rank, member: member)
+        case .recovering, .reforming, .stopping: try recovering(message, rank: sender.rank, member: member)
         case .created, .finished: break
         }
     }
@@ -277,7 +308,7 @@ public final class Coordinator {
     /// Gives a new peer the rank it asked for if free, else the lowest free one, and the run's configuration.
     private func welcome(_ h: Hello, id: [UInt8]) {
         let n = options.workers
-        guard rankOf(id) == nil else { return }
+        guard memberOf(id) == nil else { return }
         let free = (0..<n).filter { identities[$0] == nil }
         guard let rank = h.requestedRank.flatMap({ free.contains($0) ? $0 : nil }) ?? free.first else {
             let reason = "the run already has its \(n) worker(s)"
@@ -296,13 +327,14 @@ public final class Coordinator {
                                       initWeights: options.initWeights, saveWeights: options.saveWeights,
                                       evaluate: options.evaluate, checkpointDirectory: options.checkpointDirectory,
                                       checkpointEvery: options.checkpointEvery, keepCheckpoints: options.keepCheckpoints,
-                                      resumeFrom: resumeFrom, dataPlaneSalt: DataPlaneSeal.hex(dataPlaneSalt))), to: id)
+                                      resumeFrom: resumeFrom, dataPlaneSalt: DataPlaneSeal.hex(dataPlaneSalt),
+                                      elastic: options.elastic ? true : nil)), to: id)
         log("worker \(names[rank]) joined as rank \(rank)")
     }
 
     /// Accepts a worker whose model and initial parameters match the run's; training starts when all have.
     private func ready(_ r: Ready, id: [UInt8]) throws {
-        guard let rank = rankOf(id), rank == r.rank else { return }
+        guard let rank = memberOf(id), rank == r.rank else { return }
         var problems = [String]()
         if r.model != options.config.model { problems.append("its model configuration differs from the run's") }
         if r.parameterCount != parameterCount { problems.append("it has \(r.parameterCount) parameters, the run \(parameterCount)") }
@@ -339,14 +371,14 @@ public final class Coordinator {
 
     // MARK: Training
 
-    private func training(_ message: ControlMessage, rank: Int) throws {
+    private func training(_ message: ControlMessage, rank: Int, member: Int) throws {
         switch message {
         case .stepReport(let r) where r.rank == rank:
-            lastStep[rank] = r.step
+            lastStep[member] = r.step
             progress.add(r)
             if progress.isComplete { phase = .finished }
         case .failure(let f) where f.rank == rank:
-            throw ClusterError("worker rank \(rank) failed at step \(f.step): \(f.message)")
+            try lose(member, reason: "failed at step \(f.step): \(f.message)")
         case .stop(let s):
             if progress.stopRequest == nil { requestStop("worker rank \(rank) asks to stop (\(s.reason))") }
         default:
@@ -372,15 +404,21 @@ public final class Coordinator {
             let missing = (0..<n).filter { endpoints[$0] == nil }
             throw ClusterError("rendezvous timed out after \(options.joinTimeout): \(joined.count) of \(n) worker(s) joined; "
                                + "rank(s) still missing: \(missing.map(String.init).joined(separator: ", "))")
-        case .training:
+        case .training, .recovering, .reforming, .stopping:
             if now - lastBeat > options.timeout / 4 {
-                for id in identities { channel.send(.heartbeat(Heartbeat(rank: -1, step: progress.completed)), to: id!) }
+                for id in identities { if let id { channel.send(.heartbeat(Heartbeat(rank: -1, step: progress.completed)), to: id) } }
                 lastBeat = now
             }
-            if let reason = stop.reason, progress.stopRequest == nil { requestStop(reason) }
+            if phase == .training, let reason = stop.reason, progress.stopRequest == nil { requestStop(reason) }
             if let failure = hubThread?.failure { throw ClusterError("the star hub failed: \(failure)") }
-            for rank in 0..<options.workers where now - lastHeard[rank] > options.timeout {
-                throw ClusterError("worker rank \(rank) stopped answering at step \(lastStep[rank]) (no message for \(seconds(now - lastHeard[rank]).formatted(.number.precision(.fractionLength(1)))) s)")
+            if let stopping, now > stopping.deadline { throw ClusterError(stopping.error + " (the checkpoint was not confirmed within \(options.timeout))") }
+            if options.elastic {
+                for peer in channel.droppedPeers() {
+                    if let member = holder(peer)?.member { try lose(member, reason: "dropped its connection (its process exited or was killed)") }
+                }
+            }
+            for member in identities.indices where identities[member] != nil && now - lastHeard[member] > options.timeout {
+                try lose(member, reason: "stopped answering at step \(lastStep[member]) (no message for \(seconds(now - lastHeard[member]).formatted(.number.precision(.fractionLength(1)))) s)")
             }
         case .created, .finished:
             break
@@ -391,8 +429,108 @@ public final class Coordinator {
     private func requestStop(_ reason: String) {
         let stopAfter = progress.requestStop(reason)
         log("\(reason): stopping after step \(stopAfter)" + (options.checkpointDirectory != nil ? " (rank 0 writes a checkpoint there)" : ""))
-        for id in identities { channel.send(.stop(Stop(reason: reason, afterStep: stopAfter)), to: id!) }
+        for id in identities { if let id { channel.send(.stop(Stop(reason: reason, afterStep: stopAfter)), to: id) } }
         if progress.isComplete { phase = .finished }
+    }
+}
+
+// MARK: Membership (an elastic run's losses)
+
+extension Coordinator {
+    /// `member` is gone (`reason`: its connection dropped, it fell silent, it failed). Without
+    /// `--elastic` the run fails. Otherwise it is removed and every survivor is halted: each abandons
+    /// the step in flight and sends its position, and `reconfigure` acts once all have.
+    fileprivate func lose(_ member: Int, reason: String) throws {
+        let what = "worker rank \(rank(of: member)) \(reason)"
+        guard options.elastic else { throw ClusterError(what) }
+        log("\(what) (\(names[member])): removing it")
+        identities[member] = nil
+        let next = membership.lose(MemberID(member), completedSteps: progress.completed, reason: reason)
+        if phase == .training || phase == .reforming {
+            phase = .recovering
+            lostSeconds = progress.elapsed
+            positions = [:]
+            let halt = ControlMessage.halt(Halt(epoch: membership.current.number, reason: what))
+            for m in membership.current.members {
+                guard let id = identities[m.value] else { continue }
+                channel.send(halt, to: id)  // read between steps and while waiting
+                channel.send(halt, to: ControlIdentity.heartbeatIdentity(ofMain: id))  // read at once, also inside a step
+            }
+        }
+        if let next { try reconfigure(next) }
+    }
+
+    /// While members change: positions, new data planes, the checkpoint's confirmation, losses.
+    fileprivate func recovering(_ message: ControlMessage, rank: Int, member: Int) throws {
+        switch message {
+        case .position(let p) where phase == .recovering && p.rank == rank:
+            positions[member] = p
+            do {
+                if let next = try membership.report(MemberID(member), completedSteps: p.completedSteps) { try reconfigure(next) }
+            } catch let error as MembershipError { drop("the position of rank \(rank): \(error)") }
+        case .position where phase == .stopping:
+            throw ClusterError(stopping!.error)  // the checkpoint is written
+        case .ready(let r) where phase == .reforming && r.rank == rank:
+            endpoints[member] = r.dataEndpoint
+            if membership.current.members.allSatisfy({ endpoints[$0.value] != nil }) { startEpoch() }
+        case .stepReport(let r) where r.rank == rank:
+            progress.add(r)  // a step completed before the halt
+        case .failure(let f) where f.rank == rank:
+            try lose(member, reason: "failed at step \(f.step): \(f.message)")
+        default:
+            drop("a \(message.kind) message from rank \(rank) while the members change")
+        }
+    }
+
+    /// Every survivor has answered: go on with the new members (after checking that they hold the
+    /// same state), or stop (too few: the furthest writes a checkpoint first).
+    private func reconfigure(_ next: Reconfiguration) throws {
+        switch next {
+        case .stop(let error, let checkpoint):
+            try stopRun(error.description, checkpoint: checkpoint?.member)
+        case .reform(let epoch, let donor, let receivers):
+            guard receivers.isEmpty else {
+                let behind = receivers.map { "rank \(rank(of: $0.value))" }.joined(separator: ", ")
+                return try stopRun("\(behind) completed one step fewer than \(donor) when a worker was lost, and sending it the state of step "
+                                   + "\(epoch.fromStep) is not built yet", checkpoint: donor)
+            }
+            let states = Dictionary(grouping: epoch.members) { positions[$0.value]?.checksum ?? "none" }
+            guard states.count == 1 else {
+                throw ClusterError("the survivors at step \(epoch.fromStep) hold different states: "
+                                   + states.map { "\($0.value.map { "rank \(rank(of: $0.value))" }.joined(separator: ", ")) \($0.key)" }.joined(separator: "; "))
+            }
+            progress.reform(workers: epoch.worldSize, fromStep: epoch.fromStep)
+            for (rank, m) in epoch.members.enumerated() {
+                endpoints[m.value] = nil
+                channel.send(.reform(Reform(epoch: epoch.number, step: epoch.fromStep, rank: rank, worldSize: epoch.worldSize)), to: identities[m.value]!)
+            }
+            phase = progress.isComplete ? .finished : .reforming  // lost after the last step: nothing left to train
+        }
+    }
+
+    /// Too few workers (or states that cannot be reconciled): `checkpoint`'s member, if any and if the
+    /// run has a checkpoint directory, writes the checkpoint of its step; then the run fails with `error`.
+    private func stopRun(_ error: String, checkpoint: MemberID?) throws {
+        guard options.checkpointDirectory != nil, let member = checkpoint, let id = identities[member.value] else { throw ClusterError(error) }
+        log("\(error); rank \(rank(of: member.value)) writes a checkpoint of its step first")
+        channel.send(.save(Save(reason: error)), to: id)
+        stopping = (error, clock.now + options.timeout)
+        phase = .stopping
+    }
+
+    /// Every member of the new epoch has its data plane: they start, and the change is recorded.
+    private func startEpoch() {
+        let epoch = membership.current
+        let all = epoch.members.map { endpoints[$0.value]! }
+        for m in epoch.members { channel.send(.start(Start(step: epoch.fromStep, endpoints: all)), to: identities[m.value]!) }
+        for m in epoch.members { lastHeard[m.value] = clock.now }
+        phase = .training
+        let departed = membership.departures.filter { $0.epoch == epoch.number - 1 }
+        let lost = departed.map(\.description).joined(separator: "; ")
+        metrics?.record(MembershipEvent(epoch: epoch.number, fromStep: epoch.fromStep, worldSize: epoch.worldSize, lostRanks: departed.map(\.rank),
+                                        lost: lost, lostSeconds: lostSeconds, resumedSeconds: progress.elapsed))
+        events(ClusterEvent(.membership, step: epoch.fromStep, workers: epoch.worldSize))
+        log("membership epoch \(epoch.number): \(epoch.worldSize) worker(s) from step \(epoch.fromStep) (lost: \(lost))")
     }
 }
 
@@ -402,8 +540,11 @@ final class Progress {
     let options: CoordinatorOptions
     let metrics: MetricsSink?
     let display = ProgressDisplay(prefix: "")
-    /// Bytes a worker sends per step in theory: the mean over ranks, and each rank's own figure.
-    let theory: Double, theoryPerRank: [Double], uncompressed: [Int]
+    /// Workers training now (an elastic run loses some): reports per step.
+    private(set) var workers: Int
+    /// Bytes a worker sends per step in theory with `workers`: the mean over ranks, and each rank's own figure.
+    private(set) var theory = 0.0, theoryPerRank = [Double](), uncompressed = [Int]()
+    let plan: [Range<Int>]
     let perEpoch: Int, epochs: Int, forwardMACs: Int
     private(set) var completed: Int
     private(set) var stopAfter: Int
@@ -416,17 +557,36 @@ final class Progress {
 
     init(options: CoordinatorOptions, plan: [Range<Int>], startStep: Int, forwardMACs: Int, metrics: MetricsSink?) {
         let n = options.workers, config = options.config
-        self.options = options; self.metrics = metrics; self.forwardMACs = forwardMACs
-        let expected = TrafficTheory(plan: plan, workers: n, algorithm: options.algorithm, compression: options.compression,
-                                     chunkBytes: options.chunkBytes)
-        theory = expected.bytesSent
-        theoryPerRank = (0..<n).map { expected.bytesSent(rank: $0) }
-        uncompressed = (0..<n).map { expected.uncompressedBytesSent(rank: $0) }
+        self.options = options; self.metrics = metrics; self.forwardMACs = forwardMACs; self.plan = plan
+        workers = n
         perEpoch = config.stepsPerEpoch(trainingRecords: options.trainingRecords, workers: n)
         epochs = (config.totalSteps + perEpoch - 1) / perEpoch
         completed = startStep
         stopAfter = config.totalSteps
         traffic = Array(repeating: RankTraffic(), count: n)
+        setTheory()
+    }
+
+    /// The theory of `workers` workers.
+    private func setTheory() {
+        let expected = TrafficTheory(plan: plan, workers: workers, algorithm: options.algorithm, compression: options.compression,
+                                     chunkBytes: options.chunkBytes)
+        theory = expected.bytesSent
+        theoryPerRank = (0..<workers).map { expected.bytesSent(rank: $0) }
+        uncompressed = (0..<workers).map { expected.uncompressedBytesSent(rank: $0) }
+    }
+
+    /// Seconds since training began.
+    var elapsed: Double { seconds(ContinuousClock.now - start) }
+
+    /// An elastic run goes on with `workers` from step `fromStep`: a step before it that some rank
+    /// had not reported when it was halted (it completed on the others) is written with the reports
+    /// there are; reports of abandoned steps are dropped.
+    func reform(workers n: Int, fromStep: Int) {
+        while completed < fromStep { complete((pending.removeValue(forKey: completed) ?? []).sorted { $0.rank < $1.rank }) }
+        pending = [:]
+        workers = n
+        setTheory()
     }
 
     var isComplete: Bool { completed >= stopAfter }
@@ -441,7 +601,7 @@ final class Progress {
 
     func add(_ report: StepReport) {
         pending[report.step, default: []].append(report)
-        while let reports = pending[completed], reports.count == options.workers {
+        while let reports = pending[completed], reports.count == workers {
             pending[completed] = nil
             complete(reports.sorted { $0.rank < $1.rank })
         }
@@ -451,7 +611,7 @@ final class Progress {
         for r in reports { record(r) }
         completed += 1
         let evaluated = reports.compactMap { r in r.testImages.map { (r.testCorrect ?? 0, $0) } }
-        if evaluated.count == options.workers {
+        if evaluated.count == workers {
             let images = evaluated.reduce(0) { $0 + $1.1 }, right = evaluated.reduce(0) { $0 + $1.0 }
             let accuracy = Double(right) / Double(max(images, 1))
             metrics?.record(ClusterTestMetrics(step: completed - 1, epoch: reports[0].epoch, testAccuracy: accuracy, testImages: images,
@@ -465,7 +625,7 @@ final class Progress {
 
     private func record(_ r: StepReport) {
         metrics?.record(WorkerStepMetrics(
-            step: r.step, epoch: r.epoch, rank: r.rank, worldSize: options.workers, loss: r.loss,
+            step: r.step, epoch: r.epoch, rank: r.rank, worldSize: workers, loss: r.loss,
             accuracy: Double(r.correct) / Double(max(r.images, 1)), images: r.images, learningRate: r.learningRate,
             allreduceBytesSent: r.allreduceBytesSent, allreduceBytesReceived: r.allreduceBytesReceived,
             theoryBytesSent: theoryPerRank[r.rank], denseBytesSent: uncompressed[r.rank],
@@ -484,7 +644,7 @@ final class Progress {
     }
 
     private func show(_ reports: [StepReport]) {
-        let config = options.config, n = options.workers
+        let config = options.config, n = workers
         let elapsed = seconds(ContinuousClock.now - windowStart)
         let rate = Double(windowImages) / max(elapsed, 1e-9)
         let sent = Double(reports.reduce(0) { $0 + $1.allreduceBytesSent }) / Double(n)

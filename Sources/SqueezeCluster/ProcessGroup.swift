@@ -49,6 +49,9 @@ public final class ProcessGroup: @unchecked Sendable {
     private let onEvent: @Sendable (String, ClusterEvent) -> Void
     private let stopLock = NSLock()
     private var stopSignal: Int32?
+    /// Processes (by name) whose failure does not end the group (an elastic run's workers): it is said, once.
+    public var survivable = Set<String>()
+    private var survived = Set<Int>()
     /// One member per pipe until its end of file: `wait` returns only after every line is written.
     private let outputOpen = DispatchGroup()
 
@@ -147,11 +150,15 @@ public final class ProcessGroup: @unchecked Sendable {
                     terminateAll(gracePeriod: gracePeriod)
                     return .interrupted(SIGINT)
                 }
+                if failed && survivable.contains(name) {
+                    if survived.insert(i).inserted { emitLine("launch", "\(describeExit(i)); the run goes on without it") }
+                    continue
+                }
                 if failed {
                     // A coordinator usually fails because a worker did: give the others a moment, and
                     // blame a process that failed on its own before blaming the primary.
                     usleep(500_000)
-                    let failures = processes.indices.filter { !processes[$0].isRunning && isFailure(processes[$0]) }
+                    let failures = processes.indices.filter { !processes[$0].isRunning && isFailure(processes[$0]) && !survived.contains($0) }
                     let culprit = failures.first { specs[$0].name != primary } ?? i
                     let description = describeExit(culprit)
                     terminateAll(gracePeriod: gracePeriod)
@@ -164,7 +171,7 @@ public final class ProcessGroup: @unchecked Sendable {
                     if !late.isEmpty { emitLine("launch", "stopping \(late.joined(separator: ", ")) after \(name) finished") }
                     terminateAll(gracePeriod: gracePeriod)
                     // A secondary that failed on its own (not by our signal) still fails the group.
-                    if let bad = processes.indices.first(where: { !late.contains(specs[$0].name) && isFailure(processes[$0]) }) {
+                    if let bad = processes.indices.first(where: { !late.contains(specs[$0].name) && isFailure(processes[$0]) && !survived.contains($0) }) {
                         return .failed(culprit: specs[bad].name, description: describeExit(bad))
                     }
                     return .success

@@ -72,7 +72,7 @@ public final class RestartSupervisor: @unchecked Sendable {
             (try? MetricsWriter(path: metricsPath, append: true))?.record(line)
         case .checkpoint:
             lock.withLock { if let s = event.step { checkpointStep = max(checkpointStep ?? 0, s) } }
-        case .listening, .joining:
+        case .listening, .joining, .membership:
             break
         }
     }

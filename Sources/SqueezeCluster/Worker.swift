@@ -116,45 +116,114 @@ public final class Worker {
             throw ClusterError("the coordinator at \(coordinator) asks for data-plane chunks of \(welcome.chunkBytes) bytes, "
                                + "less than one Float: is it another build? (run the same build everywhere)")
         }
-        let (rank, world) = (welcome.rank, welcome.worldSize)
-        let timeout = Duration.milliseconds(Int(welcome.timeoutSeconds * 1000))
         let model = try prepareModel(welcome)
-        let tracer = options.tracePath.map { Tracer(path: $0, pid: rank, processName: "rank \(rank)", window: options.traceWindow) }
+        let tracer = options.tracePath.map { Tracer(path: $0, pid: welcome.rank, processName: "rank \(welcome.rank)", window: options.traceWindow) }
         model.trainer.tracer = tracer
         defer {  // also after a failure: the trace of what was recorded
-            do { try tracer?.write() } catch { log("rank \(rank): warning: the trace was not written: \(error)") }
+            do { try tracer?.write() } catch { log("rank \(welcome.rank): warning: the trace was not written: \(error)") }
         }
-        let plan = bucketPlan(layerRanges: model.trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
-        let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm.groupSize(workers: world),
-                                                    kind: welcome.transport, maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0),
-                                                    salt: welcome.dataPlaneSalt.flatMap(DataPlaneSeal.salt(hex:)))
-        defer { transport.close(flushTimeout: .milliseconds(500)) }
-        try joinDataPlane(welcome, model: model, transport: transport, channel: channel)
-        let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout, tracer: tracer)
-        defer { reducer.close() }
-        log("rank \(rank) of \(world): \(model.trainer.trainSet.count) images from \(model.dataDirectory), data plane \(transport.boundEndpoint)")
-
         let stop = StopToken()
-        let hooks = WorkerHooks(welcome: welcome, model: model, channel: channel, transport: transport, reducer: reducer,
-                                feedback: feedback, heartbeat: heartbeat, stop: stop, signals: signals, clock: clock, timeout: timeout,
-                                coordinator: coordinator, events: events, log: log) { [unowned self] in self.step = $0 }
-        let loop = TrainingLoop(trainer: model.trainer, reducer: reducer, policy: CheckpointPolicy(every: welcome.checkpointEvery), stop: stop)
-        do {
-            _ = try loop.run(hooks)
-        } catch {
-            throw hooks.explain(error)
+        // An elastic run's membership epochs: each trains until the run ends or the coordinator halts it.
+        var epoch = (number: 0, welcome: welcome)
+        while try !trainEpoch(epoch, model: model, channel: channel, heartbeat: heartbeat, stop: stop, tracer: tracer) {
+            epoch = try rejoin(epoch, model: model, channel: channel)
+            heartbeat.rank = epoch.welcome.rank
         }
         step = model.trainer.step
+        let (rank, timeout) = (epoch.welcome.rank, welcome.timeout)
         // Wait for the coordinator's word that everyone is done (it may still need our data plane).
-        // A signal now changes nothing: the coordinator's stop ends the run in a moment.
-        _ = try expect(channel, timeout: timeout * 4, waitingFor: "the stop signal", interruptible: false) {
-            if case .stop(let s) = $0, s.afterStep == nil { true } else { nil }
+        // A signal now changes nothing: the coordinator's stop ends the run in a moment. A member lost
+        // now (an elastic run) halts nothing left to train: the position says so.
+        var answered: Int?
+        while true {
+            do {
+                _ = try expect(channel, timeout: timeout * 4, waitingFor: "the stop signal", interruptible: false, halts: answered) {
+                    if case .stop(let s) = $0, s.afterStep == nil { true } else { nil }
+                }
+                break
+            } catch is Halted {
+                try channel.send(.position(Position(rank: rank, completedSteps: step, checksum: stateChecksum(model.trainer))))
+                answered = epoch.number
+            }
         }
         if rank == 0, model.trainer.isFinished, let path = welcome.saveWeights {
             try model.trainer.network.saveWeights(to: path)
             log("rank 0: weights written to \(path)")
         }
         log("rank \(rank): done after step \(step)")
+    }
+
+    /// One membership epoch (the whole run unless it is elastic): a data plane of `epoch.welcome`'s
+    /// world size, then the training loop from the trainer's step. Returns true at the end of the run
+    /// (or a stop), false when the coordinator halted it (a member was lost): the step in flight was
+    /// abandoned, nothing of it applied.
+    private func trainEpoch(_ epoch: (number: Int, welcome: Welcome), model: WorkerModel, channel: any ControlClientChannel,
+                            heartbeat: HeartbeatSender, stop: StopToken, tracer: Tracer?) throws -> Bool {
+        let welcome = epoch.welcome, (rank, world) = (epoch.welcome.rank, epoch.welcome.worldSize)
+        // Elastic: the coordinator decides who is lost (after --timeout); a peer's receive waits twice that.
+        let timeout = welcome.elastic == true ? welcome.timeout * 2 : welcome.timeout
+        let plan = bucketPlan(layerRanges: model.trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
+        let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm.groupSize(workers: world),
+                                                    kind: welcome.transport, maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0),
+                                                    salt: welcome.dataPlaneSalt.flatMap(DataPlaneSeal.salt(hex:)))
+        defer { transport.close(flushTimeout: .milliseconds(500)) }
+        let interruption = Interruption()
+        transport.interruption = interruption
+        heartbeat.watch(epoch: epoch.number, interruption)
+        do { try joinDataPlane(welcome, model: model, transport: transport, channel: channel) } catch is Halted { return false }
+        let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout, tracer: tracer)
+        defer { reducer.close() }
+        log("rank \(rank) of \(world): \(model.trainer.trainSet.count) images from \(model.dataDirectory), data plane \(transport.boundEndpoint)"
+            + (epoch.number == 0 ? "" : " (membership epoch \(epoch.number), from step \(model.trainer.step))"))
+        let hooks = WorkerHooks(welcome: welcome, model: model, channel: channel, transport: transport, reducer: reducer,
+                                feedback: feedback, heartbeat: heartbeat, stop: stop, signals: signals, clock: clock, timeout: timeout,
+                                coordinator: coordinator, events: events, log: log) { [unowned self] in self.step = $0 }
+        hooks.halt = (epoch.number, interruption)
+        let loop = TrainingLoop(trainer: model.trainer, reducer: reducer, policy: CheckpointPolicy(every: welcome.checkpointEvery), stop: stop)
+        do {
+            _ = try loop.run(hooks)
+            return true
+        } catch {
+            if let reason = interruption.reason {
+                log("rank \(rank): step \(model.trainer.step) abandoned (\(reason)); \(model.trainer.step) steps completed")
+                return false
+            }
+            throw hooks.explain(error)
+        }
+    }
+
+    /// After a halt: sends this worker's position, then takes the rank the coordinator gives it in the
+    /// next membership epoch; or, asked to `save` (too few workers remain), writes the checkpoint of its
+    /// step and waits for the run's end (an abort, which throws).
+    private func rejoin(_ epoch: (number: Int, welcome: Welcome), model: WorkerModel,
+                        channel: any ControlClientChannel) throws -> (number: Int, welcome: Welcome) {
+        let trainer = model.trainer, welcome = epoch.welcome
+        let position = Position(rank: welcome.rank, completedSteps: trainer.step, checksum: stateChecksum(trainer))
+        try channel.send(.position(position))
+        enum Next { case reform(Reform), save(Save) }
+        let next: Next = try expect(channel, timeout: welcome.timeout * 4, waitingFor: "the new members", halts: epoch.number) {
+            switch $0 {
+            case .reform(let r): .reform(r)
+            case .save(let s): .save(s)
+            default: nil
+            }
+        }
+        switch next {
+        case .save(let s):
+            guard let dir = welcome.checkpointDirectory else { throw ClusterError("rank \(welcome.rank): asked to save a checkpoint, but the run has no --checkpoint-dir") }
+            let path = try Checkpoint(trainer: trainer, worldSize: welcome.worldSize).save(directory: dir, keep: welcome.keepCheckpoints)
+            log("rank \(welcome.rank): checkpoint at step \(trainer.step) (\(s.reason)): \(path)")
+            events(ClusterEvent(.checkpoint, step: trainer.step, path: path))
+            try channel.send(.position(position))
+            _ = try expect(channel, timeout: welcome.timeout * 4, waitingFor: "the end of the run", halts: epoch.number) { _ in nil as Bool? }
+            throw ClusterError("rank \(welcome.rank): the coordinator did not end the run after the checkpoint")
+        case .reform(let r):
+            try trainer.reshard(numShards: r.worldSize, rank: r.rank)
+            var next = welcome
+            next.rank = r.rank; next.worldSize = r.worldSize
+            log("rank \(welcome.rank): now rank \(r.rank) of \(r.worldSize) from step \(r.step) (membership epoch \(r.epoch))")
+            return (r.epoch, next)
+        }
     }
 
     /// The data, the trainer at its starting state (seed, initial weights or checkpoint) and the
@@ -176,7 +245,7 @@ public final class Worker {
         guard checksum == welcome.parametersChecksum else {
             throw ClusterError("rank \(rank): initial parameters (\(welcome.resumeFrom ?? welcome.initWeights ?? "seed \(config.seed)")) have checksum \(checksum), the coordinator's have \(welcome.parametersChecksum) (different builds?)")
         }
-        return WorkerModel(trainer: trainer, testSet: testSet, testShard: Array(stride(from: rank, to: testSet?.count ?? 0, by: world)),
+        return WorkerModel(trainer: trainer, testSet: testSet,
                            dataDirectory: dataDir, checksum: checksum)
     }
 
@@ -215,14 +284,16 @@ public final class Worker {
         }
         let plan = bucketPlan(layerRanges: trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
         let reducer = BucketedReducer(reducer: allReducer, plan: plan)
+        reducer.shareWeight = shareWeight(rank: rank, of: world, globalBatch: welcome.config.batchSize)
         reducer.tracer = tracer
         return (reducer, feedback)
     }
 
     /// Waits for the message `match` accepts; an abort or reject ends the wait with an error, and so does
     /// a signal to this process (when `interruptible`) or a refused handshake.
+    /// A halt of membership epoch `halts` (already answered: nil) is passed over; any other halt throws `Halted`.
     private func expect<T>(_ channel: any ControlClientChannel, timeout: Duration, waitingFor what: String,
-                           interruptible: Bool = true, _ match: (ControlMessage) -> T?) throws -> T {
+                           interruptible: Bool = true, halts: Int? = nil, _ match: (ControlMessage) -> T?) throws -> T {
         let deadline = clock.now + timeout
         while clock.now < deadline {
             if interruptible, let reason = signals.reason { throw Interrupted(reason: "\(reason) while waiting for \(what)", signal: signals.signal) }
@@ -234,6 +305,7 @@ public final class Worker {
             switch message {
             case .reject(let r): throw ClusterError("the coordinator at \(coordinator) refused this worker: \(r.reason)")
             case .abort(let a): throw ClusterError("the coordinator aborted the run: \(a.reason)")
+            case .halt(let h) where h.epoch != halts: throw Halted(reason: h.reason)
             default: continue
             }
         }
@@ -241,12 +313,30 @@ public final class Worker {
     }
 }
 
+/// The step in flight was given up because the coordinator halted the run (an elastic run lost a member).
+struct Halted: Error, CustomStringConvertible {
+    var reason: String
+    var description: String { "halted: \(reason)" }
+}
+
+/// What survivors at the same step must agree on after a halt: FNV-1a-64 over the parameters, then
+/// over the momentum (what the all-reduce keeps equal on every rank; BatchNorm's running statistics
+/// are each rank's own, as in DDP).
+func stateChecksum(_ trainer: Trainer) -> String {
+    parametersChecksum(UnsafeBufferPointer(trainer.network.parameters.valueBuffer)) + "-"
+        + parametersChecksum(UnsafeBufferPointer(start: trainer.optimizer.velocity.pointer, count: trainer.optimizer.count))
+}
+
+extension Welcome {
+    var timeout: Duration { .milliseconds(Int(timeoutSeconds * 1000)) }
+}
+
 /// A worker's model and data, ready to train.
 struct WorkerModel {
     let trainer: Trainer
     let testSet: CIFAR10?
     /// This rank's share of the test set: every N-th image from its rank.
-    let testShard: [Int]
+    var testShard: [Int] { Array(stride(from: trainer.rank, to: testSet?.count ?? 0, by: trainer.worldSize)) }
     let dataDirectory: String
     let checksum: String
 }
@@ -261,6 +351,8 @@ final class WorkerHooks: TrainingLoopHooks {
     let heartbeat: HeartbeatSender, stop: StopToken, signals: StopToken, clock: any ClusterClock, timeout: Duration, coordinator: String
     let events: (ClusterEvent) -> Void, log: (String) -> Void, stepStarted: (Int) -> Void
     private var forwardedSignal = false
+    /// An elastic run's membership epoch and the interruption its halt sets (nil: never halted).
+    var halt: (epoch: Int, interruption: Interruption)?
     private var trainer: Trainer { model.trainer }
     private var rank: Int { welcome.rank }
     private var heardFromCoordinator: ContinuousClock.Instant
@@ -334,6 +426,7 @@ final class WorkerHooks: TrainingLoopHooks {
 
     func stepFinished(_ r: StepResult) throws {
         if let report { try channel.send(.stepReport(report)) }
+        if let reason = halt?.interruption.reason { throw Halted(reason: reason) }
         if !forwardedSignal, let reason = signals.reason {
             // The coordinator picks the step every rank stops after (and rank 0 checkpoints there).
             forwardedSignal = true
@@ -346,6 +439,9 @@ final class WorkerHooks: TrainingLoopHooks {
             heardFromCoordinator = clock.now
             switch message {
             case .abort(let a): throw ClusterError("rank \(rank): the coordinator aborted the run: \(a.reason)")
+            case .halt(let h) where h.epoch == halt?.epoch:
+                halt?.interruption.interrupt(h.reason)
+                throw Halted(reason: h.reason)
             case .stop(let s):
                 guard let after = s.afterStep else { throw ClusterError("rank \(rank): the coordinator stopped the run early: \(s.reason)") }
                 log("rank \(rank): stopping after step \(after) (\(s.reason))")
@@ -371,15 +467,15 @@ final class WorkerHooks: TrainingLoopHooks {
     }
 }
 
-/// Sends a heartbeat every `interval` from its own thread and channel, so a long step never looks like silence.
+/// Sends a heartbeat every `interval` from its own thread and channel, so a long step never looks like
+/// silence; and reads that channel, where an elastic run's coordinator sends its halts: a halt of the
+/// membership epoch being trained sets its `Interruption`, which ends the step's blocked receives.
 final class HeartbeatSender: @unchecked Sendable {
-    // @unchecked Sendable: `running` and `current` are guarded by `lock`; the channel is used by the thread only.
+    // @unchecked Sendable: `running`, `current`, `currentRank` and `watched` are guarded by `lock`; the channel is used by the thread only.
     private let lock = NSLock()
     private var running = true
-    private var current = 0
-    /// Signalled by `stop()`, so the thread closes its channel at once rather than after its sleep
-    /// (the ZeroMQ context, and so the process exit, waits for that).
-    private let wake = DispatchSemaphore(value: 0)
+    private var current = 0, currentRank: Int
+    private var watched: (epoch: Int, interruption: Interruption)?
 
     /// The step the worker is on (sent with the next heartbeat).
     var step: Int {
@@ -387,21 +483,37 @@ final class HeartbeatSender: @unchecked Sendable {
         set { lock.withLock { current = newValue } }
     }
 
+    /// The rank the worker holds (an elastic run renumbers it).
+    var rank: Int {
+        get { lock.withLock { currentRank } }
+        set { lock.withLock { currentRank = newValue } }
+    }
+
     init(channel: any ControlClientChannel, rank: Int, interval: Duration) throws {
+        currentRank = rank
         let box = ChannelBox(channel)
         Thread {
+            var next = ContinuousClock.now
             while self.lock.withLock({ self.running }) {
-                box.channel.trySend(ControlMessage.heartbeat(Heartbeat(rank: rank, step: self.step)).encoded())
-                _ = self.wake.wait(timeout: .now() + Double(interval.components.seconds) + Double(interval.components.attoseconds) * 1e-18)
+                if ContinuousClock.now >= next {
+                    box.channel.trySend(ControlMessage.heartbeat(Heartbeat(rank: self.rank, step: self.step)).encoded())
+                    next = ContinuousClock.now + interval
+                }
+                // Short waits: a halt acts within one, and `stop()` closes the channel at once (the ZeroMQ
+                // context, and so the process exit, waits for that).
+                if let frame = try? box.channel.receive(timeout: min(Interruption.pollInterval, interval)),
+                   case .halt(let h)? = try? frame.withUnsafeBytes({ try ControlMessage.decode($0, from: "the coordinator") }) {
+                    self.lock.withLock { self.watched }.map { if $0.epoch == h.epoch { $0.interruption.interrupt(h.reason) } }
+                }
             }
             box.channel.close()
         }.start()
     }
 
-    func stop() {
-        lock.withLock { running = false }
-        wake.signal()
-    }
+    /// From now on a halt of membership epoch `epoch` sets `interruption`.
+    func watch(epoch: Int, _ interruption: Interruption) { lock.withLock { watched = (epoch, interruption) } }
+
+    func stop() { lock.withLock { running = false } }
 }
 
 /// Hands a channel to the one thread that will use it.

@@ -116,6 +116,25 @@ public struct RestartEvent: MetricsLine {
     }
 }
 
+/// An elastic run's new membership epoch (issue 29): from `from_step` on, `world_size` workers train;
+/// `lost_ranks` left (the ranks they held), `lost` says who and why; `lost_seconds` is when the
+/// coordinator learnt of the loss and `resumed_seconds` when it told the survivors to go on (seconds
+/// since training began).
+public struct MembershipEvent: MetricsLine {
+    public var event = "membership"
+    public var epoch: Int, fromStep: Int, worldSize: Int
+    public var lostRanks: [Int], lost: String
+    public var lostSeconds: Double, resumedSeconds: Double
+    public init(epoch: Int, fromStep: Int, worldSize: Int, lostRanks: [Int], lost: String, lostSeconds: Double, resumedSeconds: Double) {
+        self.epoch = epoch; self.fromStep = fromStep; self.worldSize = worldSize; self.lostRanks = lostRanks; self.lost = lost
+        self.lostSeconds = lostSeconds; self.resumedSeconds = resumedSeconds
+    }
+    enum CodingKeys: String, CodingKey {
+        case event, epoch, fromStep = "from_step", worldSize = "world_size", lostRanks = "lost_ranks", lost
+        case lostSeconds = "lost_seconds", resumedSeconds = "resumed_seconds"
+    }
+}
+
 /// What another process needs from a metrics line it reads back (the launcher: the furthest step).
 public struct MetricsLineHeader: Decodable {
     public var step: Int?

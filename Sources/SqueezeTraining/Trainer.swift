@@ -45,13 +45,14 @@ public final class Trainer {
     public let config: TrainingConfig
     public let network: Network
     public let optimizer: SGD
-    public let sampler: ShardedSampler
+    public private(set) var sampler: ShardedSampler
     public let schedule: LearningRateSchedule
     public let trainSet: CIFAR10
     /// The moving average of the weights (`config.ema`; nil: none). Evaluation uses it, and
     /// `TrainingLoop` leaves it in `network` when a run ends.
     public let average: WeightAverage?
-    public let rank: Int, worldSize: Int
+    /// This worker's place among `worldSize` (an elastic run changes both: `reshard`).
+    public private(set) var rank: Int, worldSize: Int
     /// Steps completed (global, counting steps before a resume).
     public var step = 0
     /// Applied around every optimizer step (pruning masks, weight sharing); nil: plain SGD.
@@ -91,6 +92,16 @@ public final class Trainer {
         schedule = config.learningRateSchedule(stepsPerEpoch: sampler.batchesPerEpoch)
         let (network, perEpoch) = (network, sampler.batchesPerEpoch)
         average = config.ema.map { WeightAverage($0, stepsPerEpoch: perEpoch, totalSteps: config.totalSteps, network: network) }
+    }
+
+    /// From the next step on, the global batches are divided over `numShards` workers and this one
+    /// holds `rank` (an elastic run's change of members, between two steps): the rest of the epoch is
+    /// the same global batches (`ShardedSampler.resharded`); a loader made before this still reads the old shard.
+    public func reshard(numShards: Int, rank: Int) throws {
+        do { sampler = try sampler.resharded(numShards: numShards, rank: rank) } catch {
+            throw TrainingError.invalidConfiguration(String(describing: error))
+        }
+        self.rank = rank; worldSize = numShards
     }
 
     public var stepsPerEpoch: Int { sampler.batchesPerEpoch }

@@ -12,7 +12,14 @@ public protocol ControlServerChannel: AnyObject {
     func receive(timeout: Duration) throws -> (peer: [UInt8], frame: [UInt8])?
     /// Best effort: a peer that has gone away is not an error here (its silence tells).
     func send(_ frame: [UInt8], to peer: [UInt8])
+    /// The peers whose connections dropped since the previous call, as far as the medium can tell.
+    func droppedPeers() -> [[UInt8]]
     func close()
+}
+
+extension ControlServerChannel {
+    /// A medium that cannot tell: silence alone shows a lost peer.
+    public func droppedPeers() -> [[UInt8]] { [] }
 }
 
 /// A worker's end: one connection to the coordinator.
@@ -50,6 +57,9 @@ public enum ControlIdentity {
         session[0] = UInt8.random(in: 1...255)
         return session
     }
+
+    /// The heartbeat connection's identity of the session a main identity belongs to.
+    public static func heartbeatIdentity(ofMain id: [UInt8]) -> [UInt8] { Array(id.dropLast()) + [heartbeat] }
 
     /// The main connection's identity of the session a heartbeat identity belongs to, if it is one.
     public static func mainIdentity(ofHeartbeat id: [UInt8]) -> [UInt8]? {

@@ -31,6 +31,8 @@ public protocol DataPlaneTransport: Transport {
     /// Give this to the peers that must connect here.
     var boundEndpoint: String { get }
     func connect(topology: Topology, endpoints: [String]) throws
+    /// Ends a blocked receive promptly once set (`CommError.interrupted`); nil: receives wait out their timeout.
+    var interruption: Interruption? { get set }
     /// Flushes what is still queued (up to `flushTimeout`) and closes.
     func close(flushTimeout: Duration)
 }
@@ -109,12 +111,16 @@ public func privateIPCRefusal(_ socket: String) -> String {
 /// (only this user can reach the directory, and this user can read the key anyway); CURVE stays on
 /// the control plane. Without a key (`--insecure`, `.privateIPC`) nothing is sealed.
 public final class ZMQDataPlane: DataPlaneFactory, @unchecked Sendable {
-    // @unchecked Sendable: immutable after init; ZMQContext is thread-safe.
+    // @unchecked Sendable: immutable after init but `made`, guarded by `lock`; ZMQContext is thread-safe.
     private let context: ZMQContext
     private let host: @Sendable () throws -> String
     private let options: ZMQTransport.Options
     /// The ipc tag of the hub (the coordinator) rather than a rank number, for the last rank of a star.
     private let hubRank: Int?
+    private let lock = NSLock()
+    /// Transports made so far: an elastic run's later data planes get ipc paths of their own, which a
+    /// peer of an earlier one (a worker that hung and woke up) cannot reach.
+    private var made = 0
 
     /// `host` is asked only for tcp (it may resolve a route).
     public init(context: ZMQContext, host: @escaping @Sendable () throws -> String, options: ZMQTransport.Options = .init(),
@@ -126,7 +132,9 @@ public final class ZMQDataPlane: DataPlaneFactory, @unchecked Sendable {
         if options.security == .privateIPC && kind != .ipc {
             throw CommError.invalidArgument(privateIPCRefusal("the coordinator asks for a \(kind.rawValue) data plane (its --transport \(kind.rawValue)), which would listen in plain text"))
         }
-        let bind = kind == .ipc ? try ipcEndpoint(rank == hubRank ? "hub" : "rank\(rank)") : "tcp://\(try host()):*"
+        let generation = lock.withLock { defer { made += 1 }; return made }
+        let tag = (rank == hubRank ? "hub" : "rank\(rank)") + (generation == 0 ? "" : "-\(generation)")
+        let bind = kind == .ipc ? try ipcEndpoint(tag) : "tcp://\(try host()):*"
         var options = options
         options.maxMessageBytes = maxFrameBytes
         if case .curve(let key) = options.security {

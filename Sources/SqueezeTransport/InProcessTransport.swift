@@ -66,6 +66,8 @@ public final class InProcessTransport: Transport, @unchecked Sendable {
     public let rank: Int
     public var worldSize: Int { mailboxes.count }
     public private(set) var counters = ByteCounters()
+    /// Ends a blocked receive promptly once set (nil: a receive waits out its timeout).
+    public var interruption: Interruption?
 
     fileprivate init(mailboxes: [Mailbox], rank: Int) {
         self.mailboxes = mailboxes
@@ -86,9 +88,15 @@ public final class InProcessTransport: Transport, @unchecked Sendable {
     public func receive<R>(from peer: Int, timeout: Duration,
                            _ body: (UnsafeRawBufferPointer, UnsafeRawBufferPointer) throws -> R) throws -> R {
         try checkPeer(peer)
-        guard let m = mailboxes[rank].take(from: peer, deadline: .now.advanced(by: timeout)) else {
-            throw CommError.timeout(peer: peer, waited: timeout)
+        let deadline = ContinuousClock.now.advanced(by: timeout)
+        var message: Mailbox.Message?
+        while message == nil {
+            if let reason = interruption?.reason { throw CommError.interrupted(reason) }
+            guard ContinuousClock.now < deadline else { throw CommError.timeout(peer: peer, waited: timeout) }
+            let slice = interruption == nil ? deadline : min(deadline, .now.advanced(by: Interruption.pollInterval))
+            message = mailboxes[rank].take(from: peer, deadline: slice)
         }
+        let m = message!
         counters.controlBytesReceived += m.control.count
         counters.payloadBytesReceived += m.payload.count
         counters.messagesReceived += 1

@@ -269,12 +269,13 @@ public final class HandshakeMonitor: @unchecked Sendable {
     private var running = true
     private var succeededCount = 0, failedCount = 0, reported = 0
     private var lastFailure: String?
+    private var disconnected = [Int32]()
 
     public init(_ socket: ZMQSocket) throws {
         self.socket = socket
         let endpoint = "inproc://squeezetrain-monitor-\(UUID().uuidString)"
         let events = ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_HANDSHAKE_FAILED_NO_DETAIL | ZMQ_EVENT_HANDSHAKE_FAILED_PROTOCOL
-            | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH
+            | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH | ZMQ_EVENT_DISCONNECTED
         let raw = try socket.raw()
         _ = try zmqCall("zmq_socket_monitor") { zmq_socket_monitor(raw, endpoint, events) }
         let pair = try ZMQSocket(context: socket.context, type: .pair)
@@ -295,6 +296,14 @@ public final class HandshakeMonitor: @unchecked Sendable {
         lock.withLock {
             defer { reported = failedCount }
             return failedCount > reported ? lastFailure : nil
+        }
+    }
+
+    /// The descriptors of the connections that dropped since the previous call (oldest first); never blocks.
+    public func takeDisconnected() -> [Int32] {
+        lock.withLock {
+            defer { disconnected = [] }
+            return disconnected
         }
     }
 
@@ -334,6 +343,9 @@ public final class HandshakeMonitor: @unchecked Sendable {
         switch event {
         case ZMQ_EVENT_HANDSHAKE_SUCCEEDED:
             lock.withLock { succeededCount += 1; lastFailure = nil }
+            return
+        case ZMQ_EVENT_DISCONNECTED:
+            lock.withLock { disconnected.append(Int32(bitPattern: value)) }
             return
         case ZMQ_EVENT_HANDSHAKE_FAILED_AUTH:
             text = "\(address) refused this process's key (ZAP status \(value))"

@@ -15,12 +15,14 @@ public enum CommError: Error, CustomStringConvertible, Sendable, Equatable {
     case invalidArgument(String)
     /// The transport was closed.
     case transportClosed
+    /// A receive was given up because its `Interruption` was set (the reason).
+    case interrupted(String)
 
     public var peer: Int? {
         switch self {
         case .timeout(let p, _), .malformedMessage(let p, _), .notConnected(let p): p
         case .invalidPeer(let p, _): p
-        case .sendsIncomplete, .invalidArgument, .transportClosed: nil
+        case .sendsIncomplete, .invalidArgument, .transportClosed, .interrupted: nil
         }
     }
 
@@ -40,6 +42,8 @@ public enum CommError: Error, CustomStringConvertible, Sendable, Equatable {
             "invalid argument: \(what)"
         case .transportClosed:
             "the transport is closed"
+        case .interrupted(let reason):
+            "the receive was interrupted: \(reason)"
         }
     }
 }

@@ -113,6 +113,9 @@ public final class ZMQContext: @unchecked Sendable {
 public final class ZMQMessage {
     let msg: UnsafeMutablePointer<zmq_msg_t>
 
+    /// The descriptor of the connection a received frame came in on (ZMQ_SRCFD), or -1.
+    public var sourceDescriptor: Int32 { zmq_msg_get(msg, ZMQ_SRCFD) }
+
     /// An empty message, ready to receive into.
     public init() {
         msg = .allocate(capacity: 1)

@@ -16,6 +16,8 @@ public final class ZMQControlServer: ControlServerChannel {
 
     private let monitor: HandshakeMonitor
     private let refusals: RateLimitedLog
+    /// The peer whose frames last came in on each connection's descriptor (`droppedPeers`).
+    private var owners = [Int32: [UInt8]]()
 
     /// `log` gets a line (at most one per 5 s) about connections refused at the handshake.
     public init(context: ZMQContext, bind: String, security: PeerSecurity, log: @escaping (String) -> Void = { _ in }) throws {
@@ -46,8 +48,15 @@ public final class ZMQControlServer: ControlServerChannel {
         // Copy inside withUnsafeBytes: a frame's bytes live in its message (inline for small ones),
         // which must not be freed before the copy is made.
         let id = parts[0].withUnsafeBytes { Array($0) }
+        owners[parts[parts.count - 1].sourceDescriptor] = id  // a frame from the wire (the identity frame is the socket's own)
         guard parts.count == 2 else { return (id, []) }
         return (id, parts[1].withUnsafeBytes { Array($0) })
+    }
+
+    /// The peers whose connections dropped since the previous call (a process that exited or was
+    /// killed): the monitor names the descriptor, the last frame read from it names the peer.
+    public func droppedPeers() -> [[UInt8]] {
+        monitor.takeDisconnected().compactMap { owners.removeValue(forKey: $0) }
     }
 
     public func send(_ frame: [UInt8], to peer: [UInt8]) {

@@ -81,6 +81,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
     private var inboundPeers: Set<Int>?
     /// Messages dropped: from an unknown routing id or an unexpected rank, malformed, or over the stash bound.
     public private(set) var droppedMessages = 0
+    /// Ends a blocked receive promptly once set (nil: a receive waits out its timeout).
+    public var interruption: Interruption?
     /// A message that keeps arriving from a peer nobody waits for cannot grow memory without bound.
     static let stashLimit = 4_096
     // Reusable receive/send frames: no allocation per message on the hot path.
@@ -267,9 +269,18 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
     }
 
     public func completeSends(timeout: Duration) throws {
-        if tracker.waitUntilAllReleased(timeout: timeout) { return }
-        abandonSends()
-        throw CommError.sendsIncomplete(waited: timeout)
+        let deadline = ContinuousClock.now + timeout
+        // With an interruption, in short waits: a send to a peer that died is never released.
+        while !tracker.waitUntilAllReleased(timeout: interruption == nil ? timeout : min(timeout, Interruption.pollInterval)) {
+            if let reason = interruption?.reason {
+                abandonSends()
+                throw CommError.interrupted(reason)
+            }
+            if ContinuousClock.now >= deadline {
+                abandonSends()
+                throw CommError.sendsIncomplete(waited: timeout)
+            }
+        }
     }
 
     /// Closes every outbound socket (linger 0 drops what is queued, which releases the lent
@@ -320,7 +331,8 @@ public final class ZMQTransport: Transport, @unchecked Sendable {
             }
             let remaining = deadline - ContinuousClock.now
             if remaining <= .zero { throw CommError.timeout(peer: peer, waited: timeout) }
-            _ = try inbound.waitReadable(timeout: remaining)
+            if let reason = interruption?.reason { throw CommError.interrupted(reason) }
+            _ = try inbound.waitReadable(timeout: interruption == nil ? remaining : min(remaining, Interruption.pollInterval))
         }
     }
 

@@ -43,6 +43,10 @@ struct ClusterOptions: ParsableArguments {
     var joinTimeout: Double = 120
     @Flag(help: "Skip the test-set evaluation at each epoch end (otherwise every worker evaluates 1/N of it).")
     var noEval = false
+    @Flag(help: "Elastic membership: a worker that dies (its connection drops) or hangs (--timeout) is removed, the others are renumbered and go on from the last completed step in memory, with the same global batch (ring or tree; docs/cluster.md).")
+    var elastic = false
+    @Option(help: "With --elastic: when fewer workers remain, the furthest writes a checkpoint (with --checkpoint-dir) and the run stops, naming the lost ranks.")
+    var minWorkers = 1
     @OptionGroup var checkpoints: CheckpointOptions
     @OptionGroup var precision: PrecisionOption
 
@@ -50,6 +54,10 @@ struct ClusterOptions: ParsableArguments {
         guard bucketMb.isFinite, bucketMb >= 0.001, bucketMb <= 4096 else { throw ValidationError("--bucket-mb must be in 0.001...4096 (got \(bucketMb))") }
         try validateAlgorithm(allreduce, compress: compress)
         guard timeout.isFinite, timeout >= 0.1, timeout <= 3600 else { throw ValidationError("--timeout must be in 0.1...3600 seconds (got \(timeout))") }
+        guard minWorkers >= 1 else { throw ValidationError("--min-workers must be at least 1 (got \(minWorkers))") }
+        if elastic && allreduce == .star {
+            throw ValidationError("--elastic does not take --allreduce star yet (its hub is not re-formed after a loss): use --allreduce ring or tree")
+        }
         guard joinTimeout.isFinite, joinTimeout >= 0.1, joinTimeout <= 86_400 else {
             throw ValidationError("--join-timeout must be in 0.1...86400 seconds (got \(joinTimeout))")
         }
@@ -122,6 +130,8 @@ func coordinatorOptions(bind: String, workers: Int, training: TrainingOptions, c
     options.keepCheckpoints = cluster.checkpoints.keepCheckpoints
     options.resume = cluster.checkpoints.resume
     options.startOver = cluster.checkpoints.startOver
+    options.elastic = cluster.elastic
+    options.minWorkers = cluster.minWorkers
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     return options
@@ -145,7 +155,7 @@ func printSummary(_ s: ClusterSummary, workers: Int) {
     for (rank, t) in s.perRank.enumerated() {
         let steps = Double(max(t.steps, 1))
         let sent = Double(t.bytesSent) / steps
-        let theory = s.theoryBytesPerRank[rank]
+        let theory = s.theoryBytesPerRank.indices.contains(rank) ? s.theoryBytesPerRank[rank] : 0  // a rank an elastic run no longer has
         totalSent += t.bytesSent; totalReceived += t.bytesReceived
         print(pad("\(rank)", 6) + pad(megabytes(sent), 14, right: true) + pad(megabytes(Double(t.bytesReceived) / steps), 15, right: true)
               + pad(megabytes(theory), 14, right: true) + pad(theory > 0 ? String(format: "%.4f", sent / theory) : "-", 8, right: true)
@@ -236,6 +246,10 @@ struct WorkerFiles: ParsableArguments {
 /// to continue (`resume`, e.g. "--resume", when there are checkpoints).
 func endRun(_ summary: ClusterSummary, workers: Int, resume: String?) throws {
     printSummary(summary, workers: workers)
+    if summary.epochs.count > 1 {
+        emit("membership: " + summary.epochs.map { "epoch \($0.number): \($0.worldSize) worker(s) from step \($0.fromStep)" }.joined(separator: "; ")
+             + "; lost: " + summary.departures.map(\.description).joined(separator: "; ") + "\n")
+    }
     let hint = resume.map { "; continue with \($0)\n" } ?? "\n"
     if let sig = summary.interruptedBy {
         emit("stopped by signal \(sig) after step \(summary.finalStep)" + hint)

@@ -44,6 +44,11 @@ struct Launch: ReportingCommand {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }
         guard maxRestarts >= 0 else { throw ValidationError("--max-restarts must not be negative") }
+        if cluster.elastic && maxRestarts > 0 {
+            throw ValidationError("--elastic and --max-restarts are two answers to a lost worker (go on without it, or restart every process from "
+                                  + "a checkpoint): give one")
+        }
+        if cluster.minWorkers > workers { throw ValidationError("--min-workers \(cluster.minWorkers) is more than --workers \(workers)") }
         if maxRestarts > 0 && cluster.checkpoints.checkpointDir == nil {
             throw ValidationError("--max-restarts needs --checkpoint-dir: a restart resumes from the newest checkpoint")
         }
@@ -68,6 +73,7 @@ struct Launch: ReportingCommand {
             let group = ProcessGroup(try specs(resume: cluster.checkpoints.resume || attempt > 0, access: access, in: run, trace: traceParts,
                                                attempt: attempt),
                                      onEvent: { supervisor.handle($1) })
+            if cluster.elastic { group.survivable = Set((0..<workers).map { "worker \($0)" }) }  // the coordinator goes on without them
             supervisor.started(group)
             try group.start()
             // On Ctrl-C/SIGTERM the processes stop by themselves a few steps later (after a

@@ -72,6 +72,10 @@ final class FailingTransport: DataPlaneTransport, @unchecked Sendable {
     var worldSize: Int { inner.worldSize }
     var counters: ByteCounters { inner.counters }
     var boundEndpoint: String { inner.boundEndpoint }
+    var interruption: Interruption? {
+        get { inner.interruption }
+        set { inner.interruption = newValue }
+    }
     func resetCounters() { inner.resetCounters() }
     func send(control: UnsafeRawBufferPointer, payload: UnsafeRawBufferPointer, to peer: Int) throws {
         if let header = try? WireHeader.decode(control, from: rank), header.tag.step == step {
