@@ -72,7 +72,7 @@ struct RecipeTests {
 
     /// Following until the start step S, then an update every K steps; with Lookahead the weights become the average.
     @Test(arguments: [false, true]) func emaStartsAfterItsEpochsAndUpdatesEveryKSteps(lookahead: Bool) throws {
-        let d: Float = 0.5, perEpoch = 10_000 / 8
+        let d: Float = 0.5, perEpoch = try firstTrainingFile.count / 8  // 10,000 records in CIFAR-10's file, fewer in the generated one
         let settings = EMASettings(decay: d, startEpochs: 2 / Double(perEpoch), every: 2, lookahead: lookahead)
         let trainer = try Trainer(config: config(steps: 5, ema: settings), trainSet: firstTrainingFile)
         let a = try #require(trainer.average)
