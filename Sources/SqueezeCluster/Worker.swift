@@ -218,6 +218,9 @@ public final class Worker {
             _ = try expect(channel, timeout: welcome.timeout * 4, waitingFor: "the end of the run", halts: epoch.number) { _ in nil as Bool? }
             throw ClusterError("rank \(welcome.rank): the coordinator did not end the run after the checkpoint")
         case .reform(let r):
+            guard r.step == trainer.step else {
+                throw ClusterError("rank \(welcome.rank): told to go on from step \(r.step), but this worker completed \(trainer.step) steps")
+            }
             try trainer.reshard(numShards: r.worldSize, rank: r.rank)
             var next = welcome
             next.rank = r.rank; next.worldSize = r.worldSize
