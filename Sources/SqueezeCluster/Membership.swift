@@ -83,8 +83,8 @@ public enum Reconfiguration: Equatable, Sendable {
 ///   (`report`). After each all-reduce every rank holds the same state, and a rank completes a step
 ///   only once every rank has sent its part, so survivors are at most one step apart: the run goes on
 ///   from the furthest (nothing completed is lost), the ones behind receiving its state.
-/// - A joiner (`requestJoin`) waits, and is admitted at the next step boundary the coordinator
-///   chooses (`admitWaiting`) or at the end of a recovery, with the highest ranks.
+/// - A joiner (`requestJoin`) waits, and is admitted with the highest ranks at the end of a recovery:
+///   one that a loss began, or one the coordinator begins for it (`beginAdmission`) once it is ready.
 /// - Below `minWorkers` the run stops, naming every lost rank; at most `maxWorkers` members and
 ///   waiting joiners together.
 /// - A lost member never comes back under its identity (one that hung and wakes up is refused,
@@ -179,19 +179,14 @@ public struct Membership: Sendable {
     /// A waiting joiner leaves before it is admitted (it was refused, or it went away).
     public mutating func withdraw(_ joiner: MemberID) { waiting.removeAll { $0 == joiner } }
 
-    /// At a step boundary (every member completed `step` steps and waits there): admits the waiting
-    /// joiners with the next ranks, or returns nil when none waits. Only while training (a recovery
-    /// admits them when it ends).
-    public mutating func admitWaiting(atStep step: Int) throws -> Reconfiguration? {
-        guard phase == .training else { throw MembershipError("joiners are admitted at a step boundary while training, not now (\(phase))") }
-        guard step >= current.fromStep else {
-            throw MembershipError("step \(step) is before step \(current.fromStep), where the current members started")
-        }
-        guard !waiting.isEmpty else { return nil }
-        let joiners = waiting
-        waiting = []
-        epochs.append(MembershipEpoch(number: current.number + 1, fromStep: step, members: current.members + joiners))
-        return .reform(epoch: current, donor: current.members[0], receivers: joiners)
+    /// The waiting joiners are ready to be admitted while the members train: every member abandons the
+    /// step in flight and reports its position (`report`), as after a loss, and the recovery that
+    /// follows admits the joiners (the ones behind the furthest receive its state with them).
+    public mutating func beginAdmission() throws {
+        guard phase == .training else { throw MembershipError("joiners are admitted while training, not now (\(phase))") }
+        guard !waiting.isEmpty else { throw MembershipError("no joiner waits to be admitted") }
+        survivors = current.members
+        positions = [:]
     }
 
     /// Every survivor has reported: go on from the furthest position with the survivors and the waiting
