@@ -212,9 +212,21 @@ public final class Coordinator {
     }
 
     /// Handles at most one message (waiting up to `timeout` for it), then checks time and the stop token.
+    /// Connections dropped meanwhile are handled first: a worker that died before the message was sent
+    /// is gone before it is read (its replacement's hello must find its place free).
     public func poll(timeout: Duration) throws {
-        if let (id, frame) = try channel.receive(timeout: timeout) { try handle(frame, from: id) }
+        let received = try channel.receive(timeout: timeout)
+        try loseDroppedPeers()
+        if let (id, frame) = received { try handle(frame, from: id) }
         try tick()
+    }
+
+    /// An elastic run's workers whose control connections dropped (their process exited or was killed) are lost.
+    private func loseDroppedPeers() throws {
+        guard options.elastic, [.training, .recovering, .reforming, .stopping].contains(phase) else { return }
+        for peer in channel.droppedPeers() {
+            if let member = holder(peer)?.member { try lose(member, reason: "dropped its connection (its process exited or was killed)") }
+        }
     }
 
     /// After the last step: tells the workers the run is over and sums it up.
@@ -432,11 +444,6 @@ public final class Coordinator {
             if phase == .training, let reason = stop.reason, progress.stopRequest == nil { requestStop(reason) }
             if let failure = hubThread?.failure { throw ClusterError("the star hub failed: \(failure)") }
             if let stopping, now > stopping.deadline { throw ClusterError(stopping.error + " (the checkpoint was not confirmed within \(options.timeout))") }
-            if options.elastic {
-                for peer in channel.droppedPeers() {
-                    if let member = holder(peer)?.member { try lose(member, reason: "dropped its connection (its process exited or was killed)") }
-                }
-            }
             for member in identities.indices where identities[member] != nil && now - lastHeard[member] > options.timeout {
                 try lose(member, reason: "stopped answering at step \(lastStep[member]) (no message for \(seconds(now - lastHeard[member]).formatted(.number.precision(.fractionLength(1)))) s)")
             }
