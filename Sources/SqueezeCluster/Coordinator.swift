@@ -138,8 +138,6 @@ public final class Coordinator {
     private var lostSeconds = 0.0
     /// While stopping: why, and how long the checkpoint may take.
     private var stopping: (error: String, deadline: ContinuousClock.Instant)?
-    /// Joiners (by member) welcomed whose model is not built and checked yet (their first `ready`).
-    private var unprepared = Set<Int>()
     /// The last membership epoch that trained (one formed and halted again before its start never did).
     private var trainedEpoch = 0
 
@@ -289,7 +287,9 @@ public final class Coordinator {
         default:
             guard !sender.heartbeat else { return drop("a \(message.kind) message on rank \(sender.rank)'s heartbeat connection") }
         }
-        if case .ready(let r) = message, unprepared.contains(member) { return try joinerReady(r, member: member) }
+        if case .ready(let r) = message, membership.waiting.contains(MemberID(member)), !membership.readyJoiners.contains(MemberID(member)) {
+            return try joinerReady(r, member: member)  // a joiner's first: its model is built
+        }
         switch phase {
         case .rendezvous: try rendezvous(message, rank: sender.rank, id: id)
         case .training: try training(message, rank: sender.rank, member: member)
@@ -472,7 +472,6 @@ extension Coordinator {
         if membership.waiting.contains(MemberID(member)) {
             log("the joiner \(names[member]) \(reason) before it was admitted; the run goes on as it was")
             identities[member] = nil
-            unprepared.remove(member)
             membership.withdraw(MemberID(member))
             return
         }
@@ -516,16 +515,14 @@ extension Coordinator {
         endpoints.append(nil)
         lastHeard.append(clock.now)
         lastStep.append(progress.completed)
-        unprepared.insert(member.value)
         channel.send(.welcome(welcomeMessage(rank: 0, joining: true)), to: id)
         log("worker \(name) asks to join the running run (\(member)); admitted at a step boundary once its model is ready")
     }
 
     /// A joiner's model is built and checked: refused if it differs from the run's, else admitted now
     /// (the members are halted at their step; the recovery that follows admits it) or at the end of the
-    /// change under way (a recovery that began before it was ready admits it already).
+    /// change under way.
     fileprivate func joinerReady(_ r: Ready, member: Int) throws {
-        unprepared.remove(member)
         let problems = readyProblems(r)
         guard problems.isEmpty else {
             let reason = "the joiner \(names[member]) is refused: " + problems.joined(separator: "; ")
@@ -533,12 +530,13 @@ extension Coordinator {
             channel.send(.reject(Reject(reason: reason)), to: identities[member]!)
             return try lose(member, reason: "was refused")
         }
+        membership.joinerIsReady(MemberID(member))
         admitReadyJoiners()
     }
 
     /// While training, begins the admission of the waiting joiners whose models are ready.
     private func admitReadyJoiners() {
-        let ready = membership.waiting.filter { !unprepared.contains($0.value) }
+        let ready = membership.readyJoiners
         guard phase == .training, !ready.isEmpty, (try? membership.beginAdmission()) != nil else { return }
         halt("\(ready.map { names[$0.value] }.joined(separator: ", ")) join(s) the run")
     }

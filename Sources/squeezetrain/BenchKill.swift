@@ -75,7 +75,8 @@ final class KillWatcher: @unchecked Sendable {
         let resumed = step(lines[first].line)!
         var result = KillFigures(killedAfterStep: lastBefore, resumedFromStep: resumed, stepsRedone: max(0, lastBefore + 1 - resumed),
                                  stallSeconds: lines[first].seen.timeIntervalSince(killed))
-        if rejoin, let grown = next({ lines.indices.first { $0 > first && (lines[$0].line["joined_ranks"] as? [Int])?.isEmpty == false } }),
+        // The joiner may have been admitted by the change itself (ready before the recovery ended), or later.
+        if rejoin, let grown = next({ lines.indices.first { $0 >= change && (lines[$0].line["joined_ranks"] as? [Int])?.isEmpty == false } }),
            let trained = next({ lines.indices.first { $0 > grown && step(lines[$0].line) != nil } }), let started = lock.withLock({ joinerStart }) {
             result.joinerSeconds = lines[trained].seen.timeIntervalSince(started)
         }
