@@ -21,13 +21,13 @@ struct KillFigures: Encodable {
 /// Reads a metrics file as it grows, SIGKILLs a process once a step's lines are written, and times
 /// what follows. Runs on a thread of its own, polling every 10 ms (the figures' resolution).
 final class KillWatcher: @unchecked Sendable {
-    // @unchecked Sendable: `figures`, `joinerStart`, `victim` and `ended` are guarded by `lock`; the rest is the thread's.
+    // @unchecked Sendable: `figures`, `joinerStart`, `victim`, `ended` and `watching` are guarded by `lock`; the rest is the thread's.
     private let path: String, killAt: Int, rejoin: Bool
     private let lock = NSLock()
     private var figures: KillFigures?
     private var joinerStart: Date?
     private var victim: pid_t?
-    private var ended = false
+    private var ended = false, watching = false
     private let done = DispatchSemaphore(value: 0)
     private var offset: UInt64 = 0, partial = Data()
     /// Lines read so far: (when this watcher read it, the parsed line).
@@ -39,7 +39,7 @@ final class KillWatcher: @unchecked Sendable {
 
     /// Starts watching; `pid` is the process to kill.
     func start(killing pid: pid_t) {
-        lock.withLock { victim = pid }
+        lock.withLock { victim = pid; watching = true }
         Thread { self.watch(); self.done.signal() }.start()
     }
 
@@ -48,7 +48,7 @@ final class KillWatcher: @unchecked Sendable {
 
     /// Once the run has ended: what was measured (nil: the kill or the change never came).
     func result() -> KillFigures? {
-        lock.withLock { ended = true }
+        guard lock.withLock({ ended = true; return watching }) else { return nil }
         done.wait()
         return lock.withLock { figures }
     }

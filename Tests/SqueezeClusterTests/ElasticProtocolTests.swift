@@ -95,3 +95,20 @@ struct ElasticProtocolTests {
         #expect(try next.received().contains { if case .welcome(let w) = $0 { w.joining == true } else { false } })
     }
 }
+
+/// The flags of growing runs are refused before anything starts, naming the flag and the fix.
+@Suite(.timeLimit(.minutes(10))) struct ElasticFlagTests {
+    @Test(arguments: [
+        (["launch", "--workers", "2", "--replace-workers", "1"], "--replace-workers needs --elastic"),
+        (["launch", "--workers", "2", "--max-workers", "3"], "--max-workers 3 needs --elastic"),
+        (["launch", "--workers", "3", "--batch-size", "24", "--elastic", "--max-workers", "2"], "--max-workers 2 is fewer than --workers 3"),
+        (["launch", "--workers", "2", "--elastic", "--replace-workers=-1"], "--replace-workers must not be negative"),
+        (["bench", "cluster", "--rejoin"], "--rejoin and --restart-all-every go with --kill-worker-at STEP"),
+        (["bench", "cluster", "--workers", "1", "--batch-size", "8", "--kill-worker-at", "3"], "--kill-worker-at needs --workers 2 or more"),
+        (["bench", "cluster", "--steps", "5", "--warmup", "0", "--kill-worker-at", "4"], "--kill-worker-at 4 must be a step before the last"),
+    ])
+    func growFlagsAreRefusedNamingTheFix(arguments: [String], message: String) throws {
+        let output = try refusedBeforeStarting(arguments)
+        #expect(output.contains(message), "\(arguments): \(output)")
+    }
+}
