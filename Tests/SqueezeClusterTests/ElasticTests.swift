@@ -78,7 +78,9 @@ struct ElasticTests {
     }
 
     /// Every step's lines carry the world size of the membership epoch that trained it, one per rank
-    /// (the step before a change may lack a rank's line: it had abandoned that step when it was halted).
+    /// (the step before a change may lack a rank's line: it had abandoned that step when it was halted),
+    /// and the images the workers report for a step add up to the global batch of 24: no step is
+    /// skipped or trained twice, and each is divided over its members whole.
     func expectWorldSizes(_ all: [[String: Any]], steps: Int, epochs: [(fromStep: Int, worldSize: Int)]) {
         for step in 0..<steps {
             let lines = all.filter { $0["rank"] != nil && $0["step"] as? Int == step }
@@ -86,6 +88,8 @@ struct ElasticTests {
             #expect(lines.allSatisfy { $0["world_size"] as? Int == world }, "step \(step)")
             let beforeChange = epochs.contains { $0.fromStep == step + 1 }
             #expect(lines.count == world || (beforeChange && (1..<world).contains(lines.count)), "step \(step): \(lines.count) lines")
+            #expect(Set(lines.compactMap { $0["rank"] as? Int }).count == lines.count, "step \(step): a rank reported it twice")
+            if lines.count == world { #expect(lines.reduce(0) { $0 + ($1["images"] as? Int ?? 0) } == 24, "step \(step)") }
         }
     }
 
