@@ -201,6 +201,31 @@ struct ElasticTests {
         #expect(try readMetrics(dir + "/m.jsonl").filter { $0["step"] as? Int == 29 }.count == 2)
     }
 
+    /// Under a scheduler (`join --elastic`, torchrun's variables set by hand): rank 2's process is killed
+    /// and the scheduler starts it again with the same command line; it joins the running run.
+    @Test func aRankRestartedByTheSchedulerJoinsTheRunningRun() throws {
+        let dir = try temporaryDirectory("elastic-sched")
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let port = try freeTCPPort()
+        func rank(_ r: Int, _ tag: String) throws -> Child {
+            try Child(["join", "--elastic", "--dropout", "0", "--lr", "0.01"] + JoinTests.options(metrics: dir + "/m.jsonl", steps: 150),
+                      log: dir + "/\(tag).log",
+                      environment: JoinTests.noLauncher.merging(["RANK": "\(r)", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "\(port)"]) { $1 })
+        }
+        let ranks = try [2, 1, 0].map { try rank($0, "rank\($0)") }.reversed() as [Child]
+        let deadline = Date().addingTimeInterval(120)
+        while Date() < deadline && ranks[0].process.isRunning && (try? readMetrics(dir + "/m.jsonl"))?.contains(where: { $0["step"] as? Int == 5 }) != true {
+            usleep(50_000)
+        }
+        kill(ranks[2].process.processIdentifier, SIGKILL)
+        let restarted = try rank(2, "rank2-restarted")
+        for (r, c) in [ranks[0], ranks[1], restarted].enumerated() { #expect(c.wait(timeout: 300) == 0, "rank \(r):\n\(c.output)") }
+        let changes = try readAllMetrics(dir + "/m.jsonl").filter { $0["event"] as? String == "membership" }
+        #expect(changes.map { $0["world_size"] as? Int } == [2, 3], "\(ranks[0].output)")
+        #expect(changes.last?["joined_ranks"] as? [Int] == [2], "\(changes)")
+        #expect(restarted.output.contains("rank 2: received the training state of step"), "\(restarted.output)")
+    }
+
     @Test func belowMinWorkersTheFurthestSurvivorCheckpointsAndTheRunStopsNamingTheLostRank() throws {
         let dir = try temporaryDirectory("elastic-min")
         defer { try? FileManager.default.removeItem(atPath: dir) }
