@@ -2,6 +2,7 @@ import Foundation
 import Testing
 import SqueezeEngine
 import SqueezeTraining
+import SqueezeTransport
 @testable import SqueezeCluster
 
 /// An elastic run's joiners, the coordinator driven message by message (issue 29): admission at a
@@ -93,6 +94,28 @@ struct ElasticProtocolTests {
         next.hello()
         try h.pump()
         #expect(try next.received().contains { if case .welcome(let w) = $0 { w.joining == true } else { false } })
+    }
+}
+
+/// Who sends the state to whom: along the topology's edges, from a rank that holds it or has received it.
+@Suite struct StateTransferTests {
+    @Test func receiversGetTheStateAlongTheRingAndTheTree() {
+        // A ring of 5: joiners 3 and 4 after holders 0…2 (3 from 2, 4 from 3 once it has it); a survivor
+        // behind at rank 0 gets it from rank 4, the last of the ring, after 4 has it.
+        #expect(StateTransfer.sources(topology: .ring, worldSize: 5, receivers: [3, 4]) == [3: 2, 4: 3])
+        #expect(StateTransfer.sources(topology: .ring, worldSize: 5, receivers: [0, 3, 4]) == [3: 2, 4: 3, 0: 4])
+        // A tree of 6 (0 → 1, 2; 1 → 3, 4; 2 → 5): the root behind gets it from a child, a leaf from its parent.
+        #expect(StateTransfer.sources(topology: .tree, worldSize: 6, receivers: [0, 5]) == [0: 1, 5: 2])
+        #expect(StateTransfer.sources(topology: .tree, worldSize: 6, receivers: [1, 3, 4]) == [1: 0, 3: 1, 4: 1])
+        // Nobody holds it: nobody can send it.
+        #expect(StateTransfer.sources(topology: .ring, worldSize: 2, receivers: [0, 1]) == nil)
+    }
+
+    @Test func aChunkHeaderRoundTripsAndAStrangersIsRefused() throws {
+        let header = StateHeader(step: 41, total: 5_832_440, offset: 1 << 20)
+        let decoded = try header.encoded.withUnsafeBytes { try StateHeader(decoding: $0, from: 1) }
+        #expect(decoded == header)
+        #expect(throws: CommError.self) { try [UInt8](repeating: 0, count: 32).withUnsafeBytes { try StateHeader(decoding: $0, from: 1) } }
     }
 }
 
