@@ -44,7 +44,8 @@ public enum ControlMessage: Sendable {
     /// 3: the welcome carries the data-plane salt (a build of version 2 would not seal its frames).
     /// 4: the welcome carries the chunk size (a build of version 3 would cut messages at its own default).
     /// 5: elastic membership (the welcome's `elastic`; halt, position, reform and save).
-    public static let version: UInt16 = 5
+    /// 6: joiners (the welcome's `joining`; the reform's `receivers`, `stateChecksum` and `dataPlaneSalt`).
+    public static let version: UInt16 = 6
     static let magic: [UInt8] = Array("SQZC".utf8)
     static let headerSize = 12
 
@@ -197,6 +198,10 @@ public struct Welcome: Codable, Sendable {
     public var dataPlaneSalt: String? = nil
     /// An elastic run (`--elastic`): a lost member is removed and the others go on (halt, position, reform).
     public var elastic: Bool? = nil
+    /// A worker that joins a running elastic run: it builds its model (`rank` 0 of the `worldSize` the
+    /// run started with, whose layout its sampler keeps), answers `ready`, and waits for the `reform`
+    /// that admits it; then it receives the training state from a member.
+    public var joining: Bool? = nil
 }
 
 /// Worker → coordinator: model built and verified, data plane bound.
@@ -277,13 +282,21 @@ public struct Position: Codable, Sendable {
     public var checksum: String
 }
 
-/// Coordinator → each survivor: membership epoch `epoch` trains from `step` with `worldSize` workers,
-/// this one holding `rank`. The worker binds a new data plane and answers `ready`; `start` follows.
+/// Coordinator → each member of a new membership epoch (survivors and joiners): epoch `epoch` trains
+/// from `step` with `worldSize` workers, this one holding `rank`. The worker binds a new data plane
+/// (keys from `dataPlaneSalt`) and answers `ready`; `start` follows. Then, before the first step, the
+/// ranks in `receivers` (joiners, survivors one step behind) get the training state of `step` from a
+/// member that holds it (`StateTransfer`), and check it against `stateChecksum`, the checksum of
+/// parameters and momentum every holder reported in its `position`.
 public struct Reform: Codable, Sendable {
     public var epoch: Int
     public var step: Int
     public var rank: Int
     public var worldSize: Int
+    public var receivers: [Int]? = nil
+    public var stateChecksum: String? = nil
+    /// A fresh salt per membership epoch (64 hex digits): a new data plane's counters start again, so its keys must be new.
+    public var dataPlaneSalt: String? = nil
 }
 
 /// Coordinator → the furthest survivor when too few remain (`--min-workers`): write the checkpoint

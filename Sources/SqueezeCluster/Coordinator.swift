@@ -44,6 +44,8 @@ public struct CoordinatorOptions: Codable, Sendable {
     /// completed step; below `minWorkers` the run checkpoints and stops (docs/cluster.md).
     public var elastic = false
     public var minWorkers = 1
+    /// With `elastic`: the most workers, joiners included (nil: `workers`); a joiner beyond it is refused.
+    public var maxWorkers: Int?
     /// The star hub's timeline (nil: not traced; a ring has no hub).
     public var tracer: Tracer?
     public init(bind: String, workers: Int, config: TrainingConfig) {
@@ -52,7 +54,7 @@ public struct CoordinatorOptions: Codable, Sendable {
     enum CodingKeys: String, CodingKey {
         case bind, workers, config, trainingRecords, algorithm, compression, bucketBytes, transport, timeout, joinTimeout, metricsPath
         case initWeights, saveWeights, evaluate, checkpointDirectory, checkpointEvery, keepCheckpoints, resume, startOver, quiet
-        case elastic, minWorkers
+        case elastic, minWorkers, maxWorkers
     }
 }
 
@@ -136,6 +138,8 @@ public final class Coordinator {
     private var lostSeconds = 0.0
     /// While stopping: why, and how long the checkpoint may take.
     private var stopping: (error: String, deadline: ContinuousClock.Instant)?
+    /// The last membership epoch that trained (one formed and halted again before its start never did).
+    private var trainedEpoch = 0
 
     /// `metrics` overrides `options.metricsPath`; `events` gets `listening` and `ready`.
     public init(options: CoordinatorOptions, channel: any ControlServerChannel, dataPlane: any DataPlaneFactory,
@@ -169,7 +173,8 @@ public final class Coordinator {
             throw ClusterError("--elastic does not take --allreduce star yet (its hub is not re-formed after a loss): use --allreduce ring or tree")
         }
         do {
-            membership = try Membership(rules: MembershipRules(minWorkers: options.minWorkers, maxWorkers: n, globalBatch: config.batchSize), workers: n)
+            membership = try Membership(rules: MembershipRules(minWorkers: options.minWorkers, maxWorkers: options.maxWorkers ?? n,
+                                                               globalBatch: config.batchSize), workers: n)
         } catch { throw ClusterError("\(error)") }
         guard options.chunkBytes >= MemoryLayout<Float>.size else { throw ClusterError("data-plane chunks of \(options.chunkBytes) bytes: at least one Float (4 bytes)") }
         let reference = Network(config: config.model, seed: config.seed)
@@ -205,9 +210,21 @@ public final class Coordinator {
     }
 
     /// Handles at most one message (waiting up to `timeout` for it), then checks time and the stop token.
+    /// Connections dropped meanwhile are handled first: a worker that died before the message was sent
+    /// is gone before it is read (its replacement's hello must find its place free).
     public func poll(timeout: Duration) throws {
-        if let (id, frame) = try channel.receive(timeout: timeout) { try handle(frame, from: id) }
+        let received = try channel.receive(timeout: timeout)
+        try loseDroppedPeers()
+        if let (id, frame) = received { try handle(frame, from: id) }
         try tick()
+    }
+
+    /// An elastic run's workers whose control connections dropped (their process exited or was killed) are lost.
+    private func loseDroppedPeers() throws {
+        guard options.elastic, [.training, .recovering, .reforming, .stopping].contains(phase) else { return }
+        for peer in channel.droppedPeers() {
+            if let member = holder(peer)?.member { try lose(member, reason: "dropped its connection (its process exited or was killed)") }
+        }
     }
 
     /// After the last step: tells the workers the run is over and sums it up.
@@ -254,7 +271,8 @@ public final class Coordinator {
                 return drop("\(error)")
             }
             guard case .hello(let h) = message else { return drop("a \(message.kind) message from a peer that holds no rank") }
-            return phase == .rendezvous ? welcome(h, id: id)
+            if phase == .rendezvous { return welcome(h, id: id) }
+            return options.elastic ? welcomeJoiner(h, id: id)
                 : channel.send(.reject(Reject(reason: "the run is already training with \(options.workers) worker(s)")), to: id)
         }
         let sender = (rank: rank(of: holder.member), heartbeat: holder.heartbeat), member = holder.member
@@ -263,11 +281,14 @@ public final class Coordinator {
         // Heartbeats may come from the heartbeat connection; everything else from the main one.
         switch message {
         case .heartbeat(let h):
-            guard h.rank == sender.rank else { return drop("a heartbeat for rank \(h.rank) from rank \(sender.rank)'s holder") }
+            guard h.rank == sender.rank || membership.current.rank(of: MemberID(member)) == nil else { return drop("a heartbeat for rank \(h.rank) from rank \(sender.rank)'s holder") }
             if phase == .training { lastStep[member] = max(lastStep[member], h.step) }
             return
         default:
             guard !sender.heartbeat else { return drop("a \(message.kind) message on rank \(sender.rank)'s heartbeat connection") }
+        }
+        if case .ready(let r) = message, membership.waiting.contains(MemberID(member)), !membership.readyJoiners.contains(MemberID(member)) {
+            return try joinerReady(r, member: member)  // a joiner's first: its model is built
         }
         switch phase {
         case .rendezvous: try rendezvous(message, rank: sender.rank, id: id)
@@ -320,25 +341,27 @@ public final class Coordinator {
         identities[rank] = id
         names[rank] = "\(h.host) pid \(h.pid)"
         lastHeard[rank] = clock.now
-        channel.send(.welcome(Welcome(rank: rank, worldSize: n, config: options.config, algorithm: options.algorithm,
-                                      compression: options.compression, bucketBytes: options.bucketBytes,
-                                      chunkBytes: options.chunkBytes, transport: options.transport,
-                                      timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
-                                      initWeights: options.initWeights, saveWeights: options.saveWeights,
-                                      evaluate: options.evaluate, checkpointDirectory: options.checkpointDirectory,
-                                      checkpointEvery: options.checkpointEvery, keepCheckpoints: options.keepCheckpoints,
-                                      resumeFrom: resumeFrom, dataPlaneSalt: DataPlaneSeal.hex(dataPlaneSalt),
-                                      elastic: options.elastic ? true : nil)), to: id)
+        channel.send(.welcome(welcomeMessage(rank: rank)), to: id)
         log("worker \(names[rank]) joined as rank \(rank)")
+    }
+
+    /// The run's configuration for rank `rank` of the workers it starts with (a joiner: rank 0, `joining`).
+    private func welcomeMessage(rank: Int, joining: Bool = false) -> Welcome {
+        Welcome(rank: rank, worldSize: options.workers, config: options.config, algorithm: options.algorithm,
+                compression: options.compression, bucketBytes: options.bucketBytes,
+                chunkBytes: options.chunkBytes, transport: options.transport,
+                timeoutSeconds: seconds(options.timeout), parametersChecksum: checksum,
+                initWeights: options.initWeights, saveWeights: options.saveWeights,
+                evaluate: options.evaluate, checkpointDirectory: options.checkpointDirectory,
+                checkpointEvery: options.checkpointEvery, keepCheckpoints: options.keepCheckpoints,
+                resumeFrom: resumeFrom, dataPlaneSalt: DataPlaneSeal.hex(dataPlaneSalt),
+                elastic: options.elastic ? true : nil, joining: joining ? true : nil)
     }
 
     /// Accepts a worker whose model and initial parameters match the run's; training starts when all have.
     private func ready(_ r: Ready, id: [UInt8]) throws {
         guard let rank = memberOf(id), rank == r.rank else { return }
-        var problems = [String]()
-        if r.model != options.config.model { problems.append("its model configuration differs from the run's") }
-        if r.parameterCount != parameterCount { problems.append("it has \(r.parameterCount) parameters, the run \(parameterCount)") }
-        if r.parametersChecksum != checksum { problems.append("its initial parameters' checksum \(r.parametersChecksum) is not \(checksum)") }
+        let problems = readyProblems(r)
         guard problems.isEmpty else {
             let reason = "worker rank \(rank) (\(names[rank])) rejected: " + problems.joined(separator: "; ")
             log(reason)
@@ -348,6 +371,15 @@ public final class Coordinator {
         }
         endpoints[rank] = r.dataEndpoint
         if !endpoints.contains(where: { $0 == nil }) { try beginTraining() }
+    }
+
+    /// How a worker's model differs from the run's (empty: it may train).
+    private func readyProblems(_ r: Ready) -> [String] {
+        var problems = [String]()
+        if r.model != options.config.model { problems.append("its model configuration differs from the run's") }
+        if r.parameterCount != parameterCount { problems.append("it has \(r.parameterCount) parameters, the run \(parameterCount)") }
+        if r.parametersChecksum != checksum { problems.append("its initial parameters' checksum \(r.parametersChecksum) is not \(checksum)") }
+        return problems
     }
 
     private func beginTraining() throws {
@@ -412,11 +444,6 @@ public final class Coordinator {
             if phase == .training, let reason = stop.reason, progress.stopRequest == nil { requestStop(reason) }
             if let failure = hubThread?.failure { throw ClusterError("the star hub failed: \(failure)") }
             if let stopping, now > stopping.deadline { throw ClusterError(stopping.error + " (the checkpoint was not confirmed within \(options.timeout))") }
-            if options.elastic {
-                for peer in channel.droppedPeers() {
-                    if let member = holder(peer)?.member { try lose(member, reason: "dropped its connection (its process exited or was killed)") }
-                }
-            }
             for member in identities.indices where identities[member] != nil && now - lastHeard[member] > options.timeout {
                 try lose(member, reason: "stopped answering at step \(lastStep[member]) (no message for \(seconds(now - lastHeard[member]).formatted(.number.precision(.fractionLength(1)))) s)")
             }
@@ -434,30 +461,84 @@ public final class Coordinator {
     }
 }
 
-// MARK: Membership (an elastic run's losses)
+// MARK: Membership (an elastic run's losses and joiners)
 
 extension Coordinator {
     /// `member` is gone (`reason`: its connection dropped, it fell silent, it failed). Without
     /// `--elastic` the run fails. Otherwise it is removed and every survivor is halted: each abandons
-    /// the step in flight and sends its position, and `reconfigure` acts once all have.
+    /// the step in flight and sends its position, and `reconfigure` acts once all have. A joiner not
+    /// admitted yet is only forgotten.
     fileprivate func lose(_ member: Int, reason: String) throws {
+        if membership.waiting.contains(MemberID(member)) {
+            log("the joiner \(names[member]) \(reason) before it was admitted; the run goes on as it was")
+            identities[member] = nil
+            membership.withdraw(MemberID(member))
+            return
+        }
         let what = "worker rank \(rank(of: member)) \(reason)"
         guard options.elastic else { throw ClusterError(what) }
         log("\(what) (\(names[member])): removing it")
         identities[member] = nil
         let next = membership.lose(MemberID(member), completedSteps: progress.completed, reason: reason)
-        if phase == .training || phase == .reforming {
-            phase = .recovering
-            lostSeconds = progress.elapsed
-            positions = [:]
-            let halt = ControlMessage.halt(Halt(epoch: membership.current.number, reason: what))
-            for m in membership.current.members {
-                guard let id = identities[m.value] else { continue }
-                channel.send(halt, to: id)  // read between steps and while waiting
-                channel.send(halt, to: ControlIdentity.heartbeatIdentity(ofMain: id))  // read at once, also inside a step
-            }
-        }
+        if phase == .training || phase == .reforming { halt(what) }
         if let next { try reconfigure(next) }
+    }
+
+    /// Every member abandons the step in flight and sends its position (`why` tells them why).
+    private func halt(_ why: String) {
+        phase = .recovering
+        lostSeconds = progress.elapsed
+        positions = [:]
+        let halt = ControlMessage.halt(Halt(epoch: membership.current.number, reason: why))
+        for m in membership.current.members {
+            guard let id = identities[m.value] else { continue }
+            channel.send(halt, to: id)  // read between steps and while waiting
+            channel.send(halt, to: ControlIdentity.heartbeatIdentity(ofMain: id))  // read at once, also inside a step
+        }
+    }
+
+    /// A worker asks to join the running run: it gets the next member identity (refused beyond
+    /// `--max-workers`, or when the run is ending) and the run's configuration; it is admitted once its
+    /// model is built and checked (`joinerReady`).
+    fileprivate func welcomeJoiner(_ h: Hello, id: [UInt8]) {
+        let name = "\(h.host) pid \(h.pid)"
+        func refuse(_ reason: String) {
+            log("refused the joiner \(name): \(reason)")
+            channel.send(.reject(Reject(reason: reason)), to: id)
+        }
+        guard phase == .training || phase == .recovering || phase == .reforming else { return refuse("the run is ending; it admits no one") }
+        let member: MemberID
+        do { member = try membership.requestJoin() } catch { return refuse("\(error)") }
+        precondition(member.value == identities.count, "member identities are handed out in order")
+        identities.append(id)
+        names.append(name)
+        endpoints.append(nil)
+        lastHeard.append(clock.now)
+        lastStep.append(progress.completed)
+        channel.send(.welcome(welcomeMessage(rank: 0, joining: true)), to: id)
+        log("worker \(name) asks to join the running run (\(member)); admitted at a step boundary once its model is ready")
+    }
+
+    /// A joiner's model is built and checked: refused if it differs from the run's, else admitted now
+    /// (the members are halted at their step; the recovery that follows admits it) or at the end of the
+    /// change under way.
+    fileprivate func joinerReady(_ r: Ready, member: Int) throws {
+        let problems = readyProblems(r)
+        guard problems.isEmpty else {
+            let reason = "the joiner \(names[member]) is refused: " + problems.joined(separator: "; ")
+            log(reason)
+            channel.send(.reject(Reject(reason: reason)), to: identities[member]!)
+            return try lose(member, reason: "was refused")
+        }
+        membership.joinerIsReady(MemberID(member))
+        admitReadyJoiners()
+    }
+
+    /// While training, begins the admission of the waiting joiners whose models are ready.
+    private func admitReadyJoiners() {
+        let ready = membership.readyJoiners
+        guard phase == .training, !ready.isEmpty, (try? membership.beginAdmission()) != nil else { return }
+        halt("\(ready.map { names[$0.value] }.joined(separator: ", ")) join(s) the run")
     }
 
     /// While members change: positions, new data planes, the checkpoint's confirmation, losses.
@@ -488,21 +569,21 @@ extension Coordinator {
         switch next {
         case .stop(let error, let checkpoint):
             try stopRun(error.description, checkpoint: checkpoint?.member)
-        case .reform(let epoch, let donor, let receivers):
-            guard receivers.isEmpty else {
-                let behind = receivers.map { "rank \(rank(of: $0.value))" }.joined(separator: ", ")
-                return try stopRun("\(behind) completed one step fewer than \(donor) when a worker was lost, and sending it the state of step "
-                                   + "\(epoch.fromStep) is not built yet", checkpoint: donor)
-            }
-            let states = Dictionary(grouping: epoch.members) { positions[$0.value]?.checksum ?? "none" }
-            guard states.count == 1 else {
+        case .reform(let epoch, _, let receivers):
+            // The members at the furthest step hold its state; the others (joiners, survivors a step behind) receive it.
+            let holders = epoch.members.filter { !receivers.contains($0) }
+            let states = Dictionary(grouping: holders) { positions[$0.value]?.checksum ?? "none" }
+            guard states.count == 1, let agreed = states.keys.first else {
                 throw ClusterError("the survivors at step \(epoch.fromStep) hold different states: "
                                    + states.map { "\($0.value.map { "rank \(rank(of: $0.value))" }.joined(separator: ", ")) \($0.key)" }.joined(separator: "; "))
             }
+            let receiving = epoch.members.indices.filter { receivers.contains(epoch.members[$0]) }
+            let salt = DataPlaneSeal.hex(try DataPlaneSeal.randomSalt())  // the new data plane's keys: its frame counters start again
             progress.reform(workers: epoch.worldSize, fromStep: epoch.fromStep)
             for (rank, m) in epoch.members.enumerated() {
                 endpoints[m.value] = nil
-                channel.send(.reform(Reform(epoch: epoch.number, step: epoch.fromStep, rank: rank, worldSize: epoch.worldSize)), to: identities[m.value]!)
+                channel.send(.reform(Reform(epoch: epoch.number, step: epoch.fromStep, rank: rank, worldSize: epoch.worldSize,
+                                            receivers: receiving, stateChecksum: agreed, dataPlaneSalt: salt)), to: identities[m.value]!)
             }
             phase = progress.isComplete ? .finished : .reforming  // lost after the last step: nothing left to train
         }
@@ -525,12 +606,17 @@ extension Coordinator {
         for m in epoch.members { channel.send(.start(Start(step: epoch.fromStep, endpoints: all)), to: identities[m.value]!) }
         for m in epoch.members { lastHeard[m.value] = clock.now }
         phase = .training
-        let departed = membership.departures.filter { $0.epoch == epoch.number - 1 }
+        let departed = membership.departures.filter { $0.epoch >= trainedEpoch }
         let lost = departed.map(\.description).joined(separator: "; ")
+        let before = Set(membership.epochs[trainedEpoch].members)
+        trainedEpoch = epoch.number
+        let joined = epoch.members.indices.filter { !before.contains(epoch.members[$0]) }
         metrics?.record(MembershipEvent(epoch: epoch.number, fromStep: epoch.fromStep, worldSize: epoch.worldSize, lostRanks: departed.map(\.rank),
-                                        lost: lost, lostSeconds: lostSeconds, resumedSeconds: progress.elapsed))
+                                        lost: lost, lostSeconds: lostSeconds, resumedSeconds: progress.elapsed, joinedRanks: joined))
         events(ClusterEvent(.membership, step: epoch.fromStep, workers: epoch.worldSize))
-        log("membership epoch \(epoch.number): \(epoch.worldSize) worker(s) from step \(epoch.fromStep) (lost: \(lost))")
+        log("membership epoch \(epoch.number): \(epoch.worldSize) worker(s) from step \(epoch.fromStep) (lost: \(lost.isEmpty ? "none" : lost); "
+            + "joined: \(joined.isEmpty ? "none" : joined.map { "rank \($0) (\(names[epoch.members[$0].value]))" }.joined(separator: ", ")))")
+        admitReadyJoiners()  // those that became ready during the change
     }
 }
 
@@ -586,6 +672,7 @@ final class Progress {
         while completed < fromStep { complete((pending.removeValue(forKey: completed) ?? []).sorted { $0.rank < $1.rank }) }
         pending = [:]
         workers = n
+        if traffic.count < n { traffic += Array(repeating: RankTraffic(), count: n - traffic.count) }  // joiners beyond the first ranks
         setTheory()
     }
 

@@ -83,8 +83,9 @@ public enum Reconfiguration: Equatable, Sendable {
 ///   (`report`). After each all-reduce every rank holds the same state, and a rank completes a step
 ///   only once every rank has sent its part, so survivors are at most one step apart: the run goes on
 ///   from the furthest (nothing completed is lost), the ones behind receiving its state.
-/// - A joiner (`requestJoin`) waits, and is admitted at the next step boundary the coordinator
-///   chooses (`admitWaiting`) or at the end of a recovery, with the highest ranks.
+/// - A joiner (`requestJoin`) waits until it is ready (`joinerIsReady`: its model built and checked),
+///   then is admitted with the highest ranks at the end of a recovery: one that a loss began, or one
+///   the coordinator begins for it (`beginAdmission`).
 /// - Below `minWorkers` the run stops, naming every lost rank; at most `maxWorkers` members and
 ///   waiting joiners together.
 /// - A lost member never comes back under its identity (one that hung and wakes up is refused,
@@ -102,6 +103,8 @@ public struct Membership: Sendable {
     public private(set) var epochs: [MembershipEpoch]
     /// Joiners waiting for the next step boundary, in the order they asked.
     public private(set) var waiting = [MemberID]()
+    /// The waiting joiners that are ready to train (admitted at the next recovery's end).
+    private var ready = Set<MemberID>()
     public private(set) var departures = [Departure]()
     /// During a recovery: the members still in the run, in rank order, and the positions they reported.
     private var survivors: [MemberID]?
@@ -177,21 +180,25 @@ public struct Membership: Sendable {
     }
 
     /// A waiting joiner leaves before it is admitted (it was refused, or it went away).
-    public mutating func withdraw(_ joiner: MemberID) { waiting.removeAll { $0 == joiner } }
+    public mutating func withdraw(_ joiner: MemberID) {
+        waiting.removeAll { $0 == joiner }
+        ready.remove(joiner)
+    }
 
-    /// At a step boundary (every member completed `step` steps and waits there): admits the waiting
-    /// joiners with the next ranks, or returns nil when none waits. Only while training (a recovery
-    /// admits them when it ends).
-    public mutating func admitWaiting(atStep step: Int) throws -> Reconfiguration? {
-        guard phase == .training else { throw MembershipError("joiners are admitted at a step boundary while training, not now (\(phase))") }
-        guard step >= current.fromStep else {
-            throw MembershipError("step \(step) is before step \(current.fromStep), where the current members started")
-        }
-        guard !waiting.isEmpty else { return nil }
-        let joiners = waiting
-        waiting = []
-        epochs.append(MembershipEpoch(number: current.number + 1, fromStep: step, members: current.members + joiners))
-        return .reform(epoch: current, donor: current.members[0], receivers: joiners)
+    /// A waiting joiner has built and checked its model: the next recovery admits it.
+    public mutating func joinerIsReady(_ joiner: MemberID) { if waiting.contains(joiner) { ready.insert(joiner) } }
+
+    /// The waiting joiners that are ready, in the order they asked.
+    public var readyJoiners: [MemberID] { waiting.filter(ready.contains) }
+
+    /// The waiting joiners are ready to be admitted while the members train: every member abandons the
+    /// step in flight and reports its position (`report`), as after a loss, and the recovery that
+    /// follows admits the joiners (the ones behind the furthest receive its state with them).
+    public mutating func beginAdmission() throws {
+        guard phase == .training else { throw MembershipError("joiners are admitted while training, not now (\(phase))") }
+        guard !readyJoiners.isEmpty else { throw MembershipError("no joiner is ready to be admitted") }
+        survivors = current.members
+        positions = [:]
     }
 
     /// Every survivor has reported: go on from the furthest position with the survivors and the waiting
@@ -209,13 +216,14 @@ public struct Membership: Sendable {
             return stop("\(alive[lagging]) completed \(at[lagging]) steps and \(donor) \(furthest): survivors cannot be more than "
                         + "one step apart, so their states cannot be reconciled", checkpoint: (donor, furthest))
         }
-        guard alive.count + waiting.count >= rules.minWorkers else {
-            return stop("\(alive.count) worker(s) remain" + (waiting.isEmpty ? "" : " and \(waiting.count) wait to join")
+        let joiners = readyJoiners
+        guard alive.count + joiners.count >= rules.minWorkers else {
+            return stop("\(alive.count) worker(s) remain" + (joiners.isEmpty ? "" : " and \(joiners.count) are ready to join")
                         + ", below --min-workers \(rules.minWorkers); lost: " + departures.map(\.description).joined(separator: "; "),
                         checkpoint: (donor, furthest))
         }
-        let joiners = waiting
-        waiting = []
+        waiting.removeAll(where: ready.contains)
+        ready = []
         epochs.append(MembershipEpoch(number: current.number + 1, fromStep: furthest, members: alive + joiners))
         return .reform(epoch: current, donor: donor, receivers: zip(alive, at).filter { $0.1 < furthest }.map(\.0) + joiners)
     }

@@ -41,7 +41,7 @@ public final class ProcessGroup: @unchecked Sendable {
         }
     }
 
-    public let specs: [ProcessSpec]
+    public private(set) var specs: [ProcessSpec]
     private var processes = [Process]()
     private var pipes = [Pipe]()
     private let outputLock = NSLock()
@@ -51,6 +51,9 @@ public final class ProcessGroup: @unchecked Sendable {
     private var stopSignal: Int32?
     /// Processes (by name) whose failure does not end the group (an elastic run's workers): it is said, once.
     public var survivable = Set<String>()
+    /// How many times a survivable process that failed is replaced by a new one of the same command
+    /// line, named "joiner N" (an elastic run's worker, which joins the running run).
+    public var replacements = 0
     private var survived = Set<Int>()
     /// One member per pipe until its end of file: `wait` returns only after every line is written.
     private let outputOpen = DispatchGroup()
@@ -66,22 +69,41 @@ public final class ProcessGroup: @unchecked Sendable {
 
     public func start() throws {
         for spec in specs {
-            let p = Process()
-            p.executableURL = URL(fileURLWithPath: spec.executable)
-            p.arguments = spec.arguments
-            let pipe = Pipe()
-            p.standardInput = FileHandle.nullDevice  // never stuck reading the terminal
-            var environment = ProcessInfo.processInfo.environment
-            environment[ProcessGroup.launcherVariable] = String(getpid())  // see `endWithLauncher`
-            p.environment = environment
-            p.standardOutput = pipe
-            p.standardError = pipe
-            do { try p.run() } catch {
+            do { try run(spec) } catch {
                 terminateAll(gracePeriod: .seconds(2))
-                throw ClusterError("cannot start \(spec.name) (\(spec.executable)): \(error)")
+                throw error
             }
-            forwardOutput(pipe, name: spec.name)
-            processes.append(p)
+        }
+    }
+
+    private func run(_ spec: ProcessSpec) throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: spec.executable)
+        p.arguments = spec.arguments
+        let pipe = Pipe()
+        p.standardInput = FileHandle.nullDevice  // never stuck reading the terminal
+        var environment = ProcessInfo.processInfo.environment
+        environment[ProcessGroup.launcherVariable] = String(getpid())  // see `endWithLauncher`
+        p.environment = environment
+        p.standardOutput = pipe
+        p.standardError = pipe
+        do { try p.run() } catch { throw ClusterError("cannot start \(spec.name) (\(spec.executable)): \(error)") }
+        forwardOutput(pipe, name: spec.name)
+        processes.append(p)
+    }
+
+    /// Starts a new process with the command line of process `i`, which failed (`replacements`).
+    private func replace(_ i: Int) {
+        replacements -= 1
+        let spec = ProcessSpec(name: "joiner \(specs.filter { $0.name.hasPrefix("joiner ") }.count + 1)",
+                               executable: specs[i].executable, arguments: specs[i].arguments)
+        do {
+            try run(spec)
+            specs.append(spec)
+            survivable.insert(spec.name)
+            emitLine("launch", "started \(spec.name) (pid \(processes[processes.count - 1].processIdentifier)) in place of \(specs[i].name)")
+        } catch {
+            emitLine("launch", "\(error)")
         }
     }
 
@@ -106,6 +128,11 @@ public final class ProcessGroup: @unchecked Sendable {
         }
         #endif
         if getppid() != launcher { kill(getpid(), SIGKILL) }  // the launcher ended before the line above
+    }
+
+    /// The process id of the process named `name`, once started.
+    public func pid(of name: String) -> pid_t? {
+        specs.firstIndex { $0.name == name }.flatMap { processes.indices.contains($0) ? processes[$0].processIdentifier : nil }
     }
 
     /// Forwards `signal` to every live process; `wait` then ends with `.interrupted`.
@@ -151,7 +178,10 @@ public final class ProcessGroup: @unchecked Sendable {
                     return .interrupted(SIGINT)
                 }
                 if failed && survivable.contains(name) {
-                    if survived.insert(i).inserted { emitLine("launch", "\(describeExit(i)); the run goes on without it") }
+                    if survived.insert(i).inserted {
+                        emitLine("launch", "\(describeExit(i)); the run goes on without it")
+                        if replacements > 0 { replace(i) }
+                    }
                     continue
                 }
                 if failed {

@@ -74,6 +74,9 @@ public final class Worker {
     let signals: StopToken
     /// The step being trained (reported with a failure).
     private var step = 0
+    /// An elastic run's error-feedback residual when its membership epoch was halted: this rank's own
+    /// unsent gradient mass, which the next epoch keeps (`carryResidual`).
+    private var halted: HaltedResidual?
     /// This process's control identities (`ControlIdentity`).
     private let session = ControlIdentity.newSession()
 
@@ -124,7 +127,12 @@ public final class Worker {
         }
         let stop = StopToken()
         // An elastic run's membership epochs: each trains until the run ends or the coordinator halts it.
-        var epoch = (number: 0, welcome: welcome)
+        var epoch = WorkerEpoch(number: 0, welcome: welcome, transfer: nil)
+        if welcome.joining == true {
+            guard let admitted = try admission(welcome, model: model, channel: channel) else { return }
+            epoch = admitted
+            heartbeat.rank = epoch.welcome.rank
+        }
         while try !trainEpoch(epoch, model: model, channel: channel, heartbeat: heartbeat, stop: stop, tracer: tracer) {
             epoch = try rejoin(epoch, model: model, channel: channel)
             heartbeat.rank = epoch.welcome.rank
@@ -157,22 +165,34 @@ public final class Worker {
     /// world size, then the training loop from the trainer's step. Returns true at the end of the run
     /// (or a stop), false when the coordinator halted it (a member was lost): the step in flight was
     /// abandoned, nothing of it applied.
-    private func trainEpoch(_ epoch: (number: Int, welcome: Welcome), model: WorkerModel, channel: any ControlClientChannel,
+    private func trainEpoch(_ epoch: WorkerEpoch, model: WorkerModel, channel: any ControlClientChannel,
                             heartbeat: HeartbeatSender, stop: StopToken, tracer: Tracer?) throws -> Bool {
         let welcome = epoch.welcome, (rank, world) = (epoch.welcome.rank, epoch.welcome.worldSize)
         // Elastic: the coordinator decides who is lost (after --timeout); a peer's receive waits twice that.
         let timeout = welcome.elastic == true ? welcome.timeout * 2 : welcome.timeout
         let plan = bucketPlan(layerRanges: model.trainer.network.layerRanges, bucketBytes: welcome.bucketBytes)
+        let frameLimit = dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0)
         let transport = try dataPlane.makeTransport(rank: rank, worldSize: welcome.algorithm.groupSize(workers: world),
-                                                    kind: welcome.transport, maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0),
+                                                    kind: welcome.transport, maxFrameBytes: frameLimit,
                                                     salt: welcome.dataPlaneSalt.flatMap(DataPlaneSeal.salt(hex:)))
         defer { transport.close(flushTimeout: .milliseconds(500)) }
         let interruption = Interruption()
         transport.interruption = interruption
         heartbeat.watch(epoch: epoch.number, interruption)
-        do { try joinDataPlane(welcome, model: model, transport: transport, channel: channel) } catch is Halted { return false }
+        do {
+            try joinDataPlane(epoch, model: model, transport: transport, channel: channel, chunkBytes: min(welcome.chunkBytes, frameLimit - 4096),
+                              timeout: timeout)
+        } catch {
+            guard let reason = (error as? Halted)?.reason ?? interruption.reason else { throw error }
+            if let transfer = epoch.transfer, model.trainer.step < transfer.step {
+                throw ClusterError("rank \(rank): halted (\(reason)) before it received the training state of step \(transfer.step); it leaves the run")
+            }
+            return false
+        }
         let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout, tracer: tracer)
         defer { reducer.close() }
+        if let feedback, let held = halted { carryResidual(held, into: feedback, epoch: epoch, trainer: model.trainer) }
+        halted = nil
         log("rank \(rank) of \(world): \(model.trainer.trainSet.count) images from \(model.dataDirectory), data plane \(transport.boundEndpoint)"
             + (epoch.number == 0 ? "" : " (membership epoch \(epoch.number), from step \(model.trainer.step))"))
         let hooks = WorkerHooks(welcome: welcome, model: model, channel: channel, transport: transport, reducer: reducer,
@@ -186,6 +206,8 @@ public final class Worker {
         } catch {
             if let reason = interruption.reason {
                 log("rank \(rank): step \(model.trainer.step) abandoned (\(reason)); \(model.trainer.step) steps completed")
+                halted = feedback.map { HaltedResidual(current: $0.errorFeedback(count: model.trainer.network.parameters.count),
+                                                       atStepStart: hooks.residualAtStepStart, worldSize: world) }
                 return false
             }
             throw hooks.explain(error)
@@ -195,8 +217,7 @@ public final class Worker {
     /// After a halt: sends this worker's position, then takes the rank the coordinator gives it in the
     /// next membership epoch; or, asked to `save` (too few workers remain), writes the checkpoint of its
     /// step and waits for the run's end (an abort, which throws).
-    private func rejoin(_ epoch: (number: Int, welcome: Welcome), model: WorkerModel,
-                        channel: any ControlClientChannel) throws -> (number: Int, welcome: Welcome) {
+    private func rejoin(_ epoch: WorkerEpoch, model: WorkerModel, channel: any ControlClientChannel) throws -> WorkerEpoch {
         let trainer = model.trainer, welcome = epoch.welcome
         let position = Position(rank: welcome.rank, completedSteps: trainer.step, checksum: stateChecksum(trainer))
         try channel.send(.position(position))
@@ -218,15 +239,49 @@ public final class Worker {
             _ = try expect(channel, timeout: welcome.timeout * 4, waitingFor: "the end of the run", halts: epoch.number) { _ in nil as Bool? }
             throw ClusterError("rank \(welcome.rank): the coordinator did not end the run after the checkpoint")
         case .reform(let r):
-            guard r.step == trainer.step else {
-                throw ClusterError("rank \(welcome.rank): told to go on from step \(r.step), but this worker completed \(trainer.step) steps")
-            }
-            try trainer.reshard(numShards: r.worldSize, rank: r.rank)
-            var next = welcome
-            next.rank = r.rank; next.worldSize = r.worldSize
-            log("rank \(welcome.rank): now rank \(r.rank) of \(r.worldSize) from step \(r.step) (membership epoch \(r.epoch))")
-            return (r.epoch, next)
+            return try enter(r, welcome: welcome, trainer: trainer)
         }
+    }
+
+    /// A joiner: tells the coordinator that its model is built and verified (`ready`), then waits for
+    /// the reform that admits it at a step boundary. nil: the run ended first.
+    private func admission(_ welcome: Welcome, model: WorkerModel, channel: any ControlClientChannel) throws -> WorkerEpoch? {
+        try channel.send(.ready(Ready(rank: welcome.rank, model: welcome.config.model, parameterCount: model.trainer.network.parameters.count,
+                                      parametersChecksum: model.checksum, dataEndpoint: "")))
+        log("joiner: model ready; waiting to be admitted at a step boundary")
+        enum Next { case reform(Reform), ended }
+        let next: Next = try expect(channel, timeout: options.joinTimeout, waitingFor: "admission to the running run") {
+            switch $0 {
+            case .reform(let r): .reform(r)
+            case .stop(let s) where s.afterStep == nil: .ended
+            default: nil
+            }
+        }
+        guard case .reform(let r) = next else {
+            log("joiner: the run ended before this worker was admitted")
+            return nil
+        }
+        return try enter(r, welcome: welcome, trainer: model.trainer)
+    }
+
+    /// The membership epoch `r` begins: this worker's new rank (its sampler re-sharded), the data
+    /// plane's new salt, and the state transfer when some rank receives the state (this one, if it
+    /// completed fewer steps than `r.step`: a joiner, or a survivor one step behind).
+    private func enter(_ r: Reform, welcome: Welcome, trainer: Trainer) throws -> WorkerEpoch {
+        let who = welcome.joining == true ? "joiner" : "rank \(welcome.rank)"
+        let transfer = r.receivers.flatMap { $0.isEmpty ? nil : StateTransfer(receivers: Set($0), checksum: r.stateChecksum ?? "", step: r.step) }
+        let receives = transfer?.receivers.contains(r.rank) == true
+        guard r.step == trainer.step || receives else {
+            throw ClusterError("\(who): told to go on from step \(r.step), but this worker completed \(trainer.step) steps")
+        }
+        try trainer.reshard(numShards: r.worldSize, rank: r.rank)
+        var next = welcome
+        next.rank = r.rank; next.worldSize = r.worldSize; next.joining = nil
+        next.resumeFrom = nil  // the state is in memory now (a residual file is only read when the run resumes)
+        next.dataPlaneSalt = r.dataPlaneSalt ?? welcome.dataPlaneSalt
+        log("\(who): now rank \(r.rank) of \(r.worldSize) from step \(r.step) (membership epoch \(r.epoch))"
+            + (receives ? ", once it has received the training state" : ""))
+        return WorkerEpoch(number: r.epoch, welcome: next, transfer: transfer)
     }
 
     /// The data, the trainer at its starting state (seed, initial weights or checkpoint) and the
@@ -254,18 +309,44 @@ public final class Worker {
 
     /// Ready (with this rank's data endpoint), then Start (every endpoint): connects the data plane.
     /// A star worker talks to the hub (the coordinator, rank `world`) only, a tree worker to its parent and children.
-    private func joinDataPlane(_ welcome: Welcome, model: WorkerModel, transport: any DataPlaneTransport,
-                               channel: any ControlClientChannel) throws {
-        let (rank, world, trainer) = (welcome.rank, welcome.worldSize, model.trainer)
+    /// Then the epoch's state transfer, if any, in messages of at most `chunkBytes`.
+    private func joinDataPlane(_ epoch: WorkerEpoch, model: WorkerModel, transport: any DataPlaneTransport,
+                               channel: any ControlClientChannel, chunkBytes: Int, timeout: Duration) throws {
+        let welcome = epoch.welcome, (rank, world, trainer) = (epoch.welcome.rank, epoch.welcome.worldSize, model.trainer)
         try channel.send(.ready(Ready(rank: rank, model: welcome.config.model, parameterCount: trainer.network.parameters.count,
                                       parametersChecksum: model.checksum, dataEndpoint: transport.boundEndpoint)))
         let start: Start = try expect(channel, timeout: options.joinTimeout, waitingFor: "the start signal") {
             if case .start(let s) = $0 { s } else { nil }
         }
-        try transport.connect(topology: welcome.algorithm.topology(workers: world), endpoints: start.endpoints)
+        let topology = welcome.algorithm.topology(workers: world)
+        try transport.connect(topology: topology, endpoints: start.endpoints)
+        if let transfer = epoch.transfer {
+            let received = try transfer.run(rank: rank, topology: topology, transport: transport, trainer: trainer, chunkBytes: chunkBytes, timeout: timeout)
+            if received > 0 {
+                log("rank \(rank): received the training state of step \(transfer.step) (\(received) bytes); parameters and momentum "
+                    + "match checksum \(transfer.checksum), every holder's")
+            }
+        }
         guard trainer.step == start.step else {
             throw ClusterError("rank \(rank): the coordinator starts at step \(start.step), this worker's state is at step \(trainer.step)")
         }
+    }
+
+    /// Puts the residual this rank held when the last membership epoch was halted into the new epoch's
+    /// reducer (a joiner has none: it starts from zero, and a lost rank's residual is gone with it).
+    /// Which residual: a rank that abandoned a step in flight, the one from before that step (the step's
+    /// own error is not kept: its gradient was never applied); a rank that completed its step, or one a
+    /// step behind (it had sent all its parts of the step the others completed: only the all-gather,
+    /// which keeps no residual, was cut), the one it holds. Scaled by N'/N: the collectives divide the
+    /// sum by the world size, and the mass left unsent was N's 1/N share.
+    private func carryResidual(_ halted: HaltedResidual, into feedback: any ErrorFeedbackReducer, epoch: WorkerEpoch, trainer: Trainer) {
+        let (rank, world) = (epoch.welcome.rank, epoch.welcome.worldSize)
+        let receives = epoch.transfer?.receivers.contains(rank) == true
+        let abandoned = !receives && halted.atStepStart?.step == trainer.step
+        let scale = Float(world) / Float(halted.worldSize)
+        feedback.restoreErrorFeedback(((abandoned ? halted.atStepStart?.values : nil) ?? halted.current).map { $0 * scale })
+        log("rank \(rank): error-feedback residual kept across the change of members (\(abandoned ? "from before the abandoned step" : "as held")"
+            + ", scaled by \(world)/\(halted.worldSize))")
     }
 
     /// The bucketed all-reduce over `transport`, with this rank's error-feedback residual restored on a resume.
@@ -334,6 +415,22 @@ extension Welcome {
     var timeout: Duration { .milliseconds(Int(timeoutSeconds * 1000)) }
 }
 
+/// A membership epoch as a worker trains it: its number, the welcome as it stands for it (rank, world
+/// size, data-plane salt), and the state transfer before its first step (nil: nobody receives one).
+struct WorkerEpoch {
+    var number: Int
+    var welcome: Welcome
+    var transfer: StateTransfer?
+}
+
+/// The residual an elastic worker held when its membership epoch was halted, and the one from before
+/// the step then in flight (nil: not recorded), for `Worker.carryResidual`.
+struct HaltedResidual {
+    var current: [Float]
+    var atStepStart: (step: Int, values: [Float])?
+    var worldSize: Int
+}
+
 /// A worker's model and data, ready to train.
 struct WorkerModel {
     let trainer: Trainer
@@ -356,6 +453,8 @@ final class WorkerHooks: TrainingLoopHooks {
     private var forwardedSignal = false
     /// An elastic run's membership epoch and the interruption its halt sets (nil: never halted).
     var halt: (epoch: Int, interruption: Interruption)?
+    /// An elastic run with error feedback: the residual before the step in flight (`Worker.carryResidual`).
+    private(set) var residualAtStepStart: (step: Int, values: [Float])?
     private var trainer: Trainer { model.trainer }
     private var rank: Int { welcome.rank }
     private var heardFromCoordinator: ContinuousClock.Instant
@@ -378,6 +477,7 @@ final class WorkerHooks: TrainingLoopHooks {
 
     func willStep(_ step: Int, loader: BatchLoader) {
         stepStarted(step)
+        if welcome.elastic == true, let feedback { residualAtStepStart = (step, feedback.errorFeedback(count: trainer.network.parameters.count)) }
         heartbeat.step = step
         reducer.step = step
         before = transport.counters

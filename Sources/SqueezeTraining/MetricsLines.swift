@@ -124,14 +124,19 @@ public struct MembershipEvent: MetricsLine {
     public var event = "membership"
     public var epoch: Int, fromStep: Int, worldSize: Int
     public var lostRanks: [Int], lost: String
+    /// When the change began (a loss learnt, or a joiner ready) and when the members were told to go on.
     public var lostSeconds: Double, resumedSeconds: Double
-    public init(epoch: Int, fromStep: Int, worldSize: Int, lostRanks: [Int], lost: String, lostSeconds: Double, resumedSeconds: Double) {
+    /// The ranks joiners took (absent when none joined).
+    public var joinedRanks: [Int]?
+    public init(epoch: Int, fromStep: Int, worldSize: Int, lostRanks: [Int], lost: String, lostSeconds: Double, resumedSeconds: Double,
+                joinedRanks: [Int] = []) {
         self.epoch = epoch; self.fromStep = fromStep; self.worldSize = worldSize; self.lostRanks = lostRanks; self.lost = lost
         self.lostSeconds = lostSeconds; self.resumedSeconds = resumedSeconds
+        self.joinedRanks = joinedRanks.isEmpty ? nil : joinedRanks
     }
     enum CodingKeys: String, CodingKey {
         case event, epoch, fromStep = "from_step", worldSize = "world_size", lostRanks = "lost_ranks", lost
-        case lostSeconds = "lost_seconds", resumedSeconds = "resumed_seconds"
+        case lostSeconds = "lost_seconds", resumedSeconds = "resumed_seconds", joinedRanks = "joined_ranks"
     }
 }
 

@@ -23,14 +23,15 @@ public struct TrainingState {
     }
 
     /// Decodes a state received from `peer` (named in errors), after checking its format, version and
-    /// own checksum, and that it is the state the run's ranks agreed on (`expected`).
-    public init(decoding bytes: [UInt8], from peer: String, expected: String) throws {
+    /// own checksum, and that it is the state the run's ranks agreed on (`expected`; nil: not checked
+    /// here, as when the ranks agree on another checksum, see `SqueezeCluster.StateTransfer`).
+    public init(decoding bytes: [UInt8], from peer: String, expected: String?) throws {
         let source = "the training state from \(peer)"
         let (raw, meta): ([String: SafetensorsTensor], [String: String])
         do { (raw, meta) = try Safetensors.decode(bytes, source: source) } catch { throw TrainingError.checkpoint("\(error)") }
         checkpoint = try Checkpoint.verified(raw, meta, path: source)
         checksum = meta["checksum"]!
-        guard checksum == expected else {
+        if let expected, checksum != expected {
             throw TrainingError.checkpoint("\(source) has checksum \(checksum), not \(expected), the one the run's ranks agree on: "
                                            + "it is another step's state, or another run's")
         }

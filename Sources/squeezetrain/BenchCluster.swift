@@ -183,7 +183,13 @@ struct BenchClusterCommand: ReportingCommand {
     static let configuration = CommandConfiguration(
         commandName: "cluster",
         abstract: "Training throughput of a local cluster (coordinator + N worker processes) on CIFAR-10.",
-        discussion: "Images/s is the global batch over the median step time (the slowest rank's) after the warm-up steps.")
+        discussion: """
+        Images/s is the global batch over the median step time (the slowest rank's) after the warm-up steps. \
+        With --kill-worker-at STEP the last worker is SIGKILLed once step STEP's lines are written, and the run goes on \
+        elastically (--elastic; with --rejoin a new worker joins) or, with --restart-all-every K, every process restarts \
+        from the newest checkpoint (as launch --max-restarts): the steps trained twice, the stall from the signal to the \
+        next step written, and the time a new worker takes to train are printed.
+        """)
 
     @Option(help: "Worker processes.") var workers = 2
     @Option(help: "Global batch per step.") var batchSize = 128
@@ -197,6 +203,12 @@ struct BenchClusterCommand: ReportingCommand {
     @Flag(help: "Measure plain sockets instead of the default: a fresh run key, CURVE on the control plane, every tcp data-plane frame sealed with AES-256-GCM.")
     var insecure = false
     @Flag(help: "Print a JSON object.") var json = false
+    @Option(help: "SIGKILL the last worker once step STEP (0-based, warm-up included) is written, and report what it cost.")
+    var killWorkerAt: Int?
+    @Flag(help: "With --kill-worker-at (elastic): start a new worker in its place, which joins the running run.")
+    var rejoin = false
+    @Option(help: ArgumentHelp("With --kill-worker-at: instead of going on elastically, restart every process from the newest checkpoint, written every K steps (launch --max-restarts 1).", valueName: "K"))
+    var restartAllEvery: Int?
 
     struct Report: Encodable {
         var workers: Int, batchSize: Int, threadsPerWorker: Int, model: String, allreduce: String, steps: Int, encrypted: Bool
@@ -205,39 +217,54 @@ struct BenchClusterCommand: ReportingCommand {
         var imagesPerSecond: Double, secondsPerStepMedian: Double
         var bytesSentPerWorkerPerStep: Double, bytesReceivedPerWorkerPerStep: Double, theoryBytesSentPerWorkerPerStep: Double
         var allreduceShareOfStep: Double
+        /// --kill-worker-at: what the kill cost.
+        var kill: KillFigures?
     }
 
     func validate() throws {
         guard workers >= 1, batchSize % workers == 0 else { throw ValidationError("--batch-size must divide evenly over --workers") }
         guard steps >= 1, warmup >= 0 else { throw ValidationError("--steps must be at least 1") }
+        if let killWorkerAt {
+            guard workers >= 2 else { throw ValidationError("--kill-worker-at needs --workers 2 or more: someone must go on") }
+            guard (0..<(warmup + steps - 1)).contains(killWorkerAt) else {
+                throw ValidationError("--kill-worker-at \(killWorkerAt) must be a step before the last, 0..<\(warmup + steps - 1)")
+            }
+            if rejoin && restartAllEvery != nil { throw ValidationError("--rejoin is for the elastic run; --restart-all-every restarts every process anyway") }
+            if let k = restartAllEvery, k < 1 { throw ValidationError("--restart-all-every must be at least 1 step") }
+        } else if rejoin || restartAllEvery != nil {
+            throw ValidationError("--rejoin and --restart-all-every go with --kill-worker-at STEP")
+        }
     }
 
     func execute() throws {
         let run = try RunDirectory(prefix: "squeezetrain-bench-cluster-")
         defer { run.remove() }
-        let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
         let access = PeerAccess(keyFile: insecure ? nil : try run.makeKey(), insecure: insecure)
-        var training = try TrainingOptions.parse([])
-        (training.model, training.data, training.batchSize, training.steps) = (model, data, batchSize, warmup + steps)
-        var comm = communication
-        comm.noEval = true  // a throughput benchmark: no test-set evaluation at the end
-        let coordinator = CoordinatorProcess(options: coordinatorOptions(bind: endpoint, workers: workers, training: training, cluster: comm,
-                                                                         metrics: run.path + "/metrics.jsonl", initWeights: nil, saveWeights: nil),
-                                             access: access, traceWindow: TraceOptions.defaultWindow)
-        var specs = [try run.spec("coordinator", coordinator, ["coordinator", "--bind", endpoint, "--workers", "\(workers)"])]
-        for r in 0..<workers {
-            let worker = WorkerProcess(coordinator: endpoint, options: workerOptions(threads: threads, data: data, rank: r, joinTimeout: 120, trace: nil,
-                                                                                     window: TraceOptions.defaultWindow),
-                                       access: access, cpus: bindTo.cpus(rank: r, threads: threads))
-            specs.append(try run.spec("worker \(r)", worker, ["worker", "--coordinator", endpoint, "--rank", "\(r)"]))
-        }
+        let metrics = run.path + "/metrics.jsonl"
         let log = LogBuffer()
-        let group = ProcessGroup(specs, write: log.add)
-        try group.start()
-        let outcome = group.wait(primary: "coordinator")
+        let watcher = killWorkerAt.map { KillWatcher(metrics: metrics, killAt: $0, rejoin: rejoin) }
+        // With a kill and --restart-all-every: attempts as launch --max-restarts 1 makes them; else one.
+        let supervisor = RestartSupervisor(maxRestarts: restartAllEvery == nil ? 0 : 1, metricsPath: metrics, log: { log.add($0) })
+        let outcome = try supervisor.run { attempt in
+            let group = ProcessGroup(try specs(resume: attempt > 0, access: access, metrics: metrics, in: run), write: { line in
+                log.add(line)
+                if line.hasPrefix("[launch] started joiner") { watcher?.joinerStarted() }
+            }, onEvent: { supervisor.handle($1) })
+            if killWorkerAt != nil && restartAllEvery == nil {
+                group.survivable = Set((0..<workers).map { "worker \($0)" })
+                group.replacements = rejoin ? 1 : 0
+            }
+            supervisor.started(group)
+            try group.start()
+            if attempt == 0, let watcher, let victim = group.pid(of: "worker \(workers - 1)") { watcher.start(killing: victim) }
+            return group.wait(primary: "coordinator")
+        }
+        let kill = watcher?.result()
         guard outcome == .success else { throw ClusterError("\(outcome)\n" + log.text) }
-        let report = try summarise(run.path + "/metrics.jsonl")
+        var report = try summarise(metrics)
+        report.kill = kill
         if json { return try printJSON(report) }
+        defer { if let killWorkerAt { printKill(kill, at: killWorkerAt) } }
         print("\(workers) workers × \(threads) thread(s), global batch \(batchSize), \(report.model), \(report.allreduce) all-reduce"
               + (insecure ? ", plain sockets:" : ", CURVE control plane, data plane \(communication.dataTransport.rawValue) "
                  + (report.protection == "aes-gcm" ? "sealed with AES-256-GCM:" : "not sealed (private ipc):")))
@@ -248,11 +275,48 @@ struct BenchClusterCommand: ReportingCommand {
                      megabytes(report.bytesReceivedPerWorkerPerStep), 100 * report.allreduceShareOfStep))
     }
 
+    /// The processes of the run (attempt > 0 of --restart-all-every: resumed from the newest checkpoint).
+    private func specs(resume: Bool, access: PeerAccess, metrics: String, in run: RunDirectory) throws -> [ProcessSpec] {
+        let endpoint = "tcp://127.0.0.1:\(try freeTCPPort())"
+        var training = try TrainingOptions.parse([])
+        (training.model, training.data, training.batchSize, training.steps) = (model, data, batchSize, warmup + steps)
+        var comm = communication
+        comm.noEval = true  // a throughput benchmark: no test-set evaluation at the end
+        if killWorkerAt != nil, let every = restartAllEvery {
+            comm.checkpoints.checkpointDir = run.path + "/checkpoints"
+            comm.checkpoints.checkpointEvery = every
+            comm.checkpoints.resume = resume
+        } else if killWorkerAt != nil {
+            comm.elastic = true
+        }
+        let coordinator = CoordinatorProcess(options: coordinatorOptions(bind: endpoint, workers: workers, training: training, cluster: comm,
+                                                                         metrics: metrics, initWeights: nil, saveWeights: nil),
+                                             access: access, traceWindow: TraceOptions.defaultWindow)
+        var specs = [try run.spec("coordinator", coordinator, ["coordinator", "--bind", endpoint, "--workers", "\(workers)", "--events"])]
+        for r in 0..<workers {
+            let worker = WorkerProcess(coordinator: endpoint, options: workerOptions(threads: threads, data: data, rank: r, joinTimeout: 120, trace: nil,
+                                                                                     window: TraceOptions.defaultWindow),
+                                       access: access, cpus: bindTo.cpus(rank: r, threads: threads))
+            specs.append(try run.spec("worker \(r)", worker, ["worker", "--coordinator", endpoint, "--rank", "\(r)"]))
+        }
+        return specs
+    }
+
+    private func printKill(_ kill: KillFigures?, at step: Int) {
+        let how = restartAllEvery.map { "every process restarted from the newest checkpoint (written every \($0) steps)" }
+            ?? "the others went on (--elastic)" + (rejoin ? ", and a new worker joined" : "")
+        guard let kill else { return print("  worker \(workers - 1) SIGKILLed at step \(step): no change of members or restart was seen") }
+        print("  worker \(workers - 1) SIGKILLed once step \(kill.killedAfterStep) was written; \(how):")
+        print("    steps trained again: \(kill.stepsRedone) (the run went on from step \(kill.resumedFromStep))")
+        print(String(format: "    stall, SIGKILL → next step written: %.2f s", kill.stallSeconds))
+        if let seconds = kill.joinerSeconds { print(String(format: "    new worker, started → its first step written: %.2f s", seconds)) }
+    }
+
     private func summarise(_ path: String) throws -> Report {
         let text = String(decoding: try readFileNoFollow(path), as: UTF8.self)  // a private directory: no link is followed
         let lines = try text.split(separator: "\n").compactMap {
             try JSONSerialization.jsonObject(with: Data($0.utf8)) as? [String: Any]
-        }.filter { ($0["step"] as? Int ?? 0) >= warmup }
+        }.filter { $0["rank"] != nil && ($0["step"] as? Int ?? 0) >= warmup }  // per-worker lines (not a membership or restart event)
         func number(_ l: [String: Any], _ k: String) -> Double { (l[k] as? NSNumber)?.doubleValue ?? 0 }
         let bySteps = Dictionary(grouping: lines) { $0["step"] as? Int ?? 0 }
         let stepTimes = bySteps.values.map { $0.map { number($0, "step_seconds") }.max() ?? 0 }.sorted()

@@ -47,6 +47,8 @@ struct ClusterOptions: ParsableArguments {
     var elastic = false
     @Option(help: "With --elastic: when fewer workers remain, the furthest writes a checkpoint (with --checkpoint-dir) and the run stops, naming the lost ranks.")
     var minWorkers = 1
+    @Option(help: "With --elastic: the most workers the run may have. A worker started while the run trains (squeezetrain worker --coordinator …, or launch --replace-workers) joins it at the next step boundary, receiving the training state from a member; beyond this many it is refused. Default: --workers.")
+    var maxWorkers: Int?
     @OptionGroup var checkpoints: CheckpointOptions
     @OptionGroup var precision: PrecisionOption
 
@@ -55,6 +57,10 @@ struct ClusterOptions: ParsableArguments {
         try validateAlgorithm(allreduce, compress: compress)
         guard timeout.isFinite, timeout >= 0.1, timeout <= 3600 else { throw ValidationError("--timeout must be in 0.1...3600 seconds (got \(timeout))") }
         guard minWorkers >= 1 else { throw ValidationError("--min-workers must be at least 1 (got \(minWorkers))") }
+        if let maxWorkers {
+            guard elastic else { throw ValidationError("--max-workers \(maxWorkers) needs --elastic: only an elastic run admits workers while it trains") }
+            guard maxWorkers >= minWorkers else { throw ValidationError("--max-workers \(maxWorkers) is below --min-workers \(minWorkers)") }
+        }
         if elastic && allreduce == .star {
             throw ValidationError("--elastic does not take --allreduce star yet (its hub is not re-formed after a loss): use --allreduce ring or tree")
         }
@@ -132,6 +138,7 @@ func coordinatorOptions(bind: String, workers: Int, training: TrainingOptions, c
     options.startOver = cluster.checkpoints.startOver
     options.elastic = cluster.elastic
     options.minWorkers = cluster.minWorkers
+    options.maxWorkers = cluster.maxWorkers
     options.initWeights = initWeights.map(absolutePath)
     options.saveWeights = saveWeights.map(absolutePath)
     return options

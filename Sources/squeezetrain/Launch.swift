@@ -28,6 +28,8 @@ struct Launch: ReportingCommand {
     @Option(help: "Rank 0 writes the final weights here.") var saveWeights: String?
     @Option(help: "After a failure, restart every process from the newest checkpoint, at most R times (needs --checkpoint-dir).")
     var maxRestarts = 0
+    @Option(help: "With --elastic: start a new worker process in place of one that dies or fails, at most N times; it joins the run at the next step boundary (up to --max-workers).")
+    var replaceWorkers = 0
     @OptionGroup var security: SecurityOptions
     @OptionGroup(title: "Timeline (every worker records its rank's track, the coordinator the star hub's; launch merges them into FILE)")
     var tracing: TraceOptions
@@ -49,6 +51,11 @@ struct Launch: ReportingCommand {
                                   + "a checkpoint): give one")
         }
         if cluster.minWorkers > workers { throw ValidationError("--min-workers \(cluster.minWorkers) is more than --workers \(workers)") }
+        if let max = cluster.maxWorkers, max < workers { throw ValidationError("--max-workers \(max) is fewer than --workers \(workers)") }
+        guard replaceWorkers >= 0 else { throw ValidationError("--replace-workers must not be negative") }
+        if replaceWorkers > 0 && !cluster.elastic {
+            throw ValidationError("--replace-workers needs --elastic: a replacement joins the running run (without --elastic, --max-restarts restarts every process)")
+        }
         if maxRestarts > 0 && cluster.checkpoints.checkpointDir == nil {
             throw ValidationError("--max-restarts needs --checkpoint-dir: a restart resumes from the newest checkpoint")
         }
@@ -74,6 +81,7 @@ struct Launch: ReportingCommand {
                                                attempt: attempt),
                                      onEvent: { supervisor.handle($1) })
             if cluster.elastic { group.survivable = Set((0..<workers).map { "worker \($0)" }) }  // the coordinator goes on without them
+            group.replacements = replaceWorkers
             supervisor.started(group)
             try group.start()
             // On Ctrl-C/SIGTERM the processes stop by themselves a few steps later (after a

@@ -78,31 +78,41 @@ struct MembershipTests {
         #expect(stray?.description.contains("none was asked of it") == true)
     }
 
-    @Test func joinersWaitForAStepBoundaryAndTakeTheNextRanks() throws {
+    @Test func joinersAreAdmittedAtAStepBoundaryWithTheNextRanks() throws {
         var m = try membership(2, max: 4)
         let a = try m.requestJoin(), b = try m.requestJoin()
         #expect([a, b] == ids(2, 3) && m.waiting == ids(2, 3) && m.current.worldSize == 2)
         let full = #expect(throws: MembershipError.self) { try m.requestJoin() }
         #expect(full?.description == "the run already has 4 worker(s) (2 of them waiting to join), its --max-workers 4")
         m.withdraw(b)  // refused (another model) or gone before its admission
-        let stale = #expect(throws: MembershipError.self) { try m.admitWaiting(atStep: -1) }
-        #expect(stale?.description.contains("before step 0") == true)
-        let answer = try m.admitWaiting(atStep: 6)
-        #expect(answer == .reform(epoch: MembershipEpoch(number: 1, fromStep: 6, members: ids(0, 1, 2)), donor: MemberID(0), receivers: [a]))
-        let none = try m.admitWaiting(atStep: 7)
-        #expect(m.waiting.isEmpty && none == nil && m.epochs.count == 2)
+        let early = #expect(throws: MembershipError.self) { try m.beginAdmission() }  // still loading its data
+        #expect(early?.description == "no joiner is ready to be admitted")
+        m.joinerIsReady(a)
+        m.joinerIsReady(b)  // withdrawn: ignored
+        #expect(m.readyJoiners == [a])
+        try m.beginAdmission()
+        #expect(m.phase == .recovering(awaiting: ids(0, 1)) && m.current.number == 0)
+        // Member #1 had completed step 6 when the members were halted, #0 abandoned it: both receive #1's state.
+        let answer = try report(&m, [(0, 6), (1, 7)])
+        #expect(answer == .reform(epoch: MembershipEpoch(number: 1, fromStep: 7, members: ids(0, 1, 2)), donor: MemberID(1), receivers: ids(0) + [a]))
+        #expect(m.waiting.isEmpty && m.phase == .training && m.departures.isEmpty)
+        let none = #expect(throws: MembershipError.self) { try m.beginAdmission() }
+        #expect(none?.description == "no joiner is ready to be admitted")
     }
 
-    /// Joiners waiting when a member is lost are admitted when the recovery ends, and count towards the minimum.
-    @Test func aRecoveryAdmitsTheWaitingJoiners() throws {
+    /// Joiners ready when a member is lost are admitted when the recovery ends, and count towards the
+    /// minimum; one still loading its data waits for the next change.
+    @Test func aRecoveryAdmitsTheReadyJoiners() throws {
         var m = try membership(2, min: 2)
-        let joiner = try m.requestJoin()
+        let joiner = try m.requestJoin(), loading = try m.requestJoin()
+        m.joinerIsReady(joiner)
         m.lose(MemberID(0), completedSteps: 20, reason: "process exited")
-        let late = #expect(throws: MembershipError.self) { try m.admitWaiting(atStep: 20) }
+        let late = #expect(throws: MembershipError.self) { try m.beginAdmission() }
         #expect(late?.description.contains("not now") == true)
         let answer = try m.report(MemberID(1), completedSteps: 20)
         #expect(answer == .reform(epoch: MembershipEpoch(number: 1, fromStep: 20, members: [MemberID(1), joiner]),
                                   donor: MemberID(1), receivers: [joiner]))
+        #expect(m.waiting == [loading] && m.readyJoiners.isEmpty)
     }
 
     @Test func belowTheMinimumTheRunCheckpointsAndStopsNamingTheLostRanks() throws {
