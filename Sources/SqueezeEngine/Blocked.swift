@@ -1,12 +1,13 @@
 /// Kernels on oneDNN's blocked activation layout (nChw8c on AVX2, nChw16c on AVX-512), in which a
 /// training step keeps SqueezeNet's activations and gradients from the stem to the classifier
 /// (docs/engine.md, "Blocked layouts"). Element [n][c][h][w] of a tensor with block B lives at
-/// n·imageStride + ((c / B)·H·W + h·W + w)·B + c % B: every pixel holds B consecutive channels.
+/// n·imageStride + ((c / B)·H·W + h·W + w)·B + c % B: every pixel holds B consecutive channels, and
+/// channel block b of image n is one contiguous run of H·W·B floats.
 ///
-/// The kernels work on groups of 8 channels (one SIMD8 per pixel, B floats from one pixel to the
-/// next), so one code path serves both blocks. A channel slice of a wider blocked tensor (the Fire
-/// module's concat) is a `Tensor` with a larger `imageStride`; slices start at multiples of B.
-/// Per-channel sums add each image's plane in Float lanes, then the images in Double.
+/// The per-channel kernels work on one such run at a time in SIMD8 parts (two per pixel for B = 16,
+/// so every cache line is read whole). A channel slice of a wider blocked tensor
+/// (the Fire module's concat) is a `Tensor` with a larger `imageStride`; slices start at multiples
+/// of B. Per-channel sums add each image's plane in Float lanes, then the images in Double.
 
 typealias Lanes8 = SIMD8<Float>
 
@@ -34,46 +35,91 @@ extension Tensor {
         let c = g * 8
         return data + n * imageStride + (c / block) * shape.plane * block + c % block
     }
+
+    /// Blocked: the run of channel block b of image n (H·W pixels of `block` floats).
+    @inline(__always) func run(_ b: Int, _ n: Int) -> UnsafeMutablePointer<Float> {
+        data + n * imageStride + b * shape.plane * block
+    }
 }
 
 @inline(__always) private func load(_ p: UnsafePointer<Float>) -> Lanes8 { UnsafeRawPointer(p).loadUnaligned(as: Lanes8.self) }
 @inline(__always) private func store(_ v: Lanes8, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: Lanes8.self) }
 
-/// Eight Double sums, one per channel of a group.
-struct GroupSums {
-    var lanes = SIMD8<Double>()
-    @inline(__always) mutating func add(_ v: Lanes8) { for l in 0..<8 { lanes[l] += Double(v[l]) } }
+/// One Double sum per channel of a block (up to 16).
+struct BlockSums {
+    var lanes = SIMD16<Double>()
+    @inline(__always) mutating func add(_ v: Lanes8, part: Int) { for l in 0..<8 { lanes[part * 8 + l] += Double(v[l]) } }
+    @inline(__always) func write(into p: UnsafeMutablePointer<Float>, count: Int) { for l in 0..<count { p[l] = Float(lanes[l]) } }
+    /// Part `part` (8 lanes) of the sums divided by m.
+    @inline(__always) func mean(over m: Int, part: Int) -> Lanes8 {
+        var v = Lanes8()
+        for l in 0..<8 { v[l] = Float(lanes[part * 8 + l] / Double(m)) }
+        return v
+    }
+}
+
+/// Per-part constants of a channel block: part 0 (channels 0–7) and part 1 (8–15, B = 16 only).
+struct PartPair {
+    var first = Lanes8(), second = Lanes8()
+    init() {}
+    init(_ p: UnsafePointer<Float>, parts: Int) {
+        first = UnsafeRawPointer(p).loadUnaligned(as: Lanes8.self)
+        if parts == 2 { second = UnsafeRawPointer(p + 8).loadUnaligned(as: Lanes8.self) }
+    }
+    @inline(__always) subscript(_ part: Int) -> Lanes8 {
+        get { part == 0 ? first : second }
+        set { if part == 0 { first = newValue } else { second = newValue } }
+    }
 }
 
 enum BlockedKernels {
-    /// Runs `body(g)` for every group of 8 channels of `x`, split over the compute threads.
-    @inline(__always) static func forEachGroup(_ x: Tensor, _ body: (Int) -> Void) {
-        parallelFor(x.shape.c / 8) { groups in for g in groups { body(g) } }
+    /// Runs `body(b)` for every channel block of `x`, split over the compute threads.
+    @inline(__always) static func forEachBlock(_ x: Tensor, _ body: (Int) -> Void) {
+        parallelFor(x.shape.c / x.block) { blocks in for b in blocks { body(b) } }
     }
 
-    /// Σ over images and pixels of f(pixel index, pointer offset) per channel of group g.
-    @inline(__always) static func reduce(_ x: Tensor, _ g: Int, _ f: (Int, Int) -> Lanes8) -> GroupSums {
-        var sums = GroupSums()
+    /// Calls f(image, offset of the part in its run, part) for every 8-lane part of every pixel of
+    /// a block (one part per pixel for B = 8, two for B = 16).
+    @inline(__always) static func forEachPart(_ x: Tensor, _ f: (Int, Int, Int) -> Void) {
         for n in 0..<x.shape.n {
-            var acc = Lanes8()
-            for i in 0..<x.shape.plane { acc += f(n, i * x.block) }
-            sums.add(acc)
+            if x.block == 16 {
+                for i in 0..<x.shape.plane { f(n, i * 16, 0); f(n, i * 16 + 8, 1) }
+            } else {
+                for i in 0..<x.shape.plane { f(n, i * 8, 0) }
+            }
         }
-        return sums
+    }
+
+    /// Σ of f(image, offset, part) over images and pixels, per channel of a block.
+    @inline(__always) static func reduce(_ x: Tensor, _ f: (Int, Int, Int) -> Lanes8) -> BlockSums {
+        reduce2(x) { n, o, part in (f(n, o, part), Lanes8()) }.0
     }
 
     /// `reduce` of two functions in one pass.
-    @inline(__always) static func reduce2(_ x: Tensor, _ g: Int, _ f: (Int, Int) -> (Lanes8, Lanes8)) -> (GroupSums, GroupSums) {
-        var sums = (GroupSums(), GroupSums())
+    @inline(__always) static func reduce2(_ x: Tensor, _ f: (Int, Int, Int) -> (Lanes8, Lanes8)) -> (BlockSums, BlockSums) {
+        var sums = (BlockSums(), BlockSums())
         for n in 0..<x.shape.n {
-            var acc = (Lanes8(), Lanes8())
-            for i in 0..<x.shape.plane {
-                let (a, b) = f(n, i * x.block)
-                acc.0 += a; acc.1 += b
+            var a = PartPair(), b = PartPair()
+            if x.block == 16 {
+                for i in 0..<x.shape.plane {
+                    let (p, q) = f(n, i * 16, 0), (r, s) = f(n, i * 16 + 8, 1)
+                    a.first += p; b.first += q; a.second += r; b.second += s
+                }
+                sums.0.add(a.second, part: 1); sums.1.add(b.second, part: 1)
+            } else {
+                for i in 0..<x.shape.plane {
+                    let (p, q) = f(n, i * 8, 0)
+                    a.first += p; b.first += q
+                }
             }
-            sums.0.add(acc.0); sums.1.add(acc.1)
+            sums.0.add(a.first, part: 0); sums.1.add(b.first, part: 0)
         }
         return sums
+    }
+
+    /// Runs `body(g)` for every group of 8 channels of `x` (part of a block), split over the compute threads.
+    @inline(__always) static func forEachGroup(_ x: Tensor, _ body: (Int) -> Void) {
+        parallelFor(x.shape.c / 8) { groups in for g in groups { body(g) } }
     }
 
     /// y (blocked) = x (channel-major), same shape.
@@ -106,28 +152,26 @@ enum BlockedKernels {
 
     /// y = max(0, z + bias) per channel (or without the ReLU); z dense, y possibly a slice (or z itself).
     static func addBias(_ z: Tensor, bias: UnsafePointer<Float>, relu: Bool, into y: Tensor) {
-        forEachGroup(z) { g in
-            let b = load(bias + g * 8)
-            for n in 0..<z.shape.n {
-                let src = z.group(g, n), dst = y.group(g, n)
-                for i in 0..<z.shape.plane {
-                    let v = load(src + i * z.block) + b
-                    store(relu ? v.replacing(with: 0, where: v .< 0) : v, dst + i * y.block)
-                }
+        let parts = z.block / 8
+        forEachBlock(z) { b in
+            let shift = PartPair(bias + b * z.block, parts: parts)
+            forEachPart(z) { n, o, part in
+                let v = load(z.run(b, n) + o) + shift[part]
+                store(relu ? v.replacing(with: 0, where: v .< 0) : v, y.run(b, n) + o)
             }
         }
     }
 
     /// dz = dy · [y > 0] (when `relu`), biasGrad = Σ dz per channel. dz dense (it may be dy itself).
     static func reluBackwardBiasGrad(_ dy: Tensor, y: Tensor, relu: Bool, into dz: Tensor, biasGrad: UnsafeMutablePointer<Float>) {
-        forEachGroup(dz) { g in
-            let sums = reduce(dz, g) { n, o in
-                var v = load(dy.group(g, n) + o)
-                if relu { v.replace(with: 0, where: load(y.group(g, n) + o) .<= 0) }
-                store(v, dz.group(g, n) + o)
+        forEachBlock(dz) { b in
+            let sums = reduce(dz) { n, o, _ in
+                var v = load(dy.run(b, n) + o)
+                if relu { v.replace(with: 0, where: load(y.run(b, n) + o) .<= 0) }
+                store(v, dz.run(b, n) + o)
                 return v
             }
-            for l in 0..<8 { biasGrad[g * 8 + l] = Float(sums.lanes[l]) }
+            sums.write(into: biasGrad + b * dz.block, count: dz.block)
         }
     }
 
@@ -189,72 +233,76 @@ extension BatchNorm {
     /// `forward` on blocked z (dense) into y (dense or a channel slice): the same formulas per channel.
     func forward(blocked z: Tensor, into y: Tensor, training: Bool, relu: Bool, bias convBias: UnsafePointer<Float>) {
         let means = mean.reserve(channels), invStds = invStd.reserve(channels)
-        let m = Double(z.shape.columns)
+        let m = z.shape.columns, lanes = z.block, parts = lanes / 8
         let gamma = weight.value, beta = bias.value, runningMean = runningMean.value, runningVar = runningVar.value
-        BlockedKernels.forEachGroup(z) { g in
+        BlockedKernels.forEachBlock(z) { b in
+            let c0 = b * lanes
             if training {
-                let sums = BlockedKernels.reduce(z, g) { n, o in load(z.group(g, n) + o) }
-                var mu = Lanes8()
-                for l in 0..<8 { mu[l] = Float(sums.lanes[l] / m) }
-                let q = BlockedKernels.reduce(z, g) { n, o in
-                    let d = load(z.group(g, n) + o) - mu
+                let sums = BlockedKernels.reduce(z) { n, o, _ in load(z.run(b, n) + o) }
+                var mu = PartPair()
+                for part in 0..<parts { mu[part] = sums.mean(over: m, part: part) }
+                let q = BlockedKernels.reduce(z) { n, o, part in
+                    let d = load(z.run(b, n) + o) - mu[part]
                     return d * d
                 }
-                for l in 0..<8 {
-                    let c = g * 8 + l, deviations = Float(q.lanes[l])
-                    runningMean[c] = (1 - momentum) * runningMean[c] + momentum * (mu[l] + convBias[c])
-                    runningVar[c] = (1 - momentum) * runningVar[c] + momentum * deviations / Float(max(Int(m) - 1, 1))
-                    means[c] = mu[l]; invStds[c] = 1 / (deviations / Float(m) + eps).squareRoot()
+                for l in 0..<lanes {
+                    let c = c0 + l, deviations = Float(q.lanes[l])
+                    means[c] = mu[l / 8][l % 8]; invStds[c] = 1 / (deviations / Float(m) + eps).squareRoot()
+                    runningMean[c] = (1 - momentum) * runningMean[c] + momentum * (means[c] + convBias[c])
+                    runningVar[c] = (1 - momentum) * runningVar[c] + momentum * deviations / Float(max(m - 1, 1))
                 }
             } else {
-                for c in (g * 8)..<(g * 8 + 8) {
+                for c in c0..<(c0 + lanes) {
                     means[c] = runningMean[c] - convBias[c]; invStds[c] = 1 / (runningVar[c] + eps).squareRoot()
                 }
             }
-            let scale = load(gamma + g * 8) * load(invStds + g * 8)
-            let shift = load(beta + g * 8) - load(means + g * 8) * scale
-            for n in 0..<z.shape.n {
-                let src = z.group(g, n), dst = y.group(g, n)
-                for i in 0..<z.shape.plane {
-                    let v = load(src + i * z.block) * scale + shift
-                    store(relu ? v.replacing(with: 0, where: v .< 0) : v, dst + i * y.block)
-                }
+            var scale = PartPair(), shift = PartPair()
+            for part in 0..<parts {
+                let p = c0 + part * 8
+                scale[part] = load(gamma + p) * load(invStds + p)
+                shift[part] = load(beta + p) - load(means + p) * scale[part]
+            }
+            BlockedKernels.forEachPart(z) { n, o, part in
+                let v = load(z.run(b, n) + o) * scale[part] + shift[part]
+                store(relu ? v.replacing(with: 0, where: v .< 0) : v, y.run(b, n) + o)
             }
         }
     }
 
     /// `backward` on blocked tensors: dL/dy in `g` (dense or a channel slice), z dense; dL/dz is written
-    /// over z (which the forward kept and nothing reads afterwards). Two passes per channel group.
+    /// over z (which the forward kept and nothing reads afterwards). Two passes per channel block.
     func backward(blocked g: Tensor, z: Tensor, reluOutput y: Tensor?, biasGrad: UnsafeMutablePointer<Float>) {
         let means = mean.pointer, invStds = invStd.pointer
         let gamma = weight.value, dgamma = weight.gradient, dbeta = bias.gradient
-        let m = Float(z.shape.columns)
-        BlockedKernels.forEachGroup(z) { k in
+        let m = Float(z.shape.columns), lanes = z.block, parts = lanes / 8
+        BlockedKernels.forEachBlock(z) { b in
             @inline(__always) func masked(_ n: Int, _ o: Int) -> Lanes8 {
-                var v = load(g.group(k, n) + o)
-                if let y { v.replace(with: 0, where: load(y.group(k, n) + o) .<= 0) }
+                var v = load(g.run(b, n) + o)
+                if let y { v.replace(with: 0, where: load(y.run(b, n) + o) .<= 0) }
                 return v
             }
-            let (sumG, sumGZ) = BlockedKernels.reduce2(z, k) { n, o in
+            let (sumG, sumGZ) = BlockedKernels.reduce2(z) { n, o, _ in
                 let v = masked(n, o)
-                return (v, v * load(z.group(k, n) + o))
+                return (v, v * load(z.run(b, n) + o))
             }
-            var a = Lanes8(), b0 = Lanes8(), b1 = Lanes8()
-            let mu = load(means + k * 8)
-            for l in 0..<8 {
-                let c = k * 8 + l, inv = invStds[c]
-                let sg = Float(sumG.lanes[l]), sgx = (Float(sumGZ.lanes[l]) - mu[l] * sg) * inv  // Σ g·x̂
+            let c0 = b * lanes
+            var a = PartPair(), b0 = PartPair(), b1 = PartPair()
+            let mu = PartPair(means + c0, parts: parts)
+            for l in 0..<lanes {
+                let c = c0 + l, inv = invStds[c]
+                let sg = Float(sumG.lanes[l]), sgx = (Float(sumGZ.lanes[l]) - means[c] * sg) * inv  // Σ g·x̂
                 dbeta[c] = sg; dgamma[c] = sgx
-                let scale = gamma[c] * inv / m
-                a[l] = scale * m; b0[l] = -scale * sg; b1[l] = -scale * inv * sgx
+                let k = gamma[c] * inv / m
+                // dz = k·(m·g − Σg − x̂·Σg·x̂) = a·g + b0 + b1·(z − μ)
+                a[l / 8][l % 8] = k * m; b0[l / 8][l % 8] = -k * sg; b1[l / 8][l % 8] = -k * inv * sgx
             }
-            let sums = BlockedKernels.reduce(z, k) { n, o in
-                let p = z.group(k, n) + o
-                let d = a * masked(n, o) + b0 + b1 * (load(p) - mu)
+            let sums = BlockedKernels.reduce(z) { n, o, part in
+                let p = z.run(b, n) + o
+                let d = a[part] * masked(n, o) + b0[part] + b1[part] * (load(p) - mu[part])
                 store(d, p)
                 return d
             }
-            for l in 0..<8 { biasGrad[k * 8 + l] = Float(sums.lanes[l]) }
+            sums.write(into: biasGrad + c0, count: lanes)
         }
     }
 }
