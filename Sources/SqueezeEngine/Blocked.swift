@@ -45,15 +45,21 @@ extension Tensor {
 @inline(__always) private func load(_ p: UnsafePointer<Float>) -> Lanes8 { UnsafeRawPointer(p).loadUnaligned(as: Lanes8.self) }
 @inline(__always) private func store(_ v: Lanes8, _ p: UnsafeMutablePointer<Float>) { UnsafeMutableRawPointer(p).storeBytes(of: v, as: Lanes8.self) }
 
-/// One Double sum per channel of a block (up to 16).
+/// One Double sum per channel of a block (up to 16), in two parts of 8.
 struct BlockSums {
-    var lanes = SIMD16<Double>()
-    @inline(__always) mutating func add(_ v: Lanes8, part: Int) { for l in 0..<8 { lanes[part * 8 + l] += Double(v[l]) } }
-    @inline(__always) func write(into p: UnsafeMutablePointer<Float>, count: Int) { for l in 0..<count { p[l] = Float(lanes[l]) } }
+    var first = SIMD8<Double>(), second = SIMD8<Double>()
+    @inline(__always) mutating func add(_ v: Lanes8, part: Int) {
+        let wide = SIMD8<Double>(Double(v[0]), Double(v[1]), Double(v[2]), Double(v[3]),
+                                 Double(v[4]), Double(v[5]), Double(v[6]), Double(v[7]))
+        if part == 0 { first += wide } else { second += wide }
+    }
+    @inline(__always) subscript(_ lane: Int) -> Double { lane < 8 ? first[lane] : second[lane - 8] }
+    @inline(__always) func write(into p: UnsafeMutablePointer<Float>, count: Int) { for l in 0..<count { p[l] = Float(self[l]) } }
     /// Part `part` (8 lanes) of the sums divided by m.
     @inline(__always) func mean(over m: Int, part: Int) -> Lanes8 {
+        let sums = part == 0 ? first : second
         var v = Lanes8()
-        for l in 0..<8 { v[l] = Float(lanes[part * 8 + l] / Double(m)) }
+        for l in 0..<8 { v[l] = Float(sums[l] / Double(m)) }
         return v
     }
 }
@@ -246,7 +252,7 @@ extension BatchNorm {
                     return d * d
                 }
                 for l in 0..<lanes {
-                    let c = c0 + l, deviations = Float(q.lanes[l])
+                    let c = c0 + l, deviations = Float(q[l])
                     means[c] = mu[l / 8][l % 8]; invStds[c] = 1 / (deviations / Float(m) + eps).squareRoot()
                     runningMean[c] = (1 - momentum) * runningMean[c] + momentum * (means[c] + convBias[c])
                     runningVar[c] = (1 - momentum) * runningVar[c] + momentum * deviations / Float(max(m - 1, 1))
@@ -290,7 +296,7 @@ extension BatchNorm {
             let mu = PartPair(means + c0, parts: parts)
             for l in 0..<lanes {
                 let c = c0 + l, inv = invStds[c]
-                let sg = Float(sumG.lanes[l]), sgx = (Float(sumGZ.lanes[l]) - means[c] * sg) * inv  // Σ g·x̂
+                let sg = Float(sumG[l]), sgx = (Float(sumGZ[l]) - means[c] * sg) * inv  // Σ g·x̂
                 dbeta[c] = sg; dgamma[c] = sgx
                 let k = gamma[c] * inv / m
                 // dz = k·(m·g − Σg − x̂·Σg·x̂) = a·g + b0 + b1·(z − μ)

@@ -93,7 +93,8 @@ public final class Network {
     /// Training mode keeps what `backward` needs; eval mode keeps nothing (its activations rotate
     /// through three shared buffers, and the logits are valid until the next forward).
     /// A training step runs in oneDNN's blocked layout (Blocked.swift) from the stem on, as long as the
-    /// layers take it, and is reordered to channel-major before the first that does not (the classifier).
+    /// layers take it, and is reordered to channel-major before the first that does not (the classifier,
+    /// or a Fire module whose channels are no multiple of the block); channel-major from there on.
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
         workspace.block = training ? trainingBlock : 0
         let profile = training ? workspace.profile : nil
@@ -105,6 +106,7 @@ public final class Network {
                 h = slot.tensor(h.shape)
                 profiled(profile, layer.name + ".reorder", "swift", backward: false) { BlockedKernels.toChannelMajor(blocked, into: h) }
                 reblock[i] = blocked.block
+                workspace.block = 0
             } else {
                 reblock[i] = nil
             }

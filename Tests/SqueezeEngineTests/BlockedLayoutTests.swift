@@ -60,9 +60,23 @@ struct BlockedLayoutTests {
     /// or image moves it by O(1); NumericsTests measures the accuracy against float64.
     @Test(arguments: [(false, false, ModelConfig.Bypass.none), (true, true, .none), (true, false, .simple)])
     func trainingStepMatchesChannelMajor(batchNorm: Bool, lateDownsample: Bool, bypass: ModelConfig.Bypass) throws {
-        try #require(DirectConvolution.preferredBlock > 0, "oneDNN picks no blocked layout on this CPU")
         var c = ModelConfig()
         (c.batchNorm, c.lateDownsample, c.bypass) = (batchNorm, lateDownsample, bypass)
+        try compareStep(c)
+    }
+
+    /// Section 5's meta-parameters with base_e = incr_e = 32 give Fire modules of 8 and 24 squeeze and
+    /// expand channels: the step leaves the blocked layout before the first that cannot take it.
+    @Test func aFireWithChannelsOffTheBlockRunsChannelMajor() throws {
+        var c = ModelConfig()
+        c.batchNorm = true
+        c.fire.baseE = 32; c.fire.incrE = 32
+        try compareStep(c)
+    }
+
+    func compareStep(_ c: ModelConfig) throws {
+        try #require(DirectConvolution.preferredBlock > 0, "oneDNN picks no blocked layout on this CPU")
+        let batchNorm = c.batchNorm
         let blockedNet = Network(config: c, seed: 5), plainNet = Network(config: c, seed: 5)
         plainNet.convolutionAlgorithm = .gemm
         #expect(blockedNet.trainingBlock == DirectConvolution.preferredBlock)
