@@ -129,28 +129,23 @@ enum BlockedKernels {
     }
 
     /// y (blocked) = x (channel-major), same shape.
-    static func toBlocked(_ x: Tensor, into y: Tensor) {
-        let plane = x.shape.plane, columns = x.shape.columns
-        forEachGroup(y) { g in
-            for n in 0..<y.shape.n {
-                let out = y.group(g, n)
-                for l in 0..<8 {
-                    let src = x.data + (g * 8 + l) * columns + n * plane
-                    for i in 0..<plane { out[i * y.block + l] = src[i] }
-                }
-            }
-        }
-    }
+    static func toBlocked(_ x: Tensor, into y: Tensor) { copy(plain: x, blocked: y, toBlocked: true) }
 
     /// y (channel-major) = x (blocked), same shape.
-    static func toChannelMajor(_ x: Tensor, into y: Tensor) {
-        let plane = x.shape.plane, columns = x.shape.columns
-        forEachGroup(x) { g in
-            for n in 0..<x.shape.n {
-                let src = x.group(g, n)
+    static func toChannelMajor(_ x: Tensor, into y: Tensor) { copy(plain: y, blocked: x, toBlocked: false) }
+
+    private static func copy(plain: Tensor, blocked: Tensor, toBlocked: Bool) {
+        let plane = plain.shape.plane, columns = plain.shape.columns, block = blocked.block
+        forEachGroup(blocked) { g in
+            for n in 0..<blocked.shape.n {
+                let b = blocked.group(g, n)
                 for l in 0..<8 {
-                    let out = y.data + (g * 8 + l) * columns + n * plane
-                    for i in 0..<plane { out[i] = src[i * x.block + l] }
+                    let p = plain.data + (g * 8 + l) * columns + n * plane
+                    if toBlocked {
+                        for i in 0..<plane { b[i * block + l] = p[i] }
+                    } else {
+                        for i in 0..<plane { p[i] = b[i * block + l] }
+                    }
                 }
             }
         }
