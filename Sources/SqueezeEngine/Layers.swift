@@ -1,4 +1,5 @@
-/// A layer: a forward/backward pair over channel-major tensors (see `Shape`).
+/// A layer: a forward/backward pair over channel-major tensors (see `Shape`), or in a training step
+/// over oneDNN's blocked layout where the layer takes it (convolutions, Fire, max-pool; Blocked.swift).
 ///
 /// Layers own their outputs and input gradients (workspaces reused across steps) and keep what the
 /// backward pass needs from the last training-mode forward pass. An eval-mode forward keeps nothing:
