@@ -1,8 +1,10 @@
 import CDNNL
 
-/// oneDNN's convolution primitives (forward, backward data, backward weights) for one k×k
-/// convolution shape, with reorders between the engine's channel-major (C, N, H, W) layout and the
-/// blocked formats oneDNN picks (nChw8c on AVX2). No bias (the engine adds it with ReLU/BatchNorm).
+/// oneDNN's convolution primitives (forward, backward data, backward weights) for one convolution
+/// shape. Source and destination are either the engine's channel-major (C, N, H, W) layout, reordered
+/// to and from the blocked formats oneDNN picks (nChw8c on AVX2), or already blocked (a training step
+/// in the blocked layout, Blocked.swift), then used as they are. No bias (the engine adds it with
+/// ReLU/BatchNorm).
 ///
 /// `Conv2d` picks it or im2col + sgemm per layer shape (`ConvolutionAlgorithm`, docs/engine.md).
 /// The source in oneDNN's format is kept from forward for the weight gradient (instead of the
@@ -17,14 +19,19 @@ final class DirectConvolution {
     private let forwardPrimitive: dnnl_primitive_t, dataPrimitive: dnnl_primitive_t, weightsPrimitive: dnnl_primitive_t
     // oneDNN-format memories (owned)
     private let src: dnnl_memory_t, weightsForward: dnnl_memory_t, dst: dnnl_memory_t
+    /// oneDNN's blocked source (destination) format's block, 0 when the engine's is channel-major.
+    let sourceBlock: Int, destinationBlock: Int
     private let srcForWeights: dnnl_memory_t?, diffDstData: dnnl_memory_t, diffDstWeights: dnnl_memory_t
     private let weightsData: dnnl_memory_t, diffSrc: dnnl_memory_t, diffWeights: dnnl_memory_t
     // the engine's buffers (handles set per call)
     private let xUser: dnnl_memory_t, yUser: dnnl_memory_t, wUser: dnnl_memory_t
     private let dyUser: dnnl_memory_t, dxUser: dnnl_memory_t, dwUser: dnnl_memory_t
-    private let toSrc: dnnl_primitive_t, toWeightsForward: dnnl_primitive_t, fromDst: dnnl_primitive_t
-    private let toSrcForWeights: dnnl_primitive_t?, toDiffDstData: dnnl_primitive_t, toDiffDstWeights: dnnl_primitive_t
-    private let toWeightsData: dnnl_primitive_t, fromDiffSrc: dnnl_primitive_t, addFromDiffSrc: dnnl_primitive_t
+    // nil where the engine's tensor is already in oneDNN's format (blocked source or destination)
+    private let toSrc: dnnl_primitive_t?, toWeightsForward: dnnl_primitive_t, fromDst: dnnl_primitive_t?
+    private let toSrcForWeights: dnnl_primitive_t?, toDiffDstData: dnnl_primitive_t?, toDiffDstWeights: dnnl_primitive_t?
+    /// nil when backward-data takes the weights in the forward's format (reordered once per step).
+    private let toWeightsData: dnnl_primitive_t?
+    private let fromDiffSrc: dnnl_primitive_t?, addFromDiffSrc: dnnl_primitive_t?
     private let fromDiffWeights: dnnl_primitive_t
     private var descriptors = [dnnl_primitive_desc_t]()
     private var memories = [dnnl_memory_t]()
@@ -46,12 +53,23 @@ final class DirectConvolution {
         precondition(status == dnnl_success, "oneDNN \(what) failed with status \(status.rawValue)")
     }
 
+    /// The channel block of the layout oneDNN's convolutions choose on this CPU (16 with AVX-512,
+    /// 8 with AVX2), 0 if it is neither nChw8c nor nChw16c (then nothing runs blocked).
+    static let preferredBlock: Int = {
+        let probe = DirectConvolution(cin: 32, cout: 64, kernel: 3, stride: 1, padding: 1, n: 1, h: 8, w: 8, ho: 8, wo: 8,
+                                      scratch: (FloatBuffer(), FloatBuffer()))
+        return probe.chosenBlock
+    }()
+    private var chosenBlock = 0
+
     /// x (cin, n, h, w) → y (cout, n, ho, wo), weights (cout, cin, k, k); `scratch` holds the blocked
-    /// tensors that live only inside one call.
+    /// tensors that live only inside one call. With `sourceBlock` (`destinationBlock`) nonzero, x and
+    /// dx (y and dy) are blocked with that block (Blocked.swift), else channel-major.
     init(cin: Int, cout: Int, kernel k: Int, stride: Int, padding p: Int, n: Int, h: Int, w: Int, ho: Int, wo: Int,
-         scratch: (FloatBuffer, FloatBuffer)) {
+         sourceBlock: Int = 0, destinationBlock: Int = 0, scratch: (FloatBuffer, FloatBuffer)) {
         self.n = n
         self.scratch = scratch
+        (self.sourceBlock, self.destinationBlock) = (sourceBlock, destinationBlock)
         typealias MD = dnnl_memory_desc_t
         func md(_ dims: [Int], tag: dnnl_format_tag_t) -> MD {
             var d = MD()
@@ -66,7 +84,15 @@ final class DirectConvolution {
                                     "memory_desc_init_by_strides")
             return d
         }
-        var srcAny = md([n, cin, h, w], tag: dnnl_format_tag_any), dstAny = md([n, cout, ho, wo], tag: dnnl_format_tag_any)
+        func blocked(_ block: Int) -> dnnl_format_tag_t {
+            switch block {
+            case 0: return dnnl_format_tag_any
+            case 8: return dnnl_nChw8c
+            case 16: return dnnl_nChw16c
+            default: preconditionFailure("no oneDNN format for a channel block of \(block)")
+            }
+        }
+        var srcAny = md([n, cin, h, w], tag: blocked(sourceBlock)), dstAny = md([n, cout, ho, wo], tag: blocked(destinationBlock))
         var wAny = md([cout, cin, k, k], tag: dnnl_format_tag_any)
         var xCM = channelMajor(c: cin, h: h, w: w), yCM = channelMajor(c: cout, h: ho, w: wo)
         var wPlain = md([cout, cin, k, k], tag: dnnl_oihw)
@@ -128,10 +154,20 @@ final class DirectConvolution {
             return primitive(pd!)
         }
 
+        var dstDesc = query(fpd, dnnl_query_dst_md).pointee
+        for (block, tag) in [(8, dnnl_nChw8c), (16, dnnl_nChw16c)] {
+            var d = md([n, cout, ho, wo], tag: tag)
+            if dnnl_memory_desc_equal(&d, &dstDesc) != 0 { chosenBlock = block }
+        }
+        let blockedSource = sourceBlock > 0, blockedDestination = destinationBlock > 0
         forwardPrimitive = primitive(fpd); dataPrimitive = primitive(dpd); weightsPrimitive = primitive(wpd)
-        src = memory(query(fpd, dnnl_query_src_md)); weightsForward = memory(query(fpd, dnnl_query_weights_md))
+        src = memory(query(fpd, dnnl_query_src_md), owned: !blockedSource)
+        let forwardWeights = memory(query(fpd, dnnl_query_weights_md))
+        weightsForward = forwardWeights
         dst = memory(query(fpd, dnnl_query_dst_md), owned: false)
-        diffDstData = memory(query(dpd, dnnl_query_diff_dst_md), owned: false); weightsData = memory(query(dpd, dnnl_query_weights_md))
+        diffDstData = memory(query(dpd, dnnl_query_diff_dst_md), owned: false)
+        let sameWeights = dnnl_memory_desc_equal(query(fpd, dnnl_query_weights_md), query(dpd, dnnl_query_weights_md)) != 0
+        weightsData = sameWeights ? forwardWeights : memory(query(dpd, dnnl_query_weights_md))
         diffSrc = memory(query(dpd, dnnl_query_diff_src_md), owned: false)
         diffDstWeights = memory(query(wpd, dnnl_query_diff_dst_md), owned: false)
         diffWeights = memory(query(wpd, dnnl_query_diff_weights_md))
@@ -140,15 +176,15 @@ final class DirectConvolution {
         xUser = memory(&xCM, owned: false); yUser = memory(&yCM, owned: false)
         wUser = memory(&wPlain, owned: false); dwUser = memory(&wPlain, owned: false)
         dyUser = memory(&yCM, owned: false); dxUser = memory(&xCM, owned: false)
-        toSrc = reorder(&xCM, query(fpd, dnnl_query_src_md))
+        toSrc = blockedSource ? nil : reorder(&xCM, query(fpd, dnnl_query_src_md))
         toWeightsForward = reorder(&wPlain, query(fpd, dnnl_query_weights_md))
-        fromDst = reorder(query(fpd, dnnl_query_dst_md), &yCM)
+        fromDst = blockedDestination ? nil : reorder(query(fpd, dnnl_query_dst_md), &yCM)
         toSrcForWeights = sameSource ? nil : reorder(query(fpd, dnnl_query_src_md), query(wpd, dnnl_query_src_md))
-        toDiffDstData = reorder(&yCM, query(dpd, dnnl_query_diff_dst_md))
-        toDiffDstWeights = reorder(&yCM, query(wpd, dnnl_query_diff_dst_md))
-        toWeightsData = reorder(&wPlain, query(dpd, dnnl_query_weights_md))
-        fromDiffSrc = reorder(query(dpd, dnnl_query_diff_src_md), &xCM)
-        addFromDiffSrc = reorder(query(dpd, dnnl_query_diff_src_md), &xCM, accumulate: true)
+        toDiffDstData = blockedDestination ? nil : reorder(&yCM, query(dpd, dnnl_query_diff_dst_md))
+        toDiffDstWeights = blockedDestination ? nil : reorder(&yCM, query(wpd, dnnl_query_diff_dst_md))
+        toWeightsData = sameWeights ? nil : reorder(&wPlain, query(dpd, dnnl_query_weights_md))
+        fromDiffSrc = blockedSource ? nil : reorder(query(dpd, dnnl_query_diff_src_md), &xCM)
+        addFromDiffSrc = blockedSource ? nil : reorder(query(dpd, dnnl_query_diff_src_md), &xCM, accumulate: true)
         fromDiffWeights = reorder(query(wpd, dnnl_query_diff_weights_md), &wPlain)
         self.descriptors = descriptors
         self.memories = memories
@@ -184,23 +220,41 @@ final class DirectConvolution {
     private static let argSrc: Int32 = 1, argDst: Int32 = 17, argWeights: Int32 = 33
     private static let argDiffSrc: Int32 = 129, argDiffDst: Int32 = 145, argDiffWeights: Int32 = 161
 
-    /// y = W ∗ x (no bias), both channel-major; keeps x in oneDNN's format for `backward`.
+    /// y = W ∗ x (no bias); keeps x (in oneDNN's format) for `backward`. A blocked x must stay
+    /// unchanged until then.
     func forward(x: UnsafePointer<Float>, weight: UnsafePointer<Float>, into y: UnsafeMutablePointer<Float>) {
         typealias D = DirectConvolution
-        bind(xUser, x); bind(wUser, weight); bind(yUser, y); bind(dst, scratch: scratch.0)
-        run(toSrc, [(D.from, xUser), (D.to, src)])
+        bind(wUser, weight)
         run(toWeightsForward, [(D.from, wUser), (D.to, weightsForward)])
-        run(forwardPrimitive, [(D.argSrc, src), (D.argWeights, weightsForward), (D.argDst, dst)])
-        run(fromDst, [(D.from, dst), (D.to, yUser)])
+        if let toSrc {
+            bind(xUser, x)
+            run(toSrc, [(D.from, xUser), (D.to, src)])
+        } else {
+            bind(src, x)
+        }
+        if let fromDst {
+            bind(yUser, y); bind(dst, scratch: scratch.0)
+            run(forwardPrimitive, [(D.argSrc, src), (D.argWeights, weightsForward), (D.argDst, dst)])
+            run(fromDst, [(D.from, dst), (D.to, yUser)])
+        } else {
+            bind(dst, y)
+            run(forwardPrimitive, [(D.argSrc, src), (D.argWeights, weightsForward), (D.argDst, dst)])
+        }
         DirectConvolution.check(dnnl_stream_wait(DirectConvolution.stream), "stream_wait")
     }
 
     /// dW = dy ⋆ x (overwriting `dw`); dx = Wᵀ ∗ dy written into (or, with `accumulate`, added to) `dx`.
+    /// The weights are those of the last `forward` (reordered then).
     func backward(dy: UnsafePointer<Float>, weight: UnsafePointer<Float>, dw: UnsafeMutablePointer<Float>,
                   dx: UnsafeMutablePointer<Float>?, accumulate: Bool) {
         typealias D = DirectConvolution
-        bind(dyUser, dy); bind(wUser, weight); bind(dwUser, dw); bind(diffDstWeights, scratch: scratch.0)
-        run(toDiffDstWeights, [(D.from, dyUser), (D.to, diffDstWeights)])
+        bind(dyUser, dy); bind(wUser, weight); bind(dwUser, dw)
+        if let toDiffDstWeights {
+            bind(diffDstWeights, scratch: scratch.0)
+            run(toDiffDstWeights, [(D.from, dyUser), (D.to, diffDstWeights)])
+        } else {
+            bind(diffDstWeights, dy)
+        }
         var source = src
         if let toSrcForWeights, let srcForWeights {
             bind(srcForWeights, scratch: scratch.1)
@@ -210,12 +264,28 @@ final class DirectConvolution {
         run(weightsPrimitive, [(D.argSrc, source), (D.argDiffDst, diffDstWeights), (D.argDiffWeights, diffWeights)])
         run(fromDiffWeights, [(D.from, diffWeights), (D.to, dwUser)])
         if let dx {
-            bind(dxUser, dx); bind(diffDstData, scratch: scratch.0); bind(diffSrc, scratch: scratch.1)
-            run(toDiffDstData, [(D.from, dyUser), (D.to, diffDstData)])
-            run(toWeightsData, [(D.from, wUser), (D.to, weightsData)])
+            if let toDiffDstData {
+                bind(diffDstData, scratch: scratch.0)
+                run(toDiffDstData, [(D.from, dyUser), (D.to, diffDstData)])
+            } else {
+                bind(diffDstData, dy)
+            }
+            if let toWeightsData { run(toWeightsData, [(D.from, wUser), (D.to, weightsData)]) }
+            bind(dxUser, dx)
+            let direct = fromDiffSrc == nil && !accumulate  // blocked dx written in place
+            if direct { bind(diffSrc, dx) } else { bind(diffSrc, scratch: scratch.1) }
             run(dataPrimitive, [(D.argDiffDst, diffDstData), (D.argWeights, weightsData), (D.argDiffSrc, diffSrc)])
-            run(accumulate ? addFromDiffSrc : fromDiffSrc, [(D.from, diffSrc), (D.to, dxUser)])
+            if let reorder = accumulate ? addFromDiffSrc : fromDiffSrc { run(reorder, [(D.from, diffSrc), (D.to, dxUser)]) }
+            DirectConvolution.check(dnnl_stream_wait(DirectConvolution.stream), "stream_wait")
+            if fromDiffSrc == nil && accumulate { addBlocked(dx) }
         }
         DirectConvolution.check(dnnl_stream_wait(DirectConvolution.stream), "stream_wait")
+    }
+
+    /// dx += the blocked input gradient left in scratch.1.
+    private func addBlocked(_ dx: UnsafeMutablePointer<Float>) {
+        var md: UnsafePointer<dnnl_memory_desc_t>?
+        DirectConvolution.check(dnnl_memory_get_memory_desc(diffSrc, &md), "memory_get_memory_desc")
+        BlockedKernels.add(scratch.1.pointer, into: dx, count: dnnl_memory_desc_get_size(md) / 4)
     }
 }

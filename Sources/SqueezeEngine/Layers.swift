@@ -1,4 +1,5 @@
-/// A layer: a forward/backward pair over channel-major tensors (see `Shape`).
+/// A layer: a forward/backward pair over channel-major tensors (see `Shape`), or in a training step
+/// over oneDNN's blocked layout where the layer takes it (convolutions, Fire, max-pool; Blocked.swift).
 ///
 /// Layers own their outputs and input gradients (workspaces reused across steps) and keep what the
 /// backward pass needs from the last training-mode forward pass. An eval-mode forward keeps nothing:
@@ -34,6 +35,9 @@ final class Workspace {
     let blockedScratch = FloatBuffer()
     var precision = Precision.fp32
     var convolutionAlgorithm = ConvolutionAlgorithm.automatic
+    /// The channel block of the current training step's blocked layout (Blocked.swift), 0 when it runs
+    /// channel-major (`Network.forward` sets it).
+    var block = 0
     /// Per-layer times of training steps (`Network.profile`), when set.
     var profile: LayerProfile?
     let mixed = MixedPrecisionGEMM()
@@ -107,7 +111,7 @@ public final class Conv2d: Layer {
     private var x: Tensor?, y: Tensor?  // of the last training-mode forward
     /// oneDNN's convolution primitives for the current input shape, when they run (see `ConvolutionAlgorithm`).
     private var direct: DirectConvolution?, directInput: Shape?
-    private var usedDirect = false
+    private var usedDirect = false, usedBlocked = false
 
     init(name: String, cin: Int, cout: Int, kernel: Int, stride: Int = 1, padding: Int = 0,
          relu: Bool, batchNorm: Bool, flat: Bool = false, workspace: Workspace) {
@@ -139,6 +143,15 @@ public final class Conv2d: Layer {
     /// 3 input channels, where the reorders cost more than the convolution saves.
     var prefersOneDNN: Bool { kernel > 1 && cin > 3 }
 
+    /// Whether this convolution can write a blocked output with channel block `block`.
+    func acceptsBlocked(_ block: Int) -> Bool { !flat && cout % block == 0 }
+
+    /// Whether a forward pass on `x` runs in the training step's blocked layout: oneDNN's primitives
+    /// on x as it is (blocked or, for the stem, channel-major), y and the gradients blocked.
+    func runsBlocked(_ x: Tensor, training: Bool) -> Bool {
+        training && workspace.block > 0 && acceptsBlocked(workspace.block) && (x.block == 0 || x.block == workspace.block)
+    }
+
     /// The algorithm a forward pass on `x` runs (and the backward pass after it).
     func algorithm(_ x: Shape, training: Bool) -> ConvolutionAlgorithm {
         let ys = outputShape(x)
@@ -169,24 +182,24 @@ public final class Conv2d: Layer {
 
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
         let ys = outputShape(x.shape)
-        let y = training ? out.tensor(ys) : workspace.transient(ys, avoiding: [x.data])
-        return forward(x, into: y.data, training: training)
+        let blocked = runsBlocked(x, training: training)
+        let y = training ? out.tensor(ys, block: blocked ? workspace.block : 0) : workspace.transient(ys, avoiding: [x.data])
+        return forward(x, into: y, training: training)
     }
 
-    /// Writes y into `destination` (room for the output shape), e.g. a channel range of a concatenation.
+    /// Writes y into `destination` (the output shape, in the layout `runsBlocked` says), e.g. a channel
+    /// range of a concatenation.
     @discardableResult
-    func forward(_ x: Tensor, into destination: UnsafeMutablePointer<Float>, training: Bool) -> Tensor {
+    func forward(_ x: Tensor, into destination: Tensor, training: Bool) -> Tensor {
+        usedBlocked = runsBlocked(x, training: training)
+        if usedBlocked { return blockedForward(x, into: destination) }
+        let destination = destination.data
         let ys = outputShape(x.shape)
         let cols = ys.columns
         // z is kept for BatchNorm's backward in training; eval normalises in place.
         let z = bn == nil || !training ? destination : pre.reserve(cout * cols)
         usedDirect = algorithm(x.shape, training: training) == .onednn
-        if usedDirect && directInput != x.shape {
-            direct = DirectConvolution(cin: cin, cout: cout, kernel: kernel, stride: stride, padding: padding,
-                                       n: x.shape.n, h: x.shape.h, w: x.shape.w, ho: ys.h, wo: ys.w,
-                                       scratch: (workspace.scratch, workspace.blockedScratch))
-            directInput = x.shape
-        }
+        if usedDirect { prepareDirect(x, sourceBlock: 0, destinationBlock: 0) }
         let profile = training ? workspace.profile : nil
         profiled(profile, name, implementation, backward: false, flops: 2 * macs(x.shape)) {
             if usedDirect {
@@ -207,6 +220,58 @@ public final class Conv2d: Layer {
         return y
     }
 
+    /// Creates oneDNN's primitives for x's shape and these layouts unless the last ones fit.
+    private func prepareDirect(_ x: Tensor, sourceBlock: Int, destinationBlock: Int) {
+        if let direct, directInput == x.shape, direct.sourceBlock == sourceBlock, direct.destinationBlock == destinationBlock { return }
+        let ys = outputShape(x.shape)
+        direct = DirectConvolution(cin: cin, cout: cout, kernel: kernel, stride: stride, padding: padding,
+                                   n: x.shape.n, h: x.shape.h, w: x.shape.w, ho: ys.h, wo: ys.w,
+                                   sourceBlock: sourceBlock, destinationBlock: destinationBlock,
+                                   scratch: (workspace.scratch, workspace.blockedScratch))
+        directInput = x.shape
+    }
+
+    /// The blocked layout's forward: oneDNN writes z (into y itself when nothing follows but bias and
+    /// ReLU and y is dense), then bias + ReLU or BatchNorm write y, which may be a channel slice.
+    private func blockedForward(_ x: Tensor, into y: Tensor) -> Tensor {
+        let block = workspace.block
+        prepareDirect(x, sourceBlock: x.block, destinationBlock: block)
+        usedDirect = true
+        let z = bn == nil && y.isDense ? y : Tensor(blocked: pre.reserve(y.shape.count), shape: y.shape, block: block)
+        let profile = workspace.profile
+        profiled(profile, name, implementation, backward: false, flops: 2 * macs(x.shape)) {
+            direct!.forward(x: x.data, weight: weight.value, into: z.data)
+            if bn == nil { BlockedKernels.addBias(z, bias: bias.value, relu: relu, into: y) }
+        }
+        if let bn {
+            profiled(profile, bn.name, "swift", backward: false) {
+                bn.forward(blocked: z, into: y, training: true, relu: relu, bias: bias.value)
+            }
+        }
+        (self.x, self.y) = (x, y)
+        return y
+    }
+
+    /// The blocked layout's backward: dz (in dy when no BatchNorm and dy is dense, else over z), then
+    /// oneDNN's backward passes.
+    private func blockedBackward(_ dy: Tensor, x: Tensor, y: Tensor, into dx: Tensor?, accumulate: Bool) {
+        let profile = workspace.profile
+        var dz = dy
+        if let bn {
+            dz = Tensor(blocked: pre.pointer, shape: y.shape, block: y.block)
+            profiled(profile, bn.name, "swift", backward: true) {
+                bn.backward(blocked: dy, z: dz, reluOutput: relu ? y : nil, biasGrad: bias.gradient)
+            }
+        }
+        profiled(profile, name, implementation, backward: true, flops: (dx == nil ? 2 : 4) * macs(x.shape)) {
+            if bn == nil {
+                if !dy.isDense { dz = Tensor(blocked: pre.pointer, shape: y.shape, block: y.block) }
+                BlockedKernels.reluBackwardBiasGrad(dy, y: y, relu: relu, into: dz, biasGrad: bias.gradient)
+            }
+            direct!.backward(dy: dz.data, weight: weight.value, dw: weight.gradient, dx: dx?.data, accumulate: accumulate)
+        }
+    }
+
     /// z (cout, N·Ho·Wo) = W · im2col(x).
     private func im2colGEMM(_ x: Tensor, _ ys: Shape, training: Bool, into z: UnsafeMutablePointer<Float>) {
         let cols = ys.columns, depth = cin * kernel * kernel
@@ -222,7 +287,7 @@ public final class Conv2d: Layer {
 
     public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
         guard let x else { preconditionFailure("\(name): backward before forward") }
-        let dx = needInputGradient ? dxSlot.tensor(x.shape) : nil
+        let dx = needInputGradient ? dxSlot.tensor(x.shape, block: x.block) : nil
         backward(dy, into: dx, accumulate: false)
         return dx
     }
@@ -230,6 +295,7 @@ public final class Conv2d: Layer {
     /// Input gradient written into `dx` (or added to it when `accumulate`), if given.
     func backward(_ dy: Tensor, into dx: Tensor?, accumulate: Bool) {
         guard let x, let y else { preconditionFailure("\(name): backward before forward") }
+        if usedBlocked { return blockedBackward(dy, x: x, y: y, into: dx, accumulate: accumulate) }
         let cols = y.shape.columns
         let profile = workspace.profile
         if let bn {
@@ -276,9 +342,9 @@ public final class Conv2d: Layer {
 final class BatchNorm {
     let name: String, channels: Int
     let eps = ModelConfig.engineBatchNormEps, momentum: Float = 0.1
-    private var weight: ParameterView!, bias: ParameterView!           // γ, β (channels)
-    private var runningMean: ParameterView!, runningVar: ParameterView!  // (channels), in the buffer store
-    private let mean = FloatBuffer(), invStd = FloatBuffer()
+    private(set) var weight: ParameterView!, bias: ParameterView!           // γ, β (channels)
+    private(set) var runningMean: ParameterView!, runningVar: ParameterView!  // (channels), in the buffer store
+    let mean = FloatBuffer(), invStd = FloatBuffer()
 
     init(name: String, channels: Int) { self.name = name; self.channels = channels }
 
@@ -420,33 +486,36 @@ public final class Fire: Layer {
     }
     public func outputShape(_ s: Shape) -> Shape { Shape(c: outputChannels, n: s.n, h: s.h, w: s.w) }
 
+    /// Whether all three convolutions can write blocked outputs with channel block `block`.
+    func acceptsBlocked(_ block: Int) -> Bool { [squeeze, expand1x1, expand3x3].allSatisfy { $0.acceptsBlocked(block) } }
+
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
         let sShape = squeeze.outputShape(x.shape), yShape = outputShape(x.shape)
-        let sBuffer = training ? sOut.tensor(sShape) : workspace.transient(sShape, avoiding: [x.data])
-        let s = squeeze.forward(x, into: sBuffer.data, training: training)
-        let y = training ? out.tensor(yShape) : workspace.transient(yShape, avoiding: [x.data, s.data])
-        expand1x1.forward(s, into: y.data, training: training)
-        expand3x3.forward(s, into: y.channel(expand1x1.cout), training: training)
+        let block = squeeze.runsBlocked(x, training: training) ? workspace.block : 0
+        let sBuffer = training ? sOut.tensor(sShape, block: block) : workspace.transient(sShape, avoiding: [x.data])
+        let s = squeeze.forward(x, into: sBuffer, training: training)
+        let y = training ? out.tensor(yShape, block: block) : workspace.transient(yShape, avoiding: [x.data, s.data])
+        expand1x1.forward(s, into: y.channels(0, expand1x1.cout), training: training)
+        expand3x3.forward(s, into: y.channels(expand1x1.cout, expand3x3.cout), training: training)
         guard bypass else { return y }
         if !training {  // no backward: add in place
             for i in 0..<y.shape.count { y.data[i] += x.data[i] }
             return y
         }
         // A separate buffer: the expands' ReLU masks in backward need their own outputs.
-        let total = sum.tensor(y.shape)
+        var total = y
+        total.data = sum.buffer.reserve(y.shape.count)
         for i in 0..<y.shape.count { total.data[i] = y.data[i] + x.data[i] }
         return total
     }
 
     public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
         let inShape = Shape(c: squeeze.cin, n: dy.shape.n, h: dy.shape.h, w: dy.shape.w)
-        let dx = needInputGradient ? dX.tensor(inShape) : nil
+        let dx = needInputGradient ? dX.tensor(inShape, block: dy.block) : nil
         if let dx, bypass { dx.data.update(from: dy.data, count: dy.shape.count) }  // before the masks below
-        let ds = dS.tensor(Shape(c: squeeze.cout, n: dy.shape.n, h: dy.shape.h, w: dy.shape.w))
-        var dy1 = dy; dy1.shape.c = expand1x1.cout
-        var dy3 = Tensor(data: dy.channel(expand1x1.cout), shape: dy.shape); dy3.shape.c = expand3x3.cout
-        expand1x1.backward(dy1, into: ds, accumulate: false)
-        expand3x3.backward(dy3, into: ds, accumulate: true)
+        let ds = dS.tensor(Shape(c: squeeze.cout, n: dy.shape.n, h: dy.shape.h, w: dy.shape.w), block: dy.block)
+        expand1x1.backward(dy.channels(0, expand1x1.cout), into: ds, accumulate: false)
+        expand3x3.backward(dy.channels(expand1x1.cout, expand3x3.cout), into: ds, accumulate: true)
         squeeze.backward(ds, into: dx, accumulate: bypass)
         return dx
     }
@@ -461,6 +530,7 @@ public final class MaxPool: Layer {
     private let out = Slot(), dX = Slot()
     private var argmax = [Int32]()  // (C, N, Ho, Wo): offsets within the input plane, training only
     private var inShape: Shape?     // of the last training-mode forward
+    private var inBlock = 0         // its layout
 
     init(name: String, kernel: Int = 3, stride: Int = 2, ceilMode: Bool = true, workspace: Workspace = Workspace()) {
         self.name = name; self.kernel = kernel; self.stride = stride; self.ceilMode = ceilMode
@@ -480,21 +550,29 @@ public final class MaxPool: Layer {
             inShape = nil
             return y
         }
-        let y = out.tensor(ys)
+        let y = out.tensor(ys, block: x.block)
         if argmax.count < ys.count { argmax = [Int32](repeating: 0, count: ys.count) }
         argmax.withUnsafeMutableBufferPointer {
-            Kernels.maxPoolForward(x, kernel: kernel, stride: stride, ho: ys.h, wo: ys.w, y: y.data, argmax: $0.baseAddress!)
+            if x.block > 0 {
+                BlockedKernels.maxPoolForward(x, kernel: kernel, stride: stride, into: y, argmax: $0.baseAddress!)
+            } else {
+                Kernels.maxPoolForward(x, kernel: kernel, stride: stride, ho: ys.h, wo: ys.w, y: y.data, argmax: $0.baseAddress!)
+            }
         }
-        inShape = x.shape
+        (inShape, inBlock) = (x.shape, x.block)
         return y
     }
 
     public func backward(_ dy: Tensor, needInputGradient: Bool) -> Tensor? {
         guard needInputGradient, let inShape else { return nil }
-        let dx = dX.tensor(inShape)
+        let dx = dX.tensor(inShape, block: inBlock)
         argmax.withUnsafeBufferPointer {
-            Kernels.maxPoolBackward(dy.data, argmax: $0.baseAddress!, planes: inShape.c * inShape.n,
-                                    outPlane: dy.shape.plane, dx: dx.data, inPlane: inShape.plane)
+            if inBlock > 0 {
+                BlockedKernels.maxPoolBackward(dy, argmax: $0.baseAddress!, into: dx)
+            } else {
+                Kernels.maxPoolBackward(dy.data, argmax: $0.baseAddress!, planes: inShape.c * inShape.n,
+                                        outPlane: dy.shape.plane, dx: dx.data, inPlane: inShape.plane)
+            }
         }
         return dx
     }

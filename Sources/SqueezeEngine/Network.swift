@@ -92,13 +92,53 @@ public final class Network {
     /// x is (3, N, H, W) channel-major. Returns the logits as (classes, N, 1, 1). The input is not modified.
     /// Training mode keeps what `backward` needs; eval mode keeps nothing (its activations rotate
     /// through three shared buffers, and the logits are valid until the next forward).
+    /// A training step runs in oneDNN's blocked layout (Blocked.swift) from the stem on, as long as the
+    /// layers take it, and is reordered to channel-major before the first that does not (the classifier,
+    /// or a Fire module whose channels are no multiple of the block); channel-major from there on.
     public func forward(_ x: Tensor, training: Bool) -> Tensor {
-        if tracer == nil && workspace.profile == nil { return layers.reduce(x) { $1.forward($0, training: training) } }
+        workspace.block = training ? trainingBlock : 0
         let profile = training ? workspace.profile : nil
-        return layers.reduce(x) { x, layer in
-            traced(tracer, .compute, "forward", "forward " + layer.name) {
-                profiledUnlessSplit(profile, layer, backward: false) { layer.forward(x, training: training) }
+        var h = x
+        for (i, layer) in layers.enumerated() {
+            if h.block > 0 && !Network.accepts(layer, block: h.block) {
+                let blocked = h, slot = unblocked[i] ?? Slot()
+                unblocked[i] = slot
+                h = slot.tensor(h.shape)
+                profiled(profile, layer.name + ".reorder", "swift", backward: false) { BlockedKernels.toChannelMajor(blocked, into: h) }
+                reblock[i] = blocked.block
+                workspace.block = 0
+            } else {
+                reblock[i] = nil
             }
+            let input = h
+            h = traced(tracer, .compute, "forward", "forward " + layer.name) {
+                profiledUnlessSplit(profile, layer, backward: false) { layer.forward(input, training: training) }
+            }
+        }
+        return h
+    }
+
+    /// Channel-major copies of blocked activations, by the index of the layer they feed.
+    private var unblocked = [Int: Slot]()
+    /// The block to give back to the input gradient of each layer whose input was reordered (by index).
+    private var reblock = [Int: Int]()
+    private let reblocked = Slot()
+
+    /// The channel block of a training step's blocked layout on this CPU, 0 for channel-major: fp32,
+    /// SqueezeNet, oneDNN's primitives allowed and a stem that can write blocked outputs.
+    var trainingBlock: Int {
+        guard workspace.precision == .fp32, workspace.convolutionAlgorithm != .gemm, config.architecture != .alexnet,
+              let stem = layers.first as? Conv2d else { return 0 }
+        let block = DirectConvolution.preferredBlock
+        return block > 0 && stem.acceptsBlocked(block) ? block : 0
+    }
+
+    private static func accepts(_ layer: any Layer, block: Int) -> Bool {
+        switch layer {
+        case let conv as Conv2d: return conv.acceptsBlocked(block)
+        case let fire as Fire: return fire.acceptsBlocked(block)
+        case is MaxPool: return true
+        default: return false
         }
     }
 
@@ -116,6 +156,13 @@ public final class Network {
         for i in layers.indices.reversed() {
             g = traced(tracer, .compute, "backward", "backward " + layers[i].name) {
                 profiledUnlessSplit(workspace.profile, layers[i], backward: true) { layers[i].backward(g!, needInputGradient: i > 0) }
+            }
+            if let block = reblock[i], let gradient = g {
+                let blocked = reblocked.tensor(gradient.shape, block: block)
+                profiled(workspace.profile, layers[i].name + ".reorder", "swift", backward: true) {
+                    BlockedKernels.toBlocked(gradient, into: blocked)
+                }
+                g = blocked
             }
             if let gradientsReady, !layerRanges[i].isEmpty { gradientsReady(layerRanges[i]) }
         }

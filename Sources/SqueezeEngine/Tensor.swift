@@ -17,11 +17,17 @@ public struct Shape: Equatable, Hashable, Sendable, CustomStringConvertible {
     public var description: String { "(C \(c), N \(n), H \(h), W \(w))" }
 }
 
-/// A non-owning view of channel-major data. Whoever allocated `data` (a layer's workspace, the
-/// parameter store, a data loader) keeps it alive for as long as the view is used.
+/// A non-owning view of channel-major data, or in training of oneDNN's blocked layout (`block`, see
+/// Blocked.swift). Whoever allocated `data` (a layer's workspace, the parameter store, a data loader)
+/// keeps it alive for as long as the view is used.
 public struct Tensor {
     public var data: UnsafeMutablePointer<Float>
     public var shape: Shape
+    /// 0: channel-major (C, N, H, W). 8 or 16: blocked nChw8c / nChw16c, element [n][c][h][w] at
+    /// n·imageStride + ((c / block)·H·W + h·W + w)·block + c % block.
+    public internal(set) var block = 0
+    /// Blocked only: floats from one image to the next (C·H·W, or more for a channel slice of a wider tensor).
+    public internal(set) var imageStride = 0
     public init(data: UnsafeMutablePointer<Float>, shape: Shape) { self.data = data; self.shape = shape }
     /// Row `c` (one channel over the whole batch): N·H·W contiguous floats.
     @inline(__always) public func channel(_ c: Int) -> UnsafeMutablePointer<Float> { data + c * shape.columns }
@@ -68,4 +74,8 @@ public final class FloatBuffer: @unchecked Sendable {
 final class Slot {
     let buffer = FloatBuffer()
     func tensor(_ shape: Shape) -> Tensor { Tensor(data: buffer.reserve(shape.count), shape: shape) }
+    /// Dense, blocked with `block` (0: channel-major).
+    func tensor(_ shape: Shape, block: Int) -> Tensor {
+        block == 0 ? tensor(shape) : Tensor(blocked: buffer.reserve(shape.count), shape: shape, block: block)
+    }
 }

@@ -38,7 +38,9 @@ struct RecipeClusterTests {
         let x = cluster.parameters.copyValues(), y = single.network.parameters.copyValues()
         let scale = y.reduce(Float(0)) { max($0, abs($1)) }
         let err = zip(x, y).reduce(Float(0)) { max($0, abs($1.0 - $1.1)) } / scale
-        #expect(err < 1e-5, "2 workers vs one process: max relative difference \(err)")
+        // Summation order only: measured 1.11e-5 once every convolution's weight gradient sums over the
+        // batch in oneDNN's order (the blocked layout, docs/engine.md); a wrong gradient is orders larger.
+        #expect(err < 2e-5, "2 workers vs one process: max relative difference \(err)")
         #expect(y != Network(config: options.config.model, seed: options.config.seed).parameters.copyValues())
         // The averaged weights were written, not the last step's.
         let average = try #require(single.average)
