@@ -115,8 +115,13 @@ public final class Coordinator {
     private var dataPlaneSalt = [UInt8]()
     /// The checkpoint directory's lock, held from `prepare()` for as long as this coordinator exists.
     private var directoryLock: DirectoryLock?
+    /// The star's hub (nil: ring or tree): a data plane, and its reduce loop while a membership epoch trains.
     private var hub: (any DataPlaneTransport)?
     private var hubThread: HubThread?
+    /// Ends the hub's blocked receives when its membership epoch is halted.
+    private var hubInterruption: Interruption?
+    /// Payload bytes of the hubs of earlier membership epochs (an elastic star has one per epoch).
+    private var retiredHubBytes = (sent: 0, received: 0)
     // Rendezvous. These arrays are indexed by member (`MemberID`: the rank each held when training began).
     private var identities = [[UInt8]?]()
     private var names = [String]()
@@ -169,9 +174,6 @@ public final class Coordinator {
         directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)  // before any other work
         let n = options.workers, config = options.config
         if let refusal = options.algorithm.refusal(options.compression) { throw ClusterError(refusal) }
-        if options.elastic && options.algorithm == .star {
-            throw ClusterError("--elastic does not take --allreduce star yet (its hub is not re-formed after a loss): use --allreduce ring or tree")
-        }
         do {
             membership = try Membership(rules: MembershipRules(minWorkers: options.minWorkers, maxWorkers: options.maxWorkers ?? n,
                                                                globalBatch: config.batchSize), workers: n)
@@ -192,11 +194,7 @@ public final class Coordinator {
         plan = bucketPlan(layerRanges: reference.layerRanges, bucketBytes: options.bucketBytes)
         dataPlaneSalt = try DataPlaneSeal.randomSalt()
         if metrics == nil { metrics = try options.metricsPath.map { try MetricsWriter(path: $0, append: options.resume) } }
-        // The hub's data plane (star only): rank n of a group of n + 1.
-        if options.algorithm == .star {
-            hub = try dataPlane.makeTransport(rank: n, worldSize: n + 1, kind: options.transport,
-                                              maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0), salt: dataPlaneSalt)
-        }
+        try makeHub(workers: n, salt: dataPlaneSalt)
         identities = Array(repeating: nil, count: n)
         names = Array(repeating: "", count: n)
         endpoints = Array(repeating: nil, count: n)
@@ -231,21 +229,18 @@ public final class Coordinator {
     public func finish() -> ClusterSummary {
         for id in identities { if let id { channel.send(.stop(Stop(reason: "run complete")), to: id) } }
         hubThread?.join()
+        retireHub()
         var summary = progress.summary(startStep: startStep, stop: stop)
         summary.epochs = membership.epochs
         summary.departures = membership.departures
-        if let hub { summary.hubBytesSent = hub.counters.payloadBytesSent; summary.hubBytesReceived = hub.counters.payloadBytesReceived }
-        hub?.close(flushTimeout: .milliseconds(500))
+        (summary.hubBytesSent, summary.hubBytesReceived) = retiredHubBytes
         return summary
     }
 
     /// Tells every worker the run failed; stops the hub.
     public func abort(_ error: Error) {
         for id in identities { if let id { channel.send(.abort(Abort(reason: String(describing: error))), to: id) } }
-        // The hub's transport must not be closed under it: it ends within one receive timeout.
-        hubThread?.cancel()
-        hubThread?.join()
-        hub?.close(flushTimeout: .milliseconds(500))
+        retireHub()
         phase = .finished
     }
 
@@ -384,13 +379,7 @@ public final class Coordinator {
 
     private func beginTraining() throws {
         let n = options.workers, config = options.config
-        var all = endpoints.map { $0! }
-        if let hub {
-            all.append(hub.boundEndpoint)
-            try hub.connect(topology: .star(hub: n), endpoints: all)
-            hubThread = HubThread(hub: hub, options: CollectiveOptions(chunkBytes: options.chunkBytes, timeout: options.timeout), compression: options.compression,
-                                  plan: plan, steps: startStep..<config.totalSteps, tracer: options.tracer)
-        }
+        let all = try startHub(endpoints: endpoints.map { $0! }, fromStep: startStep)
         for id in identities { channel.send(.start(Start(step: startStep, endpoints: all)), to: id!) }
         progress = Progress(options: options, plan: plan, startStep: startStep, forwardMACs: forwardMACs, metrics: metrics)
         lastHeard = Array(repeating: clock.now, count: n)
@@ -487,6 +476,7 @@ extension Coordinator {
     /// Every member abandons the step in flight and sends its position (`why` tells them why).
     private func halt(_ why: String) {
         phase = .recovering
+        retireHub()  // the step in flight is abandoned at the hub too
         lostSeconds = progress.elapsed
         positions = [:]
         let halt = ControlMessage.halt(Halt(epoch: membership.current.number, reason: why))
@@ -553,7 +543,7 @@ extension Coordinator {
             throw ClusterError(stopping!.error)  // the checkpoint is written
         case .ready(let r) where phase == .reforming && r.rank == rank:
             endpoints[member] = r.dataEndpoint
-            if membership.current.members.allSatisfy({ endpoints[$0.value] != nil }) { startEpoch() }
+            if membership.current.members.allSatisfy({ endpoints[$0.value] != nil }) { try startEpoch() }
         case .stepReport(let r) where r.rank == rank:
             progress.add(r)  // a step completed before the halt
         case .failure(let f) where f.rank == rank:
@@ -578,7 +568,9 @@ extension Coordinator {
                                    + states.map { "\($0.value.map { "rank \(rank(of: $0.value))" }.joined(separator: ", ")) \($0.key)" }.joined(separator: "; "))
             }
             let receiving = epoch.members.indices.filter { receivers.contains(epoch.members[$0]) }
-            let salt = DataPlaneSeal.hex(try DataPlaneSeal.randomSalt())  // the new data plane's keys: its frame counters start again
+            let saltBytes = try DataPlaneSeal.randomSalt()  // the new data plane's keys: its frame counters start again
+            let salt = DataPlaneSeal.hex(saltBytes)
+            try makeHub(workers: epoch.worldSize, salt: saltBytes)
             progress.reform(workers: epoch.worldSize, fromStep: epoch.fromStep)
             for (rank, m) in epoch.members.enumerated() {
                 endpoints[m.value] = nil
@@ -600,9 +592,9 @@ extension Coordinator {
     }
 
     /// Every member of the new epoch has its data plane: they start, and the change is recorded.
-    private func startEpoch() {
+    private func startEpoch() throws {
         let epoch = membership.current
-        let all = epoch.members.map { endpoints[$0.value]! }
+        let all = try startHub(endpoints: epoch.members.map { endpoints[$0.value]! }, fromStep: epoch.fromStep)
         for m in epoch.members { channel.send(.start(Start(step: epoch.fromStep, endpoints: all)), to: identities[m.value]!) }
         for m in epoch.members { lastHeard[m.value] = clock.now }
         phase = .training
@@ -617,6 +609,48 @@ extension Coordinator {
         log("membership epoch \(epoch.number): \(epoch.worldSize) worker(s) from step \(epoch.fromStep) (lost: \(lost.isEmpty ? "none" : lost); "
             + "joined: \(joined.isEmpty ? "none" : joined.map { "rank \($0) (\(names[epoch.members[$0].value]))" }.joined(separator: ", ")))")
         admitReadyJoiners()  // those that became ready during the change
+    }
+}
+
+// MARK: The star's hub
+
+extension Coordinator {
+    /// Star only: the hub's data plane for `n` workers (rank n of a group of n + 1), keyed by `salt`;
+    /// the one of an earlier membership epoch is closed first.
+    fileprivate func makeHub(workers n: Int, salt: [UInt8]) throws {
+        guard options.algorithm == .star else { return }
+        retireHub()
+        let transport = try dataPlane.makeTransport(rank: n, worldSize: n + 1, kind: options.transport,
+                                                    maxFrameBytes: dataFrameLimit(largestBucket: plan.map(\.count).max() ?? 0), salt: salt)
+        let interruption = Interruption()
+        transport.interruption = interruption
+        (hub, hubInterruption) = (transport, interruption)
+    }
+
+    /// The data-plane endpoints of a membership epoch: the workers', then (star) the hub's, which is
+    /// connected and starts reducing from `fromStep`.
+    fileprivate func startHub(endpoints workers: [String], fromStep: Int) throws -> [String] {
+        guard let hub else { return workers }
+        let all = workers + [hub.boundEndpoint]
+        try hub.connect(topology: .star(hub: workers.count), endpoints: all)
+        hubThread = HubThread(hub: hub, options: CollectiveOptions(chunkBytes: options.chunkBytes, timeout: options.timeout), compression: options.compression,
+                              plan: plan, steps: fromStep..<options.config.totalSteps, tracer: options.tracer)
+        return all
+    }
+
+    /// Stops the hub's reduce loop (a receive it is blocked in ends within `Interruption.pollInterval`),
+    /// then closes its data plane, keeping its byte counts. The transport is never closed under the thread.
+    fileprivate func retireHub() {
+        guard let hub else { return }
+        if let hubThread {
+            hubThread.cancel()
+            hubInterruption?.interrupt("the hub is retired")
+            hubThread.join()
+        }
+        retiredHubBytes.sent += hub.counters.payloadBytesSent
+        retiredHubBytes.received += hub.counters.payloadBytesReceived
+        hub.close(flushTimeout: .milliseconds(500))
+        (self.hub, hubThread, hubInterruption) = (nil, nil, nil)
     }
 }
 
@@ -766,7 +800,8 @@ final class HubThread: @unchecked Sendable {
          plan: [Range<Int>], steps: Range<Int>, tracer: Tracer?) {
         let reduce = HubReduce(makeHubReduce(transport, options: options, compression: compression, tracer: tracer))
         Thread {
-            defer { self.done.signal(); tracer?.endRecording() }
+            // A cancelled loop (its membership epoch halted, or the run aborted) leaves the timeline to the next.
+            defer { if !self.lock.withLock({ self.isCancelled }) { tracer?.endRecording() }; self.done.signal() }
             for step in steps {
                 tracer?.beginStep(step)
                 for (k, range) in plan.enumerated() {
@@ -788,7 +823,8 @@ final class HubThread: @unchecked Sendable {
 
     /// Why the hub stopped early, if it failed on its own.
     var failure: Error? { lock.withLock { error } }
-    func join() { done.wait() }
+    /// Waits for the loop to end; returns at once once it has (any number of calls).
+    func join() { done.wait(); done.signal() }
     func cancel() { lock.withLock { isCancelled = true } }
 }
 

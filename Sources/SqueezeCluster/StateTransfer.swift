@@ -32,9 +32,10 @@ struct StateTransfer: Sendable {
     /// Rank `rank`'s part: a receiver takes the state from its source, puts it into `trainer` and checks
     /// it against `checksum`; then every rank sends it on to the receivers it is the source of, in
     /// messages of at most `chunkBytes`. Returns the bytes received (0 for a holder).
-    func run(rank: Int, topology: Topology, transport: any DataPlaneTransport, trainer: Trainer,
+    /// `topology` spans the `workers` ranks (a star's state goes around the workers' ring beside it: `.ring`).
+    func run(rank: Int, topology: Topology, workers: Int, transport: any DataPlaneTransport, trainer: Trainer,
              chunkBytes: Int, timeout: Duration) throws -> Int {
-        guard let sources = Self.sources(topology: topology, worldSize: transport.worldSize, receivers: receivers) else {
+        guard let sources = Self.sources(topology: topology, worldSize: workers, receivers: receivers) else {
             throw ClusterError("rank \(rank): no rank holding the training state reaches ranks \(receivers.sorted()) over the \(topology) topology")
         }
         var bytes = [UInt8]()

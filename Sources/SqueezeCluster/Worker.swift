@@ -77,6 +77,8 @@ public final class Worker {
     /// An elastic run's error-feedback residual when its membership epoch was halted: this rank's own
     /// unsent gradient mass, which the next epoch keeps (`carryResidual`).
     private var halted: HaltedResidual?
+    /// An elastic run's BatchNorm running statistics when its membership epoch was halted (`carryBuffers`).
+    private var haltedBuffers: HaltedBuffers?
     /// This process's control identities (`ControlIdentity`).
     private let session = ControlIdentity.newSession()
 
@@ -192,7 +194,8 @@ public final class Worker {
         let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout, tracer: tracer)
         defer { reducer.close() }
         if let feedback, let held = halted { carryResidual(held, into: feedback, epoch: epoch, trainer: model.trainer) }
-        halted = nil
+        if let held = haltedBuffers { carryBuffers(held, epoch: epoch, trainer: model.trainer) }
+        (halted, haltedBuffers) = (nil, nil)
         log("rank \(rank) of \(world): \(model.trainer.trainSet.count) images from \(model.dataDirectory), data plane \(transport.boundEndpoint)"
             + (epoch.number == 0 ? "" : " (membership epoch \(epoch.number), from step \(model.trainer.step))"))
         let hooks = WorkerHooks(welcome: welcome, model: model, channel: channel, transport: transport, reducer: reducer,
@@ -206,6 +209,9 @@ public final class Worker {
         } catch {
             if let reason = interruption.reason {
                 log("rank \(rank): step \(model.trainer.step) abandoned (\(reason)); \(model.trainer.step) steps completed")
+                if model.trainer.network.buffers.count > 0 {
+                    haltedBuffers = HaltedBuffers(current: model.trainer.network.buffers.copyValues(), atStepStart: hooks.buffersAtStepStart)
+                }
                 halted = feedback.map { HaltedResidual(current: $0.errorFeedback(count: model.trainer.network.parameters.count),
                                                        atStepStart: hooks.residualAtStepStart, worldSize: world) }
                 return false
@@ -308,7 +314,8 @@ public final class Worker {
     }
 
     /// Ready (with this rank's data endpoint), then Start (every endpoint): connects the data plane.
-    /// A star worker talks to the hub (the coordinator, rank `world`) only, a tree worker to its parent and children.
+    /// A star worker talks to the hub (the coordinator, rank `world`) only (and, to hand on the training
+    /// state, to its neighbours on a ring of the workers), a tree worker to its parent and children.
     /// Then the epoch's state transfer, if any, in messages of at most `chunkBytes`.
     private func joinDataPlane(_ epoch: WorkerEpoch, model: WorkerModel, transport: any DataPlaneTransport,
                                channel: any ControlClientChannel, chunkBytes: Int, timeout: Duration) throws {
@@ -319,9 +326,12 @@ public final class Worker {
             if case .start(let s) = $0 { s } else { nil }
         }
         let topology = welcome.algorithm.topology(workers: world)
-        try transport.connect(topology: topology, endpoints: start.endpoints)
+        // A star's workers reach only the hub: an epoch with a state transfer adds a ring of the workers for it.
+        let star = welcome.algorithm == .star, transfers = epoch.transfer != nil
+        try transport.connect(topology: star && transfers ? .starAndRing(hub: world) : topology, endpoints: start.endpoints)
         if let transfer = epoch.transfer {
-            let received = try transfer.run(rank: rank, topology: topology, transport: transport, trainer: trainer, chunkBytes: chunkBytes, timeout: timeout)
+            let received = try transfer.run(rank: rank, topology: star ? .ring : topology, workers: world, transport: transport, trainer: trainer,
+                                            chunkBytes: chunkBytes, timeout: timeout)
             if received > 0 {
                 log("rank \(rank): received the training state of step \(transfer.step) (\(received) bytes); parameters and momentum "
                     + "match checksum \(transfer.checksum), every holder's")
@@ -330,6 +340,18 @@ public final class Worker {
         guard trainer.step == start.step else {
             throw ClusterError("rank \(rank): the coordinator starts at step \(start.step), this worker's state is at step \(trainer.step)")
         }
+    }
+
+    /// Puts back the BatchNorm running statistics this rank held when the last membership epoch was
+    /// halted, as each rank keeps its own: a rank that abandoned a step in flight, those from before it
+    /// (the step's forward pass updated them, but the step never happened); a rank that completed its
+    /// step, or one a step behind (the others completed the step its forward pass belonged to; the state
+    /// transfer brought it a holder's statistics), the ones it holds.
+    private func carryBuffers(_ held: HaltedBuffers, epoch: WorkerEpoch, trainer: Trainer) {
+        let receives = epoch.transfer?.receivers.contains(epoch.welcome.rank) == true
+        let abandoned = !receives && held.atStepStart?.step == trainer.step
+        let values = abandoned ? held.atStepStart!.values : held.current
+        _ = values.withUnsafeBufferPointer { trainer.network.buffers.valueBuffer.update(fromContentsOf: $0) }
     }
 
     /// Puts the residual this rank held when the last membership epoch was halted into the new epoch's
@@ -431,6 +453,13 @@ struct HaltedResidual {
     var worldSize: Int
 }
 
+/// An elastic worker's BatchNorm running statistics when its membership epoch was halted, and the ones
+/// from before the step then in flight (nil: not recorded), for `Worker.carryBuffers`.
+struct HaltedBuffers {
+    var current: [Float]
+    var atStepStart: (step: Int, values: [Float])?
+}
+
 /// A worker's model and data, ready to train.
 struct WorkerModel {
     let trainer: Trainer
@@ -455,6 +484,9 @@ final class WorkerHooks: TrainingLoopHooks {
     var halt: (epoch: Int, interruption: Interruption)?
     /// An elastic run with error feedback: the residual before the step in flight (`Worker.carryResidual`).
     private(set) var residualAtStepStart: (step: Int, values: [Float])?
+    /// An elastic run with BatchNorm: its running statistics before the step in flight, whose forward pass
+    /// updates them (`Worker.carryBuffers`).
+    private(set) var buffersAtStepStart: (step: Int, values: [Float])?
     private var trainer: Trainer { model.trainer }
     private var rank: Int { welcome.rank }
     private var heardFromCoordinator: ContinuousClock.Instant
@@ -477,7 +509,10 @@ final class WorkerHooks: TrainingLoopHooks {
 
     func willStep(_ step: Int, loader: BatchLoader) {
         stepStarted(step)
-        if welcome.elastic == true, let feedback { residualAtStepStart = (step, feedback.errorFeedback(count: trainer.network.parameters.count)) }
+        if welcome.elastic == true {
+            if let feedback { residualAtStepStart = (step, feedback.errorFeedback(count: trainer.network.parameters.count)) }
+            if trainer.network.buffers.count > 0 { buffersAtStepStart = (step, trainer.network.buffers.copyValues()) }
+        }
         heartbeat.step = step
         reducer.step = step
         before = transport.counters

@@ -9,12 +9,18 @@ public enum Topology: Sendable, Equatable {
     /// The binary reduction tree rooted at rank 0: a rank exchanges messages with its parent and
     /// its children (`treeParent`, `treeChildren`).
     case tree
+    /// The star, and besides it a ring of the other ranks in rank order (the hub skipped): an elastic
+    /// star's membership epoch, whose members hand the training state on from worker to worker.
+    case starAndRing(hub: Int)
 
     /// The peers a rank receives from: the only ones whose frames it accepts.
     public func inboundPeers(rank: Int, worldSize: Int) -> [Int] {
         switch self {
         case .ring: worldSize > 1 ? [(rank + worldSize - 1) % worldSize] : []
         case .star, .tree: outboundPeers(rank: rank, worldSize: worldSize)
+        case .starAndRing(let hub):
+            rank == hub ? Self.star(hub: hub).outboundPeers(rank: rank, worldSize: worldSize)
+                : Array(Set([hub] + Self.ringAround(hub: hub, rank: rank, worldSize: worldSize, step: -1))).sorted()
         }
     }
 
@@ -26,7 +32,17 @@ public enum Topology: Sendable, Equatable {
             rank == hub ? (0..<worldSize).filter { $0 != hub } : [hub]
         case .tree:
             (treeParent(rank).map { [$0] } ?? []) + treeChildren(rank, worldSize: worldSize)
+        case .starAndRing(let hub):
+            rank == hub ? Self.star(hub: hub).outboundPeers(rank: rank, worldSize: worldSize)
+                : Array(Set([hub] + Self.ringAround(hub: hub, rank: rank, worldSize: worldSize, step: 1))).sorted()
         }
+    }
+
+    /// `rank`'s neighbour `step` places on along the ring of every rank but `hub` (none when alone).
+    private static func ringAround(hub: Int, rank: Int, worldSize: Int, step: Int) -> [Int] {
+        let others = (0..<worldSize).filter { $0 != hub }
+        guard others.count > 1, let i = others.firstIndex(of: rank) else { return [] }
+        return [others[(i + step + others.count) % others.count]]
     }
 }
 

@@ -61,9 +61,6 @@ struct ClusterOptions: ParsableArguments {
             guard elastic else { throw ValidationError("--max-workers \(maxWorkers) needs --elastic: only an elastic run admits workers while it trains") }
             guard maxWorkers >= minWorkers else { throw ValidationError("--max-workers \(maxWorkers) is below --min-workers \(minWorkers)") }
         }
-        if elastic && allreduce == .star {
-            throw ValidationError("--elastic does not take --allreduce star yet (its hub is not re-formed after a loss): use --allreduce ring or tree")
-        }
         guard joinTimeout.isFinite, joinTimeout >= 0.1, joinTimeout <= 86_400 else {
             throw ValidationError("--join-timeout must be in 0.1...86400 seconds (got \(joinTimeout))")
         }

@@ -111,6 +111,21 @@ struct ElasticProtocolTests {
         #expect(StateTransfer.sources(topology: .ring, worldSize: 2, receivers: [0, 1]) == nil)
     }
 
+    /// An elastic star's epoch with a state transfer: every worker keeps its link to the hub and gains its
+    /// neighbours on a ring of the workers (the hub skipped), over which the state goes round; the hub's
+    /// links are the star's.
+    @Test func anElasticStarHandsTheStateRoundARingOfItsWorkers() {
+        let topology = Topology.starAndRing(hub: 4)
+        #expect(topology.outboundPeers(rank: 0, worldSize: 5) == [1, 4])
+        #expect(topology.inboundPeers(rank: 0, worldSize: 5) == [3, 4])
+        #expect(topology.outboundPeers(rank: 3, worldSize: 5) == [0, 4])
+        #expect(topology.outboundPeers(rank: 4, worldSize: 5) == [0, 1, 2, 3])
+        #expect(topology.inboundPeers(rank: 4, worldSize: 5) == [0, 1, 2, 3])
+        #expect(Topology.starAndRing(hub: 1).outboundPeers(rank: 0, worldSize: 2) == [1])  // one worker: no ring
+        // The transfer's own walk spans the workers only: a joiner at rank 3 gets the state from rank 2, not from the hub.
+        #expect(StateTransfer.sources(topology: .ring, worldSize: 4, receivers: [3]) == [3: 2])
+    }
+
     @Test func aChunkHeaderRoundTripsAndAStrangersIsRefused() throws {
         let header = StateHeader(step: 41, total: 5_832_440, offset: 1 << 20)
         let decoded = try header.encoded.withUnsafeBytes { try StateHeader(decoding: $0, from: 1) }

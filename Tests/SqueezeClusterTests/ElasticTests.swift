@@ -30,11 +30,13 @@ struct ElasticTests {
         return (launch, worker)
     }
 
-    @Test(arguments: ["ring", "tree"])
+    /// With BatchNorm, whose running statistics the weights file holds too: the step abandoned by the
+    /// survivors had run its forward pass, which updates them, and must leave them as they were.
+    @Test(arguments: ["ring", "tree", "star"])
     func aKilledWorkerIsRemovedAndTheSurvivorsGoOnFromTheLastCompletedStep(allreduce: String) throws {
         let dir = try temporaryDirectory("elastic-kill")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let common = Self.common + ["--allreduce", allreduce]
+        let common = Self.common + ["--allreduce", allreduce, "--batch-norm"]
         let (launch, _) = try launchAndSignal(SIGKILL, atStep: 6, ["--elastic", "--save-weights", dir + "/elastic.safetensors"] + common, in: dir)
         #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
         #expect(launch.output.contains("the run goes on without it"), "\(launch.output)")
@@ -96,11 +98,14 @@ struct ElasticTests {
     /// Grow: a worker killed, launch's replacement joins at a step boundary and receives the state from
     /// a member. The final weights are those of 3, then 2, then 3 workers resumed from checkpoints at
     /// the same steps: they differ if the joiner's state differed from the members' by a single bit.
-    @Test func aReplacementWorkerJoinsTheRunningRunWithTheMembersStateBitForBit() throws {
+    /// A star's workers reach only the hub: the state goes round a ring of the workers beside it.
+    @Test(arguments: ["ring", "star"])
+    func aReplacementWorkerJoinsTheRunningRunWithTheMembersStateBitForBit(allreduce: String) throws {
         let dir = try temporaryDirectory("elastic-grow")
         defer { try? FileManager.default.removeItem(atPath: dir) }
+        let long = Self.long + ["--allreduce", allreduce]
         let (launch, _) = try launchAndSignal(SIGKILL, atStep: 6, ["--elastic", "--replace-workers", "1", "--save-weights", dir + "/elastic.safetensors"]
-                                              + Self.long, in: dir)
+                                              + long, in: dir)
         #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
         #expect(launch.output.contains("started joiner 1 (pid "), "\(launch.output)")
         let all = try readAllMetrics(dir + "/m.jsonl")
@@ -114,7 +119,7 @@ struct ElasticTests {
         #expect(launch.output.contains("[joiner 1] rank 2: received the training state of step \(joined)"), "\(launch.output)")
         #expect(launch.output.contains("epoch 1: 2 worker(s) from step \(lost); epoch 2: 3 worker(s) from step \(joined)"), "\(launch.output)")
 
-        try reference([(3, lost), (2, joined), (3, nil)], Self.long, in: dir)
+        try reference([(3, lost), (2, joined), (3, nil)], long, in: dir)
         let difference = try byteDifference(dir + "/elastic.safetensors", dir + "/reference.safetensors")
         #expect(difference == nil, "\(difference ?? "")")
     }
@@ -185,12 +190,13 @@ struct ElasticTests {
         #expect(difference == nil, "\(difference ?? "")")
     }
 
-    /// With error feedback (`--compress int8`) the survivors keep their residuals across the change and
-    /// the lost rank's goes with it; the run finishes.
-    @Test func aKilledWorkerWithInt8CompressionLeavesTheSurvivorsTheirResiduals() throws {
-        let dir = try temporaryDirectory("elastic-int8")
+    /// With error feedback (`--compress int8`; top-k around the star's hub) the survivors keep their
+    /// residuals across the change and the lost rank's goes with it; the run finishes.
+    @Test(arguments: [["--compress", "int8"], ["--compress", "topk:0.01", "--allreduce", "star"]])
+    func aKilledWorkerWithACodecLeavesTheSurvivorsTheirResiduals(codec: [String]) throws {
+        let dir = try temporaryDirectory("elastic-codec")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let (launch, _) = try launchAndSignal(SIGKILL, atStep: 6, ["--elastic", "--compress", "int8"] + Self.common, in: dir)
+        let (launch, _) = try launchAndSignal(SIGKILL, atStep: 6, ["--elastic"] + codec + Self.common, in: dir)
         #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
         let changes = try readAllMetrics(dir + "/m.jsonl").filter { $0["event"] as? String == "membership" }
         #expect(changes.count == 1 && changes.first?["world_size"] as? Int == 2, "\(launch.output)")
