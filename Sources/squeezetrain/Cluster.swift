@@ -43,7 +43,7 @@ struct ClusterOptions: ParsableArguments {
     var joinTimeout: Double = 120
     @Flag(help: "Skip the test-set evaluation at each epoch end (otherwise every worker evaluates 1/N of it).")
     var noEval = false
-    @Flag(help: "Elastic membership: a worker that dies (its connection drops) or hangs (--timeout) is removed, the others are renumbered and go on from the last completed step in memory, with the same global batch (ring or tree; docs/cluster.md).")
+    @Flag(help: "Elastic membership: a worker that dies (its connection drops) or hangs (--timeout) is removed, the others are renumbered and go on from the last completed step in memory, with the same global batch (ring, star or tree; docs/cluster.md).")
     var elastic = false
     @Option(help: "With --elastic: when fewer workers remain, the furthest writes a checkpoint (with --checkpoint-dir) and the run stops, naming the lost ranks.")
     var minWorkers = 1
