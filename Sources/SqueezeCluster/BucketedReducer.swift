@@ -44,6 +44,8 @@ public final class BucketedReducer: GradientReducer, @unchecked Sendable {
     public private(set) var busySeconds = 0.0
     /// Records each bucket's all-reduce on the communication thread (nil: not traced); set before the first step.
     public var tracer: Tracer?
+    /// Told when backward has finished bucket 0 and when bucket 0's all-reduce has completed (`InjectedFault`).
+    public var faultHook: (@Sendable (InjectedFault.Phase, Int) -> Void)?
 
     public init(reducer: any AllReducer, plan: [Range<Int>]) {
         self.reducer = reducer
@@ -56,6 +58,7 @@ public final class BucketedReducer: GradientReducer, @unchecked Sendable {
 
     public func gradientsReady(_ range: Range<Int>, of gradients: UnsafeMutableBufferPointer<Float>) {
         guard let k = plan.firstIndex(where: { $0.lowerBound == range.lowerBound }) else { return }
+        if k == 0 { faultHook?(.backward, step) }
         lock.lock()
         if submitted == 0 { busySeconds = 0 }
         queue.append((k, step, shareWeight, gradients))
@@ -102,6 +105,7 @@ public final class BucketedReducer: GradientReducer, @unchecked Sendable {
                                                      tag: CollectiveTag(step: UInt32(truncatingIfNeeded: job.step), bucket: UInt32(job.bucket)))
                     }
                 } catch let e { error = e }
+                if error == nil && job.bucket == 0 { faultHook?(.allreduce, job.step) }
             }
             lock.lock()
             busySeconds += Double(DispatchTime.now().uptimeNanoseconds - t0) * 1e-9

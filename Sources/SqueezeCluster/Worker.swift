@@ -74,6 +74,8 @@ public final class Worker {
     let signals: StopToken
     /// The step being trained (reported with a failure).
     private var step = 0
+    /// A crash on purpose at a point of a step, for tests (`InjectedFault`); nil normally.
+    private var fault: InjectedFault?
     /// An elastic run's error-feedback residual when its membership epoch was halted: this rank's own
     /// unsent gradient mass, which the next epoch keeps (`carryResidual`).
     private var halted: HaltedResidual?
@@ -120,6 +122,10 @@ public final class Worker {
         guard welcome.chunkBytes >= MemoryLayout<Float>.size else {
             throw ClusterError("the coordinator at \(coordinator) asks for data-plane chunks of \(welcome.chunkBytes) bytes, "
                                + "less than one Float: is it another build? (run the same build everywhere)")
+        }
+        if let asked = try InjectedFault.from(), asked.rank == welcome.rank, welcome.joining != true {
+            fault = asked
+            log("rank \(welcome.rank): \(InjectedFault.variable): this worker kills itself in step \(asked.step)'s \(asked.phase.rawValue)")
         }
         let model = try prepareModel(welcome)
         let tracer = options.tracePath.map { Tracer(path: $0, pid: welcome.rank, processName: "rank \(welcome.rank)", window: options.traceWindow) }
@@ -193,6 +199,7 @@ public final class Worker {
         }
         let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout, tracer: tracer)
         defer { reducer.close() }
+        if let fault { reducer.faultHook = { fault.strike(step: $1, phase: $0) } }
         if let feedback, let held = halted { carryResidual(held, into: feedback, epoch: epoch, trainer: model.trainer) }
         if let held = haltedBuffers { carryBuffers(held, epoch: epoch, trainer: model.trainer) }
         (halted, haltedBuffers) = (nil, nil)
@@ -200,7 +207,10 @@ public final class Worker {
             + (epoch.number == 0 ? "" : " (membership epoch \(epoch.number), from step \(model.trainer.step))"))
         let hooks = WorkerHooks(welcome: welcome, model: model, channel: channel, transport: transport, reducer: reducer,
                                 feedback: feedback, heartbeat: heartbeat, stop: stop, signals: signals, clock: clock, timeout: timeout,
-                                coordinator: coordinator, events: events, log: log) { [unowned self] in self.step = $0 }
+                                coordinator: coordinator, events: events, log: log) { [unowned self] in
+            self.step = $0
+            self.fault?.strike(step: $0, phase: .forward)
+        }
         hooks.halt = (epoch.number, interruption)
         let loop = TrainingLoop(trainer: model.trainer, reducer: reducer, policy: CheckpointPolicy(every: welcome.checkpointEvery), stop: stop)
         do {

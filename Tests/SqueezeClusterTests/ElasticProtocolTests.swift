@@ -126,6 +126,18 @@ struct ElasticProtocolTests {
         #expect(StateTransfer.sources(topology: .ring, worldSize: 4, receivers: [3]) == [3: 2])
     }
 
+    /// The crash on purpose the process tests use: parsed, or refused naming the variable and the form.
+    @Test func anInjectedFaultIsParsedOrRefusedNamingTheVariable() throws {
+        #expect(try InjectedFault.from(environment: [:]) == nil)
+        #expect(try InjectedFault.from(environment: ["SQUEEZETRAIN_FAULT": "kill:1:6:backward"]) == InjectedFault(rank: 1, step: 6, phase: .backward))
+        for bad in ["kill:1:6", "kill:x:6:forward", "kill:1:-2:forward", "stop:1:6:forward", "kill:1:6:optimizer"] {
+            #expect(throws: ClusterError.self, "\(bad)") { try InjectedFault.from(environment: ["SQUEEZETRAIN_FAULT": bad]) }
+            do { _ = try InjectedFault.from(environment: ["SQUEEZETRAIN_FAULT": bad]) } catch {
+                #expect("\(error)".contains("SQUEEZETRAIN_FAULT=\(bad): expected kill:RANK:STEP:PHASE"), "\(error)")
+            }
+        }
+    }
+
     @Test func aChunkHeaderRoundTripsAndAStrangersIsRefused() throws {
         let header = StateHeader(step: 41, total: 5_832_440, offset: 1 << 20)
         let decoded = try header.encoded.withUnsafeBytes { try StateHeader(decoding: $0, from: 1) }

@@ -30,20 +30,27 @@ struct ElasticTests {
         return (launch, worker)
     }
 
-    /// With BatchNorm, whose running statistics the weights file holds too: the step abandoned by the
-    /// survivors had run its forward pass, which updates them, and must leave them as they were.
-    @Test(arguments: ["ring", "tree", "star"])
-    func aKilledWorkerIsRemovedAndTheSurvivorsGoOnFromTheLastCompletedStep(allreduce: String) throws {
+    /// Worker 1 SIGKILLs itself in step 6 (`SQUEEZETRAIN_FAULT`): as the step begins (forward), once
+    /// backward has finished the first gradient bucket, or once the first bucket's all-reduce has
+    /// completed (the others still to go); ring, tree and star. The survivors cannot complete step 6
+    /// without it, so they go on from step 6's state. With BatchNorm, whose running statistics the
+    /// weights file holds too: the abandoned step had run its forward pass, which updates them.
+    @Test(arguments: [("ring", "forward"), ("ring", "backward"), ("ring", "allreduce"), ("tree", "backward"), ("tree", "allreduce"),
+                      ("star", "forward"), ("star", "allreduce")])
+    func aKilledWorkerIsRemovedAndTheSurvivorsGoOnFromTheLastCompletedStep(allreduce: String, phase: String) throws {
         let dir = try temporaryDirectory("elastic-kill")
         defer { try? FileManager.default.removeItem(atPath: dir) }
         let common = Self.common + ["--allreduce", allreduce, "--batch-norm"]
-        let (launch, _) = try launchAndSignal(SIGKILL, atStep: 6, ["--elastic", "--save-weights", dir + "/elastic.safetensors"] + common, in: dir)
+        let launch = try Child(["launch", "--workers", "3", "--metrics", dir + "/m.jsonl", "--elastic", "--save-weights", dir + "/elastic.safetensors"] + common,
+                               log: dir + "/launch.log", environment: [InjectedFault.variable: "kill:1:6:\(phase)"])
         #expect(launch.wait(timeout: 300) == 0, "\(launch.output)")
-        #expect(launch.output.contains("the run goes on without it"), "\(launch.output)")
+        #expect(launch.output.contains("rank 1: SQUEEZETRAIN_FAULT: this worker kills itself in step 6's \(phase)"), "\(launch.output)")
+        #expect(launch.output.contains("worker 1 (pid ") && launch.output.contains("was killed by signal 9 (SIGKILL); the run goes on without it"), "\(launch.output)")
         let all = try readAllMetrics(dir + "/m.jsonl")
         let changes = all.filter { $0["event"] as? String == "membership" }
         try #require(changes.count == 1, "\(launch.output)")
         let from = try #require(changes[0]["from_step"] as? Int)
+        #expect(from == 6, "\(changes[0])")
         #expect(changes[0]["world_size"] as? Int == 2)
         #expect(changes[0]["lost_ranks"] as? [Int] == [1])
         #expect((changes[0]["lost"] as? String)?.contains("dropped its connection") == true, "\(changes[0])")  // not --timeout's silence
