@@ -49,9 +49,10 @@ struct StateTransfer: Sendable {
                                    + "the one every rank holding it reported")
             }
         }
+        let received = bytes.count  // a receiver may also be the source of another receiver
         let targets = sources.filter { $0.value == rank }.map(\.key).sorted()
-        guard !targets.isEmpty else { return bytes.count }
-        if bytes.isEmpty { bytes = try TrainingState(trainer: trainer, worldSize: transport.worldSize).encoded() }
+        guard !targets.isEmpty else { return received }
+        if bytes.isEmpty { bytes = try TrainingState(trainer: trainer, worldSize: workers).encoded() }
         try bytes.withUnsafeBytes { all in
             var headers = [[UInt8]]()  // kept until the sends complete (the transport may not copy)
             for target in targets {
@@ -63,7 +64,7 @@ struct StateTransfer: Sendable {
             }
             try transport.completeSends(timeout: timeout)
         }
-        return 0
+        return received
     }
 
     /// The state's bytes from `source`, chunk by chunk, each header checked against the one expected next.

@@ -126,6 +126,33 @@ struct ElasticProtocolTests {
         #expect(StateTransfer.sources(topology: .ring, worldSize: 4, receivers: [3]) == [3: 2])
     }
 
+    /// A ring of 3 over in-process transports: rank 1 holds the state of step 2; rank 2 (a joiner) gets it
+    /// from rank 1 and passes it on to rank 0 (a survivor behind). Both receivers end with the holder's
+    /// parameters and momentum and report the bytes they received, rank 2 too although it also sent them.
+    @Test func aReceiverThatPassesTheStateOnStillCountsWhatItReceived() throws {
+        var config = TrainingConfig()
+        config.batchSize = 8
+        config.totalSteps = 4
+        let trainers = try (0..<3).map { _ in try Trainer(config: config, trainSet: try smallTrainingSet()) }
+        let loader = trainers[1].makeLoader()
+        for _ in 0..<2 { _ = try trainers[1].trainStep(try #require(loader.next())) }
+        loader.stop()
+        let agreed = stateChecksum(trainers[1])
+        let transfer = StateTransfer(receivers: [0, 2], checksum: agreed, step: 2)
+        let group = InProcessGroup(worldSize: 3)
+        let ranks = TransferRanks(trainers)
+        DispatchQueue.concurrentPerform(iterations: 3) { rank in
+            let outcome = Result {
+                try transfer.run(rank: rank, topology: .ring, workers: 3, transport: group[rank], trainer: ranks.trainers[rank],
+                                 chunkBytes: 1 << 20, timeout: .seconds(30))
+            }
+            ranks.lock.withLock { ranks.outcomes[rank] = outcome }
+        }
+        let received = try ranks.outcomes.map { try #require(try $0?.get()) }
+        #expect(received[1] == 0 && received[0] > 1_000_000 && received[2] == received[0], "\(received)")
+        for t in trainers { #expect(stateChecksum(t) == agreed && t.step == 2) }
+    }
+
     /// The crash on purpose the process tests use: parsed, or refused naming the variable and the form.
     @Test func anInjectedFaultIsParsedOrRefusedNamingTheVariable() throws {
         #expect(try InjectedFault.from(environment: [:]) == nil)
@@ -161,4 +188,13 @@ struct ElasticProtocolTests {
         let output = try refusedBeforeStarting(arguments)
         #expect(output.contains(message), "\(arguments): \(output)")
     }
+}
+
+/// Trainers and outcomes shared with the rank threads of a state transfer; each rank uses its own entries.
+final class TransferRanks: @unchecked Sendable {
+    // @unchecked Sendable: a rank touches only its own trainer; `outcomes` is guarded by `lock`.
+    let trainers: [Trainer]
+    let lock = NSLock()
+    var outcomes: [Result<Int, any Error>?]
+    init(_ trainers: [Trainer]) { self.trainers = trainers; outcomes = Array(repeating: nil, count: trainers.count) }
 }
