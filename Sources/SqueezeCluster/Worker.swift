@@ -76,11 +76,9 @@ public final class Worker {
     private var step = 0
     /// A crash on purpose at a point of a step, for tests (`InjectedFault`); nil normally.
     private var fault: InjectedFault?
-    /// An elastic run's error-feedback residual when its membership epoch was halted: this rank's own
-    /// unsent gradient mass, which the next epoch keeps (`carryResidual`).
-    private var halted: HaltedResidual?
-    /// An elastic run's BatchNorm running statistics when its membership epoch was halted (`carryBuffers`).
-    private var haltedBuffers: HaltedBuffers?
+    /// What an elastic run's rank holds of its own when its membership epoch was halted, which the next
+    /// epoch keeps (`carryHalted`).
+    private var halted: HaltedState?
     /// This process's control identities (`ControlIdentity`).
     private let session = ControlIdentity.newSession()
 
@@ -200,9 +198,8 @@ public final class Worker {
         let (reducer, feedback) = makeReducer(welcome, trainer: model.trainer, transport: transport, timeout: timeout, tracer: tracer)
         defer { reducer.close() }
         if let fault { reducer.faultHook = { fault.strike(step: $1, phase: $0) } }
-        if let feedback, let held = halted { carryResidual(held, into: feedback, epoch: epoch, trainer: model.trainer) }
-        if let held = haltedBuffers { carryBuffers(held, epoch: epoch, trainer: model.trainer) }
-        (halted, haltedBuffers) = (nil, nil)
+        if let held = halted { carryHalted(held, into: feedback, epoch: epoch, trainer: model.trainer) }
+        halted = nil
         log("rank \(rank) of \(world): \(model.trainer.trainSet.count) images from \(model.dataDirectory), data plane \(transport.boundEndpoint)"
             + (epoch.number == 0 ? "" : " (membership epoch \(epoch.number), from step \(model.trainer.step))"))
         let hooks = WorkerHooks(welcome: welcome, model: model, channel: channel, transport: transport, reducer: reducer,
@@ -219,11 +216,12 @@ public final class Worker {
         } catch {
             if let reason = interruption.reason {
                 log("rank \(rank): step \(model.trainer.step) abandoned (\(reason)); \(model.trainer.step) steps completed")
-                if model.trainer.network.buffers.count > 0 {
-                    haltedBuffers = HaltedBuffers(current: model.trainer.network.buffers.copyValues(), atStepStart: hooks.buffersAtStepStart)
-                }
-                halted = feedback.map { HaltedResidual(current: $0.errorFeedback(count: model.trainer.network.parameters.count),
-                                                       atStepStart: hooks.residualAtStepStart, worldSize: world) }
+                let buffers = model.trainer.network.buffers
+                halted = HaltedState(
+                    residual: feedback.map { HaltedValues(current: $0.errorFeedback(count: model.trainer.network.parameters.count),
+                                                          atStepStart: hooks.residualAtStepStart) },
+                    buffers: buffers.count > 0 ? HaltedValues(current: buffers.copyValues(), atStepStart: hooks.buffersAtStepStart) : nil,
+                    worldSize: world)
                 return false
             }
             throw hooks.explain(error)
@@ -352,33 +350,27 @@ public final class Worker {
         }
     }
 
-    /// Puts back the BatchNorm running statistics this rank held when the last membership epoch was
-    /// halted, as each rank keeps its own: a rank that abandoned a step in flight, those from before it
-    /// (the step's forward pass updated them, but the step never happened); a rank that completed its
-    /// step, or one a step behind (the others completed the step its forward pass belonged to; the state
-    /// transfer brought it a holder's statistics), the ones it holds.
-    private func carryBuffers(_ held: HaltedBuffers, epoch: WorkerEpoch, trainer: Trainer) {
-        let receives = epoch.transfer?.receivers.contains(epoch.welcome.rank) == true
-        let abandoned = !receives && held.atStepStart?.step == trainer.step
-        let values = abandoned ? held.atStepStart!.values : held.current
-        _ = values.withUnsafeBufferPointer { trainer.network.buffers.valueBuffer.update(fromContentsOf: $0) }
-    }
-
-    /// Puts the residual this rank held when the last membership epoch was halted into the new epoch's
-    /// reducer (a joiner has none: it starts from zero, and a lost rank's residual is gone with it).
-    /// Which residual: a rank that abandoned a step in flight, the one from before that step (the step's
-    /// own error is not kept: its gradient was never applied); a rank that completed its step, or one a
-    /// step behind (it had sent all its parts of the step the others completed: only the all-gather,
-    /// which keeps no residual, was cut), the one it holds. Scaled by N'/N: the collectives divide the
-    /// sum by the world size, and the mass left unsent was N's 1/N share.
-    private func carryResidual(_ halted: HaltedResidual, into feedback: any ErrorFeedbackReducer, epoch: WorkerEpoch, trainer: Trainer) {
+    /// Puts what this rank held of its own when the last membership epoch was halted into the new epoch
+    /// (a joiner has nothing: it starts from the state it receives, and a lost rank's is gone with it).
+    /// A rank that abandoned a step in flight keeps the values from before that step: the step never
+    /// happened, yet its forward pass had updated BatchNorm's running statistics and its error went into
+    /// the residual. A rank that completed its step keeps what it holds, and so does one a step behind:
+    /// the others completed the step its forward pass belonged to, and it had sent all its parts of it
+    /// (only the all-gather, which keeps no residual, was cut); the state transfer brought it a holder's
+    /// statistics, which it replaces with its own, as each rank keeps its own.
+    /// The residual is scaled by N'/N: the collectives divide the sum by the world size, and the mass
+    /// left unsent was N's 1/N share.
+    private func carryHalted(_ held: HaltedState, into feedback: (any ErrorFeedbackReducer)?, epoch: WorkerEpoch, trainer: Trainer) {
         let (rank, world) = (epoch.welcome.rank, epoch.welcome.worldSize)
         let receives = epoch.transfer?.receivers.contains(rank) == true
-        let abandoned = !receives && halted.atStepStart?.step == trainer.step
-        let scale = Float(world) / Float(halted.worldSize)
-        feedback.restoreErrorFeedback(((abandoned ? halted.atStepStart?.values : nil) ?? halted.current).map { $0 * scale })
-        log("rank \(rank): error-feedback residual kept across the change of members (\(abandoned ? "from before the abandoned step" : "as held")"
-            + ", scaled by \(world)/\(halted.worldSize))")
+        if let buffers = held.buffers?.kept(at: trainer.step, receives: receives).values {
+            _ = buffers.withUnsafeBufferPointer { trainer.network.buffers.valueBuffer.update(fromContentsOf: $0) }
+        }
+        guard let feedback, let residual = held.residual?.kept(at: trainer.step, receives: receives) else { return }
+        let scale = Float(world) / Float(held.worldSize)
+        feedback.restoreErrorFeedback(residual.values.map { $0 * scale })
+        log("rank \(rank): error-feedback residual kept across the change of members (\(residual.abandoned ? "from before the abandoned step" : "as held")"
+            + ", scaled by \(world)/\(held.worldSize))")
     }
 
     /// The bucketed all-reduce over `transport`, with this rank's error-feedback residual restored on a resume.
@@ -455,19 +447,26 @@ struct WorkerEpoch {
     var transfer: StateTransfer?
 }
 
-/// The residual an elastic worker held when its membership epoch was halted, and the one from before
-/// the step then in flight (nil: not recorded), for `Worker.carryResidual`.
-struct HaltedResidual {
+/// Values of a rank's own (its error-feedback residual, BatchNorm's running statistics) as it held them
+/// when its membership epoch was halted, and as they were before the step then in flight (nil: not recorded).
+struct HaltedValues {
     var current: [Float]
     var atStepStart: (step: Int, values: [Float])?
-    var worldSize: Int
+
+    /// The values to go on with from `step`: those from before it if this rank abandoned it in flight
+    /// (it recorded them at that step and receives no state), else the ones it held.
+    func kept(at step: Int, receives: Bool) -> (values: [Float], abandoned: Bool) {
+        if !receives, let start = atStepStart, start.step == step { return (start.values, true) }
+        return (current, false)
+    }
 }
 
-/// An elastic worker's BatchNorm running statistics when its membership epoch was halted, and the ones
-/// from before the step then in flight (nil: not recorded), for `Worker.carryBuffers`.
-struct HaltedBuffers {
-    var current: [Float]
-    var atStepStart: (step: Int, values: [Float])?
+/// What an elastic worker held of its own when its membership epoch of `worldSize` ranks was halted
+/// (`Worker.carryHalted`).
+struct HaltedState {
+    var residual: HaltedValues?
+    var buffers: HaltedValues?
+    var worldSize: Int
 }
 
 /// A worker's model and data, ready to train.
@@ -492,10 +491,10 @@ final class WorkerHooks: TrainingLoopHooks {
     private var forwardedSignal = false
     /// An elastic run's membership epoch and the interruption its halt sets (nil: never halted).
     var halt: (epoch: Int, interruption: Interruption)?
-    /// An elastic run with error feedback: the residual before the step in flight (`Worker.carryResidual`).
+    /// An elastic run with error feedback: the residual before the step in flight (`Worker.carryHalted`).
     private(set) var residualAtStepStart: (step: Int, values: [Float])?
     /// An elastic run with BatchNorm: its running statistics before the step in flight, whose forward pass
-    /// updates them (`Worker.carryBuffers`).
+    /// updates them (`Worker.carryHalted`).
     private(set) var buffersAtStepStart: (step: Int, values: [Float])?
     private var trainer: Trainer { model.trainer }
     private var rank: Int { welcome.rank }

@@ -18,9 +18,7 @@ public enum Topology: Sendable, Equatable {
         switch self {
         case .ring: worldSize > 1 ? [(rank + worldSize - 1) % worldSize] : []
         case .star, .tree: outboundPeers(rank: rank, worldSize: worldSize)
-        case .starAndRing(let hub):
-            rank == hub ? Self.star(hub: hub).outboundPeers(rank: rank, worldSize: worldSize)
-                : Array(Set([hub] + Self.ringAround(hub: hub, rank: rank, worldSize: worldSize, step: -1))).sorted()
+        case .starAndRing(let hub): Self.starAndRing(hub: hub, rank: rank, worldSize: worldSize, step: -1)
         }
     }
 
@@ -32,17 +30,17 @@ public enum Topology: Sendable, Equatable {
             rank == hub ? (0..<worldSize).filter { $0 != hub } : [hub]
         case .tree:
             (treeParent(rank).map { [$0] } ?? []) + treeChildren(rank, worldSize: worldSize)
-        case .starAndRing(let hub):
-            rank == hub ? Self.star(hub: hub).outboundPeers(rank: rank, worldSize: worldSize)
-                : Array(Set([hub] + Self.ringAround(hub: hub, rank: rank, worldSize: worldSize, step: 1))).sorted()
+        case .starAndRing(let hub): Self.starAndRing(hub: hub, rank: rank, worldSize: worldSize, step: 1)
         }
     }
 
-    /// `rank`'s neighbour `step` places on along the ring of every rank but `hub` (none when alone).
-    private static func ringAround(hub: Int, rank: Int, worldSize: Int, step: Int) -> [Int] {
+    /// `.starAndRing`'s peers of `rank`: the hub's are the star's; another rank's are the hub and its
+    /// neighbour `step` places on along the ring of every rank but the hub (none when it is alone).
+    private static func starAndRing(hub: Int, rank: Int, worldSize: Int, step: Int) -> [Int] {
         let others = (0..<worldSize).filter { $0 != hub }
-        guard others.count > 1, let i = others.firstIndex(of: rank) else { return [] }
-        return [others[(i + step + others.count) % others.count]]
+        guard rank != hub else { return others }
+        guard others.count > 1, let i = others.firstIndex(of: rank) else { return [hub] }
+        return [others[(i + step + others.count) % others.count], hub].sorted()
     }
 }
 
