@@ -143,6 +143,8 @@ public final class Coordinator {
     private var lostSeconds = 0.0
     /// While stopping: why, and how long the checkpoint may take.
     private var stopping: (error: String, deadline: ContinuousClock.Instant)?
+    /// Joiners that found the run full, waiting (until `until`) for a member's loss to be seen.
+    private var parked = [(hello: Hello, id: [UInt8], until: ContinuousClock.Instant)]()
     /// The last membership epoch that trained (one formed and halted again before its start never did).
     private var trainedEpoch = 0
 
@@ -228,6 +230,7 @@ public final class Coordinator {
     /// After the last step: tells the workers the run is over and sums it up.
     public func finish() -> ClusterSummary {
         for id in identities { if let id { channel.send(.stop(Stop(reason: "run complete")), to: id) } }
+        for p in parked { channel.send(.reject(Reject(reason: "the run is complete; it admits no one")), to: p.id) }
         hubThread?.join()
         retireHub()
         var summary = progress.summary(startStep: startStep, stop: stop)
@@ -431,6 +434,7 @@ public final class Coordinator {
                 lastBeat = now
             }
             if phase == .training, let reason = stop.reason, progress.stopRequest == nil { requestStop(reason) }
+            retryParkedJoiners()
             if let failure = hubThread?.failure { throw ClusterError("the star hub failed: \(failure)") }
             if let stopping, now > stopping.deadline { throw ClusterError(stopping.error + " (the checkpoint was not confirmed within \(options.timeout))") }
             for member in identities.indices where identities[member] != nil && now - lastHeard[member] > options.timeout {
@@ -487,16 +491,28 @@ extension Coordinator {
         }
     }
 
-    /// A worker asks to join the running run: it gets the next member identity (refused beyond
-    /// `--max-workers`, or when the run is ending) and the run's configuration; it is admitted once its
-    /// model is built and checked (`joinerReady`).
-    fileprivate func welcomeJoiner(_ h: Hello, id: [UInt8]) {
+    /// How long a joiner that finds the run full waits for a place. A scheduler's replacement may
+    /// connect before the loss of the rank it replaces is seen (the dropped connection is reported a
+    /// moment later); a hung member takes `--timeout` to be lost, and its replacement is refused sooner.
+    static let placeWait = Duration.seconds(2)
+
+    /// A worker asks to join the running run: it gets the next member identity (beyond `--max-workers`
+    /// it waits up to `placeWait` for a place, then is refused; refused at once when the run is ending)
+    /// and the run's configuration; it is admitted once its model is built and checked (`joinerReady`).
+    fileprivate func welcomeJoiner(_ h: Hello, id: [UInt8], waitUntil: ContinuousClock.Instant? = nil) {
         let name = "\(h.host) pid \(h.pid)"
         func refuse(_ reason: String) {
             log("refused the joiner \(name): \(reason)")
             channel.send(.reject(Reject(reason: reason)), to: id)
         }
         guard phase == .training || phase == .recovering || phase == .reforming else { return refuse("the run is ending; it admits no one") }
+        if parked.contains(where: { $0.id == id }) { return drop("a second hello from the waiting joiner \(name)") }
+        let until = waitUntil ?? clock.now + Self.placeWait
+        // At most --max-workers wait: more cannot all get a place.
+        if membership.isFull && clock.now < until && parked.count < (options.maxWorkers ?? options.workers) {
+            parked.append((h, id, until))
+            return
+        }
         let member: MemberID
         do { member = try membership.requestJoin() } catch { return refuse("\(error)") }
         precondition(member.value == identities.count, "member identities are handed out in order")
@@ -522,6 +538,15 @@ extension Coordinator {
         }
         membership.joinerIsReady(MemberID(member))
         admitReadyJoiners()
+    }
+
+    /// Joiners that found the run full: each asks again once there is a place, or when its wait is over
+    /// (then it is refused, naming --max-workers).
+    private func retryParkedJoiners() {
+        let now = clock.now
+        let due = parked.filter { !membership.isFull || now >= $0.until }
+        parked.removeAll { p in due.contains { $0.id == p.id } }
+        for p in due { welcomeJoiner(p.hello, id: p.id, waitUntil: p.until) }
     }
 
     /// While training, begins the admission of the waiting joiners whose models are ready.

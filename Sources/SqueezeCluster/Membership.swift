@@ -166,6 +166,9 @@ public struct Membership: Sendable {
 
     /// A worker asks to join: its new identity, admitted at the next boundary. Refused once stopped and
     /// when the members and the joiners already waiting reach `maxWorkers`.
+    /// Members and waiting joiners fill `--max-workers`: a joiner asking now would be refused.
+    public var isFull: Bool { (survivors ?? current.members).count + waiting.count >= rules.maxWorkers }
+
     public mutating func requestJoin() throws -> MemberID {
         if let stopped { throw MembershipError("the run is stopping (\(stopped)); it admits no one") }
         let count = (survivors ?? current.members).count + waiting.count

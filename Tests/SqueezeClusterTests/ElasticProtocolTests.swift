@@ -34,8 +34,12 @@ struct ElasticProtocolTests {
         guard case .welcome(let welcome)? = try joiner.received().first else { Issue.record("no welcome"); return }
         // The sampler's layout is the one of the run's first members: rank 0 of 2, until the reform.
         #expect(welcome.joining == true && welcome.elastic == true && welcome.rank == 0 && welcome.worldSize == 2)
+        // Beyond --max-workers a joiner waits a moment for a place (a member's loss may not be seen yet), then is refused.
         let extra = h.worker()
         extra.hello()
+        try h.pump()
+        #expect(try extra.received().isEmpty)
+        h.clock.advance(by: Coordinator.placeWait)
         try h.pump()
         #expect(reasons(try extra.received()) == ["the run already has 3 worker(s) (1 of them waiting to join), its --max-workers 3"])
         // Nothing changes while the joiner loads its data and builds its model.
@@ -75,6 +79,23 @@ struct ElasticProtocolTests {
         let change = try #require(h.metrics.lines.first { $0.contains("\"event\":\"membership\"") })
         #expect(change.contains("\"world_size\":3") && change.contains("\"lost_ranks\":[]") && change.contains("\"joined_ranks\":[2]"), "\(change)")
         #expect(h.log.text.contains("membership epoch 1: 3 worker(s) from step 2 (lost: none; joined: rank 2 (test pid 1))"), "\(h.log.text)")
+    }
+
+    /// A scheduler's replacement that connects before the loss of the rank it replaces is seen waits for
+    /// the place instead of being refused.
+    @Test func aJoinerThatFindsTheRunFullGetsThePlaceOfAMemberLostMeanwhile() throws {
+        let h = try Harness(workers: 2, steps: 100) { $0.elastic = true }
+        let members = try h.join(2)
+        for m in members { _ = try m.received() }
+        let joiner = h.worker()
+        joiner.hello()
+        try h.pump()
+        #expect(try joiner.received().isEmpty)
+        members[1].send(.failure(Failure(rank: 1, step: 0, message: "killed")))
+        try h.pump()
+        guard case .welcome(let welcome)? = try joiner.received().first else { Issue.record("no welcome for the joiner"); return }
+        #expect(welcome.joining == true)
+        #expect(h.log.text.contains("asks to join the running run"), "\(h.log.text)")
     }
 
     @Test func aJoinerWithAnotherModelIsRefusedNamingTheDifferenceAndTheRunGoesOn() throws {
