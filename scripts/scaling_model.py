@@ -48,8 +48,8 @@ def ring(p, n, link):
 
 
 def star(p, n, link):
-    a, b, g = link["alpha"], link["beta"], link["gamma"]
-    return 0.0 if p < 2 else 2 * p * a + p * (n + min(n, CHUNK_BYTES)) * b + (p - 1) * n * g
+    a, b, g, f = link["alpha"], link["beta"], link["gamma"], link.get("fill", 1.0)
+    return 0.0 if p < 2 else 2 * p * a + p * (n + f * min(n, CHUNK_BYTES)) * b + (p - 1) * n * g
 
 
 def tree_degree(p):
@@ -58,11 +58,11 @@ def tree_degree(p):
 
 
 def tree(p, n, link):
-    a, b, g = link["alpha"], link["beta"], link["gamma"]
+    a, b, g, f = link["alpha"], link["beta"], link["gamma"], link.get("fill", 1.0)
     if p < 2:
         return 0.0
     depth = int(math.log2(p))
-    return 2 * depth * a + (tree_degree(p) * n + (2 * depth - 1) * min(n, CHUNK_BYTES)) * b + min(2, p - 1) * n * g
+    return 2 * depth * a + (tree_degree(p) * n + f * (2 * depth - 1) * min(n, CHUNK_BYTES)) * b + min(2, p - 1) * n * g
 
 
 ALGORITHMS = {"ring": ring, "star": star, "tree": tree}
@@ -159,25 +159,44 @@ def stops_scaling(rows, threshold=0.5):
     return next((r["workers"] for r in rows if r["efficiency"] < threshold), None)
 
 
-def fit_alpha_beta(runs, small_bytes=4096):
-    """α and β from timed all-reduces, as latency and bandwidth are usually measured: α from the
-    small messages (≤ small_bytes), β by least squares through the larger ones, in absolute seconds
-    so that the largest messages, which carry the bytes that matter, set it; each with the other's
-    term subtracted (three rounds settle it). `runs` are (algorithm, p, n bytes, seconds)."""
-    rows = [(n <= small_bytes, t, coefficients(a, p, n)) for a, p, n, t in runs]
-    alpha = beta = 0.0
+def fit_link(runs, small_bytes=4096, fill=None):
+    """α, β and the fill φ from timed all-reduces. α from the small messages (≤ small_bytes); β by least
+    squares through the larger ones, in absolute seconds, so that the largest messages, which carry
+    the bytes that matter, set it; each with the other's term subtracted (three rounds settle it).
+    The star's and the tree's pipeline fill (φ times the textbook chunks, "fill" in a link) is fitted
+    beside β when the runs have three or more sizes above small_bytes, by least squares in relative
+    error, so that one chunk's worth counts as much as 64 MiB; otherwise φ is `fill` (default 1, the
+    textbook store-and-forward of whole chunks). `runs` are (algorithm, p, n bytes, seconds)."""
+    rows = [(n <= small_bytes, t, coefficients(a, p, n, fill=0.0), fill_coefficient(a, p, n)) for a, p, n, t in runs]
+    large = [(t, c, f) for is_small, t, c, f in rows if not is_small]
+    free = fill is None and len({c[1] for _, c, _ in large}) >= 3 and any(f for _, _, f in large)
+    alpha, beta, phi = 0.0, 0.0, 1.0 if fill is None else fill
     for _ in range(3):
-        small = [(t - beta * c[1]) / c[0] for is_small, t, c in rows if is_small]
+        small = [(t - beta * (c[1] + phi * f)) / c[0] for is_small, t, c, f in rows if is_small]
         alpha = max(0.0, statistics.median(small)) if small else 0.0
-        large = [(t - alpha * c[0], c[1]) for is_small, t, c in rows if not is_small]
-        beta = max(0.0, sum(t * cb for t, cb in large) / sum(cb * cb for _, cb in large)) if large else 0.0
-    return alpha, beta
+        if free:  # t − α·cα = β·cβ + (βφ)·c_fill, each row divided by t: two normal equations
+            y = [((t - alpha * c[0]) / t, c[1] / t, f / t) for t, c, f in large]
+            saa, sff, saf = (sum(a * a for _, a, _ in y), sum(f * f for _, _, f in y), sum(a * f for _, a, f in y))
+            sya, syf = sum(v * a for v, a, _ in y), sum(v * f for v, _, f in y)
+            det = saa * sff - saf * saf
+            beta, psi = (sya * sff - syf * saf) / det, (saa * syf - saf * sya) / det
+            phi = max(0.0, psi / beta) if beta > 0 else 1.0
+        if not free or beta <= 0 or psi < 0:
+            cols = [(t - alpha * c[0], c[1] + phi * f) for t, c, f in large]
+            beta = sum(t * cb for t, cb in cols) / sum(cb * cb for _, cb in cols) if cols else 0.0
+    return alpha, max(0.0, beta), phi
 
 
-def coefficients(algorithm, p, n):
+def fill_coefficient(algorithm, p, n):
+    """β's coefficient in the pipeline fill alone (φ = 1): the star's and the tree's chunks of fill, 0 for the ring."""
+    unit = {"alpha": 0.0, "beta": 1.0, "gamma": 0.0}
+    return ALGORITHMS[algorithm](p, n, {**unit, "fill": 1.0}) - ALGORITHMS[algorithm](p, n, {**unit, "fill": 0.0})
+
+
+def coefficients(algorithm, p, n, fill=1.0):
     """(α, β, γ) coefficients of one all-reduce of n bytes among p: T = cα·α + cβ·β + cγ·γ."""
-    unit = {"alpha": 1.0, "beta": 0.0, "gamma": 0.0}
-    return [ALGORITHMS[algorithm](p, n, {**{"alpha": 0.0, "beta": 0.0, "gamma": 0.0}, k: 1.0}) for k in unit]
+    zero = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0, "fill": fill}
+    return [ALGORITHMS[algorithm](p, n, {**zero, k: 1.0}) for k in ("alpha", "beta", "gamma")]
 
 
 def self_test():
@@ -241,8 +260,15 @@ def self_test():
     # The fit recovers α and β from exact ring and star times (γ = 0: it is folded into β).
     exact = {**link, "gamma": 0.0}
     runs = [(a, p, m, ALGORITHMS[a](p, m, exact)) for a in ("ring", "star") for p in (2, 4) for m in (1024, 4e6, 64e6)]
-    alpha, beta = fit_alpha_beta(runs)
-    check(abs(beta - 8e-8) <= 8e-11 and abs(alpha - 1e-4) <= 1e-6, f"fit gave alpha {alpha}, beta {beta}")
+    alpha, beta, fill = fit_link(runs)
+    check(abs(beta - 8e-8) <= 8e-11 and abs(alpha - 1e-4) <= 1e-6 and abs(fill - 1.0) <= 1e-6,
+          f"fit gave alpha {alpha}, beta {beta}, fill {fill}")
+    # ... and a fill of 0.3 from a tree's times at three sizes above 4 KiB (at two, φ stays as given).
+    part = {**exact, "fill": 0.3}
+    runs = [("tree", 4, m, tree(4, m, part)) for m in (1024, 1e6, 4e6, 64e6)]
+    alpha, beta, fill = fit_link(runs)
+    check(abs(beta - 8e-8) <= 8e-11 and abs(fill - 0.3) <= 1e-6, f"tree fit gave beta {beta}, fill {fill}")
+    check(fit_link(runs[:3])[2] == 1.0 and fit_link(runs[:3], fill=0.3)[2] == 0.3, "two sizes keep the given fill")
     # Strong scaling with a perfect link is linear; efficiency falls when communication dominates.
     free = {"alpha": 0.0, "beta": 0.0, "gamma": 0.0}
     rows = scaling(model, free, "ring", "none", [2, 4], 64, 0.01, 0.0)
