@@ -63,6 +63,8 @@ public struct RankTraffic: Sendable {
     public var steps = 0
     public var bytesSent = 0, bytesReceived = 0, controlBytes = 0
     public var allreduceSeconds = 0.0, stepSeconds = 0.0, computeSeconds = 0.0
+    /// The theory's bytes summed over the steps (they differ from step to step during DGC's sparsity warm-up).
+    public var theoryBytesSent = 0.0
 }
 
 public struct ClusterSummary: Sendable {
@@ -175,7 +177,7 @@ public final class Coordinator {
     public func prepare() throws {
         directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)  // before any other work
         let n = options.workers, config = options.config
-        if let refusal = options.algorithm.refusal(options.compression) { throw ClusterError(refusal) }
+        if let refusal = options.algorithm.refusal(options.compression) ?? config.dgcRefusal(options.compression) { throw ClusterError(refusal) }
         do {
             membership = try Membership(rules: MembershipRules(minWorkers: options.minWorkers, maxWorkers: options.maxWorkers ?? n,
                                                                globalBatch: config.batchSize), workers: n)
@@ -658,7 +660,9 @@ extension Coordinator {
         guard let hub else { return workers }
         let all = workers + [hub.boundEndpoint]
         try hub.connect(topology: .star(hub: workers.count), endpoints: all)
-        hubThread = HubThread(hub: hub, options: CollectiveOptions(chunkBytes: options.chunkBytes, timeout: options.timeout), compression: options.compression,
+        var collective = CollectiveOptions(chunkBytes: options.chunkBytes, timeout: options.timeout)
+        collective.dgc = options.config.dgcOptions
+        hubThread = HubThread(hub: hub, options: collective, compression: options.compression,
                               plan: plan, steps: fromStep..<options.config.totalSteps, tracer: options.tracer)
         return all
     }
@@ -714,12 +718,20 @@ final class Progress {
 
     /// The theory of `workers` workers.
     private func setTheory() {
-        let expected = TrafficTheory(plan: plan, workers: workers, algorithm: options.algorithm, compression: options.compression,
-                                     chunkBytes: options.chunkBytes)
+        expected = TrafficTheory(plan: plan, workers: workers, algorithm: options.algorithm, compression: options.compression,
+                                 chunkBytes: options.chunkBytes)
         theory = expected.bytesSent
         theoryPerRank = (0..<workers).map { expected.bytesSent(rank: $0) }
         uncompressed = (0..<workers).map { expected.uncompressedBytesSent(rank: $0) }
     }
+
+    private var expected: TrafficTheory!
+    /// Rank `rank`'s theory at `step`: `theoryPerRank`, but during DGC's sparsity warm-up that step's top-k.
+    private func theory(rank: Int, step: Int) -> Double {
+        let atStep = expected.at(step: step, dgc: dgc)
+        return atStep.compression == expected.compression ? theoryPerRank[rank] : atStep.bytesSent(rank: rank)
+    }
+    private lazy var dgc = options.config.dgcOptions
 
     /// Seconds since training began.
     var elapsed: Double { seconds(ContinuousClock.now - start) }
@@ -774,11 +786,12 @@ final class Progress {
             step: r.step, epoch: r.epoch, rank: r.rank, worldSize: workers, loss: r.loss,
             accuracy: Double(r.correct) / Double(max(r.images, 1)), images: r.images, learningRate: r.learningRate,
             allreduceBytesSent: r.allreduceBytesSent, allreduceBytesReceived: r.allreduceBytesReceived,
-            theoryBytesSent: theoryPerRank[r.rank], denseBytesSent: uncompressed[r.rank],
+            theoryBytesSent: theory(rank: r.rank, step: r.step), denseBytesSent: uncompressed[r.rank],
             compressionRatio: Double(uncompressed[r.rank]) / Double(max(r.allreduceBytesSent, 1)), controlBytes: r.controlBytes,
             allreduceSeconds: r.allreduceSeconds, computeSeconds: r.computeSeconds, stepSeconds: r.stepSeconds,
             dataWaitSeconds: r.dataWaitSeconds))
         traffic[r.rank].steps += 1
+        traffic[r.rank].theoryBytesSent += theory(rank: r.rank, step: r.step)
         traffic[r.rank].bytesSent += r.allreduceBytesSent
         traffic[r.rank].bytesReceived += r.allreduceBytesReceived
         traffic[r.rank].controlBytes += r.controlBytes
@@ -799,15 +812,21 @@ final class Progress {
         display.update(epoch: epoch, epochs: epochs, done: done, total: total, loss: lossSum / Double(max(images, 1)),
                        accuracy: Double(correct) / Double(max(images, 1)), imagesPerSecond: rate,
                        etaSeconds: Double(config.totalSteps - completed) * Double(config.batchSize) / max(rate, 1e-9),
-                       extra: "sent/worker/step \(megabytes(sent)) (theory \(megabytes(theory)))")
+                       extra: "sent/worker/step \(megabytes(sent)) (theory \(megabytes(expected.at(step: completed - 1, dgc: dgc).bytesSent)))")
         if done == total { lossSum = 0; correct = 0; images = 0; windowImages = 0; windowStart = ContinuousClock.now }
     }
 
     func summary(startStep: Int, stop: StopToken) -> ClusterSummary {
         let total = seconds(ContinuousClock.now - start)
+        // With DGC's sparsity warm-up the theory changes from step to step: the mean over the steps run.
+        let warm = (dgc?.warmupEpochs ?? 0) > 0
+        let perRank = !warm ? theoryPerRank : traffic.indices.map { r in
+            traffic[r].steps > 0 ? traffic[r].theoryBytesSent / Double(traffic[r].steps) : (theoryPerRank.indices.contains(r) ? theoryPerRank[r] : 0)
+        }
         return ClusterSummary(steps: completed - startStep, seconds: total,
                               imagesPerSecond: Double((completed - startStep) * options.config.batchSize) / max(total, 1e-9),
-                              perRank: traffic, theoryBytesPerWorker: theory, theoryBytesPerRank: theoryPerRank, hubBytesSent: 0, hubBytesReceived: 0,
+                              perRank: traffic, theoryBytesPerWorker: warm ? perRank.reduce(0, +) / Double(max(perRank.count, 1)) : theory,
+                              theoryBytesPerRank: perRank, hubBytesSent: 0, hubBytesReceived: 0,
                               testAccuracy: testAccuracies.last, interruptedBy: stopRequest != nil ? stop.signal : nil,
                               finalStep: completed, stoppedEarly: completed < options.config.totalSteps ? stopRequest : nil)
     }

@@ -1,5 +1,24 @@
 import SqueezeCollectives
 import SqueezeTransport
+import SqueezeTraining
+
+extension TrainingConfig {
+    /// The collectives' view of `dgc` (Deep Gradient Compression's additions to top-k), nil without it.
+    public var dgcOptions: DGCOptions? {
+        dgc.map { DGCOptions(momentumCorrection: $0.momentumCorrection, momentum: momentum, nesterov: nesterov,
+                             clipNorm: $0.localClipNorm, warmupEpochs: $0.warmupEpochs, stepsPerEpoch: $0.stepsPerEpoch) }
+    }
+
+    /// Why `compression` cannot take this configuration's DGC settings, in the command line's words, or nil.
+    public func dgcRefusal(_ compression: GradientCompression) -> String? {
+        guard let dgc else { return nil }
+        if case .topk = compression { return nil }
+        let given = [(dgc.momentumCorrection, "--momentum-correction"), (dgc.localClipNorm != nil, "--local-clip-norm"),
+                     (dgc.warmupEpochs > 0, "--sparsity-warmup-epochs")].filter(\.0).map(\.1)
+        return "\(given.joined(separator: ", ")) refine\(given.count == 1 ? "s" : "") top-k gradient compression; "
+            + "this run has --compress \(compression): add --compress topk:F (e.g. topk:0.01)"
+    }
+}
 
 /// The theory of a step's all-reduce traffic, per worker, for a bucket plan: what the progress
 /// display, the summary table and the metrics put next to the measured bytes.
@@ -13,6 +32,13 @@ public struct TrafficTheory: Sendable {
     public init(plan: [Range<Int>], workers: Int, algorithm: AllReduceAlgorithm, compression: GradientCompression,
                 chunkBytes: Int = CollectiveOptions().chunkBytes) {
         (self.plan, self.workers, self.algorithm, self.compression, self.chunkBytes) = (plan, workers, algorithm, compression, chunkBytes)
+    }
+
+    /// The theory of step `step` under DGC's sparsity warm-up: top-k at that step's fraction.
+    public func at(step: Int, dgc: DGCOptions?) -> TrafficTheory {
+        guard let dgc, case .topk(let f) = compression, dgc.fraction(f, step: step) != f else { return self }
+        return TrafficTheory(plan: plan, workers: workers, algorithm: algorithm, compression: .topk(fraction: dgc.fraction(f, step: step)),
+                             chunkBytes: chunkBytes)
     }
 
     var parameters: Int { plan.reduce(0) { $0 + $1.count } }

@@ -368,7 +368,7 @@ public final class Worker {
         }
         guard let feedback, let residual = held.residual?.kept(at: trainer.step, receives: receives) else { return }
         let scale = Float(world) / Float(held.worldSize)
-        feedback.restoreErrorFeedback(residual.values.map { $0 * scale })
+        feedback.restoreErrorFeedback(residual.values.map { $0 * scale }, count: trainer.network.parameters.count)
         log("rank \(rank): error-feedback residual kept across the change of members (\(residual.abandoned ? "from before the abandoned step" : "as held")"
             + ", scaled by \(world)/\(held.worldSize))")
     }
@@ -377,14 +377,17 @@ public final class Worker {
     private func makeReducer(_ welcome: Welcome, trainer: Trainer, transport: any DataPlaneTransport,
                              timeout: Duration, tracer: Tracer?) -> (BucketedReducer, (any ErrorFeedbackReducer)?) {
         let (rank, world) = (welcome.rank, welcome.worldSize)
-        let allReducer = makeAllReducer(transport, algorithm: welcome.algorithm, hub: world, options: CollectiveOptions(chunkBytes: welcome.chunkBytes, timeout: timeout),
+        var options = CollectiveOptions(chunkBytes: welcome.chunkBytes, timeout: timeout)
+        options.dgc = welcome.config.dgcOptions
+        let allReducer = makeAllReducer(transport, algorithm: welcome.algorithm, hub: world, options: options,
                                         compression: welcome.compression, tracer: tracer)
         let count = trainer.network.parameters.count
         let feedback = welcome.compression.usesErrorFeedback ? allReducer as? any ErrorFeedbackReducer : nil
         if let feedback, let resumed = welcome.resumeFrom {
             let dir = (resumed as NSString).deletingLastPathComponent
             do {
-                feedback.restoreErrorFeedback(try ResidualFile.load(directory: dir, step: trainer.step, rank: rank, worldSize: world, count: count))
+                feedback.restoreErrorFeedback(try ResidualFile.load(directory: dir, step: trainer.step, rank: rank, worldSize: world, count: count),
+                                              count: count)
                 log("rank \(rank): error-feedback residual restored from \(ResidualFile.path(directory: dir, step: trainer.step, rank: rank))")
             } catch {
                 log("rank \(rank): warning: \(error); its error-feedback residual starts from zero")
@@ -560,7 +563,8 @@ final class WorkerHooks: TrainingLoopHooks {
         }
         // The gradient mass compression has not sent yet differs between ranks: each writes its own.
         if let feedback {
-            try ResidualFile.save(feedback.errorFeedback(count: trainer.network.parameters.count), directory: dir, step: trainer.step,
+            try ResidualFile.save(feedback.errorFeedback(count: trainer.network.parameters.count), count: trainer.network.parameters.count,
+                                  directory: dir, step: trainer.step,
                                   rank: rank, worldSize: welcome.worldSize, compression: welcome.compression.description,
                                   keep: welcome.keepCheckpoints)
         }

@@ -18,6 +18,9 @@ public struct CollectiveOptions: Sendable {
     public var chunkBytes: Int
     /// How long a receive waits for a peer before throwing `CommError.timeout`.
     public var timeout: Duration
+    /// Deep Gradient Compression's additions to top-k (nil: plain top-k with error feedback). Every
+    /// rank and the star's hub must use the same (the coordinator sends them in the welcome's config).
+    public var dgc: DGCOptions?
 
     /// The chunk size a run uses unless told otherwise.
     public static let defaultChunkBytes = 1 << 20
@@ -141,8 +144,50 @@ public class PeerCollective<T: Transport> {
     /// The number of buffers averaged: every rank of the group (the star leaves its hub out).
     public var participants: Int { transport.worldSize }
 
-    public func errorFeedback(count: Int) -> [Float] { residual.snapshot(count: count) }
-    public func restoreErrorFeedback(_ saved: [Float]) { residual.restore(saved) }
+    /// DGC's momentum correction: this rank's velocity, indexed like `residual`.
+    let velocity = Residual()
+
+    /// The residual; with DGC's momentum correction the velocity follows it (2 × `count` values).
+    public func errorFeedback(count: Int) -> [Float] {
+        residual.snapshot(count: count) + (options.dgc?.momentumCorrection == true ? velocity.snapshot(count: count) : [])
+    }
+
+    /// Continues from `errorFeedback`'s values: `count` residuals, then as many velocities if there are
+    /// twice as many (fewer: the velocity starts from zero).
+    public func restoreErrorFeedback(_ saved: [Float], count: Int) {
+        residual.restore(Array(saved.prefix(count)))
+        velocity.restore(saved.count == 2 * count ? Array(saved.suffix(count)) : [Float](repeating: 0, count: count))
+    }
+
+    /// k for this call's top-k of `count` elements: the fraction of `tag`'s step (DGC's warm-up).
+    func topkPairs(_ fraction: Double, count: Int, tag: CollectiveTag) -> Int {
+        GradientCompression.topkPairs(fraction: options.dgc?.fraction(fraction, step: Int(tag.step)) ?? fraction, count: count)
+    }
+
+    /// Adds this rank's gradients p[0..<count] to their residual, through DGC's local clipping and
+    /// momentum correction when set (`DGCOptions`); `residual` and the velocity at `base` are p's.
+    func accumulate(_ p: UnsafeMutablePointer<Float>, count: Int, base: Int, residual r: UnsafeMutablePointer<Float>) {
+        guard let dgc = options.dgc else { return FloatKernels.add(r, UnsafeRawPointer(p), count: count) }
+        if let c = dgc.clipNorm {
+            let norm = (0..<count).reduce(Float(0)) { $0 + p[$1] * p[$1] }.squareRoot()
+            let limit = c / Float(participants).squareRoot()
+            if norm > limit { for i in 0..<count { p[i] *= limit / norm } }
+        }
+        guard dgc.momentumCorrection else { return FloatKernels.add(r, UnsafeRawPointer(p), count: count) }
+        let u = velocity.base(forBufferOf: base + count) + base, mu = dgc.momentum
+        for i in 0..<count {
+            u[i] = mu * u[i] + p[i]
+            r[i] += dgc.nesterov ? p[i] + mu * u[i] : u[i]
+        }
+    }
+
+    /// DGC's momentum factor masking: after the top-k left the entries it sent at 0 in `residual`,
+    /// the velocity of those entries restarts from 0 too.
+    func maskSent(count: Int, base: Int, residual r: UnsafeMutablePointer<Float>) {
+        guard options.dgc?.momentumCorrection == true else { return }
+        let u = velocity.base(forBufferOf: base + count) + base
+        for i in 0..<count where r[i] == 0 { u[i] = 0 }
+    }
 }
 
 /// Cuts a sparse vector of `pairs` pairs into messages of at most `perMessage` payload bytes and

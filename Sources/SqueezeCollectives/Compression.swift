@@ -14,6 +14,7 @@
 // not summed on the way, and every rank adds them up in rank order. Either way every rank
 // ends with the same bits (see RingAllReduce).
 
+import Foundation
 import SqueezeTransport
 
 /// How gradients travel in a collective. Every rank of a group (and the star hub) must use
@@ -200,8 +201,43 @@ final class Residual {
 /// A reducer that keeps an error-feedback residual (int8 and topk): gradient mass it has not
 /// sent yet. A checkpoint saves it, so that a resumed run loses none of it.
 public protocol ErrorFeedbackReducer: AllReducer {
-    /// The residual of a gradient buffer of `count` elements.
+    /// The residual of a gradient buffer of `count` elements; with DGC's momentum correction followed
+    /// by the velocity (2 × `count` values).
     func errorFeedback(count: Int) -> [Float]
-    /// Continues with `residual` (from `errorFeedback`) instead of what is held now.
-    func restoreErrorFeedback(_ residual: [Float])
+    /// Continues with `saved` (from `errorFeedback` of `count`) instead of what is held now; `count`
+    /// values alone leave the velocity at zero.
+    func restoreErrorFeedback(_ saved: [Float], count: Int)
+}
+
+/// Deep Gradient Compression's additions to top-k (Lin et al., ICLR 2018), each off unless set. A
+/// rank applies them to its own gradients g (one call's range: a bucket) before it picks its top k:
+/// - `clipNorm` C, local gradient clipping: g is scaled down to L2 norm C/√N if it is longer, N the
+///   number of participants (the sum of N such gradients then has a norm of about C).
+/// - `momentumCorrection`, with `momentum` μ and `nesterov`: the rank keeps a velocity of its own,
+///   u ← μ·u + g, and accumulates u (Nesterov: g + μ·u) in its residual instead of g; the entries it
+///   sends leave the velocity too (momentum factor masking). The optimizer then applies the average
+///   without momentum on the gradients (`SGD.momentumCorrected`).
+/// - `warmupEpochs` E, sparsity warm-up: during epoch e < E (of `stepsPerEpoch` steps) a rank keeps
+///   the fraction F^((e+1)/(E+1)) instead of F, so the sparsity rises exponentially to the target
+///   (DGC's warm-up; with F = 0.01 and E = 3: 31.6%, 10%, 3.2%, then 1%).
+public struct DGCOptions: Sendable, Equatable {
+    public var momentumCorrection = false
+    public var momentum: Float = 0
+    public var nesterov = false
+    public var clipNorm: Float?
+    public var warmupEpochs = 0
+    public var stepsPerEpoch = 1
+
+    public init(momentumCorrection: Bool = false, momentum: Float = 0, nesterov: Bool = false, clipNorm: Float? = nil,
+                warmupEpochs: Int = 0, stepsPerEpoch: Int = 1) {
+        self.momentumCorrection = momentumCorrection; self.momentum = momentum; self.nesterov = nesterov
+        self.clipNorm = clipNorm; self.warmupEpochs = warmupEpochs; self.stepsPerEpoch = max(stepsPerEpoch, 1)
+    }
+
+    /// The fraction a rank keeps at `step` when the run's top-k fraction is `target`.
+    public func fraction(_ target: Double, step: Int) -> Double {
+        let epoch = step / stepsPerEpoch
+        guard epoch < warmupEpochs else { return target }
+        return max(target, pow(target, Double(epoch + 1) / Double(warmupEpochs + 1)))
+    }
 }

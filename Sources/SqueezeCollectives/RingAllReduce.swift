@@ -133,7 +133,7 @@ public final class RingAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
                               residual: UnsafeMutablePointer<Float>, tag: CollectiveTag) throws {
         let n = transport.worldSize, r = transport.rank
         let right = (r + 1) % n, left = (r + n - 1) % n, timeout = options.timeout
-        let k = GradientCompression.topkPairs(fraction: fraction, count: count)
+        let k = topkPairs(fraction, count: count, tag: tag)
         let pairBytes = SparseKernels.pairBytes
         // Vector j lives in slot j; a forwarded message is sent from the slot it was received into.
         outgoing.reset(capacity: n * k * pairBytes)
@@ -141,8 +141,9 @@ public final class RingAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
         var lengths = [Int](repeating: 0, count: n)
 
         // Our vector: the top k of g + residual; the residual keeps the rest.
-        FloatKernels.add(residual, UnsafeRawPointer(p), count: count)
+        accumulate(p, count: count, base: base, residual: residual)
         lengths[r] = SparseKernels.extractTopK(residual, count: count, k: k, into: slots[r])
+        maskSent(count: count, base: base, residual: residual)
         p.update(repeating: 0, count: count)
 
         func send(step: Int, vector j: Int, from first: Int, pairs: Int, isLast: Bool) throws {

@@ -70,11 +70,12 @@ public final class StarAllReduceWorker<T: Transport>: PeerCollective<T>, AllRedu
     private func gatherSparse(fraction: Double, _ p: UnsafeMutablePointer<Float>, range: Range<Int>,
                               residual: UnsafeMutablePointer<Float>, tag: CollectiveTag) throws {
         let r = transport.rank, count = range.count, pairBytes = SparseKernels.pairBytes
-        let k = GradientCompression.topkPairs(fraction: fraction, count: count)
+        let k = topkPairs(fraction, count: count, tag: tag)
         outgoing.reset(capacity: k * pairBytes)
         let vector = try outgoing.take(k * pairBytes)
-        FloatKernels.add(residual, UnsafeRawPointer(p), count: count)
+        accumulate(p, count: count, base: range.lowerBound, residual: residual)
         let pairs = SparseKernels.extractTopK(residual, count: count, k: k, into: vector)
+        maskSent(count: count, base: range.lowerBound, residual: residual)
         try sendSparse(pairs: pairs, perMessage: options.chunkBytes) { first, m, isLast in
             let h = WireHeader(kind: .starContribution, sender: r, tag: tag, offset: range.lowerBound, count: m,
                                encoding: .sparse, isLast: isLast)
@@ -186,7 +187,7 @@ public final class StarAllReduceHub<T: Transport> {
 
     private func reduceSparse(fraction: Double, range: Range<Int>, tag: CollectiveTag) throws {
         let acc = scratch.baseAddress!, count = range.count, pairBytes = SparseKernels.pairBytes
-        let k = GradientCompression.topkPairs(fraction: fraction, count: count)
+        let k = GradientCompression.topkPairs(fraction: options.dgc?.fraction(fraction, step: Int(tag.step)) ?? fraction, count: count)
         acc.update(repeating: 0, count: count)
         incoming.reset(capacity: k * pairBytes)
         let vector = try incoming.take(k * pairBytes)

@@ -13,10 +13,15 @@ import Glibc
 /// - `decoupledWeightDecay` (SGDW, Loshchilov & Hutter 2019): λ leaves the gradient and momentum
 ///   and shrinks every parameter directly by the schedule's factor f = η_t/η (not by η itself):
 ///   g ← ∇;  b ← μ·b + g;  …;  p ← p − η_t·g − f·λ·p  (p on the right: the weights before the step).
+/// - `momentumCorrected` (Deep Gradient Compression's momentum correction): the gradients arrive with
+///   momentum already applied, rank by rank before top-k (`DGCOptions`), so the momentum acts on the
+///   L2 term alone, as DGC's optimizer does: b ← μ·b + λ·p;  d ← b (Nesterov: λ·p + μ·b);  p ← p − η·(∇ + d).
 public final class SGD {
     public var momentum: Float, weightDecay: Float, nesterov: Bool
     /// SGDW's decay in place of L2 (above).
     public var decoupledWeightDecay = false
+    /// The gradients carry their momentum already (above).
+    public var momentumCorrected = false
     /// Parameter ranges trained at `rangeScale` × the learning rate (above); disjoint.
     public var scaledRanges: [Range<Int>] = []
     public var rangeScale: Float = 1
@@ -47,6 +52,19 @@ public final class SGD {
     private func update(_ parameters: ParameterStore, _ range: Range<Int>, lr: Float, l2 wd: Float, decay: Float) {
         let p = parameters.values.pointer, g = parameters.gradients.pointer, b = velocity.pointer
         let (mu, nesterov) = (momentum, nesterov)
+        if momentumCorrected {
+            for i in range {
+                let p0 = p[i]
+                var d = wd * p0
+                if mu != 0 {
+                    b[i] = mu * b[i] + d
+                    d = nesterov ? d + mu * b[i] : b[i]
+                }
+                p[i] = p0 - lr * (g[i] + d)
+                if decay != 0 { p[i] -= decay * p0 }
+            }
+            return
+        }
         for i in range {
             let p0 = p[i]
             var d = g[i]

@@ -79,6 +79,7 @@ public final class Trainer {
         optimizer = SGD(parameterCount: network.parameters.count, momentum: config.momentum,
                         weightDecay: config.weightDecay, nesterov: config.nesterov)
         optimizer.decoupledWeightDecay = config.decoupledWeightDecay ?? false
+        optimizer.momentumCorrected = config.dgc?.momentumCorrection == true
         if let scale = config.bnBiasLearningRateScale {
             optimizer.scaledRanges = network.parameters.specs.filter { $0.name.hasSuffix("_bn.bias") }.map(\.range)
             optimizer.rangeScale = scale

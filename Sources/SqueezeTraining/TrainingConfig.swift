@@ -39,6 +39,9 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     /// `--ema`: an exponential moving average of the weights, used for evaluation and the final
     /// weights (nil: none; optional so that older checkpoints decode).
     public var ema: EMASettings?
+    /// Deep Gradient Compression's additions to a cluster's `--compress topk:F` (nil: none; optional
+    /// so that older checkpoints decode).
+    public var dgc: DGCSettings?
     /// Side of the (square) training images: 32, CIFAR-10's own, or 64 (upsampled) for AlexNet.
     public var imageSize: Int { model.cifarImageSize }
 
@@ -53,5 +56,24 @@ public struct TrainingConfig: Codable, Equatable, Sendable {
     public func learningRateSchedule(stepsPerEpoch: Int) -> LearningRateSchedule {
         LearningRateSchedule(kind: schedule, baseRate: learningRate, totalSteps: totalSteps,
                              warmupSteps: Int((warmupEpochs * Double(stepsPerEpoch)).rounded()), floor: lrFloor ?? 0)
+    }
+}
+
+/// `--momentum-correction`, `--local-clip-norm` and `--sparsity-warmup-epochs`: Deep Gradient
+/// Compression's additions to top-k (SqueezeCollectives' `DGCOptions` says what each does). They
+/// change the run's arithmetic, so they are part of its configuration; a cluster with
+/// `--compress topk:F` alone uses them.
+public struct DGCSettings: Codable, Equatable, Sendable {
+    /// Momentum correction and momentum factor masking, with the run's `--momentum` and `--nesterov`.
+    public var momentumCorrection: Bool
+    /// Local gradient clipping: each bucket's L2 norm at most this / √workers (nil: none).
+    public var localClipNorm: Float?
+    /// Sparsity warm-up over this many epochs (0: none) of `stepsPerEpoch` steps.
+    public var warmupEpochs: Int
+    public var stepsPerEpoch: Int
+
+    public init(momentumCorrection: Bool = false, localClipNorm: Float? = nil, warmupEpochs: Int = 0, stepsPerEpoch: Int = 1) {
+        self.momentumCorrection = momentumCorrection; self.localClipNorm = localClipNorm
+        self.warmupEpochs = warmupEpochs; self.stepsPerEpoch = stepsPerEpoch
     }
 }

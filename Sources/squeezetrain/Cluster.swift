@@ -98,6 +98,7 @@ struct CoordinatorCommand: ReportingCommand {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }
         try tracing.requireStarHub(communication.allreduce)
+        try training.validateDGC(compress: communication.compress)
     }
 
     func execute() throws {

@@ -67,6 +67,7 @@ struct Join: ReportingCommand {
         if let worldSize { try requireRange("--world-size", worldSize, 1...JobEnvironment.maxWorldSize) }
         if let localRank { try requireRange("--local-rank", localRank, 0...JobEnvironment.maxWorldSize - 1) }
         if let masterPort { try requireRange("--master-port", masterPort, 1...65535) }
+        try training.validateDGC(compress: cluster.compress)
     }
 
     /// The flags that override the environment.

@@ -42,6 +42,7 @@ struct Launch: ReportingCommand {
         }
         try requireRange("--threads", threads, 1...256)
         if let port { try requireRange("--port", port, 1...65535) }
+        try training.validateDGC(compress: cluster.compress)
         guard training.batchSize % workers == 0 else {
             throw ValidationError("--batch-size \(training.batchSize) is the global batch; it must divide evenly over --workers \(workers)")
         }

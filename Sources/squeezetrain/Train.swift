@@ -26,6 +26,7 @@ struct Train: ReportingCommand {
 
     func validate() throws {
         try requireRange("--threads", threads, 1...256)
+        try training.validateDGC(compress: nil)
         _ = try convolutionOverride()
     }
 

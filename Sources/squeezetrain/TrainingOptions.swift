@@ -1,4 +1,5 @@
 import ArgumentParser
+import SqueezeCollectives
 import SqueezeData
 import SqueezeEngine
 import SqueezeTraining
@@ -65,6 +66,13 @@ struct TrainingOptions: ParsableArguments {
     @Option(help: ArgumentHelp("With --ema: the update after step t of T uses d·(t/T)^P instead of d (airbench: P = 3; 0: a constant d).", valueName: "P"))
     var emaDecayPower: Double = 0
 
+    @Flag(help: "With --compress topk:F (a cluster): Deep Gradient Compression's momentum correction. Each worker applies --momentum (and --nesterov) to its own gradients before it picks its top k and accumulates that velocity in its residual; the entries it sends leave the velocity too (momentum factor masking). The optimizer's momentum then acts on the weight decay alone.")
+    var momentumCorrection = false
+    @Option(help: ArgumentHelp("With --compress topk:F (a cluster): Deep Gradient Compression's local gradient clipping. Each worker scales each gradient bucket down to an L2 norm of C/√workers before it picks its top k (0: off).", valueName: "C"))
+    var localClipNorm: Float = 0
+    @Option(help: ArgumentHelp("With --compress topk:F (a cluster): Deep Gradient Compression's sparsity warm-up. During epoch e < E the workers keep F^((e+1)/(E+1)) of the entries instead of F, so the sparsity rises exponentially to F's (0: off).", valueName: "E"))
+    var sparsityWarmupEpochs = 0
+
     func validate() throws {
         try requireRange("--batch-size", batchSize, 1...50_000)
         // Bounded so that epochs × steps per epoch cannot overflow (a billion steps is decades here).
@@ -89,6 +97,24 @@ struct TrainingOptions: ParsableArguments {
             throw ValidationError("\(flag) is an augmentation; it cannot be combined with --no-augment")
         }
         try validateEMA()
+        guard localClipNorm >= 0, localClipNorm.isFinite else { throw ValidationError("--local-clip-norm must be a finite norm ≥ 0 (got \(localClipNorm))") }
+        try requireRange("--sparsity-warmup-epochs", sparsityWarmupEpochs, 0...100_000)
+        if momentumCorrection && momentum == 0 {
+            throw ValidationError("--momentum-correction moves --momentum into each worker's top-k, and --momentum is 0: set --momentum (e.g. 0.9)")
+        }
+    }
+
+    /// Deep Gradient Compression's flags refine top-k: refused unless the run's `--compress` is topk:F
+    /// (nil: `train`, one process, no gradient compression).
+    func validateDGC(compress: GradientCompression?) throws {
+        let given = [(momentumCorrection, "--momentum-correction"), (localClipNorm != 0, "--local-clip-norm"),
+                     (sparsityWarmupEpochs != 0, "--sparsity-warmup-epochs")].filter(\.0).map(\.1)
+        guard let flag = given.first else { return }
+        guard let compress else {
+            throw ValidationError("\(flag) refines a cluster's top-k gradient compression, and train is one process: use launch --workers N --compress topk:F")
+        }
+        if case .topk = compress { return }
+        throw ValidationError("\(flag) refines top-k gradient compression, and this run has --compress \(compress): add --compress topk:F (e.g. topk:0.01)")
     }
 
     private func validateEMA() throws {
@@ -123,6 +149,10 @@ struct TrainingOptions: ParsableArguments {
                                            decayPower: emaDecayPower != 0 ? emaDecayPower : nil) : nil
         let perEpoch = c.stepsPerEpoch(trainingRecords: trainingRecords, workers: workers)
         c.totalSteps = steps ?? (epochs ?? 30) * perEpoch
+        if momentumCorrection || localClipNorm > 0 || sparsityWarmupEpochs > 0 {
+            c.dgc = DGCSettings(momentumCorrection: momentumCorrection, localClipNorm: localClipNorm > 0 ? localClipNorm : nil,
+                                warmupEpochs: sparsityWarmupEpochs, stepsPerEpoch: perEpoch)
+        }
         return c
     }
 

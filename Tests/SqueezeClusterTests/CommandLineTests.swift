@@ -150,6 +150,25 @@ func refusedBeforeStarting(_ arguments: [String]) throws -> String {
     }
 }
 
+/// Deep Gradient Compression's flags refine top-k: without it (or in `train`, one process) they are
+/// refused before anything starts, naming the flag and what to add; bad values name the flag.
+@Suite(.timeLimit(.minutes(10))) struct DGCFlagTests {
+    @Test(arguments: [
+        (["launch", "--momentum-correction"], "--momentum-correction refines top-k gradient compression, and this run has --compress none: add --compress topk:F"),
+        (["coordinator", "--bind", "tcp://127.0.0.1:1", "--workers", "2", "--compress", "int8", "--local-clip-norm", "1"],
+         "--local-clip-norm refines top-k gradient compression, and this run has --compress int8"),
+        (["join", "--sparsity-warmup-epochs", "3"], "--sparsity-warmup-epochs refines top-k gradient compression"),
+        (["train", "--momentum-correction"], "--momentum-correction refines a cluster's top-k gradient compression, and train is one process"),
+        (["launch", "--compress", "topk:0.01", "--momentum-correction", "--momentum", "0"], "--momentum-correction moves --momentum"),
+        (["launch", "--compress", "topk:0.01", "--local-clip-norm=-1"], "--local-clip-norm must be"),
+        (["launch", "--compress", "topk:0.01", "--sparsity-warmup-epochs=-1"], "--sparsity-warmup-epochs"),
+    ])
+    func dgcFlagsAreRefusedWithoutTopK(arguments: [String], message: String) throws {
+        let output = try refusedBeforeStarting(arguments)
+        #expect(output.contains(message), "\(arguments): \(output)")
+    }
+}
+
 /// A bad endpoint is refused before any socket sees it (libzmq would wrap port 99999 into 34463
 /// and listen there), naming the flag and what is wrong.
 @Suite struct EndpointFlagTests {

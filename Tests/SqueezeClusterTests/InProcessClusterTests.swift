@@ -222,17 +222,40 @@ struct InProcessClusterTests {
         }
     }
 
+    /// DGC's sparsity warm-up: the fraction falls step by step (one step an "epoch" here), and so do the
+    /// bytes and the theory on every metrics line; momentum correction and clipping ride along.
+    @Test func sparsityWarmupBytesFollowTheTheoryStepByStep() throws {
+        let dgc = DGCSettings(momentumCorrection: true, localClipNorm: 5, warmupEpochs: 2, stepsPerEpoch: 1)
+        let run = try runInProcess(clusterOptions(workers: 2, steps: 4) {
+            $0.compression = .topk(fraction: 0.01); $0.config.dgc = dgc; $0.bucketBytes = 524_288
+        })
+        _ = try run.summary.get()
+        let plan = bucketPlan(layerRanges: Network(config: ModelConfig()).layerRanges, bucketBytes: 524_288)
+        // 0.01^(1/3) = 21.5%, 0.01^(2/3) = 4.6%, then 1%.
+        let fractions = [pow(0.01, 1.0 / 3), pow(0.01, 2.0 / 3), 0.01, 0.01]
+        #expect(run.metrics.count == 8)
+        for line in run.metrics {
+            let step = line["step"] as! Int, sent = line["allreduce_bytes_sent"] as! Int
+            let k = plan.reduce(0) { $0 + GradientCompression.topkPairs(fraction: fractions[step], count: $1.count) }
+            #expect(line["theory_bytes_sent"] as? Int == 8 * k, "step \(step)")
+            #expect(sent <= 8 * k && sent > 8 * k * 9 / 10, "step \(step): \(sent) bytes, theory \(8 * k)")
+        }
+    }
+
     /// A stop requested (as a signal would) as training begins: the coordinator stops everyone
     /// after step 2, rank 0 checkpoints there (every rank its error feedback), and a resumed run
     /// ends bit for bit where an uninterrupted one does; then 3 workers continue the 2-worker run.
-    @Test(arguments: ["none", "int8"])
+    /// "+dgc": Deep Gradient Compression's momentum correction, clipping and warm-up too (each rank's
+    /// velocity goes into its residual file).
+    @Test(arguments: ["none", "int8", "topk:0.05+dgc"])
     func aStopCheckpointsAtItsStepAndResumeIsBitExact(_ codec: String) throws {
         let dir = try temporaryDirectory("inprocess-stop")
         defer { try? FileManager.default.removeItem(atPath: dir) }
-        let compression = try GradientCompression(parsing: codec)
+        let compression = try GradientCompression(parsing: codec.replacingOccurrences(of: "+dgc", with: ""))
+        let dgc = codec.hasSuffix("+dgc") ? DGCSettings(momentumCorrection: true, localClipNorm: 1, warmupEpochs: 2, stepsPerEpoch: 1) : nil
         func options(_ n: Int = 2, steps: Int = 4, _ more: (inout CoordinatorOptions) -> Void) -> CoordinatorOptions {
             clusterOptions(workers: n, steps: steps, perWorker: 24 / n) {
-                $0.config.schedule = .constant; $0.config.learningRate = 0.02; $0.compression = compression
+                $0.config.schedule = .constant; $0.config.learningRate = 0.02; $0.compression = compression; $0.config.dgc = dgc
                 $0.checkpointDirectory = dir + "/ckpt"
                 more(&$0)
             }
@@ -248,7 +271,12 @@ struct InProcessClusterTests {
         #expect(stopped.log.events.contains(ClusterEvent(.checkpoint, step: 2, path: dir + "/ckpt/checkpoint-000000002.safetensors")))
         #expect(try Checkpoint.load(path: dir + "/ckpt/checkpoint-000000002.safetensors").step == 2)
         if compression != .none {
-            for rank in 0..<2 { #expect(FileManager.default.fileExists(atPath: ResidualFile.path(directory: dir + "/ckpt", step: 2, rank: rank))) }
+            for rank in 0..<2 {
+                let file = ResidualFile.path(directory: dir + "/ckpt", step: 2, rank: rank)
+                #expect(FileManager.default.fileExists(atPath: file))
+                let saved = try ResidualFile.load(directory: dir + "/ckpt", step: 2, rank: rank, worldSize: 2, count: modelParameters)
+                #expect(saved.count == (dgc == nil ? 1 : 2) * modelParameters, "\(file): the velocity is saved with momentum correction")
+            }
         }
 
         let resumed = try runInProcess(options { $0.resume = true; $0.saveWeights = dir + "/resumed.safetensors" })

@@ -10,8 +10,8 @@ import SqueezeTestSupport
 /// Runs one ring all-reduce per element of `calls` with one reducer per rank for all of them
 /// (so error feedback carries over); rank r contributes `calls[c][r]` to call c. Returns
 /// `[call][rank]`, with the bytes of that call alone.
-private func ring(_ calls: [[[Float]]], _ compression: GradientCompression, chunkBytes: Int) throws -> [[RankOutcome]] {
-    try peers(calls, chunkBytes: chunkBytes) { RingAllReduce(transport: $0, options: $1, compression: compression) }
+private func ring(_ calls: [[[Float]]], _ compression: GradientCompression, chunkBytes: Int, dgc: DGCOptions? = nil) throws -> [[RankOutcome]] {
+    try peers(calls, chunkBytes: chunkBytes, dgc: dgc) { RingAllReduce(transport: $0, options: $1, compression: compression) }
 }
 
 /// `ring` for the tree.
@@ -20,11 +20,11 @@ private func tree(_ calls: [[[Float]]], _ compression: GradientCompression, chun
 }
 
 /// `ring` for the reducer `make` builds on each rank.
-private func peers(_ calls: [[[Float]]], chunkBytes: Int,
+private func peers(_ calls: [[[Float]]], chunkBytes: Int, dgc: DGCOptions? = nil,
                    _ make: @escaping @Sendable (InProcessTransport, CollectiveOptions) -> any AllReducer) throws -> [[RankOutcome]] {
     let n = calls[0].count
     let group = InProcessGroup(worldSize: n)
-    let options = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120))
+    let options = { var o = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120)); o.dgc = dgc; return o }()
     let perRank = try runRanks(n) { rank in
         let transport = group[rank]
         let reducer = make(transport, options)
@@ -41,10 +41,10 @@ private func peers(_ calls: [[[Float]]], chunkBytes: Int,
 /// `ring` for a star: ranks 0..<N are workers, rank N is the hub. Returns the workers'
 /// outcomes `[call][worker]` and the hub's bytes per call.
 private func star(_ calls: [[[Float]]], _ compression: GradientCompression,
-                  chunkBytes: Int) throws -> (workers: [[RankOutcome]], hub: [ByteCounters]) {
+                  chunkBytes: Int, dgc: DGCOptions? = nil) throws -> (workers: [[RankOutcome]], hub: [ByteCounters]) {
     let n = calls[0].count, count = calls[0][0].count
     let group = InProcessGroup(worldSize: n + 1)
-    let options = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120))
+    let options = { var o = CollectiveOptions(chunkBytes: chunkBytes, timeout: .seconds(120)); o.dgc = dgc; return o }()
     let perRank = try runRanks(n + 1) { rank in
         let transport = group[rank]
         if rank == n {
@@ -127,6 +127,49 @@ private func topkReference(_ calls: [[[Float]]], fraction: Double) -> [(result: 
             for i in chosen {
                 sum[i] += residual[r][i]
                 residual[r][i] = 0
+            }
+        }
+        return (sum.map { $0 / Float(n) }, pairs)
+    }
+}
+
+/// `topkReference` with Deep Gradient Compression's additions, by the book (Lin et al. 2018, and the
+/// order of operations `DGCOptions` documents): call c is step c; per rank, clip g to C/√N, then
+/// u ← μu + g and the residual gains u (Nesterov: g + μu); top-k of the residual at the step's
+/// fraction; the sent entries leave residual and velocity.
+private func dgcReference(_ calls: [[[Float]]], fraction: Double, dgc: DGCOptions) -> [(result: [Float], pairs: [Int])] {
+    let n = calls[0].count, count = calls[0][0].count
+    var residual = Array(repeating: [Float](repeating: 0, count: count), count: n), velocity = residual
+    return calls.enumerated().map { c, inputs in
+        let epoch = c / dgc.stepsPerEpoch
+        let f = epoch < dgc.warmupEpochs ? max(fraction, pow(fraction, Double(epoch + 1) / Double(dgc.warmupEpochs + 1))) : fraction
+        let k = GradientCompression.topkPairs(fraction: f, count: count)
+        var sum = [Float](repeating: 0, count: count)
+        var pairs = [Int]()
+        for r in 0..<n {
+            var g = inputs[r]
+            if let clip = dgc.clipNorm {
+                var squares: Float = 0
+                for x in g { squares += x * x }
+                let norm = squares.squareRoot(), limit = clip / Float(n).squareRoot()
+                if norm > limit { g = g.map { $0 * (limit / norm) } }
+            }
+            for i in 0..<count {
+                if dgc.momentumCorrection {
+                    velocity[r][i] = dgc.momentum * velocity[r][i] + g[i]
+                    residual[r][i] += dgc.nesterov ? g[i] + dgc.momentum * velocity[r][i] : velocity[r][i]
+                } else {
+                    residual[r][i] += g[i]
+                }
+            }
+            let magnitude: [Float] = residual[r].map { abs($0) }
+            let order = (0..<count).sorted { magnitude[$0] != magnitude[$1] ? magnitude[$0] > magnitude[$1] : $0 < $1 }
+            let chosen = order.prefix(k).filter { residual[r][$0] != 0 }
+            pairs.append(chosen.count)
+            for i in chosen {
+                sum[i] += residual[r][i]
+                residual[r][i] = 0
+                velocity[r][i] = 0
             }
         }
         return (sum.map { $0 / Float(n) }, pairs)
@@ -547,6 +590,61 @@ struct CompressedAllReduceTests {
         for c in 0..<calls {
             #expect(firstMismatch(bucketed[0][c], low[c][0].result + high[c][0].result) == nil, "call \(c)")
             #expect(firstMismatch(bucketed[1][c], bucketed[0][c]) == nil)
+        }
+    }
+
+    @Test("DGC's clipping, momentum correction (with masking) and sparsity warm-up: ring and star equal the book, bit for bit",
+          arguments: [DGCOptions(momentumCorrection: true, momentum: 0.9, clipNorm: 2, warmupEpochs: 2, stepsPerEpoch: 2),
+                      DGCOptions(momentumCorrection: true, momentum: 0.9, nesterov: true),
+                      DGCOptions(clipNorm: 0.5), DGCOptions(warmupEpochs: 3, stepsPerEpoch: 1)])
+    func dgc(options dgc: DGCOptions) throws {
+        let n = 3, count = 1003, calls = 7, fraction = 0.02
+        let inputs = (0..<calls).map { c in (0..<n).map { rankData(rank: $0, count: count, salt: UInt64(40 + c)) } }
+        let expected = dgcReference(inputs, fraction: fraction, dgc: dgc)
+        let rings = try ring(inputs, .topk(fraction: fraction), chunkBytes: 400, dgc: dgc)
+        let (workers, _) = try star(inputs, .topk(fraction: fraction), chunkBytes: 400, dgc: dgc)
+        for c in 0..<calls {
+            for r in 0..<n {
+                #expect(firstMismatch(rings[c][r].result, expected[c].result) == nil, "ring, call \(c), rank \(r)")
+                #expect(firstMismatch(workers[c][r].result, expected[c].result) == nil, "star, call \(c), worker \(r)")
+                #expect(workers[c][r].counters.payloadBytesSent == 8 * expected[c].pairs[r], "star, call \(c), worker \(r)")
+            }
+            #expect(rings[c].reduce(0) { $0 + $1.counters.payloadBytesSent } == 8 * (n - 1) * expected[c].pairs.reduce(0, +), "call \(c)")
+        }
+        // The warm-up's k falls epoch by epoch to the target's.
+        let k = GradientCompression.topkPairs(fraction: fraction, count: count)
+        if dgc.warmupEpochs > 0 {
+            #expect(expected[0].pairs.max()! > 2 * k && expected[calls - 1].pairs.allSatisfy { $0 == k })
+        }
+        // Without the additions the book's answer differs: the test would see a reducer that ignored them.
+        #expect(firstMismatch(topkReference(inputs, fraction: fraction)[calls - 1].result, expected[calls - 1].result) != nil)
+    }
+
+    @Test("with momentum correction the saved error feedback holds the velocity: a restored reducer goes on bit for bit")
+    func dgcRestore() throws {
+        let n = 2, count = 501, fraction = 0.05
+        let dgc = DGCOptions(momentumCorrection: true, momentum: 0.9)
+        let inputs = (0..<6).map { c in (0..<n).map { rankData(rank: $0, count: count, salt: UInt64(60 + c)) } }
+        let whole = try ring(inputs, .topk(fraction: fraction), chunkBytes: 256, dgc: dgc)
+        let group = InProcessGroup(worldSize: n)
+        let options = { var o = CollectiveOptions(chunkBytes: 256, timeout: .seconds(120)); o.dgc = dgc; return o }()
+        let resumed = try runRanks(n) { rank in
+            func make() -> RingAllReduce<InProcessTransport> { RingAllReduce(transport: group[rank], options: options, compression: .topk(fraction: fraction)) }
+            func call(_ reducer: RingAllReduce<InProcessTransport>, _ c: Int) throws -> [Float] {
+                var buffer = inputs[c][rank]
+                try reducer.allReduceAverage(&buffer, tag: CollectiveTag(step: UInt32(c)))
+                return buffer
+            }
+            let first = make()
+            for c in 0..<3 { _ = try call(first, c) }
+            let saved = first.errorFeedback(count: count)
+            let second = make()
+            second.restoreErrorFeedback(saved, count: count)
+            return (saved.count, try (3..<6).map { try call(second, $0) })
+        }.map { try $0.get() }
+        for r in 0..<n {
+            #expect(resumed[r].0 == 2 * count)
+            for c in 3..<6 { #expect(firstMismatch(resumed[r].1[c - 3], whole[c][r].result) == nil, "rank \(r), call \(c)") }
         }
     }
 

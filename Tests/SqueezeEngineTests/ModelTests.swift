@@ -129,6 +129,34 @@ struct ModelTests {
         #expect(n.copyValues()[0] == 1 - lr * d)
     }
 
+    /// DGC's momentum correction: the gradient arrives with its momentum; the optimizer's momentum acts
+    /// on the weight decay alone (DGC's DGCSGD), and with no weight decay the step is plain SGD.
+    @Test func sgdWithMomentumCorrectionAppliesMomentumToTheDecayOnly() throws {
+        let store = ParameterStore([ParameterSpec(name: "p", shape: [1])])
+        try store.load([2])
+        let sgd = SGD(parameterCount: 1, momentum: 0.9, weightDecay: 0.1, nesterov: false)
+        sgd.momentumCorrected = true
+        store.gradients.pointer[0] = 0.5
+        sgd.step(store, learningRate: 0.1)
+        // b = 0.1·2 = 0.2; p = 2 − 0.1·(0.5 + 0.2) = 1.93
+        let p1: Float = 2 - 0.1 * (0.5 + 0.2)
+        #expect(store.copyValues() == [p1])
+        sgd.step(store, learningRate: 0.1)
+        // b = 0.9·0.2 + 0.1·p1; p = p1 − 0.1·(0.5 + b): the gradient gets no momentum of its own.
+        let b2: Float = 0.9 * 0.2 + 0.1 * p1
+        #expect(store.copyValues() == [p1 - 0.1 * (0.5 + b2)])
+        let plain = SGD(parameterCount: 1, momentum: 0.9, weightDecay: 0, nesterov: true)
+        plain.momentumCorrected = true
+        try store.load([1])
+        store.gradients.pointer[0] = 0.5
+        var expected: Float = 1
+        for _ in 0..<3 {
+            plain.step(store, learningRate: 0.1)
+            expected -= Float(0.1) * Float(0.5)
+        }
+        #expect(store.copyValues() == [expected])
+    }
+
     @Test func learningRateSchedules() {
         let cos = LearningRateSchedule(kind: .cosine, baseRate: 0.1, totalSteps: 110, warmupSteps: 10)
         #expect(cos.rate(at: 0) == 0.01)

@@ -161,10 +161,10 @@ struct TrainingTests {
         #expect(FileManager.default.createFile(atPath: (dir as NSString).appendingPathComponent(name), contents: Data([1])))
     }
     for step in [2, 4, 6] {
-        try ResidualFile.save(values.map { $0 * Float(step) }, directory: dir, step: step, rank: 1, worldSize: 2, compression: "int8", keep: 2)
+        try ResidualFile.save(values.map { $0 * Float(step) }, count: 5, directory: dir, step: step, rank: 1, worldSize: 2, compression: "int8", keep: 2)
     }
     #expect(try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasPrefix(".") } == [".residual-000000001-rank0.safetensors.tmp-99998-y"])
-    try ResidualFile.save(values, directory: dir, step: 2, rank: 0, worldSize: 2, compression: "int8", keep: 2)
+    try ResidualFile.save(values, count: 5, directory: dir, step: 2, rank: 0, worldSize: 2, compression: "int8", keep: 2)
     let files = try FileManager.default.contentsOfDirectory(atPath: dir).sorted()
     #expect(files == ["residual-000000002-rank0.safetensors", "residual-000000004-rank1.safetensors", "residual-000000006-rank1.safetensors"])
     #expect(try ResidualFile.load(directory: dir, step: 6, rank: 1, worldSize: 2, count: 5) == values.map { $0 * 6 })
