@@ -197,9 +197,11 @@ struct ElasticTests {
         #expect(difference == nil, "\(difference ?? "")")
     }
 
-    /// With error feedback (`--compress int8`; top-k around the star's hub) the survivors keep their
-    /// residuals across the change and the lost rank's goes with it; the run finishes.
-    @Test(arguments: [["--compress", "int8"], ["--compress", "topk:0.01", "--allreduce", "star"]])
+    /// With error feedback (`--compress int8`; top-k around the star's hub; top-k with DGC's momentum
+    /// correction, whose velocity travels with the residual) the survivors keep their residuals across
+    /// the change and the lost rank's goes with it; the run finishes.
+    @Test(arguments: [["--compress", "int8"], ["--compress", "topk:0.01", "--allreduce", "star"],
+                      ["--compress", "topk:0.01", "--momentum-correction", "--local-clip-norm", "5", "--sparsity-warmup-epochs", "1"]])
     func aKilledWorkerWithACodecLeavesTheSurvivorsTheirResiduals(codec: [String]) throws {
         let dir = try temporaryDirectory("elastic-codec")
         defer { try? FileManager.default.removeItem(atPath: dir) }
