@@ -4,18 +4,21 @@ Times are seconds, sizes bytes. A link is (α, β, γ): α seconds per message, 
 the wire, γ seconds per byte reduced. For an all-reduce of n bytes among p workers:
 
   ring   2(p−1)α + 2(p−1)/p·nβ + (p−1)/p·nγ           reduce-scatter + all-gather (RingAllReduce)
-  star   2pα + p·(n + c)β + (p−1)·nγ                   the hub handles 2p messages a chunk, and its
+  star   2pα + p·(n + φc)β + (p−1)·nγ                  the hub handles 2p messages a chunk, and its
                                                        link carries p·n each way; it
                                                        receives chunk k while it sends chunk k−1,
                                                        so in and out overlap but for one chunk
                                                        c = min(n, 1 MiB) (StarAllReduceHub)
-  tree   2Dα + (d·n + (2D−1)·c)β + min(2, p−1)·nγ          binary tree (rank r's parent (r−1)/2, as
+  tree   2Dα + (d·n + φ(2D−1)·c)β + min(2, p−1)·nγ         binary tree (rank r's parent (r−1)/2, as
                                                        branch `tree`'s TreeAllReduce): partial sums
                                                        up, the average down, chunk by chunk; the
                                                        busiest rank's link carries d·n each way
                                                        (d = its children + its parent: 1 for p = 2,
                                                        2 for p = 3, 4, else 3), plus a chunk per
                                                        level up and down to fill the pipe, D = ⌊log2 p⌋
+
+φ ("fill" in a link, default 1) is the share of that pipeline fill a machine actually pays: 1 if every
+hop stores and forwards whole chunks in turn, less where sends overlap (fitted by `fit_link`).
 
 A codec sends w bytes per float (none 4, fp16/bf16 2, int8 1) and costs `codec_s` seconds per float
 it encodes or decodes; top-k:f all-gathers k = f·P (index, value) pairs of 8 bytes instead
@@ -164,9 +167,9 @@ def fit_link(runs, small_bytes=4096, fill=None):
     squares through the larger ones, in absolute seconds, so that the largest messages, which carry
     the bytes that matter, set it; each with the other's term subtracted (three rounds settle it).
     The star's and the tree's pipeline fill (φ times the textbook chunks, "fill" in a link) is fitted
-    beside β when the runs have three or more sizes above small_bytes, by least squares in relative
-    error, so that one chunk's worth counts as much as 64 MiB; otherwise φ is `fill` (default 1, the
-    textbook store-and-forward of whole chunks). `runs` are (algorithm, p, n bytes, seconds)."""
+    together with β when the runs have three or more sizes above small_bytes, both by least squares in
+    relative error, so that one chunk's worth counts as much as 64 MiB; otherwise φ is `fill` (default 1,
+    the textbook store-and-forward of whole chunks). `runs` are (algorithm, p, n bytes, seconds)."""
     rows = [(n <= small_bytes, t, coefficients(a, p, n, fill=0.0), fill_coefficient(a, p, n)) for a, p, n, t in runs]
     large = [(t, c, f) for is_small, t, c, f in rows if not is_small]
     free = fill is None and len({c[1] for _, c, _ in large}) >= 3 and any(f for _, _, f in large)
