@@ -168,11 +168,11 @@ def fit_link(runs, small_bytes=4096, fill=None):
     the bytes that matter, set it; each with the other's term subtracted (three rounds settle it).
     The star's and the tree's pipeline fill (φ times the textbook chunks, "fill" in a link) is fitted
     together with β when the runs have three or more sizes above small_bytes, both by least squares in
-    relative error, so that one chunk's worth counts as much as 64 MiB; otherwise φ is `fill` (default 1,
+    relative error, so that one chunk's worth counts as much as 64 MiB; otherwise φ is `fill` (None: 1,
     the textbook store-and-forward of whole chunks). `runs` are (algorithm, p, n bytes, seconds)."""
     rows = [(n <= small_bytes, t, coefficients(a, p, n, fill=0.0), fill_coefficient(a, p, n)) for a, p, n, t in runs]
     large = [(t, c, f) for is_small, t, c, f in rows if not is_small]
-    free = fill is None and len({c[1] for _, c, _ in large}) >= 3 and any(f for _, _, f in large)
+    free = len({c[1] for _, c, _ in large}) >= 3 and any(f for _, _, f in large)
     alpha, beta, phi = 0.0, 0.0, 1.0 if fill is None else fill
     for _ in range(3):
         small = [(t - beta * (c[1] + phi * f)) / c[0] for is_small, t, c, f in rows if is_small]

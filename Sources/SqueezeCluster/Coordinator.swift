@@ -177,7 +177,7 @@ public final class Coordinator {
     public func prepare() throws {
         directoryLock = try DirectoryLock.acquire(options.checkpointDirectory, log: log)  // before any other work
         let n = options.workers, config = options.config
-        if let refusal = options.algorithm.refusal(options.compression) ?? config.dgcRefusal(options.compression) { throw ClusterError(refusal) }
+        if let refusal = options.algorithm.refusal(options.compression) ?? config.dgc?.refusal(options.compression) { throw ClusterError(refusal) }
         do {
             membership = try Membership(rules: MembershipRules(minWorkers: options.minWorkers, maxWorkers: options.maxWorkers ?? n,
                                                                globalBatch: config.batchSize), workers: n)
@@ -713,19 +713,24 @@ final class Progress {
         completed = startStep
         stopAfter = config.totalSteps
         traffic = Array(repeating: RankTraffic(), count: n)
+        expected = Self.traffic(options, plan: plan, workers: n)
         setTheory()
     }
 
-    /// The theory of `workers` workers.
+    /// The theory of `workers` workers; `theory`, `theoryPerRank` and `uncompressed` are its figures.
+    private var expected: TrafficTheory
+
+    private static func traffic(_ options: CoordinatorOptions, plan: [Range<Int>], workers: Int) -> TrafficTheory {
+        TrafficTheory(plan: plan, workers: workers, algorithm: options.algorithm, compression: options.compression, chunkBytes: options.chunkBytes)
+    }
+
     private func setTheory() {
-        expected = TrafficTheory(plan: plan, workers: workers, algorithm: options.algorithm, compression: options.compression,
-                                 chunkBytes: options.chunkBytes)
+        expected = Self.traffic(options, plan: plan, workers: workers)
         theory = expected.bytesSent
         theoryPerRank = (0..<workers).map { expected.bytesSent(rank: $0) }
         uncompressed = (0..<workers).map { expected.uncompressedBytesSent(rank: $0) }
     }
 
-    private var expected: TrafficTheory!
     /// Rank `rank`'s theory at `step`: `theoryPerRank`, but during DGC's sparsity warm-up that step's top-k.
     private func theory(rank: Int, step: Int) -> Double {
         let atStep = expected.at(step: step, dgc: dgc)

@@ -164,15 +164,18 @@ public struct Membership: Sendable {
         return awaiting.count == 1 ? resolve() : nil
     }
 
+    /// Members and the joiners already waiting.
+    private var taken: Int { (survivors ?? current.members).count + waiting.count }
+
+    /// Members and waiting joiners fill `--max-workers`: a joiner asking now would be refused.
+    public var isFull: Bool { taken >= rules.maxWorkers }
+
     /// A worker asks to join: its new identity, admitted at the next boundary. Refused once stopped and
     /// when the members and the joiners already waiting reach `maxWorkers`.
-    /// Members and waiting joiners fill `--max-workers`: a joiner asking now would be refused.
-    public var isFull: Bool { (survivors ?? current.members).count + waiting.count >= rules.maxWorkers }
-
     public mutating func requestJoin() throws -> MemberID {
         if let stopped { throw MembershipError("the run is stopping (\(stopped)); it admits no one") }
-        let count = (survivors ?? current.members).count + waiting.count
-        guard count < rules.maxWorkers else {
+        let count = taken
+        guard !isFull else {
             throw MembershipError("the run already has \(count) worker(s)" + (waiting.isEmpty ? "" : " (\(waiting.count) of them waiting to join)")
                                   + ", its --max-workers \(rules.maxWorkers)")
         }

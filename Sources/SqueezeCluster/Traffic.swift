@@ -9,14 +9,14 @@ extension TrainingConfig {
                              clipNorm: $0.localClipNorm, warmupEpochs: $0.warmupEpochs, stepsPerEpoch: $0.stepsPerEpoch) }
     }
 
-    /// Why `compression` cannot take this configuration's DGC settings, in the command line's words, or nil.
-    public func dgcRefusal(_ compression: GradientCompression) -> String? {
-        guard let dgc else { return nil }
+}
+
+extension DGCSettings {
+    /// Why `compression` cannot take these settings, in the command line's words, or nil.
+    public func refusal(_ compression: GradientCompression) -> String? {
         if case .topk = compression { return nil }
-        let given = [(dgc.momentumCorrection, "--momentum-correction"), (dgc.localClipNorm != nil, "--local-clip-norm"),
-                     (dgc.warmupEpochs > 0, "--sparsity-warmup-epochs")].filter(\.0).map(\.1)
-        return "\(given.joined(separator: ", ")) refine\(given.count == 1 ? "s" : "") top-k gradient compression; "
-            + "this run has --compress \(compression): add --compress topk:F (e.g. topk:0.01)"
+        return "\(flags.joined(separator: ", ")) refine\(flags.count == 1 ? "s" : "") top-k gradient compression, "
+            + "and this run has --compress \(compression): add --compress topk:F (e.g. topk:0.01)"
     }
 }
 
@@ -36,9 +36,8 @@ public struct TrafficTheory: Sendable {
 
     /// The theory of step `step` under DGC's sparsity warm-up: top-k at that step's fraction.
     public func at(step: Int, dgc: DGCOptions?) -> TrafficTheory {
-        guard let dgc, case .topk(let f) = compression, dgc.fraction(f, step: step) != f else { return self }
-        return TrafficTheory(plan: plan, workers: workers, algorithm: algorithm, compression: .topk(fraction: dgc.fraction(f, step: step)),
-                             chunkBytes: chunkBytes)
+        guard let dgc, case .topk(let f) = compression, case let now = dgc.fraction(f, step: step), now != f else { return self }
+        return TrafficTheory(plan: plan, workers: workers, algorithm: algorithm, compression: .topk(fraction: now), chunkBytes: chunkBytes)
     }
 
     var parameters: Int { plan.reduce(0) { $0 + $1.count } }

@@ -31,6 +31,11 @@ public struct CollectiveOptions: Sendable {
     }
 
     var chunkElements: Int { max(1, chunkBytes / MemoryLayout<Float>.size) }
+
+    /// k for a top-k of `count` elements at `tag`'s step: the run's fraction, or DGC's warm-up's then.
+    func topkPairs(_ fraction: Double, count: Int, tag: CollectiveTag) -> Int {
+        GradientCompression.topkPairs(fraction: dgc?.fraction(fraction, step: Int(tag.step)) ?? fraction, count: count)
+    }
 }
 
 /// Something that averages a Float buffer across the participants of a group, in place.
@@ -157,11 +162,6 @@ public class PeerCollective<T: Transport> {
     public func restoreErrorFeedback(_ saved: [Float], count: Int) {
         residual.restore(Array(saved.prefix(count)))
         velocity.restore(saved.count == 2 * count ? Array(saved.suffix(count)) : [Float](repeating: 0, count: count))
-    }
-
-    /// k for this call's top-k of `count` elements: the fraction of `tag`'s step (DGC's warm-up).
-    func topkPairs(_ fraction: Double, count: Int, tag: CollectiveTag) -> Int {
-        GradientCompression.topkPairs(fraction: options.dgc?.fraction(fraction, step: Int(tag.step)) ?? fraction, count: count)
     }
 
     /// Adds this rank's gradients p[0..<count] to their residual, through DGC's local clipping and

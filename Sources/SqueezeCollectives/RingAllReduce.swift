@@ -133,7 +133,7 @@ public final class RingAllReduce<T: Transport>: PeerCollective<T>, AllReducer {
                               residual: UnsafeMutablePointer<Float>, tag: CollectiveTag) throws {
         let n = transport.worldSize, r = transport.rank
         let right = (r + 1) % n, left = (r + n - 1) % n, timeout = options.timeout
-        let k = topkPairs(fraction, count: count, tag: tag)
+        let k = options.topkPairs(fraction, count: count, tag: tag)
         let pairBytes = SparseKernels.pairBytes
         // Vector j lives in slot j; a forwarded message is sent from the slot it was received into.
         outgoing.reset(capacity: n * k * pairBytes)

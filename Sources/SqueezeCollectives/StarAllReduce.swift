@@ -70,7 +70,7 @@ public final class StarAllReduceWorker<T: Transport>: PeerCollective<T>, AllRedu
     private func gatherSparse(fraction: Double, _ p: UnsafeMutablePointer<Float>, range: Range<Int>,
                               residual: UnsafeMutablePointer<Float>, tag: CollectiveTag) throws {
         let r = transport.rank, count = range.count, pairBytes = SparseKernels.pairBytes
-        let k = topkPairs(fraction, count: count, tag: tag)
+        let k = options.topkPairs(fraction, count: count, tag: tag)
         outgoing.reset(capacity: k * pairBytes)
         let vector = try outgoing.take(k * pairBytes)
         accumulate(p, count: count, base: range.lowerBound, residual: residual)
@@ -187,7 +187,7 @@ public final class StarAllReduceHub<T: Transport> {
 
     private func reduceSparse(fraction: Double, range: Range<Int>, tag: CollectiveTag) throws {
         let acc = scratch.baseAddress!, count = range.count, pairBytes = SparseKernels.pairBytes
-        let k = GradientCompression.topkPairs(fraction: options.dgc?.fraction(fraction, step: Int(tag.step)) ?? fraction, count: count)
+        let k = options.topkPairs(fraction, count: count, tag: tag)
         acc.update(repeating: 0, count: count)
         incoming.reset(capacity: k * pairBytes)
         let vector = try incoming.take(k * pairBytes)

@@ -72,6 +72,12 @@ public struct DGCSettings: Codable, Equatable, Sendable {
     public var warmupEpochs: Int
     public var stepsPerEpoch: Int
 
+    /// The command-line flags that set these.
+    public var flags: [String] {
+        [(momentumCorrection, "--momentum-correction"), (localClipNorm != nil, "--local-clip-norm"),
+         (warmupEpochs > 0, "--sparsity-warmup-epochs")].filter(\.0).map(\.1)
+    }
+
     public init(momentumCorrection: Bool = false, localClipNorm: Float? = nil, warmupEpochs: Int = 0, stepsPerEpoch: Int = 1) {
         self.momentumCorrection = momentumCorrection; self.localClipNorm = localClipNorm
         self.warmupEpochs = warmupEpochs; self.stepsPerEpoch = stepsPerEpoch

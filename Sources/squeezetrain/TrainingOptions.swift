@@ -1,4 +1,5 @@
 import ArgumentParser
+import SqueezeCluster
 import SqueezeCollectives
 import SqueezeData
 import SqueezeEngine
@@ -107,14 +108,18 @@ struct TrainingOptions: ParsableArguments {
     /// Deep Gradient Compression's flags refine top-k: refused unless the run's `--compress` is topk:F
     /// (nil: `train`, one process, no gradient compression).
     func validateDGC(compress: GradientCompression?) throws {
-        let given = [(momentumCorrection, "--momentum-correction"), (localClipNorm != 0, "--local-clip-norm"),
-                     (sparsityWarmupEpochs != 0, "--sparsity-warmup-epochs")].filter(\.0).map(\.1)
-        guard let flag = given.first else { return }
+        guard let dgc = dgcSettings(stepsPerEpoch: 1) else { return }
         guard let compress else {
-            throw ValidationError("\(flag) refines a cluster's top-k gradient compression, and train is one process: use launch --workers N --compress topk:F")
+            throw ValidationError("\(dgc.flags[0]) refines a cluster's top-k gradient compression, and train is one process: use launch --workers N --compress topk:F")
         }
-        if case .topk = compress { return }
-        throw ValidationError("\(flag) refines top-k gradient compression, and this run has --compress \(compress): add --compress topk:F (e.g. topk:0.01)")
+        if let refusal = dgc.refusal(compress) { throw ValidationError(refusal) }
+    }
+
+    /// The DGC flags as the run's settings (nil: none given).
+    private func dgcSettings(stepsPerEpoch: Int) -> DGCSettings? {
+        guard momentumCorrection || localClipNorm > 0 || sparsityWarmupEpochs > 0 else { return nil }
+        return DGCSettings(momentumCorrection: momentumCorrection, localClipNorm: localClipNorm > 0 ? localClipNorm : nil,
+                           warmupEpochs: sparsityWarmupEpochs, stepsPerEpoch: stepsPerEpoch)
     }
 
     private func validateEMA() throws {
@@ -149,10 +154,7 @@ struct TrainingOptions: ParsableArguments {
                                            decayPower: emaDecayPower != 0 ? emaDecayPower : nil) : nil
         let perEpoch = c.stepsPerEpoch(trainingRecords: trainingRecords, workers: workers)
         c.totalSteps = steps ?? (epochs ?? 30) * perEpoch
-        if momentumCorrection || localClipNorm > 0 || sparsityWarmupEpochs > 0 {
-            c.dgc = DGCSettings(momentumCorrection: momentumCorrection, localClipNorm: localClipNorm > 0 ? localClipNorm : nil,
-                                warmupEpochs: sparsityWarmupEpochs, stepsPerEpoch: perEpoch)
-        }
+        c.dgc = dgcSettings(stepsPerEpoch: perEpoch)
         return c
     }
 
